@@ -1,0 +1,115 @@
+"""Channels and labels: the one home of the label mapping.
+
+Shards store one label map per slice with values 0 background, 1 NEC/NET (necrotic and
+non-enhancing core), 2 ED (peritumoral edema), 3 ET (enhancing tumour). Every source convention
+is encoded into that map here, and readers expand it here into the three binary channels of the
+original design (NEC/NET, ED, ET) or into the BraTS regions (WT = 1|2|3, TC = 1|3, ET = 3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import SourceError
+
+CHANNELS: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+"""Modalities in the order shards store them."""
+
+LABEL_NAMES: dict[int, str] = {0: "background", 1: "NEC/NET", 2: "ED", 3: "ET"}
+CLASS_NAMES: tuple[str, ...] = ("NEC/NET", "ED", "ET")
+REGION_NAMES: tuple[str, ...] = ("WT", "TC", "ET")
+TARGETS: tuple[str, ...] = ("classes", "regions")
+
+# Source label value -> shard label value, per source convention.
+CONVENTIONS: dict[str, dict[int, int]] = {
+    "brats2020": {0: 0, 1: 1, 2: 2, 4: 3},  # also BraTS 2021: ET is 4, there is no 3
+    "brats2023": {0: 0, 1: 1, 2: 2, 3: 3},  # ET is 3 (called SNFH for ED)
+}
+CONVENTION_OF_LAYOUT: dict[str, str] = {
+    "brats2020": "brats2020",
+    "brats2021": "brats2020",
+    "brats2023": "brats2023",
+    "kaggle-h5": "brats2020",
+}
+
+
+def check_channels(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Validate channel names against `CHANNELS`, keeping the caller's order."""
+    names = list(names)
+    unknown = [n for n in names if n not in CHANNELS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"channels must be distinct names from {list(CHANNELS)}, got {names}")
+    return names
+
+
+def encode_labels(seg: np.ndarray, convention: str, path: object | None = None) -> np.ndarray:
+    """Map a source segmentation to the 0..3 label map (uint8), refusing values not in its set."""
+    mapping = CONVENTIONS[convention]
+    seg = np.asarray(seg)
+    if not np.issubdtype(seg.dtype, np.integer):
+        if not np.all(np.isfinite(seg)) or np.any(seg != np.round(seg)):
+            raise SourceError("segmentation holds non-integer or non-finite values", path)
+        seg = seg.astype(np.int64)
+    found = set(np.unique(seg).tolist())
+    bad = sorted(found - set(mapping))
+    if bad:
+        raise SourceError(
+            f"segmentation holds label(s) {bad} outside {sorted(mapping)} ({convention} labels)",
+            path,
+        )
+    lut = np.zeros(max(mapping) + 1, dtype=np.uint8)
+    for source_value, label in mapping.items():
+        lut[source_value] = label
+    return lut[seg.astype(np.int64)]
+
+
+def decode_labels(label_map: np.ndarray, convention: str) -> np.ndarray:
+    """Map a 0..3 label map back to a source convention (for predictions written as NIfTI)."""
+    lut = np.zeros(4, dtype=np.uint8)
+    for source_value, label in CONVENTIONS[convention].items():
+        lut[label] = source_value
+    return lut[np.asarray(label_map, dtype=np.int64)]
+
+
+def encode_onehot(mask: np.ndarray, path: object | None = None) -> np.ndarray:
+    """Map the Kaggle export's (..., 3) NEC/NET, ED, ET channels to the 0..3 label map.
+
+    The channels must be 0/1 and disjoint; a voxel set in two channels is refused rather than
+    silently resolved, since that would mean the channel meaning is not what we assume.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim < 1 or mask.shape[-1] != 3:
+        raise SourceError(f"mask must have 3 channels in its last axis, got shape {mask.shape}", path)
+    if not np.all(np.isin(mask, (0, 1))):
+        raise SourceError("mask channels hold values other than 0 and 1", path)
+    binary = mask.astype(bool)
+    if np.any(binary.sum(axis=-1) > 1):
+        raise SourceError("mask channels overlap (a voxel in two classes)", path)
+    weights = np.array([1, 2, 3], dtype=np.uint8)
+    return (binary.astype(np.uint8) * weights).sum(axis=-1).astype(np.uint8)
+
+
+def to_classes(label_map: np.ndarray) -> np.ndarray:
+    """Label map (...) -> bool (3, ...) channels NEC/NET, ED, ET."""
+    label_map = np.asarray(label_map)
+    return np.stack([label_map == 1, label_map == 2, label_map == 3])
+
+
+def to_regions(label_map: np.ndarray) -> np.ndarray:
+    """Label map (...) -> bool (3, ...) BraTS regions WT, TC, ET."""
+    label_map = np.asarray(label_map)
+    return np.stack([label_map > 0, (label_map == 1) | (label_map == 3), label_map == 3])
+
+
+def expand(label_map: np.ndarray, target: str) -> np.ndarray:
+    """The three binary channels a model with `target` ('classes' or 'regions') predicts."""
+    if target == "classes":
+        return to_classes(label_map)
+    if target == "regions":
+        return to_regions(label_map)
+    raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
+
+
+def class_voxels(label_map: np.ndarray) -> list[int]:
+    """Voxel count of each label 0..3 (for metadata and class statistics)."""
+    return np.bincount(np.asarray(label_map, dtype=np.int64).ravel(), minlength=4)[:4].tolist()
