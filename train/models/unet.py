@@ -1,0 +1,72 @@
+"""U-Net of Ronneberger et al. 2015, 2D, the v1 baseline.
+
+Level i of the encoder has `base * 2**i` channels (i = 0..depth-1), the bottleneck
+`base * 2**depth`; each level is two 3x3 'same' convolutions (+ BN) + ReLU, max-pooling goes
+down, a 2x2 stride-2 transposed convolution goes up and halves the channels, the skip is
+concatenated, and a 1x1 convolution gives `out_channels` logits (apply a sigmoid per channel:
+the outputs are multi-label). 'Same' padding (not the paper's valid convolutions) keeps the
+output on the input grid; H and W must be divisible by 2**depth.
+
+Parameters with the defaults (base 32, depth 4, batch norm), 3 outputs:
+in_channels 2 (v1: t1ce, flair): 7,762,819.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import DoubleConv, check_spatial
+
+
+class UNet(nn.Module):
+    """2D U-Net returning logits (B, out_channels, H, W)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int = 3,
+        base: int = 32,
+        depth: int = 4,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("base", base), ("depth", depth)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.depth = depth
+        widths = [base * 2**i for i in range(depth + 1)]
+        self.encoder = nn.ModuleList(
+            DoubleConv(c_in, c_out, batch_norm)
+            for c_in, c_out in zip([in_channels, *widths[:-2]], widths[:-1])
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = DoubleConv(widths[-2], widths[-1], batch_norm)
+        # Decoder lists run from the deepest level up, in the order forward uses them.
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], kernel_size=2, stride=2)
+            for i in reversed(range(depth))
+        )
+        self.decoder = nn.ModuleList(
+            DoubleConv(2 * widths[i], widths[i], batch_norm) for i in reversed(range(depth))
+        )
+        self.head = nn.Conv2d(widths[0], out_channels, kernel_size=1)
+
+    def gate_skip(self, step: int, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """What decoder step `step` concatenates: the plain skip here; gated in `AttentionUNet`."""
+        return skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_spatial(x, self.depth)
+        skips = []
+        for level in self.encoder:
+            x = level(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for step, (up, level) in enumerate(zip(self.up, self.decoder)):
+            x = up(x)
+            skip = self.gate_skip(step, skips.pop(), x)
+            x = level(torch.cat([skip, x], dim=1))
+        return self.head(x)
