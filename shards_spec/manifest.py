@@ -139,7 +139,12 @@ def validate_content(content: Any) -> dict:
         _get(info, "split", str, wp)
         if _get(info, "shard", str, wp) not in shard_paths:
             raise _fail(f"{wp}.shard", f"names {info['shard']!r}, which is not in content.shards")
+        key = _get(info, "key", str, wp)
+        if not KEY_PATTERN.match(key):
+            raise _fail(f"{wp}.key", f"is not a valid record key: {key!r}")
         _count(info, "slices", wp)
+        if _count(info, "tumour_slices", wp) > info["slices"]:
+            raise _fail(f"{wp}.tumour_slices", "exceeds the patient's slices")
         _get(info, "source_shape", list, wp)
         _get(info, "spacing", list, wp)
         _get(info, "affine", list, wp)
