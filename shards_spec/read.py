@@ -1,0 +1,409 @@
+"""Reading shards: the one home of it, for the trainer, `train evaluate` and `etl verify/inspect`.
+
+`ShardStore(root)` reads a shard folder given as a local path or any fsspec URL (`http(s)://`,
+`s3://`, `file://`). Everything it reads is untrusted and checked against the manifest, which is
+read and validated first:
+
+- every file is read as a stream, never more bytes than the manifest lists for it, and its
+  sha256 is compared with the manifest's (before use with a `cache_dir`, otherwise at the end of
+  the stream, before `records` returns for that shard);
+- WebDataset tars are iterated member by member (`codec.iter_tar_records`), each member's size
+  bounded by `codec.member_limits` before it is read, and decoded with the safe `.npy`/`.json`
+  decoders;
+- Zarr patient groups are read from exactly the files the manifest lists for the shard (HTTP
+  cannot list folders, and a file that vanished must be an error, not an array of fill values):
+  they are fetched whole and verified, then opened with plain `zarr` from memory at the array
+  paths the manifest gives, each array's metadata (dtype, shape, chunks) checked before its data
+  is decoded; arrays are read whole, since single-slice reads of a sharded array re-read the
+  shard index each time (~400 reads/s);
+- each shard's patients, records, slices and tumour slices must equal the manifest's counts,
+  because epoch lengths and DDP batch counts are computed from them up front.
+
+With `cache_dir`, each file is fetched once into `cache_dir/<sha256[:2]>/<sha256>` (keyed by
+content, so equal basenames in different folders never collide) and re-validated by sha256 each
+time it is used; a cached copy that no longer matches is discarded and fetched again, and a
+fetched copy that does not match is refused with a `SpecError` naming the file.
+
+fsspec and zarr are imported inside the functions that need them, so `shards_spec` stays light.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+from .codec import IMAGE_DTYPE, MASK_DTYPE, Record, build_record, decode_record, iter_tar_records, member_limits
+from .errors import SpecError
+from .manifest import MANIFEST_NAME, Manifest, parse
+
+CHUNK = 1 << 20
+MANIFEST_MAX_BYTES = 256 << 20
+FILE_OVERHEAD_BYTES = 64 << 10
+"""Allowance per listed file over the raw array bytes (tar headers, zarr metadata, codec framing)."""
+ZARR_ARRAYS = ("image", "mask", "slice_index", "class_voxels", "brain_voxels")
+
+
+def is_url(root: str | Path) -> bool:
+    return "://" in str(root)
+
+
+class _CheckedReader(io.RawIOBase):
+    """A read-only stream that refuses more than `size` bytes and checks size and sha256 at EOF."""
+
+    def __init__(self, raw: BinaryIO, *, size: int, sha256: str | None, name: str) -> None:
+        self._raw, self._size, self._sha256, self._name = raw, size, sha256, name
+        self._digest = hashlib.sha256()
+        self._seen = 0
+        self._checked = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        # Ask for one byte past the listed size at most, so an over-long file is noticed early.
+        want = min(len(view), self._size + 1 - self._seen)
+        data = self._raw.read(want) if want > 0 else b""
+        if self._seen + len(data) > self._size:
+            raise SpecError(f"holds more than the {self._size} bytes the manifest lists", self._name)
+        view[: len(data)] = data
+        self._digest.update(data)
+        self._seen += len(data)
+        if not data and len(view):
+            self._finish()
+        return len(data)
+
+    def _finish(self) -> None:
+        if self._checked:
+            return
+        self._checked = True
+        if self._seen != self._size:
+            raise SpecError(f"holds {self._seen} bytes, the manifest lists {self._size}", self._name)
+        if self._sha256 is not None and self._digest.hexdigest() != self._sha256:
+            raise SpecError("sha256 differs from the manifest (corrupt or changed file)", self._name)
+
+    def drain(self) -> None:
+        """Read to the end, so the size and sha256 checks run."""
+        while self.read(CHUNK):
+            pass
+        self._finish()
+
+    def close(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            super().close()
+
+
+class ShardStore:
+    """A shard folder (local path or fsspec URL) with its validated manifest.
+
+    `manifest` is read and validated on construction; any problem (missing file, bad JSON,
+    unknown spec version, a wrong field) is a `SpecError` naming the manifest.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        cache_dir: str | Path | None = None,
+        storage_options: dict | None = None,
+    ) -> None:
+        self.root = str(root)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.storage_options = dict(storage_options or {})
+        self._fs = None
+        self._base = self.root.rstrip("/") if is_url(self.root) else None
+        name = self.location(MANIFEST_NAME)
+        try:
+            with self._open_raw(MANIFEST_NAME) as handle:
+                data = handle.read(MANIFEST_MAX_BYTES + 1)
+        except (OSError, ValueError) as exc:  # fsspec raises FileNotFoundError, aiohttp errors as OSError
+            raise SpecError(f"cannot be read ({type(exc).__name__}: {exc})", name) from None
+        if len(data) > MANIFEST_MAX_BYTES:
+            raise SpecError(f"is larger than {MANIFEST_MAX_BYTES} bytes", name)
+        self.manifest: Manifest = parse(data, name)
+        self._entries = {f["path"]: f for s in self.manifest.content["shards"] for f in s["files"]}
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def location(self, rel_path: str) -> str:
+        """The full path or URL of a file inside the shard folder (for messages)."""
+        if self._base is not None:
+            return f"{self._base}/{rel_path}"
+        return str(Path(self.root) / rel_path)
+
+    def _filesystem(self):
+        if self._fs is None:
+            from fsspec.core import url_to_fs
+
+            self._fs, self._fs_root = url_to_fs(self._base, **self.storage_options)
+        return self._fs
+
+    def _open_raw(self, rel_path: str) -> BinaryIO:
+        if self._base is None:
+            return open(Path(self.root) / rel_path, "rb")
+        fs = self._filesystem()
+        path = f"{self._fs_root.rstrip('/')}/{rel_path}"
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        if protocol in ("http", "https"):
+            return fs.open(path, "rb", block_size=0)  # a plain streamed GET; no Range needed
+        return fs.open(path, "rb")
+
+    def open_file(self, rel_path: str, *, verify: bool = False) -> BinaryIO:
+        """A stream of one file of the shard folder.
+
+        A file the manifest lists is never read past its listed size. With `verify`, its size and
+        sha256 are checked when the stream reaches its end (a `SpecError` naming the file; read
+        to the end, e.g. with `drain()`, to be sure the check ran). With a `cache_dir`, the file
+        is served from the cache, fetched and verified there first if needed, so `verify` is
+        implied and the check has happened before this returns.
+        """
+        entry = self._entries.get(rel_path)
+        name = self.location(rel_path)
+        if entry is None:
+            if verify or self.cache_dir is not None:
+                raise SpecError("is not listed in the manifest, so it cannot be verified", name)
+            return self._open_checked_raw(rel_path, name)
+        if self.cache_dir is not None:
+            return open(self._cached(entry), "rb")
+        try:
+            raw = self._open_raw(rel_path)
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"cannot be read ({type(exc).__name__}: {exc})", name) from None
+        return _CheckedReader(raw, size=entry["bytes"], sha256=entry["sha256"] if verify else None, name=name)
+
+    def _open_checked_raw(self, rel_path: str, name: str) -> BinaryIO:
+        try:
+            return self._open_raw(rel_path)
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"cannot be read ({type(exc).__name__}: {exc})", name) from None
+
+    def _cached(self, entry: dict) -> Path:
+        """Path of a verified cached copy of `entry`, fetched (again) when missing or changed."""
+        digest = entry["sha256"]
+        target = self.cache_dir / digest[:2] / digest
+        if target.exists():
+            problem = _check_local(target, entry)
+            if problem is None:
+                return target
+            warnings.warn(f"cached copy {target} of {entry['path']} {problem}: fetching it again", stacklevel=3)
+            target.unlink(missing_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # A unique temporary name: several loader workers or ranks may fetch the same file at once.
+        tmp = target.with_name(f"{digest}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            with self.open_file_uncached(entry, verify=True) as source, open(tmp, "wb") as out:
+                while chunk := source.read(CHUNK):
+                    out.write(chunk)
+                source.drain()
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+
+    def open_file_uncached(self, entry: dict, *, verify: bool = True) -> _CheckedReader:
+        name = self.location(entry["path"])
+        try:
+            raw = self._open_raw(entry["path"])
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"cannot be read ({type(exc).__name__}: {exc})", name) from None
+        return _CheckedReader(raw, size=entry["bytes"], sha256=entry["sha256"] if verify else None, name=name)
+
+    def read_file(self, entry: dict) -> bytes:
+        """The whole verified content of one listed file."""
+        with self.open_file(entry["path"], verify=True) as handle:
+            data = handle.read()
+            if isinstance(handle, _CheckedReader):
+                handle.drain()
+        return data
+
+    def verify_file(self, entry: dict) -> str | None:
+        """Size and sha256 check of one manifest file entry: the problem in words, or None."""
+        try:
+            with self.open_file_uncached(entry, verify=True) as handle:
+                handle.drain()
+        except SpecError as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"{self.location(entry['path'])}: cannot be read ({type(exc).__name__}: {exc})"
+        return None
+
+    # -- records --------------------------------------------------------------------------------
+
+    def records(self, shard: dict) -> Iterator[Record]:
+        """Decode every record of one manifest shard entry, checked against the manifest.
+
+        Raises `SpecError` naming the shard on anything wrong: a file that differs from the
+        manifest, an undecodable or oversized member, a dtype or shape other than the manifest's,
+        or counts (patients, records, slices, tumour slices) other than the manifest's. Without a
+        `cache_dir` a tar is streamed and its sha256 is known only at its end, so a consumer that
+        must not use bytes of a corrupt file should collect a shard's records before using them
+        (`ShardDataset` does).
+        """
+        name = self.location(shard["path"])
+        expected = self._expected_patients(shard, name)
+        limit = self._byte_limit(shard)
+        listed = sum(f["bytes"] for f in shard["files"])
+        if listed > limit:
+            raise SpecError(f"lists {listed} bytes, more than its {shard['slices']} slices can need ({limit})", name)
+        reader = self._records_webdataset if self.manifest.format == "webdataset" else self._records_zarr
+        seen: dict[str, int] = {}
+        slices = 0
+        try:
+            for record in reader(shard, expected, name):
+                pid = self._check_record(record, expected, seen, name)
+                seen[pid] = record.slices
+                slices += record.slices
+                yield record
+        except SpecError as exc:
+            if exc.path is None:
+                raise SpecError(exc.problem, name) from None
+            raise
+        missing = [pid for pid in expected.values() if pid not in seen]
+        if missing:
+            raise SpecError(f"lacks the record(s) of patient(s) {missing} that the manifest lists", name)
+        if len(seen) != shard["records"] or slices != shard["slices"]:
+            raise SpecError(
+                f"holds {len(seen)} records and {slices} slices, the manifest says {shard['records']} and {shard['slices']}",
+                name,
+            )
+
+    def _expected_patients(self, shard: dict, name: str) -> dict[str, str]:
+        """Record key -> patient id of the patients the manifest places in this shard."""
+        patients = self.manifest.content["patients"]
+        expected: dict[str, str] = {}
+        for pid in shard["patients"]:
+            info = patients.get(pid)
+            if info is None or info["shard"] != shard["path"]:
+                raise SpecError(f"manifest lists patient {pid!r} in this shard but content.patients does not agree", name)
+            if info["key"] in expected:
+                raise SpecError(f"manifest gives two patients the record key {info['key']!r}", name)
+            expected[info["key"]] = pid
+        if len(expected) != shard["records"]:
+            raise SpecError(f"manifest says {shard['records']} records but lists {len(expected)} patients", name)
+        return expected
+
+    def _check_record(self, record: Record, expected: dict[str, str], seen: dict[str, int], name: str) -> str:
+        pid = expected.get(record.key)
+        if pid is None:
+            raise SpecError(f"holds record {record.key!r}, which the manifest does not place in this shard", name)
+        if pid in seen:
+            raise SpecError(f"holds record {record.key!r} twice", name)
+        if record.patient != pid:
+            raise SpecError(f"record {record.key!r} names patient {record.patient!r}, the manifest {pid!r}", name)
+        info = self.manifest.content["patients"][pid]
+        tumour = int(np.count_nonzero(record.mask.reshape(record.slices, -1).any(axis=1)))
+        if record.slices != info["slices"] or tumour != info["tumour_slices"]:
+            raise SpecError(
+                f"record {record.key!r} holds {record.slices} slices ({tumour} with tumour), the manifest says "
+                f"{info['slices']} ({info['tumour_slices']})",
+                name,
+            )
+        return pid
+
+    def _byte_limit(self, shard: dict) -> int:
+        """Most bytes a shard's files can take for the slices it holds (compressed or not)."""
+        channels, size = len(self.manifest.channels), self.manifest.size
+        patients = self.manifest.content["patients"]
+        total = 0
+        for pid in shard["patients"]:
+            limits = member_limits(patients[pid]["slices"], channels, size)
+            total += sum(limits.values()) + 3 * 512 + 64 * patients[pid]["slices"]
+        return total + FILE_OVERHEAD_BYTES * len(shard["files"])
+
+    def _records_webdataset(self, shard: dict, expected: dict[str, str], name: str) -> Iterator[Record]:
+        if len(shard["files"]) != 1 or shard["files"][0]["path"] != shard["path"]:
+            raise SpecError("a WebDataset shard must list exactly its own tar as its file", name)
+        limits = member_limits(self.manifest.max_record_slices(), len(self.manifest.channels), self.manifest.size)
+        with self.open_file(shard["path"], verify=True) as raw:
+            stream = gzip.GzipFile(fileobj=raw, mode="rb") if shard["path"].endswith(".gz") else raw
+            count = 0
+            try:
+                for key, members in iter_tar_records(stream, max_bytes=limits, name=name):
+                    count += 1
+                    if count > len(expected):
+                        raise SpecError(f"holds more than the {len(expected)} records the manifest lists", name)
+                    yield decode_record(key, members, channels=len(self.manifest.channels), size=self.manifest.size)
+                if isinstance(raw, _CheckedReader):
+                    raw.drain()  # the tar's zero padding and the sha256 check
+            except (OSError, EOFError) as exc:  # gzip errors
+                raise SpecError(f"cannot be decompressed ({type(exc).__name__}: {exc})", name) from None
+
+    def _records_zarr(self, shard: dict, expected: dict[str, str], name: str) -> Iterator[Record]:
+        import zarr
+        from zarr.core.buffer import cpu
+        from zarr.storage import MemoryStore
+
+        files = {entry["path"]: cpu.Buffer.from_bytes(self.read_file(entry)) for entry in shard["files"]}
+        store = MemoryStore(files, read_only=True)
+        patients = self.manifest.content["patients"]
+        channels, size = len(self.manifest.channels), self.manifest.size
+        for key, pid in expected.items():
+            info = patients[pid]
+            arrays = info.get("arrays") or {a: f"{info['split']}/{key}/{a}" for a in ZARR_ARRAYS}
+            s = info["slices"]
+            shapes = {
+                "image": ((s, channels, size, size), (IMAGE_DTYPE,)),
+                "mask": ((s, size, size), (MASK_DTYPE,)),
+                "slice_index": ((s,), None),
+                "class_voxels": ((s, 4), None),
+                "brain_voxels": ((s,), None),
+            }
+            data = {}
+            for array_name, (shape, dtypes) in shapes.items():
+                path = arrays.get(array_name) if isinstance(arrays, dict) else None
+                if not isinstance(path, str) or f"{path}/zarr.json" not in files:
+                    raise SpecError(f"patient {pid!r}: array {array_name!r} ({path!r}) is not among the shard's files", name)
+                data[array_name] = _read_zarr_array(zarr, store, path, shape, dtypes, f"patient {pid!r} array {path}")
+            meta = {
+                "patient": pid,
+                "slice_index": data["slice_index"].tolist(),
+                "class_voxels": data["class_voxels"].tolist(),
+                "brain_voxels": data["brain_voxels"].tolist(),
+            }
+            yield build_record(key, data["image"], data["mask"], meta, channels=channels, size=size)
+
+
+def _read_zarr_array(zarr, store, path: str, shape: tuple, dtypes: tuple | None, what: str) -> np.ndarray:
+    """Open one array, check its metadata against the manifest, then read it whole."""
+    try:
+        array = zarr.open_array(store=store, path=path, mode="r", zarr_format=3)
+    except Exception as exc:  # zarr raises many types on bad metadata
+        raise SpecError(f"{what}: metadata cannot be read ({type(exc).__name__}: {exc})") from None
+    if tuple(array.shape) != shape:
+        raise SpecError(f"{what}: shape {tuple(array.shape)}, the manifest implies {shape}")
+    dtype = np.dtype(array.dtype)
+    if dtypes is not None and dtype not in dtypes:
+        raise SpecError(f"{what}: dtype {dtype}, expected {dtypes[0]}")
+    if dtypes is None and dtype.kind not in "iu":
+        raise SpecError(f"{what}: dtype {dtype}, expected an integer type")
+    # Chunks larger than the array would let a small file decompress into a large buffer.
+    for label, chunks in (("chunks", array.chunks), ("shards", array.shards)):
+        if chunks is not None and any(c > max(n, 1) for c, n in zip(chunks, shape)):
+            raise SpecError(f"{what}: {label} {tuple(chunks)} exceed the shape {shape}")
+    try:
+        return np.asarray(array[...])
+    except Exception as exc:
+        raise SpecError(f"{what}: data cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+
+def _check_local(path: Path, entry: dict) -> str | None:
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"holds {size} bytes, the manifest lists {entry['bytes']}"
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != entry["sha256"]:
+        return "has a sha256 other than the manifest's"
+    return None

@@ -1,0 +1,120 @@
+"""Tiny shard folders with known values, written by the real writers, for reader tests.
+
+Every image plane is constant and encodes where it came from, exactly representable in float16:
+`image[s, c] == sample_code(patient_index, s) * 4 + c` with `sample_code = 64 * patient_index + s`
+(patient index = position in `patients`, fewer than 8 patients and 64 slices). Slice `s` holds
+tumour when `s % tumour_every == 0`: labels 1, 2, 3 at row 0, columns 0..2, everything else 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from etl.writers import webdataset as wds_writer
+from etl.writers import zarr as zarr_writer
+from shards_spec.labels import CHANNELS, LABEL_NAMES, class_voxels
+from shards_spec.manifest import MANIFEST_NAME, SPEC_VERSION, to_bytes, validate_content
+from shards_spec.preprocess import Slices
+
+IDENTITY = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+
+
+def sample_code(patient_index: int, s: int) -> int:
+    return 64 * patient_index + s
+
+
+def decode_code(image) -> int:
+    """The sample code of an image (C, H, W) whose first channel is manifest channel `first`."""
+    return int(round(float(image[0, 0, 0]))) // 4
+
+
+def patient_slices(patient_index: int, n_slices: int, size: int, channels: int, tumour_every: int) -> Slices:
+    if not (patient_index < 8 and n_slices <= 64):
+        raise ValueError("the value code needs fewer than 8 patients and at most 64 slices each")
+    image = np.zeros((n_slices, channels, size, size), dtype=np.float16)
+    mask = np.zeros((n_slices, size, size), dtype=np.uint8)
+    for s in range(n_slices):
+        for c in range(channels):
+            image[s, c] = sample_code(patient_index, s) * 4 + c
+        if s % tumour_every == 0:
+            mask[s, 0, :3] = [1, 2, 3]
+    return Slices(
+        image=image,
+        mask=mask,
+        slice_index=[10 + s for s in range(n_slices)],
+        class_voxels=[class_voxels(m) for m in mask],
+        brain_voxels=[size * size] * n_slices,
+    )
+
+
+def make_shards(
+    tmp_path: Path,
+    fmt: str = "webdataset",
+    patients: dict[str, int] | None = None,
+    splits: dict[str, list[str]] | None = None,
+    size: int = 16,
+    channels: int = 4,
+    tumour_every: int = 2,
+    patients_per_shard: int = 1,
+    compression: str = "none",
+) -> Path:
+    """Write a shard folder under `tmp_path/shards-<fmt>` and return its path.
+
+    `patients` maps patient id -> slice count (default three patients); `splits` maps split name
+    -> patient ids (default: all in 'train'). The manifest follows the ETL's field names and is
+    checked by `validate_content`.
+    """
+    patients = patients or {"p1": 3, "p2": 5, "p3": 4}
+    splits = splits or {"train": list(patients)}
+    names = list(CHANNELS[:channels])
+    root = Path(tmp_path) / f"shards-{fmt}"
+    root.mkdir(parents=True)
+    index = {pid: i for i, pid in enumerate(patients)}
+    data = {pid: patient_slices(index[pid], n, size, channels, tumour_every) for pid, n in patients.items()}
+    shard_entries, patient_entries, split_entries = [], {}, {}
+    if fmt == "zarr":
+        zarr_writer.write_root(root, list(splits))
+    for split, pids in splits.items():
+        groups = [pids[i:i + patients_per_shard] for i in range(0, len(pids), patients_per_shard)]
+        if fmt == "zarr" and patients_per_shard != 1:
+            raise ValueError("zarr fixtures hold one patient per shard")
+        for g, group in enumerate(groups):
+            if fmt == "webdataset":
+                path = wds_writer.shard_name(split, g, compression)
+                files = wds_writer.write_shard(root, path, [(pid, pid, data[pid]) for pid in group], compression)
+            else:
+                path = f"{split}/{group[0]}"
+                files = zarr_writer.write_patient(root, split, group[0], data[group[0]])
+            slices = sum(patients[pid] for pid in group)
+            shard_entries.append({
+                "path": path, "split": split, "patients": group, "records": len(group), "slices": slices,
+                "bytes": sum(f["bytes"] for f in files), "files": files,
+            })
+            for pid in group:
+                entry = {
+                    "split": split, "shard": path, "key": pid, "slices": patients[pid],
+                    "tumour_slices": sum(1 for s in range(patients[pid]) if s % tumour_every == 0),
+                    "source_shape": [size, size, 64], "spacing": [1.0, 1.0, 1.0], "affine": IDENTITY,
+                }
+                if fmt == "zarr":
+                    entry["arrays"] = zarr_writer.array_paths(split, pid)
+                patient_entries[pid] = entry
+        split_entries[split] = {"patients": list(pids), "records": len(pids), "slices": sum(patients[p] for p in pids)}
+    content = {
+        "spec_version": SPEC_VERSION,
+        "format": fmt,
+        "channels": names,
+        "labels": {str(k): v for k, v in LABEL_NAMES.items()},
+        "preprocessing": {"size": size, "norm": "slice", "keep_empty": False},
+        "source": {"layout": "synthetic-test"},
+        "split": {"method": "fixed"},
+        "splits": split_entries,
+        "shards": shard_entries,
+        "patients": patient_entries,
+        "skipped": [],
+    }
+    validate_content(content)
+    (root / MANIFEST_NAME).write_bytes(to_bytes(content, {"command": "tests.shard_fixtures.make_shards"}))
+    return root
