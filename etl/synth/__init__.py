@@ -1,0 +1,201 @@
+"""Synthetic BraTS-like glioma patients, written in the real releases' on-disk layouts.
+
+There is no real BraTS data in the repository (it may not be redistributed), so tests, examples
+and benchmarks run on these.  They are made to be hard to segment rather than easy: irregular
+tumours with fuzzy borders and overlapping class intensities, unlabelled look-alikes (vessels,
+choroid plexus, white-matter hyperintensities), bias fields, noise, thick-slice acquisitions and
+scanner-to-scanner intensity changes.  See :mod:`etl.synth.anatomy` for the phantom and
+:mod:`etl.synth.layouts` for the file formats.
+
+Example::
+
+    from etl.synth import synthesize
+    ids = synthesize(Path("data"), patients=20, layout="brats2020", seed=0)
+    ids = synthesize(Path("tiny"), patients=3, shape=(48, 48, 24), layout="kaggle-h5",
+                     kaggle_channel_order=("t1", "t1ce", "t2", "flair"), kaggle_background=0.0)
+
+Layouts (``out`` is the folder given):
+
+``brats2020``
+    ``MICCAI_BraTS2020_TrainingData/BraTS20_Training_NNN/BraTS20_Training_NNN_{flair,t1,t1ce,t2,seg}.nii``
+    (uncompressed), NNN = 001...; labels 0, 1 NCR/NET, 2 ED, 4 ET; ``name_mapping.csv`` (every
+    patient) and ``survival_info.csv`` (most HGG patients) beside the patient folders.  Patient
+    355's segmentation is named ``W39_1998.09.19_Segm.nii`` as in the release (``quirk_355_at``
+    moves that quirk to another patient number so that small runs can exercise it).
+``brats2021``
+    ``BraTS2021_Training_Data/BraTS2021_NNNNN/BraTS2021_NNNNN_{flair,t1,t1ce,t2,seg}.nii.gz``,
+    labels 0/1/2/4.  Case numbers have gaps like the release: patient i gets ``(3i+1)//2``
+    (00000, 00002, 00003, 00005, ...).
+``brats2023``
+    ``ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData/BraTS-GLI-NNNNN-000/BraTS-GLI-NNNNN-000-{t1n,t1c,t2w,t2f,seg}.nii.gz``
+    (t1n = T1, t1c = T1ce, t2w = T2, t2f = FLAIR), labels 0, 1 NCR, 2 ED (SNFH), 3 ET; the
+    same numbering as 2021.
+``kaggle-h5``
+    ``BraTS2020_training_data/content/data/volume_V_slice_S.h5`` (V = 1..patients,
+    S = 0..D-1) with ``image`` (H, W, 4) float64 and ``mask`` (H, W, 3) uint8 one-hot
+    NCR/NET, ED, ET, plus ``meta_data.csv`` there.  ``volume_V`` is the same synthetic patient
+    as ``BraTS20_Training_{V:03d}`` (the real mapping is unknown).  Metadata columns:
+    ``target`` 1 when the slice has any tumour, ``labelK_pxl_cnt`` the pixels of mask channel
+    K, ``background_ratio`` the fraction of the slice's pixels with no tumour label (our
+    reading of the real column; its exact definition is not documented).
+
+NIfTI files: int16 images, uint8 segmentations, shape ``shape`` (240x240x155 by default), 1 mm
+voxels, qform = sform (code 1) = the BraTS/SRI24 affine as nibabel reports it,
+``[[-1,0,0,0],[0,-1,0,239],[0,0,1,0]]`` (ITK/LPS origin (0, -239, 0)).  That affine is an
+assumption from public notes on SRI24-registered volumes (the BraTS atlas space), not read from
+a release file.  The grid always covers the 240x240x155 mm template, so a smaller ``shape``
+gives the same patient at a coarser sampling, but the header still says 1 mm.
+
+Reproducibility: patient i is drawn from ``numpy.random.default_rng([seed, i])`` alone (its
+clinical CSV values from ``[seed, i, 1]``), so it is the same whatever ``patients`` is and
+whichever layout is asked for; the same arguments give byte-identical files on the same
+machine (numpy's float kernels may differ in the last bit between CPU families).
+
+Speed (measured on this project's 2-core development machine, nothing else running):
+rendering a 240x240x155 patient takes about 0.9-1.2 s (``render`` in
+``python -c "from etl.synth.anatomy import *; import numpy as np, time; p =
+draw_patient(np.random.default_rng([0, 0])); t = time.time(); render(p, (240, 240, 155));
+print(time.time() - t)"``); writing adds ~0.1 s for .nii and ~1 s for .nii.gz (gzip level 6),
+and a few seconds for the 155 .h5 files of the Kaggle layout.
+
+Public sources for the naming conventions (read, not copied):
+
+- BraTS 2020 layout, CSV headers, patient 355's ``W39_1998.09.19_Segm.nii``: this project's
+  ``DATA_FACTS.md``; the W39 file is also the subject of iolag/UPD_study pull request #3
+  ("Fix renaming command", prepare_BraTS.sh renames it).
+- BraTS 2023 names and the modality mapping t1->t1n, t1ce->t1c, t2->t2w, flair->t2f:
+  mobaidoctor/med-ddpm pull request #20; the ``ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData``
+  folder and ``<case>-t1n.nii.gz`` names: MIC-DKFZ/nnUNet issue #2653.
+- The SRI24 affine: a public data note printing nibabel's affine for SRI24-registered IvyGAP
+  volumes (the W-numbered TCIA patients, like W39), 240x240x155, 1 mm.
+- Kaggle export file names, keys, shapes and metadata columns: ``DATA_FACTS.md`` (the image
+  channel order and normalisation are unverified there, hence the two options).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from etl.synth import layouts
+from etl.synth.anatomy import MODALITIES, draw_patient, render
+
+__all__ = ["LAYOUTS", "synthesize"]
+
+LAYOUTS = ("brats2020", "brats2021", "brats2023", "kaggle-h5")
+MIN_SHAPE = (16, 16, 8)
+MAX_SIDE = 1024
+MAX_PATIENTS = {"brats2020": 999, "brats2021": 60000, "brats2023": 60000, "kaggle-h5": 60000}
+QUIRK_PATIENT = 355
+
+
+def synthesize(
+    out: Path,
+    *,
+    patients: int = 10,
+    layout: str = "brats2020",
+    shape: tuple[int, int, int] = (240, 240, 155),
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    quirk_355_at: int | None = None,
+    kaggle_channel_order: Sequence[str] = ("flair", "t1", "t1ce", "t2"),
+    kaggle_background: float | None = None,
+) -> list[str]:
+    """Writes ``patients`` synthetic patients under ``out`` in ``layout``; returns patient ids.
+
+    The ids are the release's own: ``BraTS20_Training_001``, ``BraTS2021_00000``,
+    ``BraTS-GLI-00000-000`` or, for ``kaggle-h5``, ``volume_1``.  ``shape`` is (H, W, D) of
+    every volume.  ``progress``, if given, is called after each patient with the number of
+    patients written so far (1, 2, ..., patients).  ``quirk_355_at`` names the patient number
+    (1-based) whose segmentation gets the odd name ``W39_1998.09.19_Segm.nii`` instead of 355
+    (``brats2020`` only).  ``kaggle_channel_order`` is the order of the four modalities in the
+    Kaggle ``image`` array; ``kaggle_background`` None keeps raw intensities with a zero
+    background, a number z-scores each channel over the brain of the volume and sets the
+    background to that number.  Side files (CSVs) are written after the last patient.
+
+    Raises ValueError on a bad argument, naming it and the allowed values.
+    """
+    _check(patients, layout, shape, seed, quirk_355_at, kaggle_channel_order, kaggle_background)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = tuple(int(v) for v in shape)
+    quirk = QUIRK_PATIENT if quirk_355_at is None else int(quirk_355_at)
+    ids: list[str] = []
+    mapping_rows, survival_rows, meta_rows = [], [], []
+    for index in range(patients):
+        params = draw_patient(np.random.default_rng([seed, index]))
+        patient = render(params, shape)
+        if layout == "brats2020":
+            ids.append(layouts.write_brats2020(out, index, patient, quirk_seg=index + 1 == quirk))
+            clinical = np.random.default_rng([seed, index, 1])
+            mapping_rows.append(layouts.name_mapping_row(clinical, index, params.grade))
+            row = layouts.survival_row(clinical, index, params.grade)
+            if row is not None:
+                survival_rows.append(row)
+        elif layout == "brats2021":
+            ids.append(layouts.write_brats2021(out, index, patient))
+        elif layout == "brats2023":
+            ids.append(layouts.write_brats2023(out, index, patient))
+        else:
+            pid, rows = layouts.write_kaggle(
+                out, index, patient, channel_order=tuple(kaggle_channel_order), background=kaggle_background
+            )
+            ids.append(pid)
+            meta_rows.extend(rows)
+        if progress is not None:
+            progress(index + 1)
+    if layout == "brats2020":
+        root = out / layouts.BRATS2020_DIR
+        layouts.write_csv(root / "name_mapping.csv", layouts.NAME_MAPPING_HEADER, mapping_rows)
+        layouts.write_csv(root / "survival_info.csv", layouts.SURVIVAL_HEADER, survival_rows)
+    elif layout == "kaggle-h5":
+        layouts.write_csv(out / layouts.KAGGLE_DIR / "meta_data.csv", layouts.KAGGLE_META_HEADER, meta_rows)
+    return ids
+
+
+def _as_int(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _check(patients, layout, shape, seed, quirk_355_at, channel_order, background) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    n = _as_int(patients, "patients")
+    if not 1 <= n <= MAX_PATIENTS[layout]:
+        raise ValueError(f"patients must be between 1 and {MAX_PATIENTS[layout]} for {layout}, got {n}")
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise ValueError(f"shape must be three integers (H, W, D), got {shape!r}") from None
+    if len(dims) != 3:
+        raise ValueError(f"shape must be three integers (H, W, D), got {shape!r}")
+    for name, v, lo in zip("HWD", dims, MIN_SHAPE):
+        v = _as_int(v, f"shape {name}")
+        if not lo <= v <= MAX_SIDE:
+            raise ValueError(f"shape {name} must be between {lo} and {MAX_SIDE}, got {v} (shape {tuple(shape)!r})")
+    if _as_int(seed, "seed") < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if quirk_355_at is not None:
+        if layout != "brats2020":
+            raise ValueError(f"quirk_355_at applies to the brats2020 layout only, not {layout}")
+        q = _as_int(quirk_355_at, "quirk_355_at")
+        if not 1 <= q <= n:
+            raise ValueError(f"quirk_355_at must be a patient number between 1 and {n}, got {q}")
+    order = tuple(channel_order)
+    if sorted(order) != sorted(MODALITIES):
+        raise ValueError(f"kaggle_channel_order must be an ordering of {', '.join(MODALITIES)}, got {order!r}")
+    if background is not None:
+        try:
+            ok = np.isfinite(float(background))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"kaggle_background must be None or a finite number, got {background!r}")

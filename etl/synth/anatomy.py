@@ -1,0 +1,552 @@
+"""One synthetic glioma patient: draw its parameters, then render its four MRI volumes and labels.
+
+Sampling is separate from rendering (as in TorchIO and MONAI): ``draw_patient(rng)`` turns a
+seeded generator into a :class:`PatientParams` (plain numbers, independent of the grid), and
+``render(params, shape)`` is a deterministic function of those numbers and the grid, so the same
+patient can be rendered at 240x240x155 or at a tiny test size and looks the same, only coarser.
+
+Geometry is described in "template millimetres": the 240x240x155 mm field of view of the BraTS
+(SRI24) template.  A grid of another shape maps onto the same field of view, so the brain and the
+tumour scale with the grid.  Axis 0 is left-right, axis 1 anterior-posterior, axis 2
+inferior-superior (axial slices along axis 2, as in BraTS).
+
+Rendering recipe (each step a few vectorised numpy passes over the brain's bounding box):
+
+1. Brain: an ellipsoid, narrower at the front and flatter underneath, its surface perturbed by a
+   smooth random field; zero outside (skull-stripped, as BraTS).
+2. Tissue classes inside: white matter (WM); grey matter (GM) as a cortical ribbon plus gyri
+   folded by a random field, with sulcal CSF between them and an interhemispheric fissure; deep
+   grey nuclei; two banana-shaped lateral ventricles and a third ventricle (CSF), choroid plexus,
+   small cortical vessels; unlabelled distractors: white-matter hyperintensities and
+   periventricular caps (bright on FLAIR/T2 but not tumour, as in real older patients).
+3. Tumour: 1 or 2 lesions. Each has an edema envelope (perturbed, rotated ellipsoid plus smooth
+   noise, spreading further in WM than in GM, not into CSF), a tumour core inside it that
+   enhances as an irregular rim (label ET) around a necrotic centre (label NCR/NET) with
+   non-enhancing patches, or, for non-enhancing (mostly LGG-like) tumours, a solid core labelled
+   NCR/NET with an optional fluid cyst.  The lesion pushes the ventricles and deep nuclei away
+   (mass effect).
+4. Intensities: a per-class contrast table per modality (T1: WM > GM > CSF; T1ce: as T1 with
+   bright enhancing rim, vessels and choroid; T2: CSF brightest, GM > WM, edema and necrosis
+   bright; FLAIR: CSF suppressed, edema bright), jittered per patient, with a per-modality gamma
+   (scanner contrast), textured by smooth fields shared between modalities, edema blended into
+   the underlying tissue with a strength fading towards its border (and a faint unlabelled tail
+   beyond it, so the border is not a free give-away), partial-volume blur, a smooth
+   multiplicative bias field, Gaussian noise (magnitude taken, i.e. Rician-like), optional
+   thick-slice acquisition resampled to 1 mm, a per-site and per-patient global scale and
+   offset, then stored as int16 (roughly 0..3000) with exactly 0 outside the brain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from etl.synth.fields import blur3, cosine_profile, resample_axis, smooth_field, thick_slices
+
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+REF_SHAPE = (240, 240, 155)
+
+# Tissue classes of the phantom (internal; the segmentation only knows the tumour labels).
+BG, WM, GM, DGM, CSF, CHOROID, VESSEL, ET, NECROSIS, SOLID, WMH = range(11)
+N_CLASSES = 11
+
+# Relative signal per class and modality (WM on T1 = 1); each modality is rescaled separately.
+# Order: BG, WM, GM, DGM, CSF, CHOROID, VESSEL, ET, NECROSIS, SOLID (non-enhancing tumour), WMH.
+# BG is what surrounds the brain before skull-stripping (CSF-like), so blur at the brain surface
+# mixes in CSF, not zero; it is masked to 0 afterwards.
+BASE_CONTRAST = {
+    "t1": (0.25, 1.00, 0.72, 0.80, 0.28, 0.55, 0.80, 0.78, 0.40, 0.62, 0.85),
+    "t1ce": (0.27, 1.00, 0.74, 0.82, 0.30, 1.25, 1.45, 1.70, 0.42, 0.70, 0.87),
+    "t2": (1.60, 0.55, 0.80, 0.70, 2.00, 1.20, 0.35, 1.05, 1.75, 1.30, 1.20),
+    "flair": (0.20, 0.72, 0.88, 0.80, 0.22, 0.45, 0.50, 1.15, 0.85, 1.25, 1.35),
+}
+EDEMA_CONTRAST = {"t1": 0.80, "t1ce": 0.82, "t2": 1.40, "flair": 1.45}
+# Relative texture amplitude per class: tumour classes are more heterogeneous than normal tissue.
+BASE_TEXTURE = (0.0, 0.04, 0.05, 0.05, 0.05, 0.15, 0.10, 0.18, 0.25, 0.15, 0.10)
+EDEMA_TEXTURE = 0.12
+# Scanner units of WM per modality at four simulated acquisition sites.
+SITE_SCALE = {
+    "t1": (380.0, 560.0, 820.0, 1150.0),
+    "t1ce": (420.0, 600.0, 760.0, 1050.0),
+    "t2": (260.0, 420.0, 600.0, 820.0),
+    "flair": (330.0, 480.0, 700.0, 950.0),
+}
+
+
+@dataclass(frozen=True)
+class Lesion:
+    centre: tuple[float, float, float]  # template mm
+    radius: float  # whole-tumour (edema envelope) radius, template mm
+    axes: tuple[float, float, float]  # relative semi-axes of the envelope
+    rotation: tuple[tuple[float, float, float], ...]  # 3x3 orthonormal
+    core_ratio: float  # core radius / envelope radius
+    core_offset: tuple[float, float, float]  # core centre relative to envelope centre, mm
+    enhancing: bool
+    necrosis_ratio: float  # enhancing: necrotic centre, in core radii (0 = solid)
+    rim_patchiness: float  # enhancing: fraction of the rim that does not enhance
+    cyst_ratio: float  # non-enhancing: fluid cyst, in core radii (0 = none)
+    roughness: float  # amplitude of the shape noise
+    mass_effect: float  # peak displacement of neighbouring structures, mm
+
+
+@dataclass(frozen=True)
+class ModalityParams:
+    contrast: tuple[float, ...]  # per tissue class, after patient jitter
+    edema: float
+    texture: tuple[float, ...]
+    edema_texture: float
+    texture_angle: float  # mixes the two shared texture fields
+    gamma: float
+    scale: float  # scanner units of WM
+    offset: float  # fraction of scale, added inside the brain
+    noise: float  # noise sigma, fraction of WM
+    bias: float  # log-amplitude of the bias field
+    bias_seed: int
+    thick_mm: float  # acquired slice thickness (0: native 1 mm)
+    blur: float  # 3-tap partial-volume weight
+
+
+@dataclass(frozen=True)
+class PatientParams:
+    grade: str  # "HGG" or "LGG"
+    site: int
+    brain_centre: tuple[float, float, float]
+    brain_axes: tuple[float, float, float]
+    taper: float  # frontal narrowing
+    boundary_roughness: float
+    cortex_mm: float
+    gyral_depth_mm: float
+    fold_corr_mm: float
+    sulcal_width: float  # threshold on the fold field: larger = wider sulci (atrophy)
+    ventricle_scale: float
+    periventricular_caps: float
+    wmh: tuple[tuple[tuple[float, float, float], float], ...]  # (centre mm, radius mm)
+    lesions: tuple[Lesion, ...]
+    modalities: dict[str, ModalityParams]
+    field_seed: int
+
+
+def _random_rotation(rng: np.random.Generator) -> tuple[tuple[float, float, float], ...]:
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))
+    return tuple(tuple(float(v) for v in row) for row in q)
+
+
+def _draw_lesion(rng, grade, centre, axes, scale_range) -> Lesion:
+    a = np.asarray(axes)
+    c = np.asarray(centre)
+    radius = float(np.exp(rng.uniform(np.log(scale_range[0]), np.log(scale_range[1]))))
+    for _ in range(100):
+        side = rng.choice((-1.0, 1.0))
+        p = np.array([side * rng.uniform(0.12, 0.6), rng.uniform(-0.62, 0.6), rng.uniform(-0.3, 0.55)])
+        if np.linalg.norm(p) + 0.6 * radius / a.min() < 0.95:
+            break
+        radius *= 0.97
+    if grade == "HGG":
+        enhancing = rng.uniform() < 0.97
+        core_ratio = rng.uniform(0.38, 0.75)
+    else:
+        enhancing = rng.uniform() < 0.25
+        core_ratio = rng.uniform(0.5, 0.9)
+    necrosis = 0.0 if rng.uniform() < 0.15 else rng.uniform(0.3, 0.8)
+    return Lesion(
+        centre=tuple(float(v) for v in c + p * a),
+        radius=radius,
+        axes=tuple(float(v) for v in np.exp(rng.normal(0.0, 0.18, 3))),
+        rotation=_random_rotation(rng),
+        core_ratio=float(core_ratio),
+        core_offset=tuple(float(v) for v in rng.normal(0.0, 0.12 * radius, 3)),
+        enhancing=bool(enhancing),
+        necrosis_ratio=float(necrosis) if enhancing else 0.0,
+        rim_patchiness=float(rng.uniform(0.0, 0.3)) if enhancing else 0.0,
+        cyst_ratio=0.0 if enhancing or rng.uniform() < 0.6 else float(rng.uniform(0.3, 0.7)),
+        roughness=float(rng.uniform(0.18, 0.35)),
+        mass_effect=float(rng.uniform(0.0, 0.35) * radius),
+    )
+
+
+def _draw_modality(rng, name: str, site: int) -> ModalityParams:
+    base = np.asarray(BASE_CONTRAST[name])
+    jitter = np.exp(rng.normal(0.0, 0.06, N_CLASSES))
+    thick_p = {"t1": 0.3, "t1ce": 0.2, "t2": 0.5, "flair": 0.55}[name]
+    return ModalityParams(
+        contrast=tuple(float(v) for v in base * jitter),
+        edema=float(EDEMA_CONTRAST[name] * np.exp(rng.normal(0.0, 0.07))),
+        texture=tuple(float(v) for v in np.asarray(BASE_TEXTURE) * rng.uniform(0.7, 1.5)),
+        edema_texture=float(EDEMA_TEXTURE * rng.uniform(0.7, 1.5)),
+        texture_angle=float(rng.uniform(0.0, 2.0 * math.pi)),
+        gamma=float(rng.uniform(0.85, 1.15)),
+        scale=float(SITE_SCALE[name][site] * np.exp(rng.normal(0.0, 0.2))),
+        offset=float(rng.uniform(-0.03, 0.08)),
+        noise=float(rng.uniform(0.015, 0.05)),
+        bias=float(rng.uniform(0.04, 0.22)),
+        bias_seed=int(rng.integers(2**31)),
+        thick_mm=float(rng.uniform(3.0, 6.0)) if rng.uniform() < thick_p else 0.0,
+        blur=float(rng.uniform(0.06, 0.2)),
+    )
+
+
+def draw_patient(rng: np.random.Generator) -> PatientParams:
+    """Draw every random choice of one patient (the rendering itself is deterministic)."""
+    grade = "HGG" if rng.uniform() < 0.8 else "LGG"
+    site = int(rng.integers(len(SITE_SCALE["t1"])))
+    centre = (120.0 + rng.normal(0, 2.5), 122.0 + rng.normal(0, 3.5), 78.0 + rng.normal(0, 3.0))
+    axes = (rng.uniform(63.0, 72.0), rng.uniform(80.0, 90.0), rng.uniform(58.0, 65.0))
+    n_lesions = 2 if rng.uniform() < 0.15 else 1
+    lesions = [_draw_lesion(rng, grade, centre, axes, (14.0, 38.0))]
+    for _ in range(n_lesions - 1):
+        lesions.append(_draw_lesion(rng, grade, centre, axes, (8.0, 20.0)))
+    n_wmh = int(rng.integers(0, 5))
+    wmh = []
+    for _ in range(n_wmh):
+        p = np.array([rng.choice((-1, 1)) * rng.uniform(0.15, 0.5), rng.uniform(-0.5, 0.5), rng.uniform(0.0, 0.45)])
+        wmh.append((tuple(float(v) for v in np.asarray(centre) + p * np.asarray(axes)), float(rng.uniform(2.0, 5.0))))
+    return PatientParams(
+        grade=grade,
+        site=site,
+        brain_centre=tuple(float(v) for v in centre),
+        brain_axes=tuple(float(v) for v in axes),
+        taper=float(rng.uniform(0.04, 0.1)),
+        boundary_roughness=float(rng.uniform(0.025, 0.05)),
+        cortex_mm=float(rng.uniform(2.3, 3.2)),
+        gyral_depth_mm=float(rng.uniform(9.0, 14.0)),
+        fold_corr_mm=float(rng.uniform(5.0, 7.5)),
+        sulcal_width=float(rng.uniform(0.07, 0.2)),
+        ventricle_scale=float(rng.uniform(0.75, 1.45)),
+        periventricular_caps=0.0 if rng.uniform() < 0.5 else float(rng.uniform(0.1, 0.3)),
+        wmh=tuple(wmh),
+        lesions=tuple(lesions),
+        modalities={m: _draw_modality(rng, m, site) for m in MODALITIES},
+        field_seed=int(rng.integers(2**63)),
+    )
+
+
+# --------------------------------------------------------------------------------------- render
+
+
+@dataclass
+class Rendered:
+    images: dict[str, np.ndarray]  # int16 (H, W, D) per modality
+    seg: np.ndarray  # uint8 (H, W, D), BraTS 2020 labels 0, 1 (NCR/NET), 2 (ED), 4 (ET)
+    brain: np.ndarray  # bool (H, W, D)
+
+
+def _box(lo_mm, hi_mm, spacing, shape) -> tuple[slice, ...]:
+    out = []
+    for lo, hi, sp, n in zip(lo_mm, hi_mm, spacing, shape):
+        a = max(int(math.floor(lo / sp)), 0)
+        b = min(int(math.ceil(hi / sp)) + 1, n)
+        out.append(slice(a, max(a, b)))
+    return tuple(out)
+
+
+def _sub(box: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
+    """``inner`` (full-grid slices) relative to ``box`` (full-grid slices), clipped to it."""
+    out = []
+    for b, i in zip(box, inner):
+        a = min(max(i.start, b.start), b.stop) - b.start
+        e = min(max(i.stop, b.start), b.stop) - b.start
+        out.append(slice(a, max(a, e)))
+    return tuple(out)
+
+
+def _grid(coords, box):
+    """Open (broadcastable) coordinate arrays, float32, for a box of the crop."""
+    return [c[s].astype(np.float32).reshape([-1 if k == i else 1 for k in range(3)]) for i, (c, s) in enumerate(zip(coords, box))]
+
+
+def render(params: PatientParams, shape: tuple[int, int, int]) -> Rendered:
+    """Render ``params`` on a grid of ``shape`` covering the 240x240x155 mm template."""
+    rng = np.random.default_rng(params.field_seed)
+    spacing = tuple(r / n for r, n in zip(REF_SHAPE, shape))
+    vox = max(spacing)
+    coords = [(np.arange(n, dtype=np.float64) + 0.5) * sp for n, sp in zip(shape, spacing)]
+    c = np.asarray(params.brain_centre)
+    a = np.asarray(params.brain_axes)
+    a_mean = float(a.mean())
+
+    # 1. Brain mask and depth below its surface, on a loose box around the ellipsoid (the
+    #    boundary noise is clipped so the brain cannot leave it).
+    loose = _box(c - 1.22 * a, c + 1.22 * a, spacing, shape)
+    lshape = tuple(s.stop - s.start for s in loose)
+    x, y, z = _grid(coords, loose)
+    dx, dy, dz = x - c[0], y - c[1], z - c[2]
+    f_low = np.clip(smooth_field(rng, lshape, 30.0, spacing), -3.0, 3.0)
+    ax0 = a[0] * (1.0 - params.taper * (dy / a[1]))  # narrower at the front (low axis-1 index)
+    ax2 = np.where(dz < 0, 0.85 * a[2], a[2]).astype(np.float32)  # flatter underneath
+    r = np.sqrt((dx / ax0) ** 2 + (dy / a[1]) ** 2 + (dz / ax2) ** 2)
+    r *= 1.0 + params.boundary_roughness * f_low
+    brain = r < 1.0
+    # Everything else is computed on the brain's bounding box (one voxel of margin), then
+    # pasted into zeros: about half the voxels of the field of view.
+    tight = _bbox(brain, margin=1)
+    crop = tuple(slice(lo.start + t.start, lo.start + t.stop) for lo, t in zip(loose, tight))
+    cshape = tuple(s.stop - s.start for s in crop)
+    brain = np.ascontiguousarray(brain[tight])
+    f_low = np.ascontiguousarray(f_low[tight])
+    depth = (1.0 - r[tight]) * np.float32(a_mean)  # mm below the surface (radially), < 0 outside
+    del r, x, y, z, dx, dy, dz, ax0, ax2
+
+    # 2. Tissue classes.
+    fold = smooth_field(rng, cshape, params.fold_corr_mm, spacing)
+    tex_a = smooth_field(rng, cshape, 4.0, spacing)
+    tex_b = smooth_field(rng, cshape, 12.0, spacing)
+    cortex = max(params.cortex_mm, 0.9 * vox)
+    gyral = max(params.gyral_depth_mm, 2.0 * vox)
+    afold = np.abs(fold)
+    tissue = brain.astype(np.uint8)  # WM == 1
+    gm = (depth < cortex) | ((afold < 0.7) & (depth < gyral + cortex))
+    np.putmask(tissue, gm & brain, GM)
+    np.putmask(tissue, (afold < params.sulcal_width) & (depth < gyral) & brain, CSF)
+    del gm, afold
+    _fissure(params, tissue, brain, depth, coords, crop, spacing, cortex)
+    _central_structures(params, tissue, brain, f_low, fold, coords, crop, spacing)
+    vessels = (np.abs(tex_a) < 0.035) & (np.abs(tex_b) < 0.08) & brain & (tissue != CSF)
+    np.putmask(tissue, vessels, VESSEL)
+    del vessels
+    for centre, radius in params.wmh:
+        box = _sub(crop, _box(np.asarray(centre) - 2 * radius, np.asarray(centre) + 2 * radius, spacing, shape))
+        bx, by, bz = _grid(coords, _abs(crop, box))
+        e = ((bx - centre[0]) ** 2 + (by - centre[1]) ** 2 + (bz - centre[2]) ** 2) / radius**2 + 0.3 * fold[box]
+        t = tissue[box]
+        t[(e < 1.0) & (t == WM)] = WMH
+
+    # 3. Tumour.
+    seg = np.zeros(cshape, dtype=np.uint8)
+    edema_maps = [
+        _lesion(lesion, rng, tissue, seg, brain, coords, crop, spacing, shape) for lesion in params.lesions
+    ]
+    del depth, fold
+
+    # 4. Intensities, modality by modality.
+    outside = ~brain
+    images = {}
+    for name in MODALITIES:
+        m = params.modalities[name]
+        mrng = np.random.default_rng(m.bias_seed)
+        lut = (np.asarray(m.contrast, dtype=np.float64) ** m.gamma).astype(np.float32)
+        amp = np.asarray(m.texture, dtype=np.float32)
+        tex = tex_a * np.float32(math.cos(m.texture_angle))
+        tex += tex_b * np.float32(math.sin(m.texture_angle))
+        img = amp[tissue]
+        img *= tex
+        img += 1.0
+        img *= lut[tissue]
+        edema_value = np.float32(m.edema**m.gamma)
+        for box, weight in edema_maps:
+            target = edema_value * (1.0 + np.float32(m.edema_texture) * tex[box])
+            target -= img[box]
+            target *= weight
+            img[box] += target
+        del tex
+        img = blur3(img, m.blur)
+        # Smooth multiplicative bias field (receive-coil sensitivity), separable, with the
+        # global scale folded in.
+        p0, p1, p2 = (cosine_profile(mrng, n)[s] for n, s in zip(shape, crop))
+        cross = np.float32(mrng.normal(0.0, 0.5))
+        bias_xy = np.exp(np.float32(m.bias) * (p0[:, None] + p1[None, :] + cross * p0[:, None] * p1[None, :]))
+        bias_xy *= np.float32(m.scale)
+        img *= bias_xy[:, :, None]
+        img *= np.exp(np.float32(m.bias) * p2)[None, None, :]
+        noise = mrng.standard_normal(cshape, dtype=np.float32)
+        noise *= np.float32(m.noise * m.scale)
+        img += noise
+        del noise
+        np.abs(img, out=img)  # magnitude image: Rician-like where the signal is low
+        factor = int(round(m.thick_mm / spacing[2])) if m.thick_mm else 0
+        if factor >= 2:
+            img = thick_slices(img, factor, axis=2)
+        img += np.float32(m.offset * m.scale)
+        np.clip(img, 1.0, 32000.0, out=img)
+        np.rint(img, out=img)
+        np.putmask(img, outside, 0.0)
+        full = np.zeros(shape, dtype=np.int16)
+        full[crop] = img
+        images[name] = full
+        del img
+
+    seg_full = np.zeros(shape, dtype=np.uint8)
+    seg_full[crop] = seg
+    brain_full = np.zeros(shape, dtype=bool)
+    brain_full[crop] = brain
+    return Rendered(images=images, seg=seg_full, brain=brain_full)
+
+
+def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """Bounding box of a non-empty mask, widened by ``margin`` voxels and clipped."""
+    out = []
+    for axis in range(mask.ndim):
+        other = tuple(k for k in range(mask.ndim) if k != axis)
+        hit = np.nonzero(mask.any(axis=other))[0]
+        if len(hit) == 0:
+            raise ValueError("the brain mask is empty: grid too small")
+        out.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(out)
+
+
+def _abs(crop: tuple[slice, ...], box: tuple[slice, ...]) -> tuple[slice, ...]:
+    """A crop-relative box back in full-grid indices."""
+    return tuple(slice(c.start + b.start, c.start + b.stop) for c, b in zip(crop, box))
+
+
+def _fissure(params, tissue, brain, depth, coords, crop, spacing, cortex):
+    """Interhemispheric fissure: a CSF sheet at the midline, lined by grey matter."""
+    c = params.brain_centre
+    a = params.brain_axes
+    half = max(1.0, 0.5 * spacing[0])
+    reach = half + cortex + 2.0 + spacing[0]
+    big = 1e9
+    box = _sub(crop, _box((c[0] - reach, -big, -big), (c[0] + reach, big, big), spacing, [len(v) for v in coords]))
+    fx, fy, fz = _grid(coords, _abs(crop, box))
+    v = (fy - c[1]) / a[1]
+    w = (fz - c[2]) / a[2]
+    wobble = 2.0 * np.sin(3.0 * v + 40.0 * params.taper)  # the falx is not a perfect plane
+    dist = np.abs(fx - c[0] - wobble)
+    # Above the corpus callosum, and all the way down at the frontal and occipital poles.
+    region = ((w > -0.05) | (np.abs(v) > 0.55)) & (depth[box] < 0.45 * float(np.mean(a))) & brain[box]
+    t = tissue[box]
+    t[region & (dist < half + cortex) & (t != CSF)] = GM
+    t[region & (dist < half)] = CSF
+
+
+def _displacement(params, X, Y, Z):
+    """Coordinates pulled towards each lesion: sampling a structure there pushes it away."""
+    for lesion in params.lesions:
+        if lesion.mass_effect <= 0:
+            continue
+        lx, ly, lz = lesion.centre
+        ddx, ddy, ddz = X - lx, Y - ly, Z - lz
+        d2 = ddx * ddx + ddy * ddy + ddz * ddz
+        s = np.float32(lesion.radius)
+        # peak displacement ``mass_effect`` mm at distance ``radius`` from the centre
+        k = np.float32(lesion.mass_effect / lesion.radius) * np.exp(0.5 - d2 / (2.0 * s * s))
+        X, Y, Z = X - k * ddx, Y - k * ddy, Z - k * ddz
+    return X, Y, Z
+
+
+def _central_structures(params, tissue, brain, f_low, fold, coords, crop, spacing):
+    """Deep grey nuclei, lateral and third ventricles, choroid plexus, periventricular caps."""
+    c = params.brain_centre
+    a = params.brain_axes
+    vs = params.ventricle_scale
+    grid_shape = [len(v) for v in coords]
+    m = 15.0  # room for the mass effect
+    lo = (c[0] - 0.5 * a[0] - m, c[1] - 0.65 * a[1] - m, c[2] - 0.55 * a[2] - m)
+    hi = (c[0] + 0.5 * a[0] + m, c[1] + 0.65 * a[1] + m, c[2] + 0.6 * a[2] + m)
+    box = _sub(crop, _box(lo, hi, spacing, grid_shape))
+    gx, gy, gz = _grid(coords, _abs(crop, box))
+    X, Y, Z = _displacement(params, *np.broadcast_arrays(gx, gy, gz))
+    t = tissue[box]
+    inside = brain[box]
+    noise = 0.2 * f_low[box]
+    # Deep grey nuclei (thalamus, basal ganglia), lateral to the ventricles.
+    for side in (-1.0, 1.0):
+        e = (
+            ((X - (c[0] + side * 0.26 * a[0])) / (0.11 * a[0])) ** 2
+            + ((Y - (c[1] + 0.02 * a[1])) / (0.22 * a[1])) ** 2
+            + ((Z - (c[2] - 0.02 * a[2])) / (0.15 * a[2])) ** 2
+            + noise
+        )
+        t[(e < 1.0) & (t == WM)] = DGM
+    # Lateral ventricles: bananas whose horns bend downwards at both ends.
+    vent = np.zeros(t.shape, dtype=bool)
+    caps = np.zeros(t.shape, dtype=bool)
+    for side in (-1.0, 1.0):
+        vv = (Y - (c[1] - 0.03 * a[1])) / (0.40 * a[1] * (0.9 + 0.1 * vs))
+        vu = (X - (c[0] + side * (0.04 + 0.06 * vs) * a[0])) / (0.075 * a[0] * vs)
+        vw = (Z - (c[2] + 0.14 * a[2]) + 0.3 * a[2] * vv * vv) / (0.14 * a[2] * vs)
+        e = vu * vu + vv * vv + vw * vw + noise
+        vent |= e < 1.0
+        if params.periventricular_caps > 0:
+            caps |= (e < 1.0 + 3.0 * params.periventricular_caps) & (np.abs(vv) > 0.75)
+    half3 = max(1.2, 0.5 * spacing[0])
+    w = (Z - c[2]) / a[2]
+    third = (np.abs(X - c[0]) < half3) & (np.abs((Y - c[1]) / a[1]) < 0.2) & (w > -0.3) & (w < 0.08)
+    t[caps & inside & (t == WM)] = WMH
+    t[(vent | third) & inside] = CSF
+    t[vent & inside & (((Y - c[1]) / a[1]) > 0.2) & (fold[box] > 0.9)] = CHOROID
+
+
+def _lesion(lesion, rng, tissue, seg, brain, coords, crop, spacing, shape):
+    """Paint one lesion into ``tissue`` and ``seg``; return (box, edema blend weight).
+
+    Fields, all in the lesion's rotated frame: ``e_field`` (< 1 inside the edema envelope) and
+    ``c_field`` (< 1 inside the tumour core), each a normalised ellipsoidal radius plus smooth
+    noise.  Labels nest by construction: the core is inside a margin-widened envelope, the
+    enhancing rim surrounds the necrotic centre.
+    """
+    centre = np.asarray(lesion.centre)
+    R = lesion.radius
+    axes = np.asarray(lesion.axes)
+    clip = 1.6
+    reach = (1.12 + clip * lesion.roughness) * R * axes.max() + 2.0 * max(spacing)
+    box = _sub(crop, _box(centre - reach, centre + reach, spacing, shape))
+    bshape = tuple(s.stop - s.start for s in box)
+    gx, gy, gz = _grid(coords, _abs(crop, box))
+    rot = np.asarray(lesion.rotation, dtype=np.float32)
+    d = (gx - centre[0], gy - centre[1], gz - centre[2])
+    q = [rot[0, i] * d[0] + rot[1, i] * d[1] + rot[2, i] * d[2] for i in range(3)]  # R^T d
+    n_env = np.clip(smooth_field(rng, bshape, 0.35 * R, spacing), -clip, clip)
+    n_core = np.clip(smooth_field(rng, bshape, 0.25 * R, spacing), -clip, clip)
+    n_in = smooth_field(rng, bshape, 0.2 * R, spacing)
+    t = tissue[box]
+    s = seg[box]
+    inside = brain[box]
+
+    e_field = np.sqrt(sum((qi / np.float32(R * ai)) ** 2 for qi, ai in zip(q, axes)))
+    e_field += np.float32(lesion.roughness) * n_env
+    e_field -= np.float32(0.12) * (t == WM)  # vasogenic edema spreads along white matter ...
+    e_field += np.float32(0.3) * ((t == GM) | (t == DGM))  # ... and mostly spares grey matter
+    rc = R * lesion.core_ratio
+    off = lesion.core_offset
+    c_field = np.sqrt(sum(((qi - oi) / np.float32(rc * ai)) ** 2 for qi, oi, ai in zip(q, off, axes)))
+    c_field += np.float32(0.8 * lesion.roughness) * n_core
+
+    fluid = (t == CSF) | (t == CHOROID)
+    core = (c_field < 1.0) & inside
+    margin = max(2.0, max(spacing)) / (rc * axes.min())  # edema at least ~2 mm around the core
+    envelope = (c_field < 1.0 + margin) & inside
+    edema = (((e_field < 1.0) & ~fluid) | envelope) & inside
+    inner = c_field + np.float32(0.15) * n_in
+    if lesion.enhancing:
+        necrosis = core & (inner < lesion.necrosis_ratio)
+        rim = core & ~necrosis
+        thr = _normal_quantile(1.0 - lesion.rim_patchiness) if lesion.rim_patchiness > 0 else np.inf
+        solid = rim & (n_in > thr)  # non-enhancing patches of the rim (label NCR/NET)
+        et = rim & ~solid
+    else:
+        et = np.zeros_like(core)
+        necrosis = core & (inner < lesion.cyst_ratio)  # a fluid cyst, if any
+        solid = core & ~necrosis
+
+    s[edema & (s == 0)] = 2
+    s[necrosis | solid] = 1
+    s[et] = 4
+    t[necrosis] = NECROSIS
+    t[solid] = SOLID
+    t[et] = ET
+    # Edema appearance: strongest near the core, fading towards the labelled border
+    # (e_field = 1) and continuing faintly just beyond it, where annotators stopped.
+    weight = np.clip((np.float32(1.12) - e_field) / np.float32(0.4), 0.0, 1.0)
+    np.maximum(weight, np.float32(0.55) * envelope, out=weight)
+    weight[core | fluid | ~inside] = 0.0
+    return box, weight
+
+
+def _normal_quantile(p: float) -> float:
+    """Inverse standard normal CDF (Acklam's rational approximation, |error| < 1e-8)."""
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    a = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02, 1.383577518672690e02, -3.066479806614716e01, 2.506628277459239e00)
+    b = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02, 6.680131188771972e01, -1.328068155288572e01)
+    cc = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00, -2.549732539343734e00, 4.374664141464968e00, 2.938163982698783e00)
+    d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00)
+    if p < 0.02425:
+        qq = math.sqrt(-2 * math.log(p))
+        return (((((cc[0] * qq + cc[1]) * qq + cc[2]) * qq + cc[3]) * qq + cc[4]) * qq + cc[5]) / ((((d[0] * qq + d[1]) * qq + d[2]) * qq + d[3]) * qq + 1)
+    if p > 1 - 0.02425:
+        return -_normal_quantile(1 - p)
+    qq = p - 0.5
+    rr = qq * qq
+    return (((((a[0] * rr + a[1]) * rr + a[2]) * rr + a[3]) * rr + a[4]) * rr + a[5]) * qq / (((((b[0] * rr + b[1]) * rr + b[2]) * rr + b[3]) * rr + b[4]) * rr + 1)
