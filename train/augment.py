@@ -148,9 +148,9 @@ def _intensity(image: Tensor, params: AugParams) -> Tensor:
     span = torch.where(usable, span, torch.ones_like(span))
     low = torch.where(usable, low, torch.zeros_like(low))
     unit = ((image - low) / span).clamp(0, 1)
-    gamma = params.gamma[:, :, None, None].to(image.dtype)
+    gamma, gain, offset = (p[:, :, None, None].to(image.dtype) for p in (params.gamma, params.gain, params.offset))
     out = torch.where(usable, unit.pow(gamma) * span + low, image)
-    out = out * params.gain[:, :, None, None].to(image.dtype) + params.offset[:, :, None, None].to(image.dtype)
+    out = out * gain + offset
     return torch.where(brain, out, torch.zeros_like(out))
 
 
@@ -161,7 +161,9 @@ def _resample(x: Tensor, grid: Tensor, mode: str) -> Tensor:
 def apply(image: Tensor, mask: Tensor, params: AugParams) -> tuple[Tensor, Tensor]:
     """Apply drawn parameters to image (B, C, H, W) float and mask (B, H, W) or (B, K, H, W)."""
     if image.ndim != 4 or not image.is_floating_point():
-        raise ValueError(f"image must be a float (B, C, H, W) tensor, got {image.dtype} {tuple(image.shape)}")
+        raise ValueError(
+            f"image must be a float (B, C, H, W) tensor, got {image.dtype} {tuple(image.shape)}"
+        )
     batch, channels, height, width = image.shape
     if mask.ndim not in (3, 4) or mask.shape[0] != batch or mask.shape[-2:] != (height, width):
         raise ValueError(f"mask must be (B, H, W) or (B, K, H, W) matching image {tuple(image.shape)}, "
