@@ -1,0 +1,156 @@
+"""Time budget and stop requests: when the training loop may start another epoch, and when it
+must stop at once.
+
+Two ways a run ends early, on purpose different:
+
+- `--time-budget 12h` (Colab's limit; also `90m`, `600s`, `1h30m`, `1.5h`): before each epoch
+  the loop asks `Budget.allows_epoch(durations)` with the durations of the epochs measured so
+  far (training + validation + checkpoint). It projects the next epoch as the longest measured
+  one plus a safety margin and does not start it when it would end past the limit, so the run
+  ends on a completed epoch's checkpoint, resumable with `--resume`. Before any epoch has been
+  measured the first one always starts: nothing is known yet.
+- SIGINT / SIGTERM (Ctrl-C, a scheduler's pre-emption): `StopSignal` records the signal and the
+  loop stops after the current step, keeping the checkpoint of the last completed epoch; the
+  partial epoch is lost, and the process exits 128 + signal (130, 143). A second SIGINT raises
+  `KeyboardInterrupt` at once.
+
+The clock is injectable (`Budget(limit, clock=fake)`) and a stop can be requested by a hook
+(`StopSignal.request`), so tests never race a timer.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from typing import Callable
+
+UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd])")
+
+SAFETY_FRACTION = 0.05
+"""The next epoch is projected as the longest measured one times (1 + this)."""
+SAFETY_SECONDS = 5.0
+"""... plus this, for the checkpoint write and scheduler jitter."""
+
+
+def parse_duration(text: str | float | int) -> float:
+    """'12h', '90m', '600s', '1h30m', '1.5h' or a plain number of seconds -> seconds (> 0)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        raw = str(text).strip().lower().replace(" ", "")
+        try:
+            seconds = float(raw)
+        except ValueError:
+            parts = _PART.findall(raw)
+            if not parts or "".join(n + u for n, u in parts) != raw:
+                raise ValueError(f"expected a duration such as 12h, 90m, 600s or 1h30m, got {text!r}") from None
+            seconds = sum(float(n) * UNITS[u] for n, u in parts)
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(f"must be a positive duration, got {text!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds -> '3h 05m', '12m 30s' or '42s' for messages."""
+    seconds = max(0.0, float(seconds))
+    hours, rest = divmod(int(round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{seconds:.0f}s" if seconds >= 1 else f"{seconds:.2f}s"
+
+
+class Budget:
+    """A wall-clock limit measured from construction (the start of this process's training)."""
+
+    def __init__(self, limit_seconds: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit_seconds
+        self.clock = clock
+        self.start = clock()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def remaining(self) -> float:
+        return float("inf") if self.limit is None else self.limit - self.elapsed()
+
+    @staticmethod
+    def projected_epoch(durations: list[float]) -> float | None:
+        """The next epoch's projected duration: the longest measured one with a safety margin."""
+        if not durations:
+            return None
+        return max(durations) * (1 + SAFETY_FRACTION) + SAFETY_SECONDS
+
+    def allows_epoch(self, durations: list[float]) -> bool:
+        """Whether another epoch is projected to finish within the limit."""
+        if self.limit is None:
+            return True
+        projected = self.projected_epoch(durations)
+        return projected is None or projected <= self.remaining()
+
+
+def projection_line(steps: int, seconds: float, steps_per_epoch: int, epochs_left: int,
+                    budget: Budget | None = None) -> str:
+    """'12.3 steps/s; 40 epochs x 500 steps ~ 27m 06s (training steps only)' after the first steps."""
+    rate = steps / seconds if seconds > 0 else float("inf")
+    total = steps_per_epoch * epochs_left / rate if rate > 0 else float("inf")
+    line = (f"{rate:.2f} steps/s; {epochs_left} epoch(s) x {steps_per_epoch} steps ~ "
+            f"{format_duration(total)} (training steps only, validation adds to it)")
+    if budget is not None and budget.limit is not None:
+        line += f"; time budget left {format_duration(budget.remaining())}"
+        if total > budget.remaining():
+            line += " - the budget will stop the run early, on an epoch checkpoint"
+    return line
+
+
+class StopRequested(Exception):
+    """Raised by the loop when a stop signal arrived; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(signal.Signals(signum).name)
+
+
+class StopSignal:
+    """Context manager catching SIGINT and SIGTERM into a flag the loop polls every step.
+
+    States: idle -> (signal or `request`) -> requested; a second SIGINT while requested raises
+    KeyboardInterrupt. Handlers are installed only in the main thread and restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.request(signum)
+
+    def __enter__(self) -> StopSignal:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+        self._previous.clear()

@@ -1,0 +1,149 @@
+"""Checkpoints: what `predict` needs plus what an exact `--resume` needs, loadable with
+`torch.load(weights_only=True)` only.
+
+Shards and checkpoints travel between people, so a checkpoint is never unpickled: every value is
+a tensor or a plain type (dict, list, tuple, str, int, float, bool, None). That is why the RNG
+states are converted here (numpy's and Python's generators hold tuples of big integers and
+strings; they become int64 tensors and plain numbers) and why the configuration is stored as
+its JSON dict.
+
+Keys (`FORMAT` "brats-train-checkpoint/1"):
+
+    format, epoch (completed epochs), state (see `RunState`), variant, model {name, kwargs,
+    in_channels, out_channels}, model_state, channels, target, preprocessing (manifest
+    content's), labels, manifest_digest, config (dict), optimizer, scheduler, scaler,
+    rng {torch, cuda, numpy, python, augmenter}, best_mean_dice, best_epoch, history (one dict
+    per completed epoch: the metrics.csv rows), epoch_seconds, versions {torch}
+
+Files are written to a temporary name in the same folder and moved into place with
+`os.replace`, so a crash leaves either the old or the new checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shards_spec.errors import ToolError
+
+FORMAT = "brats-train-checkpoint/1"
+LAST = "last.pt"
+BEST = "best.pt"
+REQUIRED = ("format", "epoch", "state", "model", "model_state", "channels", "target", "manifest_digest", "config")
+
+
+class CheckpointError(ToolError):
+    """A file that is not a readable checkpoint of this tool, or one that does not fit the run."""
+
+
+class RunState(str, enum.Enum):
+    """Where a run stands, as recorded in its last checkpoint.
+
+    Transitions (the training loop makes exactly these):
+
+        (no checkpoint) --epoch done--> RUNNING --epoch done--> RUNNING ...
+        RUNNING --last requested epoch done--> FINISHED
+        RUNNING --time budget: next epoch would not fit--> BUDGET_STOPPED
+        FINISHED / BUDGET_STOPPED --`--resume` (with more --epochs)--> RUNNING
+
+    A signal (SIGINT/SIGTERM) does not write a checkpoint: the last one stays as it was, and
+    the partial epoch is lost.
+    """
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    BUDGET_STOPPED = "budget_stopped"
+
+
+# ---------------------------------------------------------------- RNG states as plain values
+
+
+def rng_state(augmenter: Any | None = None) -> dict[str, Any]:
+    """Every generator the training loop draws from, as tensors and plain numbers."""
+    import torch
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+        "augmenter": None if augmenter is None else augmenter.state(),
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any], augmenter: Any | None = None) -> None:
+    """Restore what `rng_state` captured (CUDA only where there are as many devices)."""
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+    if augmenter is not None:
+        if state.get("augmenter") is None:
+            raise CheckpointError("checkpoint holds no augmentation generator state, but this run augments")
+        augmenter.set_state(state["augmenter"])
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def save(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write `payload` atomically (temporary file in the same folder, fsync, os.replace)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`; anything else is one clear `CheckpointError`."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("no such checkpoint file", path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError,
+            KeyError, TypeError, AttributeError, ImportError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if len(reason) > 160:
+            reason = reason[:157] + "..."
+        raise CheckpointError(f"not a readable checkpoint (truncated, corrupt or not from this tool: {reason})",
+                              path) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"not a {FORMAT} checkpoint (format {found!r})", path)
+    missing = [k for k in REQUIRED if k not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {missing}", path)
+    return payload

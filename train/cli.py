@@ -1,0 +1,150 @@
+"""`train`: run, evaluate, predict, report (typer; heavy imports happen inside the commands).
+
+`evaluate`, `predict` and `report` are thin: they parse the options and call
+`train.evaluate.main(...)`, `train.predict.main(...)` and `train.report.main(run_dir)` with
+keyword arguments, so each command's module holds all of its logic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from shards_spec.errors import ToolError, run_cli
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train, evaluate and apply 2D U-Nets on BraTS slice shards (see `train COMMAND --help`).",
+)
+
+RUN_HELP = """Train v1 (U-Net, t1ce+flair, Dice) or v2 (attention U-Net, 4 channels, Dice+BCE,
+light augmentation) on slice shards, streaming them with bounded memory.
+
+Writes OUT/config.json (resolved options + the shards' content digest), OUT/metrics.csv (one
+row per epoch), OUT/checkpoints/last.pt (every epoch) and best.pt (best validation mean Dice).
+Options not given come from the variant's preset, or, with --resume, from the run itself.
+
+\b
+Examples:
+  train run --shards shards/ --variant v1 --out runs/v1 --epochs 50 --time-budget 11h30m
+  train run --out runs/v1 --resume --epochs 80
+  train run --shards https://host/shards/ --variant v2 --val-split fold0 --target regions
+  torchrun --standalone --nproc-per-node 2 --no-python train run --shards shards/ --variant v2 --out runs/v2-ddp
+
+\b
+Exit codes: 0 done (also when --time-budget stopped the run on an epoch checkpoint),
+2 bad input (one line), 130 / 143 stopped by SIGINT / SIGTERM (the partial epoch is lost,
+the last completed epoch's checkpoint is kept; continue with --resume).
+"""
+
+
+@app.command("run", help=RUN_HELP, no_args_is_help=True)
+def run_command(
+    shards: Optional[str] = typer.Option(None, help="Shard folder or URL (holding manifest.json); required for a new run."),
+    variant: Optional[str] = typer.Option(None, help="Preset: v1 or v2; required for a new run."),
+    out: Optional[str] = typer.Option(None, help="Run folder (default runs/<variant>-<timestamp>)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs in total (also when resuming) (default 50)."),
+    batch_size: Optional[int] = typer.Option(None, help="Slices per batch (per rank under torchrun) (default 32)."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 1e-3)."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default 2)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of weights, data order and augmentation (default 0)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default auto)."),
+    val_split: Optional[str] = typer.Option(None, help="val (train on 'train') or foldK (train on the other folds) (default val)."),
+    target: Optional[str] = typer.Option(None, help="classes (NEC/NET, ED, ET) or regions (WT, TC, ET) (default classes)."),
+    oversample_tumour: Optional[int] = typer.Option(None, help="Repeat slices with tumour N times per epoch (default 1)."),
+    base: Optional[int] = typer.Option(None, help="Channels of the first U-Net level (default 32)."),
+    depth: Optional[int] = typer.Option(None, help="Down-sampling levels (default 4)."),
+    shuffle_buffer: Optional[int] = typer.Option(None, help="Slices in the streaming shuffle buffer (host memory) (default 2000)."),
+    time_budget: Optional[str] = typer.Option(None, help="Wall-clock limit: 12h, 90m, 600s, 1h30m; no epoch is started that would not finish."),
+    resume: bool = typer.Option(False, "--resume", help="Continue OUT from checkpoints/last.pt, exactly."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing run; on --resume accept other shards or options."),
+    cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here (remote shards)."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA (fp16 autocast + GradScaler) (default on)."),
+    amp_dtype: Optional[str] = typer.Option(None, help="auto (fp16 on CUDA, off on CPU), float16 or bfloat16 (also on CPU)."),
+    model: Optional[str] = typer.Option(None, help="Override the preset's model: unet or attention_unet."),
+    channels: Optional[str] = typer.Option(None, help="Override the preset's channels, e.g. t1ce,flair."),
+    loss: Optional[str] = typer.Option(None, help="Override the preset's loss: dice or dice_bce."),
+    augment: Optional[str] = typer.Option(None, help="Override the preset's augmentation: none or light."),
+    weight_decay: Optional[float] = typer.Option(None, help="Adam weight decay (default 0)."),
+    report: Optional[bool] = typer.Option(None, "--report/--no-report", help="Write the report at the end (default on)."),
+) -> None:
+    from . import fit
+
+    overrides = {
+        "shards": shards, "variant": variant, "out": out, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "workers": workers, "seed": seed, "device": device, "val_split": val_split, "target": target,
+        "oversample_tumour": oversample_tumour, "base": base, "depth": depth, "shuffle_buffer": shuffle_buffer,
+        "time_budget": time_budget, "cache_dir": cache_dir, "amp": amp, "amp_dtype": amp_dtype, "model": model,
+        "channels": channels, "loss": loss, "augment": augment, "weight_decay": weight_decay, "report": report,
+    }
+    result = fit.run(overrides, resume=resume, force=force)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+@app.command("evaluate", no_args_is_help=True)
+def evaluate_command(
+    checkpoint: Path = typer.Option(..., help="A checkpoint (runs/NAME/checkpoints/best.pt)."),
+    shards: str = typer.Option(..., help="Shard folder or URL."),
+    split: str = typer.Option("val", help="Split to evaluate."),
+    src: Optional[Path] = typer.Option(None, help="BraTS source folder: also score on the native grid (the headline number)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write all scores to this JSON file."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(32, help="Slices per batch."),
+    workers: int = typer.Option(2, help="DataLoader worker processes."),
+    cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here."),
+) -> None:
+    """Slice-level and patient-level (3D) Dice, precision, recall and HD95 of a checkpoint.
+
+    \b
+    Example:
+      train evaluate --checkpoint runs/v1/checkpoints/best.pt --shards shards/ --json runs/v1/eval.json
+    """
+    from . import evaluate
+
+    evaluate.main(checkpoint=checkpoint, shards=shards, split=split, src=src, json_path=json_path, device=device,
+                  batch_size=batch_size, workers=workers, cache_dir=cache_dir)
+
+
+@app.command("predict", no_args_is_help=True)
+def predict_command(
+    checkpoint: Path = typer.Option(..., help="A checkpoint (runs/NAME/checkpoints/best.pt)."),
+    input: List[Path] = typer.Option(..., "--input", help="A patient folder, or the modality files (repeat --input)."),
+    out: Path = typer.Option(..., help="Segmentation to write (SEG.nii.gz), in the input's geometry and labels."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(32, help="Slices per batch."),
+) -> None:
+    """Segment one patient's NIfTI volumes with a checkpoint.
+
+    \b
+    Example:
+      train predict --checkpoint runs/v1/checkpoints/best.pt --input BraTS20_Training_001/ --out seg.nii.gz
+    """
+    from . import predict
+
+    predict.main(checkpoint=checkpoint, inputs=list(input), out=out, device=device, batch_size=batch_size)
+
+
+@app.command("report", no_args_is_help=True)
+def report_command(run_dir: Path = typer.Argument(..., help="A run folder (runs/NAME).")) -> None:
+    """Curves and overlay pictures of a run, into RUN_DIR/report/.
+
+    \b
+    Example:
+      train report runs/v1
+    """
+    from . import report
+
+    report.main(run_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: `ToolError` becomes one line and exit code 2."""
+    run_cli(app, argv)
+
+
+__all__ = ["app", "main", "ToolError"]

@@ -1,0 +1,252 @@
+"""Run configuration: a variant preset, then the user's overrides, validated, saved beside the run.
+
+Resolution order (timm's `args.yaml`, nanoGPT's config dict, not a subclass per setting):
+
+    COMMON  <-  PRESETS[variant]  <-  options given on the command line
+
+and when resuming, the run's saved `config.json` takes the place of the first two, so that
+`train run --out runs/a --resume --epochs 80` only changes what it names. The result is a frozen
+`Config`; `config.json` holds it with the preset name, the overrides as given and the
+manifest's content digest.
+
+Presets (DESIGN "The two variants"):
+
+    v1: unet,           t1ce + flair,            loss dice,     augmentation none
+    v2: attention_unet, t1 + t1ce + t2 + flair,  loss dice_bce, augmentation light
+
+Both: Adam, ReduceLROnPlateau(mode="max") on the validation mean Dice, checkpoint every epoch,
+best by mean Dice.
+
+Every problem is a `ConfigError` naming the command-line option (`--epochs: must be >= 1, got
+0`), so the CLI prints one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from shards_spec.errors import ToolError
+from shards_spec.labels import CHANNELS, TARGETS
+
+from .budget import parse_duration
+
+MODELS = ("unet", "attention_unet")
+LOSSES = ("dice", "dice_bce")
+AUGMENTS = ("none", "light")
+DEVICES = ("auto", "cpu", "cuda")
+AMP_DTYPES = ("auto", "float16", "bfloat16")
+VAL_SPLIT = re.compile(r"^(val|fold\d+)$")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "v1": {"model": "unet", "channels": ["t1ce", "flair"], "loss": "dice", "augment": "none"},
+    "v2": {"model": "attention_unet", "channels": list(CHANNELS), "loss": "dice_bce", "augment": "light"},
+}
+
+RESUME_MAY_CHANGE = frozenset({"epochs", "time_budget", "workers", "device", "cache_dir", "shards", "out", "report"})
+"""Options a resumed run may change without `--force`: where and how long, not what is trained.
+`shards` is the location only; the data themselves are compared by manifest digest."""
+
+
+class ConfigError(ToolError):
+    """A bad option value or combination; the message starts with the option's name."""
+
+
+def option_name(field_name: str) -> str:
+    """The command-line spelling of a `Config` field (`batch_size` -> `--batch-size`)."""
+    return "--" + field_name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a run. Field names are the CLI options with '-' -> '_'."""
+
+    variant: str
+    shards: str
+    out: str
+    model: str
+    channels: tuple[str, ...]
+    loss: str
+    augment: str
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    plateau_factor: float = 0.5
+    plateau_patience: int = 5
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    val_split: str = "val"
+    target: str = "classes"
+    oversample_tumour: int = 1
+    base: int = 32
+    depth: int = 4
+    batch_norm: bool = True
+    shuffle_buffer: int = 2000
+    time_budget: str | None = None
+    cache_dir: str | None = None
+    amp: bool = True
+    amp_dtype: str = "auto"
+    report: bool = True
+
+    # ------------------------------------------------------------ derived values
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"base": self.base, "depth": self.depth, "batch_norm": self.batch_norm}
+
+    @property
+    def time_budget_seconds(self) -> float | None:
+        return None if self.time_budget is None else parse_duration(self.time_budget)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["channels"] = list(self.channels)
+        return out
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _defaults() -> dict[str, Any]:
+    return {
+        name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        for name, f in FIELDS.items()
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+
+
+def resolve(overrides: dict[str, Any], saved: dict[str, Any] | None = None) -> Config:
+    """Preset (or the saved config when resuming) + overrides -> a validated `Config`.
+
+    `overrides` holds only the options the user gave (None values are ignored), keyed by field
+    name. Unknown keys are refused, naming the option.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key in given:
+        if key not in FIELDS:
+            raise ConfigError(f"{option_name(key)}: unknown option")
+    if saved is not None:
+        values = {k: v for k, v in saved.items() if k in FIELDS}
+        values.update(given)
+    else:
+        variant = given.get("variant")
+        if variant is None:
+            raise ConfigError("--variant: required for a new run (v1 or v2)")
+        if variant not in PRESETS:
+            raise ConfigError(f"--variant: must be one of {sorted(PRESETS)}, got {variant!r}")
+        values = {**_defaults(), **PRESETS[variant], **given}
+    values.setdefault("out", None)
+    if values.get("shards") is None:
+        raise ConfigError("--shards: required (a shard folder or URL holding manifest.json)")
+    if values["out"] is None:
+        raise ConfigError("--out: required")
+    if isinstance(values.get("channels"), str):
+        values["channels"] = [c.strip() for c in values["channels"].split(",") if c.strip()]
+    values["channels"] = tuple(values["channels"])
+    missing = [name for name, f in FIELDS.items() if name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{option_name(missing[0])}: missing from the configuration")
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def _choice(config: Config, name: str, allowed: tuple[str, ...] | list[str]) -> None:
+    value = getattr(config, name)
+    if value not in allowed:
+        raise ConfigError(f"{option_name(name)}: must be one of {list(allowed)}, got {value!r}")
+
+
+def _at_least(config: Config, name: str, low: float, kind: type = int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ConfigError(f"{option_name(name)}: must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+    if value < low:
+        raise ConfigError(f"{option_name(name)}: must be >= {low}, got {value}")
+
+
+def validate(config: Config) -> None:
+    """Check every field; raise `ConfigError` naming the first bad option."""
+    _choice(config, "variant", sorted(PRESETS))
+    _choice(config, "model", MODELS)
+    _choice(config, "loss", LOSSES)
+    _choice(config, "augment", AUGMENTS)
+    _choice(config, "device", DEVICES)
+    _choice(config, "target", TARGETS)
+    _choice(config, "amp_dtype", AMP_DTYPES)
+    channels = list(config.channels)
+    if not channels or len(set(channels)) != len(channels) or any(c not in CHANNELS for c in channels):
+        raise ConfigError(f"--channels: must be distinct names from {list(CHANNELS)}, got {channels}")
+    if not VAL_SPLIT.match(str(config.val_split)):
+        raise ConfigError(f"--val-split: must be 'val' or 'foldK' (fold0, fold1, ...), got {config.val_split!r}")
+    for name in ("epochs", "batch_size", "base", "depth", "oversample_tumour", "shuffle_buffer",
+                 "plateau_patience"):
+        _at_least(config, name, 1 if name != "plateau_patience" else 0)
+    _at_least(config, "workers", 0)
+    _at_least(config, "seed", 0)
+    _at_least(config, "lr", 0.0, float)
+    if not config.lr > 0:
+        raise ConfigError(f"--lr: must be > 0, got {config.lr}")
+    _at_least(config, "weight_decay", 0.0, float)
+    _at_least(config, "plateau_factor", 0.0, float)
+    if not 0 < config.plateau_factor < 1:
+        raise ConfigError(f"--plateau-factor: must be in (0, 1), got {config.plateau_factor}")
+    for name in ("batch_norm", "amp", "report"):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{option_name(name)}: must be true or false, got {getattr(config, name)!r}")
+    if config.time_budget is not None:
+        try:
+            parse_duration(config.time_budget)
+        except ValueError as exc:
+            raise ConfigError(f"--time-budget: {exc}") from None
+
+
+def check_against_manifest(config: Config, manifest: Any) -> None:
+    """Options that only the data can check: channels present, validation split present."""
+    missing = [c for c in config.channels if c not in manifest.channels]
+    if missing:
+        raise ConfigError(f"--channels: {missing} not in these shards, which hold {manifest.channels}")
+    if config.val_split not in manifest.splits:
+        raise ConfigError(f"--val-split: {config.val_split!r} is not a split of these shards; they have {manifest.splits}")
+    if config.val_split == "val" and "train" not in manifest.splits:
+        raise ConfigError(f"--val-split: these shards have no 'train' split to train on ({manifest.splits}); use --val-split foldK")
+
+
+def train_splits_of(config: Config, manifest: Any) -> list[str]:
+    """`train` for `--val-split val`; every other fold for `--val-split foldK`."""
+    if config.val_split == "val":
+        return ["train"]
+    folds = [s for s in manifest.splits if re.match(r"^fold\d+$", s) and s != config.val_split]
+    if not folds:
+        raise ConfigError(f"--val-split: no other fold to train on besides {config.val_split!r} ({manifest.splits})")
+    return folds
+
+
+def differences(saved: dict[str, Any], config: Config) -> list[str]:
+    """Options that differ from a saved run's and may not change on resume without `--force`."""
+    now = config.to_dict()
+    changed = []
+    for name in FIELDS:
+        if name in RESUME_MAY_CHANGE:
+            continue
+        before = saved.get(name)
+        if name == "channels" and before is not None:
+            before = list(before)
+        if before != now[name]:
+            changed.append(f"{option_name(name)} {before!r} -> {now[name]!r}")
+    return changed
+
+
+def config_record(config: Config, preset: str, overrides: dict[str, Any], manifest_digest: str) -> dict[str, Any]:
+    """What `config.json` holds: the resolved config, how it was made, the data it was made on."""
+    return {
+        "config": config.to_dict(),
+        "preset": preset,
+        "overrides": {k: (list(v) if isinstance(v, tuple) else v) for k, v in overrides.items() if v is not None},
+        "manifest_digest": manifest_digest,
+    }

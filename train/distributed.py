@@ -1,0 +1,107 @@
+"""Rank and world helpers for DDP under torchrun; every helper is a no-op in a single process.
+
+    torchrun --standalone --nproc-per-node 2 --no-python train run --shards shards/ --variant v1 --out runs/ddp
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `init()` then starts the process group (gloo on
+CPU, nccl on CUDA) and pins each rank to GPU LOCAL_RANK. What the loop relies on:
+
+- every rank runs the same number of training batches (ShardDataset gets rank, world_size and
+  batch_size and cuts the epoch to a multiple of ranks x batch size), so gradient all-reduces
+  never wait on a rank that ran out of data;
+- validation runs on the plain module (no DDP collectives per batch, so ranks may hold
+  different numbers of validation slices), then the integer TP/FP/FN counts and the loss sums
+  are all-reduced (`all_reduce_sum`): metrics equal a single-process evaluation;
+- a stop (signal on any rank, time budget) is agreed with `agree` (all-reduce MAX of a flag);
+- only rank 0 writes files and prints (`Dist.is_main`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env(environ: dict[str, str] | None = None) -> Dist:
+    """Rank, world size and local rank from torchrun's environment (1 process without it)."""
+    env = os.environ if environ is None else environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    return Dist(rank=int(env.get("RANK", "0")), world_size=world, local_rank=int(env.get("LOCAL_RANK", "0")))
+
+
+def init(device_type: str) -> Dist:
+    """Start the process group when under torchrun; returns the single-process `Dist` otherwise."""
+    import torch
+    import torch.distributed as td
+
+    dist = from_env()
+    if not dist.enabled:
+        return dist
+    if device_type == "cuda":
+        torch.cuda.set_device(dist.local_rank)
+    if not td.is_initialized():
+        td.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return dist
+
+
+def shutdown(dist: Dist) -> None:
+    import torch.distributed as td
+
+    if dist.enabled and td.is_initialized():
+        td.destroy_process_group()
+
+
+def all_reduce_sum(dist: Dist, tensor: Any) -> Any:
+    """Sum a tensor over ranks in place (and return it); unchanged in a single process."""
+    if dist.enabled:
+        import torch.distributed as td
+
+        td.all_reduce(tensor, op=td.ReduceOp.SUM)
+    return tensor
+
+
+def agree(dist: Dist, flag: bool, device: Any = "cpu") -> bool:
+    """True on every rank when it is True on any rank (a stop everybody takes together)."""
+    if not dist.enabled:
+        return flag
+    import torch
+    import torch.distributed as td
+
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    td.all_reduce(value, op=td.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def broadcast_object(dist: Dist, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (e.g. the run folder rank 0 chose); between our own ranks."""
+    if not dist.enabled:
+        return obj
+    import torch.distributed as td
+
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(dist: Dist) -> None:
+    if dist.enabled:
+        import torch.distributed as td
+
+        td.barrier()
