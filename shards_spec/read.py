@@ -133,6 +133,12 @@ class ShardStore:
         self.manifest: Manifest = parse(data, name)
         self._entries = {f["path"]: f for s in self.manifest.content["shards"] for f in s["files"]}
 
+    def __getstate__(self) -> dict:
+        # Loader workers get a copy; each opens its own filesystem (fsspec sessions are per process).
+        state = dict(self.__dict__)
+        state["_fs"] = None
+        return state
+
     # -- files ----------------------------------------------------------------------------------
 
     def location(self, rel_path: str) -> str:

@@ -1,0 +1,233 @@
+import hashlib
+import json
+import re
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shards_spec.errors import SpecError
+from shards_spec.manifest import MANIFEST_NAME
+from shards_spec.read import ShardStore
+from tests.shard_fixtures import make_shards, sample_code
+
+FORMATS = ["webdataset", "zarr"]
+
+
+def _records(store, split="train"):
+    return {r.patient: r for shard in store.manifest.shards_of(split) for r in store.records(shard)}
+
+
+def _edit_manifest(root: Path, edit) -> None:
+    data = json.loads((root / MANIFEST_NAME).read_text())
+    edit(data["content"])
+    (root / MANIFEST_NAME).write_text(json.dumps(data))
+
+
+def _rewrite(root: Path, rel: str, data: bytes) -> None:
+    """Replace a file and update its manifest entry, so only the content checks can catch it."""
+    (root / rel).write_bytes(data)
+
+    def edit(content):
+        for shard in content["shards"]:
+            for entry in shard["files"]:
+                if entry["path"] == rel:
+                    entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    _edit_manifest(root, edit)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_records_hold_the_known_values(tmp_path, fmt):
+    root = make_shards(tmp_path, fmt, patients={"p1": 3, "p2": 5})
+    records = _records(ShardStore(root))
+    assert sorted(records) == ["p1", "p2"]
+    p2 = records["p2"]
+    assert p2.image.dtype == np.float16 and p2.image.shape == (5, 4, 16, 16)
+    assert p2.image[3, 2, 7, 7] == sample_code(1, 3) * 4 + 2
+    assert p2.slice_index == [10, 11, 12, 13, 14]
+    assert p2.mask.shape == (5, 16, 16) and p2.mask[2, 0, :4].tolist() == [1, 2, 3, 0] and not p2.mask[1].any()
+    assert p2.class_voxels[0] == [16 * 16 - 3, 1, 1, 1]
+
+
+def test_gzip_tar_reads_like_plain(tmp_path):
+    plain = _records(ShardStore(make_shards(tmp_path / "a", "webdataset")))
+    packed = ShardStore(make_shards(tmp_path / "b", "webdataset", compression="gz"))
+    assert packed.manifest.content["shards"][0]["path"].endswith(".tar.gz")
+    for pid, record in _records(packed).items():
+        assert np.array_equal(record.image, plain[pid].image)
+
+
+def test_unknown_spec_version_and_missing_manifest_name_the_file(tmp_path):
+    root = make_shards(tmp_path, "webdataset")
+    _edit_manifest(root, lambda c: c.update(spec_version="brats-slices/9"))
+    with pytest.raises(SpecError, match="manifest.json.*spec_version"):
+        ShardStore(root)
+    with pytest.raises(SpecError, match="manifest.json.*cannot be read"):
+        ShardStore(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_corrupt_file_is_refused_naming_the_shard_and_verify_reports_it(tmp_path, fmt):
+    root = make_shards(tmp_path, fmt)
+    store = ShardStore(root)
+    shard = store.manifest.shards_of("train")[1]
+    entry = max(shard["files"], key=lambda f: f["bytes"])  # the tar, or the zarr image shard
+    path = root / entry["path"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert store.verify_file(entry) is not None and "sha256" in store.verify_file(entry)
+    assert all(store.verify_file(f) is None for f in store.manifest.shards_of("train")[0]["files"])
+    with pytest.raises(SpecError) as caught:
+        list(store.records(shard))
+    assert shard["path"] in str(caught.value) or entry["path"] in str(caught.value)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    root = make_shards(tmp_path, "webdataset")
+    store = ShardStore(root)
+    shard = store.manifest.shards_of("train")[0]
+    (root / shard["path"]).write_bytes((root / shard["path"]).read_bytes()[:3000])
+    with pytest.raises(SpecError, match=re.escape(shard["path"])):
+        list(store.records(shard))
+    assert "bytes" in store.verify_file(shard["files"][0])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_manifest_that_lies_about_counts_is_refused(tmp_path, fmt):
+    root = make_shards(tmp_path, fmt, patients={"p1": 3, "p2": 5})
+
+    def more_tumour(content):
+        content["patients"]["p2"]["tumour_slices"] = 1
+    _edit_manifest(root, more_tumour)
+    store = ShardStore(root)
+    assert len(list(store.records(store.manifest.shards_of("train")[0]))) == 1  # p1 is fine
+    with pytest.raises(SpecError, match="p2.*manifest says"):
+        list(store.records(store.manifest.shards_of("train")[1]))
+
+
+def test_shard_slice_count_lie_is_refused(tmp_path):
+    root = make_shards(tmp_path, "webdataset", patients={"p1": 3})
+    _edit_manifest(root, lambda c: c["shards"][0].update(slices=4))
+    store = ShardStore(root)
+    with pytest.raises(SpecError, match="3 slices, the manifest says 1 and 4"):
+        list(store.records(store.manifest.shards_of("train")[0]))
+
+
+def test_zarr_metadata_is_checked_before_reading(tmp_path):
+    root = make_shards(tmp_path, "zarr", patients={"p1": 3})
+    rel = "train/p1/image/zarr.json"
+    meta = json.loads((root / rel).read_text())
+    meta["shape"] = [3, 4, 16, 8]
+    _rewrite(root, rel, json.dumps(meta).encode())
+    store = ShardStore(root)
+    with pytest.raises(SpecError, match=r"train/p1.*shape \(3, 4, 16, 8\)"):
+        list(store.records(store.manifest.shards_of("train")[0]))
+
+
+def test_zarr_listed_file_that_vanished_is_an_error_not_fill_values(tmp_path):
+    root = make_shards(tmp_path, "zarr", patients={"p1": 3})
+    store = ShardStore(root)
+    # zarr itself would read a missing chunk as the fill value 0; the reader reads the files the
+    # manifest lists, so a vanished one fails.
+    (root / "train/p1/image/c/0/0/0/0").unlink()
+    with pytest.raises(SpecError, match="train/p1/image/c/0/0/0/0.*cannot be read"):
+        list(store.records(store.manifest.shards_of("train")[0]))
+
+
+def test_cache_is_keyed_by_sha256_and_revalidated(tmp_path):
+    root = make_shards(tmp_path, "webdataset", patients={"p1": 3})
+    cache = tmp_path / "cache"
+    store = ShardStore(root, cache_dir=cache)
+    shard = store.manifest.shards_of("train")[0]
+    digest = shard["files"][0]["sha256"]
+    first = _records(store)["p1"]
+    cached = cache / digest[:2] / digest
+    assert cached.exists() and [p.name for p in cache.rglob("*") if p.is_file()] == [digest]
+    # A changed cached copy is discarded and fetched again from the source (with a warning).
+    cached.write_bytes(b"tampered")
+    with pytest.warns(UserWarning, match="fetching it again"):
+        again = _records(store)["p1"]
+    assert np.array_equal(again.image, first.image) and cached.read_bytes() == (root / shard["path"]).read_bytes()
+    # A source that no longer matches the manifest is refused, naming the file; nothing is cached.
+    cached.unlink()
+    data = bytearray((root / shard["path"]).read_bytes())
+    data[2000] ^= 1
+    (root / shard["path"]).write_bytes(bytes(data))
+    with pytest.raises(SpecError, match=re.escape(shard["path"]) + ".*sha256"):
+        _records(store)
+    assert not cached.exists() and not list(cache.rglob("*.partial"))
+
+
+def test_file_url_reads_like_the_path(tmp_path):
+    root = make_shards(tmp_path, "zarr", patients={"p1": 2})
+    by_url = _records(ShardStore(root.as_uri()))
+    assert np.array_equal(by_url["p1"].image, _records(ShardStore(root))["p1"].image)
+
+
+class RangeHandler(SimpleHTTPRequestHandler):
+    """http.server plus single-range `Range: bytes=a-b` requests (206), as object stores answer."""
+
+    ranges: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def send_head(self):
+        header = self.headers.get("Range")
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", header or "")
+        path = Path(self.translate_path(self.path))
+        if not match or not path.is_file():
+            return super().send_head()
+        data = path.read_bytes()
+        start = int(match.group(1))
+        end = min(int(match.group(2)) if match.group(2) else len(data) - 1, len(data) - 1)
+        if start >= len(data):
+            self.send_error(416)
+            return None
+        type(self).ranges.append(header)
+        body = data[start:end + 1]
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        import io
+        return io.BytesIO(body)
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_range_server_answers_ranges(http_root, tmp_path):
+    import urllib.request
+    (tmp_path / "x.bin").write_bytes(bytes(range(100)))
+    request = urllib.request.Request(f"{http_root}/x.bin", headers={"Range": "bytes=10-19"})
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 206 and response.read() == bytes(range(10, 20))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_http_reads_the_same_records_as_the_path(tmp_path, http_root, fmt):
+    root = make_shards(tmp_path, fmt, patients={"p1": 3, "p2": 4})
+    local = _records(ShardStore(root))
+    store = ShardStore(f"{http_root}/{root.name}")
+    remote = _records(store)
+    assert sorted(remote) == sorted(local)
+    for pid in local:
+        assert np.array_equal(remote[pid].image, local[pid].image)
+        assert np.array_equal(remote[pid].mask, local[pid].mask)
+        assert remote[pid].slice_index == local[pid].slice_index
+    assert all(store.verify_file(f) is None for s in store.manifest.content["shards"] for f in s["files"])
+    with pytest.raises(SpecError, match="127.0.0.1.*manifest.json"):
+        ShardStore(f"{http_root}/missing")
