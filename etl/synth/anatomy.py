@@ -231,6 +231,7 @@ class Rendered:
     images: dict[str, np.ndarray]  # int16 (H, W, D) per modality
     seg: np.ndarray  # uint8 (H, W, D), BraTS 2020 labels 0, 1 (NCR/NET), 2 (ED), 4 (ET)
     brain: np.ndarray  # bool (H, W, D)
+    tissue: np.ndarray  # uint8 (H, W, D) phantom tissue classes (BG, WM, ... WMH), for tests
 
 
 def _box(lo_mm, hi_mm, spacing, shape) -> tuple[slice, ...]:
@@ -371,7 +372,9 @@ def render(params: PatientParams, shape: tuple[int, int, int]) -> Rendered:
     seg_full[crop] = seg
     brain_full = np.zeros(shape, dtype=bool)
     brain_full[crop] = brain
-    return Rendered(images=images, seg=seg_full, brain=brain_full)
+    tissue_full = np.zeros(shape, dtype=np.uint8)
+    tissue_full[crop] = tissue
+    return Rendered(images=images, seg=seg_full, brain=brain_full, tissue=tissue_full)
 
 
 def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:

@@ -46,9 +46,13 @@ BRATS2023_NAMES = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
 
 def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def nifti_bytes(data: np.ndarray) -> bytes:
@@ -161,10 +165,14 @@ def write_kaggle(
     for s in range(seg.shape[2]):
         name = f"volume_{volume}_slice_{s}.h5"
         tmp = folder / f".{name}.part"
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("image", data=np.ascontiguousarray(image[:, :, s, :]))
-            f.create_dataset("mask", data=np.ascontiguousarray(mask[:, :, s, :]))
-        os.replace(tmp, folder / name)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("image", data=np.ascontiguousarray(image[:, :, s, :]))
+                f.create_dataset("mask", data=np.ascontiguousarray(mask[:, :, s, :]))
+            os.replace(tmp, folder / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         counts = [int(mask[:, :, s, k].sum()) for k in range(3)]
         tumour = sum(counts)
         rows.append([f"/content/data/{name}", int(tumour > 0), volume, s, *counts, repr(1.0 - tumour / pixels)])
