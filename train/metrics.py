@@ -65,6 +65,8 @@ def confusion_counts(pred: Array, target: Array, channel_axis: int = -3) -> tupl
         raise ValueError(
             f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}"
         )
+    if pred.shape[channel_axis] != 3:  # catches a (3, H, W, D) volume passed without channel_axis=0
+        raise ValueError(f"expected 3 channels on axis {channel_axis}, got shape {tuple(pred.shape)}")
     if isinstance(pred, torch.Tensor):
         p = pred.bool().movedim(channel_axis, 0)
         t = torch.as_tensor(target, device=pred.device).bool().movedim(channel_axis, 0)

@@ -56,6 +56,20 @@ def test_label_map_and_channel_masks_agree():
     _, warped_channels = apply(image, one_hot_image(labels).bool(), params)
     assert warped_channels.dtype == torch.bool
     assert torch.equal(one_hot_image(warped_labels).bool(), warped_channels)
+    # float channels, as the loader yields them, and long label maps
+    _, warped_float = apply(image, one_hot_image(labels), params)
+    assert warped_float.dtype == torch.float32 and torch.equal(warped_float.bool(), warped_channels)
+    _, warped_long = apply(image, labels.long(), params)
+    assert torch.equal(warped_long, warped_labels.long())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batch_matches_cpu():
+    labels, image = blobs(4, 32, seed=10), torch.randn(4, 2, 32, 32)
+    cpu = Augmenter(3)(image, labels)
+    gpu = Augmenter(3)(image.cuda(), labels.cuda())
+    assert gpu[0].is_cuda and torch.allclose(gpu[0].cpu(), cpu[0], atol=1e-4)
+    assert (gpu[1].cpu() != cpu[1]).float().mean() < 0.01  # nearest ties may round differently
 
 
 def test_flips_land_where_expected():

@@ -94,6 +94,8 @@ def test_confusion_counts_by_hand():
     # a volume (3, H, W, D) with the channel first
     vol_p, vol_t = np.repeat(pred[..., None], 4, axis=-1), np.repeat(target[..., None], 4, axis=-1)
     assert confusion_counts(vol_p, vol_t, channel_axis=0)[0].tolist() == [8, 0, 0]
+    with pytest.raises(ValueError, match="expected 3 channels on axis -3"):
+        confusion_counts(vol_p, vol_t)
 
 
 def test_scores_from_counts_by_hand():
