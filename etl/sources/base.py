@@ -1,0 +1,131 @@
+"""What every source reader produces: patient references, loaded volumes, scan reports.
+
+A scan is cheap and runs once in the driver: it finds the patients, reads headers and CSVs, and
+collects one `SourceError` per bad patient or file instead of stopping at the first. Loading is
+the per-patient task: it reads the data, checks values, and returns arrays in the shard
+contract's conventions (channel-first float32, a 0..3 label map, a brain mask), leaving the
+geometry exactly as stored.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shards_spec.errors import SourceError
+
+LAYOUTS: tuple[str, ...] = ("brats2020", "brats2021", "brats2023", "kaggle-h5")
+NIFTI_LAYOUTS: tuple[str, ...] = ("brats2020", "brats2021", "brats2023")
+
+BRATS_SHAPE: tuple[int, int, int] = (240, 240, 155)
+SPACING_TOLERANCE_MM = 1e-3
+BORDER_BRAIN_FRACTION = 0.25
+"""Above this fraction of non-zero voxels on the six faces of the volume we warn that it does not
+look skull-stripped (BraTS volumes are zero on their borders; raw head MRI has noise there)."""
+
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass
+class PatientRef:
+    """One patient as found by a scan: everything a worker needs to load it (JSON-able)."""
+
+    id: str  # [A-Za-z0-9_-]: folder name (NIfTI) or volume_V (Kaggle)
+    layout: str
+    files: dict[str, str]  # 't1','t1ce','t2','flair','seg' -> path; Kaggle: 'slices' -> data folder
+    grade: str | None = None  # HGG/LGG from name_mapping.csv
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PatientRef":
+        return cls(**data)
+
+
+@dataclass
+class PatientVolume:
+    """One patient's arrays, as stored on disk (no reorientation), ready for preprocessing."""
+
+    volume: np.ndarray  # float32 (C, H, W, D), channels in the requested order, background 0
+    brain: np.ndarray  # bool (H, W, D)
+    labels: np.ndarray | None  # uint8 (H, W, D) label map 0..3, None without segmentation
+    affine: np.ndarray  # float64 (4, 4)
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    warnings: list[str]  # "does not look like BraTS" and contradiction notes, one line each
+    source_dtype: str
+    notes: list[str] = field(default_factory=list)  # informational (e.g. background value found)
+
+
+@dataclass
+class Scan:
+    """What `scan_source` found under `root`."""
+
+    layout: str
+    root: Path
+    patients: list[PatientRef]  # sorted by id
+    unlabelled: list[str]  # ids left out because they have no segmentation
+    problems: list[SourceError]  # one per bad patient or file; those patients are left out
+    notes: list[str]  # log lines worth showing the user
+    inputs: list[tuple[str, int]] = field(default_factory=list)
+    """(path relative to the layout's base folder, size in bytes) of every file the patients
+    (and the CSVs) are read from: the basis of `source_fingerprint`."""
+
+
+def safe_id(name: str) -> str:
+    """A patient key from a folder or file name: [A-Za-z0-9_-] only, no dot."""
+    cleaned = _ID_UNSAFE.sub("_", name).strip("_")
+    return cleaned or "patient"
+
+
+def geometry_warnings(shape: tuple[int, ...], spacing: tuple[float, ...] | None) -> list[str]:
+    warnings = []
+    if tuple(shape) != BRATS_SHAPE:
+        warnings.append(
+            f"shape {'x'.join(map(str, shape))} is not BraTS's 240x240x155 (processed as stored)"
+        )
+    if spacing is not None and any(abs(s - 1.0) > SPACING_TOLERANCE_MM for s in spacing):
+        shown = ", ".join(f"{s:g}" for s in spacing)
+        warnings.append(f"voxel spacing ({shown}) mm is not BraTS's 1 mm isotropic (not resampled)")
+    return warnings
+
+
+def skull_strip_warning(brain: np.ndarray) -> str | None:
+    """Warn when many voxels on the volume's faces are non-zero (BraTS is zero outside the brain)."""
+    faces = [brain[0], brain[-1], brain[:, 0], brain[:, -1], brain[:, :, 0], brain[:, :, -1]]
+    total = sum(f.size for f in faces)
+    fraction = sum(int(np.count_nonzero(f)) for f in faces) / max(total, 1)
+    if fraction > BORDER_BRAIN_FRACTION:
+        return (
+            f"{fraction:.0%} of the voxels on the volume border are non-zero: the images do not look "
+            "skull-stripped (BraTS is zero outside the brain); the brain mask will include them"
+        )
+    return None
+
+
+def relative_posix(path: Path, base: Path) -> str:
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return path.name
+
+
+def require_folder(root: Path) -> Path:
+    """`root` as a Path, or a SourceError naming it when it is missing, a file or empty."""
+    root = Path(root)
+    if not root.exists():
+        raise SourceError("does not exist", root)
+    if not root.is_dir():
+        raise SourceError("is a file; expected a folder holding a BraTS release", root)
+    try:
+        empty = not any(root.iterdir())
+    except OSError as exc:
+        raise SourceError(f"cannot be listed ({exc.strerror or exc})", root) from None
+    if empty:
+        raise SourceError("is an empty folder", root)
+    return root

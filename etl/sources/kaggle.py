@@ -1,0 +1,369 @@
+"""The Kaggle 2D export of BraTS 2020: `volume_V_slice_S.h5`, one axial slice per file.
+
+Each file holds `image` (H, W, 4) and `mask` (H, W, 3) with disjoint NEC/NET, ED, ET channels.
+A patient is a volume: its slices sorted by S and stacked along the third axis give (H, W, D),
+as the NIfTI releases store it. The export carries no geometry, so the affine is the identity
+and the spacing is assumed to be 1 mm (said once in the patient's meta, not warned per patient).
+
+Two things about the export are not documented, so they are options checked against the data:
+
+* The image channel order (FLAIR,T1,T1ce,T2 and T1,T1ce,T2,FLAIR are both claimed publicly).
+  `check_kaggle_channel_order` scores all 24 assignments of names to the stored channels with
+  facts true of real MRI, in brain-relative ranks (so any per-volume scaling cancels):
+  T1 and T1ce look alike outside the tumour; CSF (the darkest T1 voxels) is bright on T2 and
+  dark on FLAIR; edema is bright on T2/FLAIR and dark on T1/T1ce; enhancing tumour is brighter
+  on T1ce than on T1. When another order scores clearly better than the chosen one, the volume
+  gets a warning naming the order the data suggest.
+* The background. Intensities may have been normalised per volume, leaving the background a
+  non-zero constant. Per channel, the background is the most frequent value on the in-plane
+  border of every slice (the corners of an axial slice lie outside the head); the brain is any
+  channel differing from its background, and background voxels are set to 0 before returning,
+  because preprocessing expects a zero background.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from shards_spec.errors import SourceError
+from shards_spec.labels import CHANNELS, encode_onehot
+
+from .base import PatientRef, PatientVolume, geometry_warnings, skull_strip_warning
+
+SLICE_NAME = re.compile(r"^volume_(\d+)_slice_(\d+)\.h5$")
+KAGGLE_ORDERS = {"flair,t1,t1ce,t2", "t1,t1ce,t2,flair"}
+DEFAULT_ORDER: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+METADATA_FILES = ("meta_data.csv", "BraTS20 Training Metadata.csv")
+GEOMETRY_NOTE = "the Kaggle export stores no geometry: affine is the identity, spacing assumed 1 mm"
+
+BACKGROUND_MIN_FRACTION = 0.5
+"""The border's most frequent value is taken as the background only if it covers at least this
+fraction of the border voxels; otherwise the background is taken to be 0 and a warning says so."""
+ORDER_MARGIN = 0.25
+"""How much better (in summed fact scores, each within [-1, 1]) another channel order must fit
+the data before the chosen one is called contradicted."""
+MIN_CLASS_VOXELS = 20
+SAMPLE_VOXELS = 50_000
+
+
+def parse_order(order: Sequence[str] | str) -> tuple[str, ...]:
+    """A channel order as a tuple of the four names; any permutation of them is accepted."""
+    names = order.split(",") if isinstance(order, str) else list(order)
+    names = tuple(n.strip().lower() for n in names)
+    if sorted(names) != sorted(CHANNELS):
+        raise SourceError(
+            f"kaggle channel order must name each of {', '.join(CHANNELS)} once, got {','.join(names)} "
+            f"(public guesses: {' or '.join(sorted(KAGGLE_ORDERS))})"
+        )
+    return names
+
+
+# --------------------------------------------------------------------------------------- scan
+
+
+def scan_kaggle_folder(data_dir: Path, root: Path, check_headers: bool):
+    """(patients, problems, notes, inputs) of one folder of volume_V_slice_S.h5 files."""
+    slices: dict[int, dict[int, int]] = {}
+    with os.scandir(data_dir) as it:
+        for entry in it:
+            m = SLICE_NAME.match(entry.name)
+            if m and entry.is_file():
+                slices.setdefault(int(m.group(1)), {})[int(m.group(2))] = entry.stat().st_size
+    problems: list[SourceError] = []
+    notes: list[str] = []
+    inputs: list[tuple[str, int]] = []
+    depth = Counter(max(s) + 1 for s in slices.values()).most_common(1)[0][0]
+    metadata = _metadata_csv(data_dir, root)
+    if metadata is not None:
+        notes.append(f"Kaggle metadata CSV {metadata[0]} lists {metadata[1]} slices")
+        inputs.append((metadata[0].name, metadata[0].stat().st_size))
+
+    patients = []
+    for volume in sorted(slices):
+        have = slices[volume]
+        name = f"volume_{volume}"
+        missing = sorted(set(range(depth)) - set(have))
+        extra = sorted(set(have) - set(range(depth)))
+        if missing or extra:
+            shown = ", ".join(map(str, (missing or extra)[:8])) + (" ..." if len(missing or extra) > 8 else "")
+            what = "is missing slice(s)" if missing else "has slice(s) beyond"
+            problems.append(
+                SourceError(
+                    f"{name} {what} {shown} (expected slices 0..{depth - 1}, as most volumes have)",
+                    data_dir / f"{name}_slice_{(missing or extra)[0]}.h5",
+                )
+            )
+            continue
+        empty = [s for s in sorted(have) if have[s] == 0]
+        if empty:
+            problems.append(SourceError("empty file (0 bytes)", data_dir / f"{name}_slice_{empty[0]}.h5"))
+            continue
+        first = data_dir / f"{name}_slice_0.h5"
+        if check_headers:
+            try:
+                _slice_shapes(first, None)
+            except SourceError as exc:
+                problems.append(exc)
+                continue
+        patients.append(
+            PatientRef(
+                id=name,
+                layout="kaggle-h5",
+                files={"slices": str(data_dir)},
+                grade=None,
+                meta={"volume": volume, "slices": depth, "geometry": GEOMETRY_NOTE},
+            )
+        )
+        inputs.extend((f"{name}_slice_{s}.h5", have[s]) for s in sorted(have))
+    notes.append(GEOMETRY_NOTE)
+    return patients, problems, notes, inputs
+
+
+def _metadata_csv(data_dir: Path, root: Path) -> tuple[Path, int] | None:
+    """The export's metadata CSV beside the data or in an ancestor up to `root`: (path, rows)."""
+    folder = data_dir
+    while True:
+        for name in METADATA_FILES:
+            path = folder / name
+            if path.is_file():
+                return path, _check_metadata(path)
+        if folder == root or folder.parent == folder or root not in folder.parents:
+            return None
+        folder = folder.parent
+
+
+def _check_metadata(path: Path) -> int:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [h.strip().lower() for h in next(reader, [])]
+            if "volume" not in header or "slice" not in header:
+                raise SourceError("malformed Kaggle metadata CSV: no 'volume' and 'slice' columns", path)
+            return sum(1 for row in reader if row)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise SourceError(f"malformed Kaggle metadata CSV ({exc})", path) from None
+
+
+def _slice_shapes(path: Path, expect: tuple[int, int] | None):
+    """Open one slice and check its datasets; returns (h5 file, image dataset, mask dataset)."""
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise SourceError(f"not a readable HDF5 file ({exc})", path) from None
+    try:
+        missing = [k for k in ("image", "mask") if k not in handle]
+        if missing:
+            raise SourceError(f"has no {' or '.join(repr(k) for k in missing)} dataset (keys: {list(handle)})", path)
+        image, mask = handle["image"], handle["mask"]
+        if image.ndim != 3 or image.shape[2] != 4:
+            raise SourceError(f"image has shape {image.shape}, expected (H, W, 4)", path)
+        if mask.ndim != 3 or mask.shape[2] != 3 or mask.shape[:2] != image.shape[:2]:
+            raise SourceError(f"mask has shape {mask.shape}, expected {image.shape[:2] + (3,)}", path)
+        if expect is not None and image.shape[:2] != expect:
+            raise SourceError(f"slice is {image.shape[0]}x{image.shape[1]}, the volume's first is {expect[0]}x{expect[1]}", path)
+    except BaseException:
+        handle.close()
+        raise
+    return handle, image, mask
+
+
+# --------------------------------------------------------------------------------------- load
+
+
+def load_kaggle_patient(
+    ref: PatientRef, channels: list[str], order: Sequence[str] | str, require_labels: bool
+) -> PatientVolume:
+    order = parse_order(order)
+    data_dir = Path(ref.files["slices"])
+    volume_no, depth = int(ref.meta["volume"]), int(ref.meta["slices"])
+    raw = labels = None
+    dtype = "unknown"
+    for s in range(depth):
+        path = data_dir / f"volume_{volume_no}_slice_{s}.h5"
+        handle, image_ds, mask_ds = _slice_shapes(path, None if raw is None else raw.shape[1:3])
+        with handle:
+            try:
+                image, mask = image_ds[()], mask_ds[()]
+            except (OSError, ValueError, TypeError) as exc:
+                raise SourceError(f"cannot read the slice data, the file may be truncated ({exc})", path) from None
+        if raw is None:
+            h, w = image.shape[:2]
+            raw = np.empty((4, h, w, depth), dtype=np.float32)
+            labels = np.empty((h, w, depth), dtype=np.uint8)
+            dtype = str(image.dtype)
+        if not np.issubdtype(image.dtype, np.number) or not np.isfinite(image).all():
+            raise SourceError("image holds non-finite or non-numeric values", path)
+        raw[..., s] = np.moveaxis(image, -1, 0)
+        labels[..., s] = encode_onehot(mask, path)
+    if raw is None:
+        raise SourceError(f"{ref.id} has no slices", data_dir)
+    if not np.isfinite(raw).all():
+        raise SourceError(f"{ref.id}: image values exceed the float32 range", data_dir)
+
+    warnings: list[str] = []
+    notes: list[str] = []
+    backgrounds = find_background(raw)
+    for name, (value, fraction) in zip(order, backgrounds):
+        if fraction < BACKGROUND_MIN_FRACTION:
+            warnings.append(
+                f"stored channel {name}: no constant background on the slice borders "
+                f"(most frequent value covers {fraction:.0%}); background taken as 0"
+            )
+    values = [v if f >= BACKGROUND_MIN_FRACTION else 0.0 for v, f in backgrounds]
+    brain = np.zeros(raw.shape[1:], dtype=bool)
+    for c, value in enumerate(values):
+        brain |= raw[c] != np.float32(value)
+    raw[:, ~brain] = 0.0
+    if any(v != 0 for v in values):
+        shown = ", ".join(f"{n}={v:g}" for n, v in zip(order, values))
+        notes.append(f"{ref.id}: non-zero background ({shown}) detected and set to 0")
+
+    shape = tuple(int(s) for s in raw.shape[1:])
+    warnings += geometry_warnings(shape, None)
+    strip = skull_strip_warning(brain)
+    if strip:
+        warnings.append(strip)
+    contradiction = check_kaggle_channel_order(raw, labels, order, brain=brain)
+    if contradiction:
+        warnings.append(contradiction)
+
+    volume = raw[[order.index(ch) for ch in channels]]
+    return PatientVolume(
+        volume=volume,
+        brain=brain,
+        labels=labels,
+        affine=np.eye(4, dtype=np.float64),
+        spacing=(1.0, 1.0, 1.0),
+        shape=shape,  # type: ignore[arg-type]
+        warnings=warnings,
+        source_dtype=dtype,
+        notes=notes,
+    )
+
+
+def find_background(raw: np.ndarray) -> list[tuple[float, float]]:
+    """Per channel of (C, H, W, D): (most frequent value on the in-plane borders, its share)."""
+    out = []
+    for channel in raw:
+        border = np.concatenate(
+            [channel[0].ravel(), channel[-1].ravel(), channel[1:-1, 0].ravel(), channel[1:-1, -1].ravel()]
+        )
+        values, counts = np.unique(border, return_counts=True)
+        best = int(np.argmax(counts))
+        out.append((float(values[best]), float(counts[best]) / border.size))
+    return out
+
+
+# ------------------------------------------------------------------------- channel-order check
+
+
+def _ecdf(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Mid-rank of `values` within sorted `reference`, in [0, 1] (ties share their mean rank)."""
+    lo = np.searchsorted(reference, values, side="left")
+    hi = np.searchsorted(reference, values, side="right")
+    return (lo + hi) / (2.0 * max(len(reference), 1))
+
+
+def _strided(indices: np.ndarray, limit: int) -> np.ndarray:
+    step = max(1, len(indices) // limit)
+    return indices[::step]
+
+
+def contrast_evidence(volume: np.ndarray, brain: np.ndarray, labels: np.ndarray | None) -> dict:
+    """Brain-relative statistics of each stored channel that the order facts are scored on.
+
+    Ranks are taken within the normal-appearing brain (brain minus tumour), so they do not
+    depend on how a volume was scaled or shifted.
+    """
+    flat = volume.reshape(volume.shape[0], -1)
+    normal = brain.ravel() if labels is None else brain.ravel() & (labels.ravel() == 0)
+    sample = _strided(np.flatnonzero(normal), SAMPLE_VOXELS)
+    if len(sample) < 4 * MIN_CLASS_VOXELS:
+        return {}
+    reference = [np.sort(flat[c, sample]) for c in range(len(flat))]
+    ranks = np.stack([_ecdf(reference[c], flat[c, sample]) for c in range(len(flat))])
+    evidence = {"ranks": ranks}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.corrcoef(ranks)
+    evidence["corr"] = np.nan_to_num(corr)
+    if labels is not None:
+        for label, key in ((2, "ED"), (3, "ET")):
+            idx = _strided(np.flatnonzero(labels.ravel() == label), SAMPLE_VOXELS // 4)
+            if len(idx) >= MIN_CLASS_VOXELS:
+                evidence[key] = np.array([_ecdf(reference[c], flat[c, idx]).mean() for c in range(len(flat))])
+    return evidence
+
+
+def order_facts(perm: Sequence[str], evidence: dict) -> dict[str, float]:
+    """Each fact's score (roughly within [-1, 1], higher = fits) if the stored channels are `perm`."""
+    if not evidence:
+        return {}
+    i = {name: perm.index(name) for name in CHANNELS}
+    corr, ranks = evidence["corr"], evidence["ranks"]
+    facts = {"T1 and T1ce look alike outside the tumour": float(corr[i["t1"], i["t1ce"]])}
+    t1_like = (ranks[i["t1"]] + ranks[i["t1ce"]]) / 2
+    csf = t1_like <= np.quantile(t1_like, 0.1)
+    if np.count_nonzero(csf) >= MIN_CLASS_VOXELS:
+        facts["CSF (darkest on T1) is bright on T2 and dark on FLAIR"] = float(
+            ranks[i["t2"], csf].mean() - ranks[i["flair"], csf].mean()
+        )
+    if "ED" in evidence:
+        ed = evidence["ED"]
+        facts["edema is bright on T2/FLAIR and dark on T1/T1ce"] = float(
+            (ed[i["t2"]] + ed[i["flair"]] - ed[i["t1"]] - ed[i["t1ce"]]) / 2
+        )
+    if "ET" in evidence:
+        et = evidence["ET"]
+        facts["enhancing tumour is brighter on T1ce than on T1"] = float(et[i["t1ce"]] - et[i["t1"]])
+    return facts
+
+
+def check_kaggle_channel_order(
+    volume_by_channel: np.ndarray,
+    labels: np.ndarray | None,
+    order: Sequence[str] | str,
+    *,
+    brain: np.ndarray | None = None,
+) -> str | None:
+    """Warning text when the stored channels' contrast contradicts `order`, else None.
+
+    `volume_by_channel` is (4, H, W, D) in stored order with the background at 0 (or pass
+    `brain`); `labels` the 0..3 label map or None (then only the label-free facts count, and T1
+    cannot be told from T1ce). Inconclusive data give None.
+    """
+    order = parse_order(order)
+    volume = np.asarray(volume_by_channel)
+    if volume.ndim != 4 or volume.shape[0] != 4:
+        raise ValueError(f"expected a (4, H, W, D) volume, got shape {volume.shape}")
+    if brain is None:
+        brain = np.any(volume != 0, axis=0)
+    evidence = contrast_evidence(volume, brain, labels)
+    if not evidence:
+        return None
+    scores = {}
+    for perm in itertools.permutations(CHANNELS):
+        scores[perm] = sum(order_facts(perm, evidence).values())
+    best = max(scores, key=lambda p: (scores[p], p == order))
+    if scores[best] - scores[order] <= ORDER_MARGIN:
+        return None
+    chosen, suggested = order_facts(order, evidence), order_facts(best, evidence)
+    reasons = "; ".join(
+        f"{fact}: {chosen[fact]:+.2f} as assumed vs {suggested[fact]:+.2f}"
+        for fact in chosen
+        if suggested[fact] - chosen[fact] > 0.05
+    )
+    return (
+        f"kaggle channel order {','.join(order)} is contradicted by the image contrast; the data "
+        f"suggest {','.join(best)} (pass --kaggle-channel-order {','.join(best)}). Fit per fact "
+        f"(1 = as in real MRI): {reasons}"
+    )

@@ -1,0 +1,390 @@
+"""BraTS NIfTI releases: 2020/2021 (`<id>_<mod>.nii[.gz]`) and 2023 GLI (`<id>-<mod>.nii.gz`).
+
+A patient is a folder named after its id holding one file per modality and, for training data,
+a segmentation. Both `.nii` and `.nii.gz` are read. The segmentation is `<id>_seg.nii[.gz]`
+(2023: `<id>-seg.nii.gz`); failing that, the single other NIfTI file in the folder whose name
+contains "seg" (any case) is taken and a note says so: that is how BraTS20_Training_355's
+`W39_1998.09.19_Segm.nii` is found.
+
+Checks are split by cost. The scan reads headers only (every file present, non-empty, a NIfTI
+header nibabel accepts, 3D, the same shape in every file, an uncompressed file as long as its
+header says); `load_nifti_patient` reads the data and checks its values (finite images, labels in
+the release's set, a complete gzip stream). Arrays keep the stored axis order; spacing comes from
+the header zooms and the affine from the image.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from shards_spec.errors import SourceError
+from shards_spec.labels import CHANNELS, CONVENTION_OF_LAYOUT, encode_labels
+from shards_spec.preprocess import brain_mask
+
+from .base import PatientRef, PatientVolume, geometry_warnings, safe_id, skull_strip_warning
+
+# Per layout: how a patient folder is named, the separator before the modality, and the file
+# suffix of each modality (ours on the right).
+PATIENT_PATTERNS: dict[str, re.Pattern] = {
+    "brats2020": re.compile(r"^BraTS20_(Training|Validation|Testing)_\d{3,}$"),
+    "brats2021": re.compile(r"^BraTS2021_\d{5}$"),
+    "brats2023": re.compile(r"^BraTS-GLI-\d{5}-\d{3}$"),
+}
+SEPARATOR = {"brats2020": "_", "brats2021": "_", "brats2023": "-"}
+SUFFIXES: dict[str, dict[str, str]] = {
+    "brats2020": {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"},
+    "brats2021": {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"},
+    "brats2023": {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"},
+}
+EXTENSIONS = (".nii.gz", ".nii")
+AFFINE_TOLERANCE = 1e-3
+
+# What a damaged file raises while nibabel reads it (truncated gzip, short .nii, bad header).
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, IndexError)
+
+
+def layout_of_folder_name(name: str) -> str | None:
+    for layout, pattern in PATIENT_PATTERNS.items():
+        if pattern.match(name):
+            return layout
+    return None
+
+
+def nifti_stem(name: str) -> str | None:
+    """File name without .nii/.nii.gz (any case), or None for other files."""
+    lower = name.lower()
+    for ext in EXTENSIONS:
+        if lower.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def match_files(
+    folder: Path, pid: str, layout: str, entries: dict[str, int]
+) -> tuple[dict[str, str], list[SourceError], list[str]]:
+    """Assign the NIfTI files of a patient folder to modalities and the segmentation.
+
+    `entries` maps file name -> size. Returns (files, problems, notes); files has 'seg' only
+    when a segmentation was found. Missing modalities, duplicates (.nii and .nii.gz) and
+    ambiguous segmentation candidates are problems.
+    """
+    sep = SEPARATOR[layout]
+    expected = {f"{pid}{sep}{suffix}".lower(): ours for suffix, ours in SUFFIXES[layout].items()}
+    expected[f"{pid}{sep}seg".lower()] = "seg"
+    found: dict[str, list[str]] = {}
+    others: list[str] = []
+    for name in sorted(entries):
+        stem = nifti_stem(name)
+        if stem is None:
+            continue
+        key = expected.get(stem.lower())
+        if key is None:
+            others.append(name)
+        else:
+            found.setdefault(key, []).append(name)
+
+    files: dict[str, str] = {}
+    problems: list[SourceError] = []
+    notes: list[str] = []
+    for key, names in found.items():
+        if len(names) > 1:
+            problems.append(
+                SourceError(
+                    f"{key} is present twice ({' and '.join(names)}): remove one copy", folder / names[-1]
+                )
+            )
+        else:
+            files[key] = str(folder / names[0])
+    for suffix, ours in SUFFIXES[layout].items():
+        if ours not in found:
+            problems.append(
+                SourceError(
+                    f"patient {pid} has no {ours} image (expected {pid}{sep}{suffix}.nii or .nii.gz)", folder
+                )
+            )
+    if "seg" not in found:
+        candidates = [n for n in others if "seg" in n.lower()]
+        if len(candidates) == 1:
+            files["seg"] = str(folder / candidates[0])
+            notes.append(f"{pid}: segmentation matched {candidates[0]} (no {pid}{sep}seg.nii[.gz])")
+        elif len(candidates) > 1:
+            problems.append(
+                SourceError(
+                    f"patient {pid} has no {pid}{sep}seg.nii[.gz] and several candidate segmentations "
+                    f"({', '.join(candidates)}): keep one",
+                    folder,
+                )
+            )
+    for key, path in files.items():
+        if entries.get(Path(path).name, 1) == 0:
+            problems.append(SourceError(f"empty file (0 bytes), expected the {key} image", path))
+    return files, problems, notes
+
+
+def check_headers(files: dict[str, str]) -> list[SourceError]:
+    """Header-level checks: readable NIfTI, 3D, same shape everywhere, uncompressed length."""
+    problems: list[SourceError] = []
+    reference: tuple[str, tuple[int, ...]] | None = None
+    for key in (*CHANNELS, "seg"):
+        path = files.get(key)
+        if path is None:
+            continue
+        try:
+            size = os.path.getsize(path)
+        except OSError as exc:
+            problems.append(SourceError(f"cannot be read ({exc.strerror or exc})", path))
+            continue
+        if size == 0:
+            continue  # reported by match_files
+        try:
+            img = _load_header(path)
+        except SourceError as exc:
+            problems.append(exc)
+            continue
+        shape = _spatial_shape(img.shape, path)
+        if isinstance(shape, SourceError):
+            problems.append(shape)
+            continue
+        if path.lower().endswith(".nii"):
+            header = img.header
+            needed = int(header.get("vox_offset", 0)) + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
+            if size < needed:
+                problems.append(
+                    SourceError(f"truncated file: {size} bytes, its header needs {needed}", path)
+                )
+                continue
+        if reference is None:
+            reference = (key, shape)
+        elif shape != reference[1]:
+            problems.append(
+                SourceError(
+                    f"shape {_fmt(shape)} differs from the {reference[0]} image's {_fmt(reference[1])}", path
+                )
+            )
+    return problems
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _load_header(path: str):
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # nibabel raises many types for non-NIfTI bytes; all mean "not NIfTI"
+        if isinstance(exc, MemoryError):
+            raise
+        raise SourceError(f"not a readable NIfTI file ({type(exc).__name__}: {exc})", path) from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise SourceError(f"not a NIfTI image (nibabel read it as {type(img).__name__})", path)
+    return img
+
+
+def _spatial_shape(shape: tuple[int, ...], path: str) -> tuple[int, int, int] | SourceError:
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) == 4:
+        return SourceError(f"4D image of shape {_fmt(shape)}: expected one 3D volume per file", path)
+    if len(shape) != 3:
+        return SourceError(f"{len(shape)}D image of shape {_fmt(shape)}: expected a 3D volume", path)
+    return tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+
+def _read_into(out: np.ndarray, img, path: str) -> None:
+    """Copy the image data (scaled by scl_slope/inter) into float32 `out`, reading it once."""
+    try:
+        data = np.asanyarray(img.dataobj)
+        if data.ndim == 4:
+            data = data[..., 0]
+        np.copyto(out, data, casting="unsafe")
+    except _READ_ERRORS as exc:
+        raise SourceError(
+            f"cannot read the image data, the file may be truncated or corrupt ({type(exc).__name__}: {exc})",
+            path,
+        ) from None
+    if not np.isfinite(out).all():
+        bad = int(np.count_nonzero(~np.isfinite(out)))
+        raise SourceError(f"image holds {bad} non-finite value(s) (NaN or inf, or beyond float32)", path)
+
+
+def load_nifti_patient(
+    ref: PatientRef, channels: list[str], require_labels: bool
+) -> PatientVolume:
+    """Read one NIfTI patient.
+
+    The brain mask is computed from every modality the patient has, not only the requested
+    channels, so a two-channel model sees the same mask as the four-channel shards were cut with.
+    """
+    for ch in channels:
+        if ch not in ref.files:
+            raise SourceError(f"patient {ref.id} has no {ch} image", ref.meta.get("folder"))
+    if require_labels and "seg" not in ref.files:
+        raise SourceError(f"patient {ref.id} has no segmentation", ref.meta.get("folder"))
+
+    extra = [m for m in CHANNELS if m in ref.files and m not in channels]
+    order = list(channels) + extra
+    images = [_load_header(ref.files[m]) for m in order]
+    shapes = []
+    for m, img in zip(order, images):
+        shape = _spatial_shape(img.shape, ref.files[m])
+        if isinstance(shape, SourceError):
+            raise shape
+        shapes.append(shape)
+    shape = shapes[0]
+    for m, s in zip(order, shapes):
+        if s != shape:
+            raise SourceError(f"shape {_fmt(s)} differs from the {order[0]} image's {_fmt(shape)}", ref.files[m])
+
+    stack = np.empty((len(order), *shape), dtype=np.float32)
+    for i, (m, img) in enumerate(zip(order, images)):
+        _read_into(stack[i], img, ref.files[m])
+    brain = brain_mask(stack)
+    volume = stack[: len(channels)]
+
+    first = images[0]
+    affine = np.asarray(first.affine, dtype=np.float64)
+    spacing = tuple(float(z) for z in first.header.get_zooms()[:3])
+    warnings = geometry_warnings(shape, spacing)
+    for m, img in zip(order[1:], images[1:]):
+        if not np.allclose(img.affine, affine, atol=AFFINE_TOLERANCE):
+            warnings.append(f"the {m} image's affine differs from the {order[0]} image's (used {order[0]}'s)")
+    strip = skull_strip_warning(brain)
+    if strip:
+        warnings.append(strip)
+
+    labels = None
+    if "seg" in ref.files:
+        labels = _read_labels(ref.files["seg"], ref.layout, shape)
+    dtypes = sorted({str(img.get_data_dtype()) for img in images})
+    return PatientVolume(
+        volume=volume,
+        brain=brain,
+        labels=labels,
+        affine=affine,
+        spacing=spacing,  # type: ignore[arg-type]
+        shape=shape,
+        warnings=warnings,
+        source_dtype=",".join(dtypes),
+    )
+
+
+def _read_labels(path: str, layout: str, shape: tuple[int, int, int]) -> np.ndarray:
+    img = _load_header(path)
+    seg_shape = _spatial_shape(img.shape, path)
+    if isinstance(seg_shape, SourceError):
+        raise seg_shape
+    if seg_shape != shape:
+        raise SourceError(f"segmentation shape {_fmt(seg_shape)} differs from the images' {_fmt(shape)}", path)
+    try:
+        # dataobj applies scl_slope/inter when the header sets them (then the values are float and
+        # encode_labels checks they are whole numbers); otherwise it is the stored integer array.
+        seg = np.asanyarray(img.dataobj)
+    except _READ_ERRORS as exc:
+        raise SourceError(
+            f"cannot read the segmentation data, the file may be truncated or corrupt ({type(exc).__name__}: {exc})",
+            path,
+        ) from None
+    if seg.ndim == 4:
+        seg = seg[..., 0]
+    if np.issubdtype(seg.dtype, np.integer) and seg.dtype.itemsize > 1:
+        # np.unique (inside encode_labels) is several times faster on bytes; only narrow when lossless
+        lo, hi = seg.min(), seg.max()
+        if lo >= 0 and hi <= 255:
+            seg = seg.astype(np.uint8)
+    return encode_labels(seg, CONVENTION_OF_LAYOUT[layout], path)
+
+
+def folder_entries(folder: Path) -> dict[str, int]:
+    """File name -> size for the plain files of a folder (one directory listing)."""
+    entries = {}
+    with os.scandir(folder) as it:
+        for entry in it:
+            if entry.is_file():
+                entries[entry.name] = entry.stat().st_size
+    return entries
+
+
+def infer_folder_layout(folder: Path, entries: dict[str, int]) -> tuple[str, str] | None:
+    """(layout, patient id) of a folder whose name is not a BraTS id, from its file names."""
+    stems = [s for s in (nifti_stem(n) for n in entries) if s]
+    for layout in ("brats2023", "brats2020"):
+        sep = SEPARATOR[layout]
+        prefixes = set()
+        for suffix in SUFFIXES[layout]:
+            tail = f"{sep}{suffix}".lower()
+            matches = [s[: -len(tail)] for s in stems if s.lower().endswith(tail)]
+            if len(matches) != 1:
+                break
+            prefixes.add(matches[0])
+        else:
+            if len(prefixes) == 1:
+                return layout, prefixes.pop()
+    return None
+
+
+def patient_from_nifti_folder(folder: Path) -> tuple[PatientRef, list[str]]:
+    """One patient folder of any NIfTI layout, validated at header level; seg optional."""
+    entries = folder_entries(folder)
+    layout = layout_of_folder_name(folder.name)
+    prefix = folder.name
+    if layout is None:
+        inferred = infer_folder_layout(folder, entries)
+        if inferred is None:
+            raise SourceError(
+                "not a BraTS patient folder: expected <id>_{t1,t1ce,t2,flair}.nii[.gz] "
+                "or <id>-{t1n,t1c,t2w,t2f}.nii.gz",
+                folder,
+            )
+        layout, prefix = inferred
+        if layout_of_folder_name(prefix):
+            layout = layout_of_folder_name(prefix) or layout
+    files, problems, notes = match_files(folder, prefix, layout, entries)
+    problems += check_headers(files)
+    if problems:
+        raise problems[0]
+    ref = PatientRef(id=safe_id(prefix), layout=layout, files=files, meta={"folder": str(folder)})
+    return ref, notes
+
+
+_MODALITY_TAIL = re.compile(r"[_-](t1ce|t1|t2|flair|t1n|t1c|t2w|t2f)$", re.IGNORECASE)
+_ALIASES = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair", "label": "seg", "mask": "seg"}
+
+
+def patient_from_nifti_files(files: dict[str, str]) -> PatientRef:
+    """A patient from explicit files (modality or 2023 suffix -> path); layout from the names."""
+    chosen: dict[str, str] = {}
+    for key, path in files.items():
+        name = _ALIASES.get(key.lower(), key.lower())
+        if name not in (*CHANNELS, "seg"):
+            raise SourceError(f"unknown modality {key!r}: expected one of {[*CHANNELS, 'seg']}", path)
+        if name in chosen:
+            raise SourceError(f"{name} given twice", path)
+        p = Path(path)
+        if not p.is_file():
+            raise SourceError("does not exist or is not a file", path)
+        if p.stat().st_size == 0:
+            raise SourceError(f"empty file (0 bytes), expected the {name} image", path)
+        chosen[name] = str(p)
+    if not any(m in chosen for m in CHANNELS):
+        raise SourceError("no image files given (expected some of t1, t1ce, t2, flair)")
+    problems = check_headers(chosen)
+    if problems:
+        raise problems[0]
+    names = [Path(p).name for p in chosen.values()]
+    layout = "brats2020"
+    for candidate in ("brats2023", "brats2021", "brats2020"):
+        pattern = PATIENT_PATTERNS[candidate].pattern.rstrip("$")
+        if any(re.match(pattern, n) for n in names):
+            layout = candidate
+            break
+    first = Path(chosen[next(m for m in CHANNELS if m in chosen)])
+    stem = _MODALITY_TAIL.sub("", nifti_stem(first.name) or first.name)
+    return PatientRef(id=safe_id(stem), layout=layout, files=chosen, meta={"folder": str(first.parent)})
