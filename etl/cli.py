@@ -1,0 +1,297 @@
+"""The `etl` command line: synth, build-shards, verify, inspect.
+
+    etl synth --out data/synth --patients 10
+    etl build-shards --src data/MICCAI_BraTS2020_TrainingData --out shards/ --workers 4
+    etl build-shards --src data/BraTS2021 --out shards-zarr/ --format zarr --folds 5
+    DASK_SCHEDULER_ADDRESS=tcp://10.0.0.5:8786 etl build-shards --src /shared/brats --out /shared/shards
+    etl verify shards/
+    etl inspect https://lab.example.org/shards/
+
+Heavy modules (numpy, torch, dask, zarr) are imported inside the commands, so `--help` is instant.
+Bad input ends with one line naming the file and the problem and a non-zero exit (add `--debug`
+for the traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="etl",
+    help="BraTS MRI -> 2D slice shards (WebDataset or Zarr), in parallel with Dask.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _err_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _csv(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    from shards_spec.errors import ToolError
+
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ToolError(f"--shape must be H,W,D (e.g. 240,240,155), got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ToolError(f"--shape must be three positive integers H,W,D, got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", help="Folder to create the synthetic dataset in."),
+    patients: int = typer.Option(10, "--patients", help="Number of patients."),
+    layout: str = typer.Option("brats2020", "--layout", help="brats2020 | brats2021 | brats2023 | kaggle-h5"),
+    shape: str = typer.Option("240,240,155", "--shape", help="Volume shape H,W,D."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
+) -> None:
+    """Write a synthetic BraTS-like dataset in one of the source layouts.
+
+    \b
+    Example:
+        etl synth --out data/synth --patients 6 --layout brats2021 --shape 48,48,24
+    """
+    import time
+
+    from shards_spec.errors import ToolError
+
+    from .synth import LAYOUTS, synthesize
+
+    if layout not in LAYOUTS:
+        raise ToolError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if patients < 1:
+        raise ToolError(f"--patients must be at least 1, got {patients}")
+    dims = _shape(shape)
+    started = time.time()
+    with _progress() as bar:
+        task = bar.add_task("synthesising", total=patients)
+        written = synthesize(out, patients=patients, layout=layout, shape=dims, seed=seed,
+                             progress=lambda *_a, **_k: bar.advance(task))
+    typer.echo(f"wrote {len(written)} patient(s) in the {layout} layout, shape {dims}, to {out} "
+               f"in {time.time() - started:.1f} s")
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=_err_console(), transient=False)
+
+
+@app.command("build-shards")
+def build_shards(
+    src: Path = typer.Option(..., "--src", help="BraTS source folder (NIfTI layouts or the Kaggle .h5 export)."),
+    out: Path = typer.Option(..., "--out", help="Shard folder to write (new, empty, or a previous build to resume)."),
+    format: str = typer.Option("webdataset", "--format", help="webdataset | zarr"),
+    size: int = typer.Option(128, "--size", help="Slices are resized to size x size."),
+    modalities: str = typer.Option("t1,t1ce,t2,flair", "--modalities", help="Channels to store, in this order."),
+    split: Optional[str] = typer.Option(None, "--split", help="Shares per split, e.g. train=0.8,val=0.2 (default) or train=0.7,val=0.15,test=0.15."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="K cross-validation folds fold0..fold{K-1} instead of --split."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split assignment."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Dask worker processes (default: one per core; 0: no Dask, in this process)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler (or set DASK_SCHEDULER_ADDRESS)."),
+    norm: str = typer.Option("slice", "--norm", help="z-score per slice | volume."),
+    patients_per_shard: int = typer.Option(1, "--patients-per-shard", help="Patients (records) per shard."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="Source layout (default: detected)."),
+    kaggle_channel_order: str = typer.Option("flair,t1,t1ce,t2", "--kaggle-channel-order", help="Channel order of the Kaggle .h5 images."),
+    keep_empty: bool = typer.Option(False, "--keep-empty", help="Keep slices without brain voxels."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Build the readable patients and list the others in the manifest."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a shard folder built with other options."),
+    compress: str = typer.Option("none", "--compress", help="none | gz (WebDataset tars)."),
+) -> None:
+    """Turn a BraTS source folder into slice shards and a manifest.
+
+    One Dask task per output shard (one patient per shard by default). Re-running the same
+    command after a crash keeps the complete shards and builds the rest.
+
+    \b
+    Examples:
+        etl build-shards --src data/MICCAI_BraTS2020_TrainingData --out shards/
+        etl build-shards --src data/BraTS2021 --out shards-zarr/ --format zarr --folds 5 --workers 8
+        etl build-shards --src data/kaggle --out shards/ --size 240 --modalities t1ce,flair --skip-bad
+    """
+    from .build import BuildOptions, build_shards as run_build
+
+    options = BuildOptions(
+        src=src, out=out, format=format, size=size, channels=_csv(modalities) or (), split=split, folds=folds,
+        seed=seed, workers=workers, scheduler=scheduler, norm=norm, patients_per_shard=patients_per_shard,
+        layout=layout, kaggle_channel_order=_csv(kaggle_channel_order) or (), keep_empty=keep_empty,
+        skip_bad=skip_bad, overwrite=overwrite, compression=compress, command=tuple(["etl"] + sys.argv[1:]),
+    )
+    summary = run_build(options, _RichReporter())
+    _print_build_summary(summary)
+
+
+class _RichReporter:
+    """Progress bar and log lines on stderr for `build_shards`."""
+
+    def __init__(self) -> None:
+        self.console = _err_console()
+        self.bar = None
+        self.task = None
+
+    def log(self, message: str) -> None:
+        self.console.print(message, markup=False, highlight=False)
+
+    def start(self, total: int, kept: int) -> None:
+        if kept:
+            self.log(f"keeping {kept} complete shard(s) of {total}")
+        self.bar = _progress()
+        self.bar.start()
+        self.task = self.bar.add_task("shards", total=total, completed=kept)
+
+    def advance(self, result: dict) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _print_build_summary(summary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    content = summary.content
+    console = Console()
+    table = Table(title=f"{summary.out} ({content['format']}, {summary.action})", title_justify="left")
+    for column in ("split", "patients", "shards", "slices", "tumour slices"):
+        table.add_column(column, justify="right" if column != "split" else "left")
+    for name, split in content["splits"].items():
+        table.add_row(name, str(split["records"]), str(split.get("shards", "")), str(split["slices"]),
+                      str(split.get("tumour_slices", "")))
+    console.print(table)
+    total = sum(s["bytes"] for s in content["shards"])
+    slices = sum(s["slices"] for s in content["shards"])
+    console.print(f"{len(content['patients'])} patients, {slices} slices, {len(content['shards'])} shards "
+                  f"({summary.shards_built} built, {summary.shards_kept} kept), {_size(total)}"
+                  + (f", {total / slices / 1024:.1f} KiB/slice" if slices else "")
+                  + f", {summary.seconds:.1f} s", highlight=False)
+    console.print(f"content digest {summary.digest}", highlight=False)
+    if content["skipped"]:
+        console.print(f"skipped {len(content['skipped'])} patient(s): "
+                      + ", ".join(s["patient"] for s in content["skipped"]), highlight=False)
+    if summary.unlabelled:
+        console.print(f"{len(summary.unlabelled)} folder(s) without labels were not used: "
+                      + ", ".join(summary.unlabelled[:10]) + (" ..." if len(summary.unlabelled) > 10 else ""),
+                      highlight=False)
+    if summary.warnings:
+        console.print(f"{len(summary.warnings)} warning(s), e.g. {summary.warnings[0]} (all are in the manifest)",
+                      highlight=False)
+
+
+@app.command()
+def verify(shards: str = typer.Argument(..., help="Shard folder (path or URL).")) -> None:
+    """Check a shard folder against its manifest: checksums, decoding, counts, spec.
+
+    Exits non-zero naming every bad shard.
+
+    \b
+    Example:
+        etl verify shards/
+    """
+    from .verify import VerifyError, verify as run_verify
+
+    with _progress() as bar:
+        from shards_spec.read import ShardStore
+
+        total = len(ShardStore(shards).manifest.content["shards"])
+        task = bar.add_task("verifying", total=total)
+        report = run_verify(shards, progress=lambda _shard: bar.advance(task))
+    if not report.ok:
+        lines = report.problems
+        head = f"{len(report.bad_shards)} bad shard(s): {', '.join(report.bad_shards)}" if report.bad_shards else \
+            f"{len(lines)} problem(s)"
+        raise VerifyError("\n".join([head] + lines), shards)
+    typer.echo(f"ok: {shards}: {report.shards} shards, {report.files} files, {_size(report.bytes)}, "
+               f"{report.records} records, {report.slices} slices ({report.format}); content digest {report.digest}")
+
+
+@app.command()
+def inspect(shards: str = typer.Argument(..., help="Shard folder (path or URL).")) -> None:
+    """Show what a shard folder holds: splits, patients, slices, class balance, provenance.
+
+    \b
+    Example:
+        etl inspect shards/
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from .verify import describe
+
+    info = describe(shards)
+    console = Console()
+    console.print(f"[bold]{info['root']}[/bold]  {info['spec_version']}, {info['format']}, channels "
+                  f"{','.join(info['channels'])}, size {info['preprocessing']['size']}, norm "
+                  f"{info['preprocessing']['norm']}", highlight=False)
+    table = Table(title="splits", title_justify="left")
+    for column in ("split", "patients", "shards", "slices", "tumour slices", "background", "NEC/NET", "ED", "ET",
+                   "bytes/slice"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, split in info["splits"].items():
+        frac = split["voxel_fraction"]
+        per_slice = split["bytes"] / split["slices"] if split["slices"] else 0
+        table.add_row(name, str(split["patients"]), str(split["shards"]), str(split["slices"]),
+                      str(split["tumour_slices"]), *(f"{100 * frac[k]:.3f}%" for k in frac), _size(per_slice))
+    console.print(table)
+    console.print("class balance: voxel fractions on the shard grid; of tumour voxels: " + "; ".join(
+        f"{n} " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["tumour_fraction"].items())
+        for n, s in info["splits"].items()), highlight=False)
+    split = info["split"]
+    how = f"folds {split.get('folds')}" if split.get("method") == "folds" else f"ratios {split.get('ratios')}"
+    console.print(f"split: {split.get('method')}, {how}, seed {split.get('seed')}, stratify {split.get('stratify')}",
+                  highlight=False)
+    pre = info["preprocessing"]
+    console.print("preprocessing: " + ", ".join(f"{k}={pre[k]}" for k in sorted(pre)), highlight=False)
+    console.print(f"source: {info['source']}", highlight=False)
+    console.print(f"total: {info['patients']} patients, {info['shards']} shards, {info['slices']} slices, "
+                  f"{_size(info['bytes'])}, {_size(info['bytes_per_slice'])} per slice", highlight=False)
+    if info["skipped"]:
+        console.print("skipped: " + "; ".join(f"{s['patient']} ({s['problem']})" for s in info["skipped"]),
+                      highlight=False)
+    if info["warnings"]:
+        console.print(f"{info['warnings']} per-patient warning(s) in the manifest", highlight=False)
+    prov = info["provenance"]
+    versions = prov.get("versions") or {}
+    console.print(f"provenance: created {prov.get('created')}, command {prov.get('command')!r}, source "
+                  f"{(prov.get('source') or {}).get('path')} ({(prov.get('source') or {}).get('layout')}), "
+                  + ", ".join(f"{k} {v}" for k, v in versions.items() if v), highlight=False)
+    console.print(f"content digest {info['digest']}", highlight=False)
+
+
+def main() -> None:
+    from shards_spec.errors import run_cli
+
+    run_cli(app)
+
+
+if __name__ == "__main__":
+    main()
