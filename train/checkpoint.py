@@ -102,10 +102,34 @@ def set_rng_state(state: dict[str, Any], augmenter: Any | None = None) -> None:
 # ---------------------------------------------------------------- save / load
 
 
-def save(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write `payload` atomically (temporary file in the same folder, fsync, os.replace)."""
+def check_plain(value: Any, where: str = "checkpoint") -> None:
+    """Refuse anything `torch.load(weights_only=True)` would not load back (a str subclass such
+    as `torch.__version__`, a dataclass, a numpy scalar ...), naming where it sits."""
+    import collections
+
     import torch
 
+    if value is None or type(value) in (str, int, float, bool) or isinstance(value, torch.Tensor):
+        return
+    if type(value) in (dict, collections.OrderedDict):
+        for key, item in value.items():
+            if type(key) not in (str, int):
+                raise TypeError(f"{where}: key {key!r} of type {type(key).__name__} is not a str or int")
+            check_plain(item, f"{where}[{key!r}]")
+        return
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            check_plain(item, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where}: {type(value).__module__}.{type(value).__qualname__} would not load with weights_only=True")
+
+
+def save(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write `payload` atomically (temporary file in the same folder, fsync, os.replace) after
+    checking that every value is a tensor or a plain type (`check_plain`)."""
+    import torch
+
+    check_plain(payload)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

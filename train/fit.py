@@ -465,7 +465,7 @@ def _payload(config: Config, preset: str, model: Any, optimizer: Any, scheduler:
         "best_epoch": int(best_epoch),
         "history": [dict(r) for r in history],
         "epoch_seconds": [float(s) for s in epoch_seconds],
-        "versions": {"torch": torch.__version__},
+        "versions": {"torch": str(torch.__version__)},
     }
 
 

@@ -1,0 +1,255 @@
+"""`train run` end to end on tiny shards (16x16, a few patients, base 4): learning, outputs,
+exact resume, refusals, time budget with a fake clock, signal stop through a hook, bf16 autocast."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from shards_spec.labels import class_voxels
+from shards_spec.manifest import Manifest
+from shards_spec.preprocess import Slices
+from shards_spec.read import ShardStore
+from tests import shard_fixtures
+from train import checkpoint as ckpt
+from train import fit
+from train.config import ConfigError
+
+torch.set_num_threads(1)
+
+SIZE = 16
+HEADER = ("epoch,train_loss,val_loss,mean_dice,dice_NEC/NET,dice_ED,dice_ET,prec_NEC/NET,prec_ED,prec_ET,"
+          "recall_NEC/NET,recall_ED,recall_ET,lr,seconds")
+
+
+def learnable_slices(patient_index: int, n_slices: int, size: int, channels: int, tumour_every: int) -> Slices:
+    """A square lesion per tumour slice whose labels are visible in the channels: ED bright in
+    every channel, ET brighter still, NEC/NET dark (a model can learn this in a few steps)."""
+    rng = np.random.default_rng(patient_index)
+    image = (0.1 * rng.standard_normal((n_slices, channels, size, size)) + 0.5).astype(np.float16)
+    mask = np.zeros((n_slices, size, size), dtype=np.uint8)
+    for s in range(n_slices):
+        if s % tumour_every == 0:
+            r, c = rng.integers(1, size - 8, 2)
+            mask[s, r:r + 7, c:c + 7] = 2
+            mask[s, r + 1:r + 6, c + 1:c + 6] = 3
+            mask[s, r + 2:r + 5, c + 2:c + 5] = 1
+    level = np.array([0.5, 0.5, 2.0, 3.0, -1.0], dtype=np.float32)[mask]  # per label 0..3
+    image = (image + level[:, None]).astype(np.float16)
+    return Slices(image=image, mask=mask, slice_index=list(range(n_slices)),
+                  class_voxels=[class_voxels(m) for m in mask], brain_voxels=[size * size] * n_slices)
+
+
+def build(root, name, patients, splits):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shard_fixtures, "patient_slices", learnable_slices)
+        return shard_fixtures.make_shards(root / name, patients=patients, splits=splits, size=SIZE, tumour_every=1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    return build(root, "a", {"p1": 6, "p2": 6, "p3": 6, "p4": 4}, {"train": ["p1", "p2", "p3"], "val": ["p4"]})
+
+
+@pytest.fixture(scope="module")
+def other_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("other")
+    return build(root, "b", {"p1": 5, "p2": 6, "p3": 6, "p4": 4}, {"train": ["p1", "p2", "p3"], "val": ["p4"]})
+
+
+def options(shards, out, **kw):
+    base = dict(shards=str(shards), variant="v1", out=str(out), epochs=2, batch_size=4, workers=0, base=4,
+                depth=2, lr=0.01, seed=3, report=False)
+    base.update(kw)
+    return base
+
+
+def quiet():
+    from rich.console import Console
+
+    return fit.Hooks(console=Console(quiet=True))
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def test_tiny_run_learns_and_writes_outputs(shards, tmp_path):
+    out = tmp_path / "run"
+    result = fit.run(options(shards, out, epochs=3, batch_size=2), hooks=quiet())
+    assert result.exit_code == 0 and result.epochs_done == 3
+    losses = [r["train_loss"] for r in result.history]
+    assert losses[0] > losses[1] > losses[2] and losses[2] < 0.95 * losses[0], losses
+    assert result.history[2]["mean_dice"] > result.history[0]["mean_dice"] + 0.1
+
+    table = rows(out)
+    assert ",".join(table[0]) == HEADER
+    assert [r[0] for r in table[1:]] == ["1", "2", "3"]
+    assert float(table[3][1]) == pytest.approx(losses[-1])
+
+    record = json.loads((out / "config.json").read_text())
+    digest = ShardStore(shards).manifest.digest
+    assert record["manifest_digest"] == digest
+    assert record["preset"] == "v1"
+    assert record["config"]["model"] == "unet" and record["config"]["channels"] == ["t1ce", "flair"]
+    assert record["config"]["epochs"] == 3 and record["overrides"]["epochs"] == 3
+
+    for name in (ckpt.LAST, ckpt.BEST):
+        payload = torch.load(out / "checkpoints" / name, weights_only=True)  # never unpickled
+        assert payload["format"] == ckpt.FORMAT
+        assert payload["manifest_digest"] == digest
+        assert payload["model"] == {"name": "unet", "kwargs": {"base": 4, "depth": 2, "batch_norm": True},
+                                    "in_channels": 2, "out_channels": 3}
+        assert payload["channels"] == ["t1ce", "flair"] and payload["target"] == "classes"
+        assert payload["preprocessing"]["size"] == SIZE
+        assert set(payload["rng"]) == {"torch", "cuda", "numpy", "python", "augmenter"}
+        for key in ("optimizer", "scheduler", "scaler", "config", "history", "best_mean_dice"):
+            assert key in payload
+    last = torch.load(out / "checkpoints" / ckpt.LAST, weights_only=True)
+    best = torch.load(out / "checkpoints" / ckpt.BEST, weights_only=True)
+    assert last["epoch"] == 3 and last["state"] == "finished"
+    dice = [float(r[3]) for r in table[1:]]
+    assert best["epoch"] == 1 + int(np.nanargmax(dice)) == best["best_epoch"]
+
+    # the weights predict needs rebuild the model from the checkpoint alone
+    from train.models import build_model
+
+    model = build_model(last["model"]["name"], last["model"]["in_channels"], **last["model"]["kwargs"])
+    model.load_state_dict(last["model_state"])
+
+
+def test_two_epochs_equal_one_plus_resume(shards, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    # v2: attention U-Net, four channels, Dice+BCE and augmentation, so the augmenter is covered
+    fit.run(options(shards, straight, variant="v2", epochs=2), hooks=quiet())
+    first = fit.run(options(shards, split, variant="v2", epochs=1), hooks=quiet())
+    assert first.epochs_done == 1
+    resumed = fit.run({"out": str(split), "epochs": 2}, resume=True, hooks=quiet())
+    assert resumed.exit_code == 0 and resumed.epochs_done == 2
+
+    a = torch.load(straight / "checkpoints" / ckpt.LAST, weights_only=True)
+    b = torch.load(split / "checkpoints" / ckpt.LAST, weights_only=True)
+    assert a["model_state"].keys() == b["model_state"].keys()
+    for key in a["model_state"]:
+        assert torch.equal(a["model_state"][key], b["model_state"][key]), key
+    rows_a, rows_b = rows(straight), rows(split)
+    assert len(rows_a) == len(rows_b) == 3
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra[:-1] == rb[:-1]  # every column but `seconds`
+    # the resumed run kept its configuration and recorded the new epoch count
+    assert json.loads((split / "config.json").read_text())["config"]["epochs"] == 2
+
+
+def test_resume_refuses_other_shards_or_options_unless_forced(shards, other_shards, tmp_path):
+    out = tmp_path / "run"
+    fit.run(options(shards, out, epochs=1), hooks=quiet())
+
+    with pytest.raises(ConfigError, match="--shards") as info:
+        fit.run({"out": str(out), "shards": str(other_shards), "epochs": 2}, resume=True, hooks=quiet())
+    assert "--force" in str(info.value)
+    with pytest.raises(ConfigError, match="--lr"):
+        fit.run({"out": str(out), "lr": 0.5, "epochs": 2}, resume=True, hooks=quiet())
+    with pytest.raises(ConfigError, match="--base"):  # the weights would not fit, even with --force
+        fit.run({"out": str(out), "base": 8, "epochs": 2}, resume=True, force=True, hooks=quiet())
+
+    forced = fit.run({"out": str(out), "shards": str(other_shards), "lr": 0.005, "epochs": 2}, resume=True,
+                     force=True, hooks=quiet())
+    assert forced.epochs_done == 2
+    last = torch.load(out / "checkpoints" / ckpt.LAST, weights_only=True)
+    assert last["manifest_digest"] == ShardStore(other_shards).manifest.digest
+    assert last["history"][1]["lr"] == 0.005
+
+    # a new run never overwrites an existing one silently
+    with pytest.raises(ConfigError, match="--out"):
+        fit.run(options(shards, out, epochs=1), hooks=quiet())
+
+
+def test_time_budget_stops_on_an_epoch_checkpoint(shards, tmp_path):
+    now = [1000.0]
+
+    def tick(epoch, step, stop):
+        now[0] += 10.0  # every training step "takes" 10 s of the fake clock
+
+    hooks = fit.Hooks(clock=lambda: now[0], after_step=tick, console=quiet().console)
+    out = tmp_path / "run"
+    # 18 training slices / batch 4 -> 5 steps = 50 s an epoch; the next one is projected at
+    # 50 * 1.05 + 5 = 57.5 s, so a 130 s budget runs 2 epochs (100 s) and refuses the third.
+    result = fit.run(options(shards, out, epochs=5, time_budget="130s"), hooks=hooks)
+    assert result.exit_code == 0 and result.epochs_done == 2
+    assert "time budget" in result.message and "--resume" in result.message
+    last = torch.load(out / "checkpoints" / ckpt.LAST, weights_only=True)
+    assert last["epoch"] == 2 and last["state"] == "running"
+    assert len(rows(out)) == 3
+
+    resumed = fit.run({"out": str(out), "time_budget": "10h"}, resume=True, hooks=hooks)
+    assert resumed.epochs_done == 5
+    assert torch.load(out / "checkpoints" / ckpt.LAST, weights_only=True)["state"] == "finished"
+
+
+def test_sigterm_stops_at_once_and_keeps_the_last_epoch(shards, tmp_path):
+    def deliver(epoch, step, stop):
+        if epoch == 1 and step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real handler path, at a known step
+
+    out = tmp_path / "run"
+    previous = signal.getsignal(signal.SIGTERM)
+    hooks = fit.Hooks(after_step=deliver, console=quiet().console)
+    result = fit.run(options(shards, out, epochs=4), hooks=hooks)
+    assert result.exit_code == 143
+    assert "partial epoch is lost" in result.message and "epoch 2" in result.message
+    assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored
+    last = torch.load(out / "checkpoints" / ckpt.LAST, weights_only=True)
+    assert last["epoch"] == 1
+    assert len(rows(out)) == 2
+
+    resumed = fit.run({"out": str(out), "epochs": 2}, resume=True, hooks=quiet())
+    assert resumed.exit_code == 0 and resumed.epochs_done == 2
+
+
+def test_bf16_autocast_on_cpu_and_regions_on_folds(tmp_path):
+    shards = build(tmp_path, "folds", {"p1": 4, "p2": 4, "p3": 4},
+                   {"fold0": ["p1"], "fold1": ["p2"], "fold2": ["p3"]})
+    seen = []
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    out = tmp_path / "run"
+    original = torch.autocast
+
+    def spy(*args, **kw):
+        seen.append((args, kw.get("dtype"), kw.get("enabled")))
+        return original(*args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "autocast", spy)
+        result = fit.run(options(shards, out, epochs=1, amp_dtype="bfloat16", val_split="fold0", target="regions"),
+                         hooks=fit.Hooks(console=console))
+    assert result.exit_code == 0
+    assert seen and all(dtype == torch.bfloat16 and enabled for _, dtype, enabled in seen)
+    assert np.isfinite(result.history[0]["train_loss"])
+    text = console.export_text()
+    assert "autocast bfloat16" in text and "train on fold1+fold2" in text
+    assert rows(out)[0][4:7] == ["dice_WT", "dice_TC", "dice_ET"]
+    assert torch.load(out / "checkpoints" / ckpt.LAST, weights_only=True)["target"] == "regions"
+
+
+def test_resume_with_nothing_left_and_manifest_checks(shards, tmp_path):
+    out = tmp_path / "run"
+    fit.run(options(shards, out, epochs=1), hooks=quiet())
+    again = fit.run({"out": str(out)}, resume=True, hooks=quiet())
+    assert again.exit_code == 0 and "already trained 1" in again.message
+    with pytest.raises(ConfigError, match="--epochs"):
+        fit.run({"out": str(out), "epochs": 0}, resume=True, hooks=quiet())
+    with pytest.raises(ConfigError, match="--val-split"):
+        fit.run(options(shards, tmp_path / "x", val_split="fold3"), hooks=quiet())
+    with pytest.raises(ConfigError, match="--resume"):
+        fit.run({"out": str(tmp_path / "nothing")}, resume=True, hooks=quiet())
+    assert isinstance(ShardStore(shards).manifest, Manifest)
