@@ -121,6 +121,7 @@ class ShardStore:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.storage_options = dict(storage_options or {})
         self._fs = None
+        self._fs_pid = 0
         self._base = self.root.rstrip("/") if is_url(self.root) else None
         name = self.location(MANIFEST_NAME)
         try:
@@ -148,10 +149,13 @@ class ShardStore:
         return str(Path(self.root) / rel_path)
 
     def _filesystem(self):
-        if self._fs is None:
+        # A forked loader worker inherits this object without pickling, and fsspec's async
+        # filesystems are not fork-safe: each process opens its own.
+        if self._fs is None or self._fs_pid != os.getpid():
             from fsspec.core import url_to_fs
 
-            self._fs, self._fs_root = url_to_fs(self._base, **self.storage_options)
+            self._fs, self._fs_root = url_to_fs(self._base, skip_instance_cache=True, **self.storage_options)
+            self._fs_pid = os.getpid()
         return self._fs
 
     def _open_raw(self, rel_path: str) -> BinaryIO:

@@ -8,7 +8,14 @@ tumour when `s % tumour_every == 0`: labels 1, 2, 3 at row 0, columns 0..2, ever
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -118,3 +125,46 @@ def make_shards(
     validate_content(content)
     (root / MANIFEST_NAME).write_bytes(to_bytes(content, {"command": "tests.shard_fixtures.make_shards"}))
     return root
+
+
+class RangeHandler(SimpleHTTPRequestHandler):
+    """http.server plus single-range `Range: bytes=a-b` requests (206), as object stores answer."""
+
+    ranges: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def send_head(self):
+        header = self.headers.get("Range")
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", header or "")
+        path = Path(self.translate_path(self.path))
+        if not match or not path.is_file():
+            return super().send_head()
+        data = path.read_bytes()
+        start = int(match.group(1))
+        end = min(int(match.group(2)) if match.group(2) else len(data) - 1, len(data) - 1)
+        if start >= len(data):
+            self.send_error(416)
+            return None
+        type(self).ranges.append(header)
+        body = data[start:end + 1]
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
+
+
+@contextlib.contextmanager
+def serve_range_http(directory: Path) -> Iterator[str]:
+    """Serve `directory` on 127.0.0.1 (a free port) with Range support; yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

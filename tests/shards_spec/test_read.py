@@ -1,9 +1,6 @@
 import hashlib
 import json
 import re
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +9,7 @@ import pytest
 from shards_spec.errors import SpecError
 from shards_spec.manifest import MANIFEST_NAME
 from shards_spec.read import ShardStore
-from tests.shard_fixtures import make_shards, sample_code
+from tests.shard_fixtures import make_shards, sample_code, serve_range_http
 
 FORMATS = ["webdataset", "zarr"]
 
@@ -168,45 +165,10 @@ def test_file_url_reads_like_the_path(tmp_path):
     assert np.array_equal(by_url["p1"].image, _records(ShardStore(root))["p1"].image)
 
 
-class RangeHandler(SimpleHTTPRequestHandler):
-    """http.server plus single-range `Range: bytes=a-b` requests (206), as object stores answer."""
-
-    ranges: list = []
-
-    def log_message(self, *args):
-        pass
-
-    def send_head(self):
-        header = self.headers.get("Range")
-        match = re.fullmatch(r"bytes=(\d+)-(\d*)", header or "")
-        path = Path(self.translate_path(self.path))
-        if not match or not path.is_file():
-            return super().send_head()
-        data = path.read_bytes()
-        start = int(match.group(1))
-        end = min(int(match.group(2)) if match.group(2) else len(data) - 1, len(data) - 1)
-        if start >= len(data):
-            self.send_error(416)
-            return None
-        type(self).ranges.append(header)
-        body = data[start:end + 1]
-        self.send_response(206)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        import io
-        return io.BytesIO(body)
-
-
 @pytest.fixture
 def http_root(tmp_path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(tmp_path)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_range_http(tmp_path) as url:
+        yield url
 
 
 def test_range_server_answers_ranges(http_root, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shards_spec.errors import SpecError
-from tests.shard_fixtures import decode_code, make_shards, sample_code
+from tests.shard_fixtures import decode_code, make_shards, sample_code, serve_range_http
 from train.data import ShardDataset, iter_patients
 
 UNEVEN = {"a": 3, "b": 5, "c": 4, "d": 6, "e": 2, "f": 7, "g": 1}
@@ -196,3 +196,19 @@ def test_iter_patients_gives_whole_patients_in_manifest_order(tmp_path):
     assert b.slice_index == [10, 11, 12] and b.mask.shape == (3, 16, 16) and b.info["source_shape"] == [16, 16, 64]
     shares = [[p.patient for p in iter_patients(root, ["train", "val"], rank=r, world_size=2)] for r in range(2)]
     assert shares == [["a", "c"], ["b"]]
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+def test_http_with_loader_workers_gives_the_local_samples(tmp_path, fmt):
+    patients = {"a": 3, "b": 2, "c": 4}
+    root = make_shards(tmp_path, fmt, patients=patients)
+    local = ShardDataset(root, "train", shuffle_buffer=4, seed=2)
+    with serve_range_http(tmp_path) as url:
+        remote = ShardDataset(f"{url}/{root.name}", "train", shuffle_buffer=4, seed=2, cache_dir=tmp_path / "cache")
+        loader = torch.utils.data.DataLoader(remote, batch_size=3, num_workers=2 if fmt == "zarr" else 0)
+        got = [(decode_code(i), m) for images, masks in loader for i, m in zip(images, masks)]
+    expected = [(decode_code(i), m) for i, m in local]
+    assert sorted(c for c, _ in got) == _all_codes(patients)
+    if fmt == "webdataset":  # same process, same plan: the same order and values
+        assert [c for c, _ in got] == [c for c, _ in expected]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected))
