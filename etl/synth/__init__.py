@@ -51,12 +51,15 @@ clinical CSV values from ``[seed, i, 1]``), so it is the same whatever ``patient
 whichever layout is asked for; the same arguments give byte-identical files on the same
 machine (numpy's float kernels may differ in the last bit between CPU families).
 
-Speed (measured on this project's 2-core development machine, nothing else running):
-rendering a 240x240x155 patient takes about 0.9-1.2 s (``render`` in
-``python -c "from etl.synth.anatomy import *; import numpy as np, time; p =
-draw_patient(np.random.default_rng([0, 0])); t = time.time(); render(p, (240, 240, 155));
-print(time.time() - t)"``); writing adds ~0.1 s for .nii and ~1 s for .nii.gz (gzip level 6),
-and a few seconds for the 155 .h5 files of the Kaggle layout.
+Speed, measured on this project's 2-core development machine (``OMP_NUM_THREADS=1``, 5 patients,
+seed 0): rendering one 240x240x155 patient takes 0.8-1.1 s when the machine is otherwise idle
+and 1.1-2 s while other jobs share it (median 1.3 s at load 3); writing adds ~0.3 s for the
+uncompressed .nii files, ~0.6 s for .nii.gz (gzip level 1) and a few seconds for the 155 .h5
+files of the Kaggle layout.  Command::
+
+    python -c "import time, numpy as np; from etl.synth.anatomy import draw_patient, render;
+    p = draw_patient(np.random.default_rng([0, 0])); t = time.perf_counter();
+    render(p, (240, 240, 155)); print(time.perf_counter() - t)"
 
 Public sources for the naming conventions (read, not copied):
 

@@ -43,14 +43,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from etl.synth.fields import blur3, cosine_profile, resample_axis, smooth_field, thick_slices
+from etl.synth.fields import blur3, box_around, cosine_profile, inner_box, open_grid, outer_box, smooth_field, thick_slices, tight_box
+from etl.synth.tissue import CHOROID, CSF, DGM, GM, N_CLASSES, VESSEL, WM, WMH
+from etl.synth.tumour import Lesion, displacement, draw_lesion, paint_lesion
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 REF_SHAPE = (240, 240, 155)
 
-# Tissue classes of the phantom (internal; the segmentation only knows the tumour labels).
-BG, WM, GM, DGM, CSF, CHOROID, VESSEL, ET, NECROSIS, SOLID, WMH = range(11)
-N_CLASSES = 11
 
 # Relative signal per class and modality (WM on T1 = 1); each modality is rescaled separately.
 # Order: BG, WM, GM, DGM, CSF, CHOROID, VESSEL, ET, NECROSIS, SOLID (non-enhancing tumour), WMH.
@@ -73,22 +72,6 @@ SITE_SCALE = {
     "t2": (260.0, 420.0, 600.0, 820.0),
     "flair": (330.0, 480.0, 700.0, 950.0),
 }
-
-
-@dataclass(frozen=True)
-class Lesion:
-    centre: tuple[float, float, float]  # template mm
-    radius: float  # whole-tumour (edema envelope) radius, template mm
-    axes: tuple[float, float, float]  # relative semi-axes of the envelope
-    rotation: tuple[tuple[float, float, float], ...]  # 3x3 orthonormal
-    core_ratio: float  # core radius / envelope radius
-    core_offset: tuple[float, float, float]  # core centre relative to envelope centre, mm
-    enhancing: bool
-    necrosis_ratio: float  # enhancing: necrotic centre, in core radii (0 = solid)
-    rim_patchiness: float  # enhancing: fraction of the rim that does not enhance
-    cyst_ratio: float  # non-enhancing: fluid cyst, in core radii (0 = none)
-    roughness: float  # amplitude of the shape noise
-    mass_effect: float  # peak displacement of neighbouring structures, mm
 
 
 @dataclass(frozen=True)
@@ -128,45 +111,6 @@ class PatientParams:
     field_seed: int
 
 
-def _random_rotation(rng: np.random.Generator) -> tuple[tuple[float, float, float], ...]:
-    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-    q = q * np.sign(np.diag(r))
-    return tuple(tuple(float(v) for v in row) for row in q)
-
-
-def _draw_lesion(rng, grade, centre, axes, scale_range) -> Lesion:
-    a = np.asarray(axes)
-    c = np.asarray(centre)
-    radius = float(np.exp(rng.uniform(np.log(scale_range[0]), np.log(scale_range[1]))))
-    for _ in range(100):
-        side = rng.choice((-1.0, 1.0))
-        p = np.array([side * rng.uniform(0.12, 0.6), rng.uniform(-0.62, 0.6), rng.uniform(-0.3, 0.55)])
-        if np.linalg.norm(p) + 0.6 * radius / a.min() < 0.95:
-            break
-        radius *= 0.97
-    if grade == "HGG":
-        enhancing = rng.uniform() < 0.97
-        core_ratio = rng.uniform(0.38, 0.75)
-    else:
-        enhancing = rng.uniform() < 0.25
-        core_ratio = rng.uniform(0.5, 0.9)
-    necrosis = 0.0 if rng.uniform() < 0.15 else rng.uniform(0.3, 0.8)
-    return Lesion(
-        centre=tuple(float(v) for v in c + p * a),
-        radius=radius,
-        axes=tuple(float(v) for v in np.exp(rng.normal(0.0, 0.18, 3))),
-        rotation=_random_rotation(rng),
-        core_ratio=float(core_ratio),
-        core_offset=tuple(float(v) for v in rng.normal(0.0, 0.12 * radius, 3)),
-        enhancing=bool(enhancing),
-        necrosis_ratio=float(necrosis) if enhancing else 0.0,
-        rim_patchiness=float(rng.uniform(0.0, 0.3)) if enhancing else 0.0,
-        cyst_ratio=0.0 if enhancing or rng.uniform() < 0.6 else float(rng.uniform(0.3, 0.7)),
-        roughness=float(rng.uniform(0.18, 0.35)),
-        mass_effect=float(rng.uniform(0.0, 0.35) * radius),
-    )
-
-
 def _draw_modality(rng, name: str, site: int) -> ModalityParams:
     base = np.asarray(BASE_CONTRAST[name])
     jitter = np.exp(rng.normal(0.0, 0.06, N_CLASSES))
@@ -195,9 +139,9 @@ def draw_patient(rng: np.random.Generator) -> PatientParams:
     centre = (120.0 + rng.normal(0, 2.5), 122.0 + rng.normal(0, 3.5), 78.0 + rng.normal(0, 3.0))
     axes = (rng.uniform(63.0, 72.0), rng.uniform(80.0, 90.0), rng.uniform(58.0, 65.0))
     n_lesions = 2 if rng.uniform() < 0.15 else 1
-    lesions = [_draw_lesion(rng, grade, centre, axes, (14.0, 38.0))]
+    lesions = [draw_lesion(rng, grade, centre, axes, (14.0, 38.0))]
     for _ in range(n_lesions - 1):
-        lesions.append(_draw_lesion(rng, grade, centre, axes, (8.0, 20.0)))
+        lesions.append(draw_lesion(rng, grade, centre, axes, (8.0, 20.0)))
     n_wmh = int(rng.integers(0, 5))
     wmh = []
     for _ in range(n_wmh):
@@ -211,8 +155,8 @@ def draw_patient(rng: np.random.Generator) -> PatientParams:
         taper=float(rng.uniform(0.04, 0.1)),
         boundary_roughness=float(rng.uniform(0.025, 0.05)),
         cortex_mm=float(rng.uniform(2.3, 3.2)),
-        gyral_depth_mm=float(rng.uniform(9.0, 14.0)),
-        fold_corr_mm=float(rng.uniform(5.0, 7.5)),
+        gyral_depth_mm=float(rng.uniform(12.0, 19.0)),
+        fold_corr_mm=float(rng.uniform(6.0, 9.0)),
         sulcal_width=float(rng.uniform(0.07, 0.2)),
         ventricle_scale=float(rng.uniform(0.75, 1.45)),
         periventricular_caps=0.0 if rng.uniform() < 0.5 else float(rng.uniform(0.1, 0.3)),
@@ -234,30 +178,6 @@ class Rendered:
     tissue: np.ndarray  # uint8 (H, W, D) phantom tissue classes (BG, WM, ... WMH), for tests
 
 
-def _box(lo_mm, hi_mm, spacing, shape) -> tuple[slice, ...]:
-    out = []
-    for lo, hi, sp, n in zip(lo_mm, hi_mm, spacing, shape):
-        a = max(int(math.floor(lo / sp)), 0)
-        b = min(int(math.ceil(hi / sp)) + 1, n)
-        out.append(slice(a, max(a, b)))
-    return tuple(out)
-
-
-def _sub(box: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
-    """``inner`` (full-grid slices) relative to ``box`` (full-grid slices), clipped to it."""
-    out = []
-    for b, i in zip(box, inner):
-        a = min(max(i.start, b.start), b.stop) - b.start
-        e = min(max(i.stop, b.start), b.stop) - b.start
-        out.append(slice(a, max(a, e)))
-    return tuple(out)
-
-
-def _grid(coords, box):
-    """Open (broadcastable) coordinate arrays, float32, for a box of the crop."""
-    return [c[s].astype(np.float32).reshape([-1 if k == i else 1 for k in range(3)]) for i, (c, s) in enumerate(zip(coords, box))]
-
-
 def render(params: PatientParams, shape: tuple[int, int, int]) -> Rendered:
     """Render ``params`` on a grid of ``shape`` covering the 240x240x155 mm template."""
     rng = np.random.default_rng(params.field_seed)
@@ -270,9 +190,9 @@ def render(params: PatientParams, shape: tuple[int, int, int]) -> Rendered:
 
     # 1. Brain mask and depth below its surface, on a loose box around the ellipsoid (the
     #    boundary noise is clipped so the brain cannot leave it).
-    loose = _box(c - 1.22 * a, c + 1.22 * a, spacing, shape)
+    loose = box_around(c - 1.22 * a, c + 1.22 * a, spacing, shape)
     lshape = tuple(s.stop - s.start for s in loose)
-    x, y, z = _grid(coords, loose)
+    x, y, z = open_grid(coords, loose)
     dx, dy, dz = x - c[0], y - c[1], z - c[2]
     f_low = np.clip(smooth_field(rng, lshape, 30.0, spacing), -3.0, 3.0)
     ax0 = a[0] * (1.0 - params.taper * (dy / a[1]))  # narrower at the front (low axis-1 index)
@@ -282,7 +202,7 @@ def render(params: PatientParams, shape: tuple[int, int, int]) -> Rendered:
     brain = r < 1.0
     # Everything else is computed on the brain's bounding box (one voxel of margin), then
     # pasted into zeros: about half the voxels of the field of view.
-    tight = _bbox(brain, margin=1)
+    tight = tight_box(brain, margin=1)
     crop = tuple(slice(lo.start + t.start, lo.start + t.stop) for lo, t in zip(loose, tight))
     cshape = tuple(s.stop - s.start for s in crop)
     brain = np.ascontiguousarray(brain[tight])
@@ -308,8 +228,8 @@ def render(params: PatientParams, shape: tuple[int, int, int]) -> Rendered:
     np.putmask(tissue, vessels, VESSEL)
     del vessels
     for centre, radius in params.wmh:
-        box = _sub(crop, _box(np.asarray(centre) - 2 * radius, np.asarray(centre) + 2 * radius, spacing, shape))
-        bx, by, bz = _grid(coords, _abs(crop, box))
+        box = inner_box(crop, box_around(np.asarray(centre) - 2 * radius, np.asarray(centre) + 2 * radius, spacing, shape))
+        bx, by, bz = open_grid(coords, outer_box(crop, box))
         e = ((bx - centre[0]) ** 2 + (by - centre[1]) ** 2 + (bz - centre[2]) ** 2) / radius**2 + 0.3 * fold[box]
         t = tissue[box]
         t[(e < 1.0) & (t == WM)] = WMH
@@ -317,7 +237,7 @@ def render(params: PatientParams, shape: tuple[int, int, int]) -> Rendered:
     # 3. Tumour.
     seg = np.zeros(cshape, dtype=np.uint8)
     edema_maps = [
-        _lesion(lesion, rng, tissue, seg, brain, coords, crop, spacing, shape) for lesion in params.lesions
+        paint_lesion(lesion, rng, tissue, seg, brain, coords, crop, spacing, shape) for lesion in params.lesions
     ]
     del depth, fold
 
@@ -377,23 +297,6 @@ def render(params: PatientParams, shape: tuple[int, int, int]) -> Rendered:
     return Rendered(images=images, seg=seg_full, brain=brain_full, tissue=tissue_full)
 
 
-def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
-    """Bounding box of a non-empty mask, widened by ``margin`` voxels and clipped."""
-    out = []
-    for axis in range(mask.ndim):
-        other = tuple(k for k in range(mask.ndim) if k != axis)
-        hit = np.nonzero(mask.any(axis=other))[0]
-        if len(hit) == 0:
-            raise ValueError("the brain mask is empty: grid too small")
-        out.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(out)
-
-
-def _abs(crop: tuple[slice, ...], box: tuple[slice, ...]) -> tuple[slice, ...]:
-    """A crop-relative box back in full-grid indices."""
-    return tuple(slice(c.start + b.start, c.start + b.stop) for c, b in zip(crop, box))
-
-
 def _fissure(params, tissue, brain, depth, coords, crop, spacing, cortex):
     """Interhemispheric fissure: a CSF sheet at the midline, lined by grey matter."""
     c = params.brain_centre
@@ -401,8 +304,8 @@ def _fissure(params, tissue, brain, depth, coords, crop, spacing, cortex):
     half = max(1.0, 0.5 * spacing[0])
     reach = half + cortex + 2.0 + spacing[0]
     big = 1e9
-    box = _sub(crop, _box((c[0] - reach, -big, -big), (c[0] + reach, big, big), spacing, [len(v) for v in coords]))
-    fx, fy, fz = _grid(coords, _abs(crop, box))
+    box = inner_box(crop, box_around((c[0] - reach, -big, -big), (c[0] + reach, big, big), spacing, [len(v) for v in coords]))
+    fx, fy, fz = open_grid(coords, outer_box(crop, box))
     v = (fy - c[1]) / a[1]
     w = (fz - c[2]) / a[2]
     wobble = 2.0 * np.sin(3.0 * v + 40.0 * params.taper)  # the falx is not a perfect plane
@@ -414,21 +317,6 @@ def _fissure(params, tissue, brain, depth, coords, crop, spacing, cortex):
     t[region & (dist < half)] = CSF
 
 
-def _displacement(params, X, Y, Z):
-    """Coordinates pulled towards each lesion: sampling a structure there pushes it away."""
-    for lesion in params.lesions:
-        if lesion.mass_effect <= 0:
-            continue
-        lx, ly, lz = lesion.centre
-        ddx, ddy, ddz = X - lx, Y - ly, Z - lz
-        d2 = ddx * ddx + ddy * ddy + ddz * ddz
-        s = np.float32(lesion.radius)
-        # peak displacement ``mass_effect`` mm at distance ``radius`` from the centre
-        k = np.float32(lesion.mass_effect / lesion.radius) * np.exp(0.5 - d2 / (2.0 * s * s))
-        X, Y, Z = X - k * ddx, Y - k * ddy, Z - k * ddz
-    return X, Y, Z
-
-
 def _central_structures(params, tissue, brain, f_low, fold, coords, crop, spacing):
     """Deep grey nuclei, lateral and third ventricles, choroid plexus, periventricular caps."""
     c = params.brain_centre
@@ -438,9 +326,9 @@ def _central_structures(params, tissue, brain, f_low, fold, coords, crop, spacin
     m = 15.0  # room for the mass effect
     lo = (c[0] - 0.5 * a[0] - m, c[1] - 0.65 * a[1] - m, c[2] - 0.55 * a[2] - m)
     hi = (c[0] + 0.5 * a[0] + m, c[1] + 0.65 * a[1] + m, c[2] + 0.6 * a[2] + m)
-    box = _sub(crop, _box(lo, hi, spacing, grid_shape))
-    gx, gy, gz = _grid(coords, _abs(crop, box))
-    X, Y, Z = _displacement(params, *np.broadcast_arrays(gx, gy, gz))
+    box = inner_box(crop, box_around(lo, hi, spacing, grid_shape))
+    gx, gy, gz = open_grid(coords, outer_box(crop, box))
+    X, Y, Z = displacement(params, *np.broadcast_arrays(gx, gy, gz))
     t = tissue[box]
     inside = brain[box]
     noise = 0.2 * f_low[box]
@@ -472,84 +360,3 @@ def _central_structures(params, tissue, brain, f_low, fold, coords, crop, spacin
     t[vent & inside & (((Y - c[1]) / a[1]) > 0.2) & (fold[box] > 0.9)] = CHOROID
 
 
-def _lesion(lesion, rng, tissue, seg, brain, coords, crop, spacing, shape):
-    """Paint one lesion into ``tissue`` and ``seg``; return (box, edema blend weight).
-
-    Fields, all in the lesion's rotated frame: ``e_field`` (< 1 inside the edema envelope) and
-    ``c_field`` (< 1 inside the tumour core), each a normalised ellipsoidal radius plus smooth
-    noise.  Labels nest by construction: the core is inside a margin-widened envelope, the
-    enhancing rim surrounds the necrotic centre.
-    """
-    centre = np.asarray(lesion.centre)
-    R = lesion.radius
-    axes = np.asarray(lesion.axes)
-    clip = 1.6
-    reach = (1.12 + clip * lesion.roughness) * R * axes.max() + 2.0 * max(spacing)
-    box = _sub(crop, _box(centre - reach, centre + reach, spacing, shape))
-    bshape = tuple(s.stop - s.start for s in box)
-    gx, gy, gz = _grid(coords, _abs(crop, box))
-    rot = np.asarray(lesion.rotation, dtype=np.float32)
-    d = (gx - centre[0], gy - centre[1], gz - centre[2])
-    q = [rot[0, i] * d[0] + rot[1, i] * d[1] + rot[2, i] * d[2] for i in range(3)]  # R^T d
-    n_env = np.clip(smooth_field(rng, bshape, 0.35 * R, spacing), -clip, clip)
-    n_core = np.clip(smooth_field(rng, bshape, 0.25 * R, spacing), -clip, clip)
-    n_in = smooth_field(rng, bshape, 0.2 * R, spacing)
-    t = tissue[box]
-    s = seg[box]
-    inside = brain[box]
-
-    e_field = np.sqrt(sum((qi / np.float32(R * ai)) ** 2 for qi, ai in zip(q, axes)))
-    e_field += np.float32(lesion.roughness) * n_env
-    e_field -= np.float32(0.12) * (t == WM)  # vasogenic edema spreads along white matter ...
-    e_field += np.float32(0.3) * ((t == GM) | (t == DGM))  # ... and mostly spares grey matter
-    rc = R * lesion.core_ratio
-    off = lesion.core_offset
-    c_field = np.sqrt(sum(((qi - oi) / np.float32(rc * ai)) ** 2 for qi, oi, ai in zip(q, off, axes)))
-    c_field += np.float32(0.8 * lesion.roughness) * n_core
-
-    fluid = (t == CSF) | (t == CHOROID)
-    core = (c_field < 1.0) & inside
-    margin = max(2.0, max(spacing)) / (rc * axes.min())  # edema at least ~2 mm around the core
-    envelope = (c_field < 1.0 + margin) & inside
-    edema = (((e_field < 1.0) & ~fluid) | envelope) & inside
-    inner = c_field + np.float32(0.15) * n_in
-    if lesion.enhancing:
-        necrosis = core & (inner < lesion.necrosis_ratio)
-        rim = core & ~necrosis
-        thr = _normal_quantile(1.0 - lesion.rim_patchiness) if lesion.rim_patchiness > 0 else np.inf
-        solid = rim & (n_in > thr)  # non-enhancing patches of the rim (label NCR/NET)
-        et = rim & ~solid
-    else:
-        et = np.zeros_like(core)
-        necrosis = core & (inner < lesion.cyst_ratio)  # a fluid cyst, if any
-        solid = core & ~necrosis
-
-    s[edema & (s == 0)] = 2
-    s[necrosis | solid] = 1
-    s[et] = 4
-    t[necrosis] = NECROSIS
-    t[solid] = SOLID
-    t[et] = ET
-    # Edema appearance: strongest near the core, fading towards the labelled border
-    # (e_field = 1) and continuing faintly just beyond it, where annotators stopped.
-    weight = np.clip((np.float32(1.12) - e_field) / np.float32(0.4), 0.0, 1.0)
-    np.maximum(weight, np.float32(0.55) * envelope, out=weight)
-    weight[core | fluid | ~inside] = 0.0
-    return box, weight
-
-
-def _normal_quantile(p: float) -> float:
-    """Inverse standard normal CDF (Acklam's rational approximation, |error| < 1e-8)."""
-    p = min(max(p, 1e-12), 1 - 1e-12)
-    a = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02, 1.383577518672690e02, -3.066479806614716e01, 2.506628277459239e00)
-    b = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02, 6.680131188771972e01, -1.328068155288572e01)
-    cc = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00, -2.549732539343734e00, 4.374664141464968e00, 2.938163982698783e00)
-    d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00)
-    if p < 0.02425:
-        qq = math.sqrt(-2 * math.log(p))
-        return (((((cc[0] * qq + cc[1]) * qq + cc[2]) * qq + cc[3]) * qq + cc[4]) * qq + cc[5]) / ((((d[0] * qq + d[1]) * qq + d[2]) * qq + d[3]) * qq + 1)
-    if p > 1 - 0.02425:
-        return -_normal_quantile(1 - p)
-    qq = p - 0.5
-    rr = qq * qq
-    return (((((a[0] * rr + a[1]) * rr + a[2]) * rr + a[3]) * rr + a[4]) * rr + a[5]) * qq / (((((b[0] * rr + b[1]) * rr + b[2]) * rr + b[3]) * rr + b[4]) * rr + 1)

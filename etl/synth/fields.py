@@ -132,3 +132,47 @@ def cosine_profile(rng: np.random.Generator, n: int, terms: int = 2) -> np.ndarr
         amp = rng.normal(0.0, 1.0 / k)
         out += amp * np.cos(math.pi * k * t + rng.uniform(0, 2 * math.pi))
     return out.astype(np.float32)
+
+
+# ------------------------------------------------------------------- boxes on the voxel grid
+
+
+def box_around(lo_mm, hi_mm, spacing, shape) -> tuple[slice, ...]:
+    out = []
+    for lo, hi, sp, n in zip(lo_mm, hi_mm, spacing, shape):
+        a = max(int(math.floor(lo / sp)), 0)
+        b = min(int(math.ceil(hi / sp)) + 1, n)
+        out.append(slice(a, max(a, b)))
+    return tuple(out)
+
+
+def inner_box(box: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
+    """``inner`` (full-grid slices) relative to ``box`` (full-grid slices), clipped to it."""
+    out = []
+    for b, i in zip(box, inner):
+        a = min(max(i.start, b.start), b.stop) - b.start
+        e = min(max(i.stop, b.start), b.stop) - b.start
+        out.append(slice(a, max(a, e)))
+    return tuple(out)
+
+
+def open_grid(coords, box):
+    """Open (broadcastable) coordinate arrays, float32, for a box of the crop."""
+    return [c[s].astype(np.float32).reshape([-1 if k == i else 1 for k in range(3)]) for i, (c, s) in enumerate(zip(coords, box))]
+
+
+def tight_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """Bounding box of a non-empty mask, widened by ``margin`` voxels and clipped."""
+    out = []
+    for axis in range(mask.ndim):
+        other = tuple(k for k in range(mask.ndim) if k != axis)
+        hit = np.nonzero(mask.any(axis=other))[0]
+        if len(hit) == 0:
+            raise ValueError("the brain mask is empty: grid too small")
+        out.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(out)
+
+
+def outer_box(crop: tuple[slice, ...], box: tuple[slice, ...]) -> tuple[slice, ...]:
+    """A crop-relative box back in full-grid indices."""
+    return tuple(slice(c.start + b.start, c.start + b.stop) for c, b in zip(crop, box))

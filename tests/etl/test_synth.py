@@ -13,7 +13,8 @@ import pytest
 
 from etl.synth import LAYOUTS, synthesize
 from etl.synth import anatomy, layouts
-from etl.synth.anatomy import CSF, MODALITIES, WM, draw_patient, render
+from etl.synth.anatomy import MODALITIES, draw_patient, render
+from etl.synth.tissue import CSF, WM
 
 SHAPE = (48, 48, 24)
 N = 3
