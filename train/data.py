@@ -323,7 +323,7 @@ class ShardDataset(IterableDataset):
                     mask = record.mask[s].copy()
                     for _ in range(self.oversample_tumour if mask.any() else 1):
                         yield image, mask
-            del records
+            records = record = None  # free this shard before decoding the next (the memory bound counts one)
 
     def _decode(self, i: int) -> list | None:
         shard = self.shards[i]

@@ -193,3 +193,24 @@ def test_http_reads_the_same_records_as_the_path(tmp_path, http_root, fmt):
     assert all(store.verify_file(f) is None for s in store.manifest.content["shards"] for f in s["files"])
     with pytest.raises(SpecError, match="127.0.0.1.*manifest.json"):
         ShardStore(f"{http_root}/missing")
+
+
+def test_s3_reads_the_same_records_as_the_path(tmp_path):
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s",
+                     region_name="us-east-1").create_bucket(Bucket="lab")
+        options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        import s3fs
+        for fmt in FORMATS:
+            root = make_shards(tmp_path / fmt, fmt, patients={"p1": 3})
+            s3fs.S3FileSystem(**options).put(f"{root}/", f"lab/{fmt}/", recursive=True)
+            remote = _records(ShardStore(f"s3://lab/{fmt}", storage_options=options))
+            assert np.array_equal(remote["p1"].image, _records(ShardStore(root))["p1"].image)
+    finally:
+        server.stop()
