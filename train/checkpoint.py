@@ -44,20 +44,20 @@ class CheckpointError(ToolError):
 class RunState(str, enum.Enum):
     """Where a run stands, as recorded in its last checkpoint.
 
-    Transitions (the training loop makes exactly these):
+    Transitions (the training loop makes exactly these, each by writing last.pt at the end of
+    an epoch):
 
         (no checkpoint) --epoch done--> RUNNING --epoch done--> RUNNING ...
-        RUNNING --last requested epoch done--> FINISHED
-        RUNNING --time budget: next epoch would not fit--> BUDGET_STOPPED
-        FINISHED / BUDGET_STOPPED --`--resume` (with more --epochs)--> RUNNING
+        RUNNING --the last requested epoch done--> FINISHED
+        FINISHED --`--resume --epochs M` (M larger), epoch done--> RUNNING or FINISHED
 
-    A signal (SIGINT/SIGTERM) does not write a checkpoint: the last one stays as it was, and
-    the partial epoch is lost.
+    Nothing else writes a checkpoint. The time budget stops before an epoch, so last.pt stays
+    RUNNING (resumable as it is); a signal (SIGINT/SIGTERM) stops inside an epoch, the partial
+    epoch is lost and last.pt stays whatever the last completed epoch wrote.
     """
 
     RUNNING = "running"
     FINISHED = "finished"
-    BUDGET_STOPPED = "budget_stopped"
 
 
 # ---------------------------------------------------------------- RNG states as plain values

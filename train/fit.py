@@ -66,8 +66,9 @@ from .config import (
 
 PROJECTION_STEPS = 5
 """Steps timed before the speed and the projected run time are printed."""
-ARCHITECTURE = ("model", "channels", "base", "depth", "batch_norm")
-"""Options a resumed run cannot change even with --force: the weights would not fit."""
+ARCHITECTURE = ("variant", "model", "channels", "base", "depth", "batch_norm")
+"""Options a resumed run cannot change even with --force: the weights would not fit (or, for
+the variant, the run would claim a preset its model does not follow)."""
 
 
 def metric_columns(target: str) -> list[str]:
