@@ -71,7 +71,10 @@ class _CheckedReader(io.RawIOBase):
         view = memoryview(buffer).cast("B")
         # Ask for one byte past the listed size at most, so an over-long file is noticed early.
         want = min(len(view), self._size + 1 - self._seen)
-        data = self._raw.read(want) if want > 0 else b""
+        try:
+            data = self._raw.read(want) if want > 0 else b""
+        except Exception as exc:  # OSError, or a network library's own error type (aiohttp, botocore)
+            raise SpecError(f"cannot be read ({type(exc).__name__}: {exc})", self._name) from None
         if self._seen + len(data) > self._size:
             raise SpecError(f"holds more than the {self._size} bytes the manifest lists", self._name)
         view[: len(data)] = data
@@ -178,24 +181,17 @@ class ShardStore:
         implied and the check has happened before this returns.
         """
         entry = self._entries.get(rel_path)
-        name = self.location(rel_path)
         if entry is None:
+            name = self.location(rel_path)
             if verify or self.cache_dir is not None:
                 raise SpecError("is not listed in the manifest, so it cannot be verified", name)
-            return self._open_checked_raw(rel_path, name)
+            try:
+                return self._open_raw(rel_path)
+            except (OSError, ValueError) as exc:
+                raise SpecError(f"cannot be read ({type(exc).__name__}: {exc})", name) from None
         if self.cache_dir is not None:
             return open(self._cached(entry), "rb")
-        try:
-            raw = self._open_raw(rel_path)
-        except (OSError, ValueError) as exc:
-            raise SpecError(f"cannot be read ({type(exc).__name__}: {exc})", name) from None
-        return _CheckedReader(raw, size=entry["bytes"], sha256=entry["sha256"] if verify else None, name=name)
-
-    def _open_checked_raw(self, rel_path: str, name: str) -> BinaryIO:
-        try:
-            return self._open_raw(rel_path)
-        except (OSError, ValueError) as exc:
-            raise SpecError(f"cannot be read ({type(exc).__name__}: {exc})", name) from None
+        return self._stream(entry, verify=verify)
 
     def _cached(self, entry: dict) -> Path:
         """Path of a verified cached copy of `entry`, fetched (again) when missing or changed."""
@@ -211,7 +207,7 @@ class ShardStore:
         # A unique temporary name: several loader workers or ranks may fetch the same file at once.
         tmp = target.with_name(f"{digest}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
         try:
-            with self.open_file_uncached(entry, verify=True) as source, open(tmp, "wb") as out:
+            with self._stream(entry, verify=True) as source, open(tmp, "wb") as out:
                 while chunk := source.read(CHUNK):
                     out.write(chunk)
                 source.drain()
@@ -220,7 +216,8 @@ class ShardStore:
             tmp.unlink(missing_ok=True)
         return target
 
-    def open_file_uncached(self, entry: dict, *, verify: bool = True) -> _CheckedReader:
+    def _stream(self, entry: dict, *, verify: bool) -> _CheckedReader:
+        """The file of `entry` from the source, bounded by its size, sha256-checked with `verify`."""
         name = self.location(entry["path"])
         try:
             raw = self._open_raw(entry["path"])
@@ -239,7 +236,7 @@ class ShardStore:
     def verify_file(self, entry: dict) -> str | None:
         """Size and sha256 check of one manifest file entry: the problem in words, or None."""
         try:
-            with self.open_file_uncached(entry, verify=True) as handle:
+            with self._stream(entry, verify=True) as handle:
                 handle.drain()
         except SpecError as exc:
             return str(exc)
