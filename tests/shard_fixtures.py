@@ -92,7 +92,7 @@ def make_shards(
                 path = wds_writer.shard_name(split, g, compression)
                 files = wds_writer.write_shard(root, path, [(pid, pid, data[pid]) for pid in group], compression)
             else:
-                path = f"{split}/{group[0]}"
+                path = f"{split}/{split}-{g:06d}"  # as etl.build names zarr shards
                 files = zarr_writer.write_patient(root, split, group[0], data[group[0]])
             slices = sum(patients[pid] for pid in group)
             shard_entries.append({
