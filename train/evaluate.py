@@ -1,0 +1,465 @@
+"""`train evaluate`: the numbers of a checkpoint, each with the average it is.
+
+    train evaluate --checkpoint runs/v1/checkpoints/best.pt --shards shards/ --json runs/v1/eval.json
+    train evaluate --checkpoint best.pt --shards shards/ --src data/MICCAI_BraTS2020_TrainingData --json eval.json
+
+Three levels, top to bottom, from the fastest to the headline:
+
+1. **slice level, dataset counts** (exactly the trainer's validation: `train.fit.validate`, the
+   same dataset, loss and autocast as the run): TP/FP/FN of each output channel (sigmoid > 0.5,
+   channel by channel) summed over every slice of the split on the shard grid, then one Dice,
+   precision and recall per channel. A channel with no voxel in prediction or truth over the
+   whole split is NaN and left out of the mean Dice.
+2. **patient level on the shard grid** (fast): each patient's shard slices gathered back into a
+   volume (`train.data.iter_patients`), labels decided by the checkpoint's rule
+   (`train.metrics.probs_to_labels`) and zeroed where the shards store background (every channel
+   0), then Dice, precision and recall per class (NEC/NET, ED, ET) and per BraTS region (WT, TC,
+   ET) per patient, with the BraTS 2020 rule (prediction and truth both empty: 1). Slices the
+   ETL dropped (no brain) count as empty in both. Averaged over patients (mean, median, sample
+   std); the same counts summed over patients are given too.
+3. **patient level on the native grid** (`--src`, the headline, comparable with published BraTS
+   results): each patient of the split predicted from its source volumes exactly as `train
+   predict` does (`train.inference.predict_volume`) and scored against its original
+   segmentation with `train.metrics.patient_scores` (Dice, precision, recall, HD95 in mm as
+   MONAI computes it; BraTS 2020: both empty -> Dice 1 / HD95 0, exactly one empty -> Dice 0 /
+   HD95 373.13); the empty cases are counted per class/region and reported. Averaged over
+   patients.
+
+The terminal gets rich tables; `--json FILE` gets everything, each block naming its average
+(`"average": ...`), with NaN written as null; the per-patient scores go to a CSV (`--csv FILE`,
+default beside the JSON as `<stem>_patients.csv`): one row per patient and grid.
+
+The checkpoint's manifest digest is compared with the shards': evaluating on other shards is
+legitimate (another split, a re-cut) but is said, once, as a warning line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterable
+
+import numpy as np
+
+from shards_spec.errors import ToolError
+from shards_spec.labels import CLASS_NAMES, REGION_NAMES, to_classes, to_regions
+
+from . import inference
+from .metrics import BRATS_MAX_HD95, PATIENT_KEYS, confusion_counts, summarize
+
+METRICS = ("dice", "precision", "recall")
+NATIVE_METRICS = ("dice", "precision", "recall", "hd95")
+GRIDS = ("shard", "native")
+
+AVERAGES = {
+    "slice_level": ("dataset-level: TP/FP/FN of each output channel (sigmoid > 0.5 per channel, as the trainer "
+                    "validates) summed over every slice of the split on the shard grid, then one score per channel; "
+                    "NaN (null) for a channel with no voxel in prediction or truth, left out of mean_dice"),
+    "shard_grid": ("per patient on the shard grid (slices gathered into a volume, labels by the checkpoint's rule, "
+                   "zero where the shards store background), then mean/median/sample std over patients; "
+                   "BraTS 2020 rule: both empty -> 1; 'dataset_counts' sums the same TP/FP/FN over patients"),
+    "native_grid": ("per patient on the native grid (predicted from the source volumes exactly as `train predict`, "
+                    "scored against the original segmentation), then mean/median/sample std over patients; "
+                    f"BraTS 2020 rule: both empty -> Dice 1, HD95 0; exactly one empty -> Dice 0, HD95 "
+                    f"{BRATS_MAX_HD95} mm; HD95 in mm as MONAI computes it"),
+}
+
+
+class EvaluateError(ToolError):
+    """Shards or a source that this checkpoint cannot be evaluated on."""
+
+
+def main(checkpoint: Path, shards: str, split: str = "val", src: Path | None = None, json_path: Path | None = None,
+         device: str = "auto", batch_size: int = 32, workers: int = 2, cache_dir: str | None = None,
+         csv_path: Path | None = None, console: Any = None) -> dict:
+    """Evaluate `checkpoint` on `split` of `shards` (and on `src`); print, write and return the results."""
+    from rich.console import Console
+
+    from shards_spec.read import ShardStore
+
+    console = console or Console(soft_wrap=True)
+    if batch_size < 1:
+        raise EvaluateError(f"--batch-size: must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise EvaluateError(f"--workers: must be >= 0, got {workers}")
+    loaded = inference.load_model(checkpoint, device)
+    store = ShardStore(shards, cache_dir=cache_dir)
+    manifest = store.manifest
+    manifest.require_split(split)
+    warnings = check_shards(loaded, manifest, shards)
+    warnings += loaded.warnings
+    for line in warnings:
+        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+
+    results: dict[str, Any] = {
+        "checkpoint": {"path": str(checkpoint), "epoch": loaded.epoch, "variant": loaded.variant,
+                       "model": loaded.config.get("model"), "channels": loaded.channels, "target": loaded.target,
+                       "best_mean_dice": loaded.best_mean_dice},
+        "shards": str(shards),
+        "split": split,
+        "manifest_digest": {"checkpoint": loaded.manifest_digest, "shards": manifest.digest,
+                            "match": loaded.manifest_digest == manifest.digest},
+        "threshold": inference.THRESHOLD,
+        "warnings": warnings,
+    }
+    results["slice_level"] = slice_level(loaded, store, split, batch_size, workers)
+    results["shard_grid"] = shard_grid(loaded, store, split, batch_size, console)
+    results["native_grid"] = None
+    if src is not None:
+        results["native_grid"] = native_grid(loaded, manifest, split, Path(src), batch_size, console)
+
+    print_tables(results, console)
+    if csv_path is None and json_path is not None:
+        csv_path = Path(json_path).with_name(Path(json_path).stem + "_patients.csv")
+    if json_path is not None:
+        _write_atomic(Path(json_path), json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
+        console.print(f"wrote {json_path}")
+    if csv_path is not None:
+        _write_atomic(Path(csv_path), patients_csv(results))
+        console.print(f"wrote {csv_path}")
+    return results
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_shards(loaded: inference.LoadedModel, manifest: Any, shards: str) -> list[str]:
+    """Refuse shards without the model's channels; warn about other data or another grid."""
+    missing = [c for c in loaded.channels if c not in manifest.channels]
+    if missing:
+        raise EvaluateError(f"the checkpoint was trained on {','.join(loaded.channels)} but these shards hold "
+                            f"{','.join(manifest.channels)} (no {','.join(missing)})", shards)
+    warnings = []
+    if loaded.manifest_digest != manifest.digest:
+        warnings.append(f"these shards (content digest {manifest.digest[:12]}) are not the ones the checkpoint was "
+                        f"trained on (digest {loaded.manifest_digest[:12]}): evaluating on other data")
+    pre = manifest.content["preprocessing"]
+    if int(pre["size"]) != loaded.size or pre.get("norm") != loaded.norm:
+        warnings.append(f"these shards were cut at size {pre['size']} with norm {pre.get('norm')}, the checkpoint's "
+                        f"data at size {loaded.size} with norm {loaded.norm}: shard-grid scores use the shards as "
+                        "they are, --src uses the checkpoint's settings")
+    return warnings
+
+
+# ---------------------------------------------------------------- 1. slice level
+
+
+def slice_level(loaded: inference.LoadedModel, store: Any, split: str, batch_size: int, workers: int) -> dict:
+    """The trainer's validation (`train.fit.validate`) on `split`, as the run logged it."""
+    import torch
+
+    from .data import ShardDataset
+    from .distributed import Dist
+    from .fit import autocast_dtype, validate
+    from .losses import build_loss
+
+    dataset = ShardDataset(store, split=split, channels=loaded.channels, target=loaded.target, shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=loaded.device.type == "cuda")
+    config = loaded.config
+    amp = autocast_dtype(SimpleNamespace(amp=bool(config.get("amp", True)), amp_dtype=config.get("amp_dtype", "auto")),
+                         loaded.device)
+    loss_name = str(config.get("loss", "dice"))
+    try:
+        scores = validate(loaded.model, loader, build_loss(loss_name), loaded.device, amp, Dist())
+    except ValueError as exc:  # e.g. a grid the model cannot take (H, W not divisible by 2**depth)
+        raise EvaluateError(f"the model cannot be applied to these shards' slices ({exc})") from None
+    names = list(loaded.channel_names)
+    dice = [float(v) for v in scores["dice"]]
+    defined = [d for d in dice if not math.isnan(d)]
+    counts = scores["counts"].tolist()
+    return {
+        "average": AVERAGES["slice_level"],
+        "channels": names,
+        "slices": dataset.num_slices,
+        "loss": float(scores["loss"]),
+        "loss_name": loss_name,
+        "autocast": None if amp is None else str(amp).replace("torch.", ""),
+        "mean_dice": float(np.mean(defined)) if defined else math.nan,
+        "undefined": [n for n, d in zip(names, dice) if math.isnan(d)],
+        **{metric: {n: float(v) for n, v in zip(names, scores[metric])} for metric in METRICS},
+        "counts": {n: {"tp": int(counts[0][i]), "fp": int(counts[1][i]), "fn": int(counts[2][i])}
+                   for i, n in enumerate(names)},
+    }
+
+
+# ---------------------------------------------------------------- 2. shard grid
+
+
+def label_masks(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Binary masks of a 0..3 label map keyed by `PATIENT_KEYS` (classes, then WT and TC)."""
+    masks = dict(zip(CLASS_NAMES, to_classes(labels)))
+    masks.update({k: m for k, m in zip(REGION_NAMES, to_regions(labels)) if k not in masks})
+    return {k: masks[k] for k in PATIENT_KEYS}
+
+
+def patient_counts(pred: np.ndarray, truth: np.ndarray) -> dict[str, dict[str, int]]:
+    """TP, FP, FN of every class and region of one patient's label maps (any shape)."""
+    counts = {}
+    for expand, names in ((to_classes, CLASS_NAMES), (to_regions, REGION_NAMES)):
+        tp, fp, fn = confusion_counts(expand(pred), expand(truth), channel_axis=0)
+        counts.update({n: {"tp": int(tp[i]), "fp": int(fp[i]), "fn": int(fn[i])} for i, n in enumerate(names)})
+    return {k: counts[k] for k in PATIENT_KEYS}
+
+
+def scores_of_counts(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Dice, precision, recall of one patient with the BraTS 2020 rule (both empty -> 1; 0/0 -> 0)."""
+    if tp + fp + fn == 0:
+        return {"dice": 1.0, "precision": 1.0, "recall": 1.0}
+    return {
+        "dice": 2 * tp / (2 * tp + fp + fn),
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+    }
+
+
+def shard_grid(loaded: inference.LoadedModel, store: Any, split: str, batch_size: int, console: Any) -> dict:
+    """Patient-level scores on the shard grid (see the module docstring, level 2)."""
+    from .data import iter_patients
+    from .metrics import probs_to_labels
+
+    per_patient, totals = [], {k: {"tp": 0, "fp": 0, "fn": 0} for k in PATIENT_KEYS}
+    patients = store.manifest.patients_of(split)
+    with _progress(console, f"patients of {split} (shard grid)", len(patients)) as advance:
+        for patient in iter_patients(store, split, loaded.channels):
+            probs = inference.predict_slices(loaded, patient.image, batch_size)
+            pred = probs_to_labels(probs, loaded.target, threshold=inference.THRESHOLD, channel_axis=1)
+            pred[np.all(patient.image == 0, axis=1)] = 0  # background as the shards store it
+            counts = patient_counts(pred, patient.mask)
+            for key, c in counts.items():
+                for name in ("tp", "fp", "fn"):
+                    totals[key][name] += c[name]
+            per_patient.append({"patient": patient.patient, "slices": int(patient.mask.shape[0]),
+                                "scores": {k: scores_of_counts(**c) for k, c in counts.items()},
+                                "voxels": {k: {"truth": c["tp"] + c["fn"], "pred": c["tp"] + c["fp"]}
+                                           for k, c in counts.items()}})
+            advance()
+    return {
+        "average": AVERAGES["shard_grid"],
+        "patients": len(per_patient),
+        "summary": summarise(per_patient, METRICS),
+        "dataset_counts": {k: {**c, **_dataset_scores(**c)} for k, c in totals.items()},
+        "per_patient": per_patient,
+    }
+
+
+def _dataset_scores(tp: int, fp: int, fn: int) -> dict[str, float]:
+    if tp + fp + fn == 0:
+        return {"dice": math.nan, "precision": math.nan, "recall": math.nan}
+    return scores_of_counts(tp, fp, fn)
+
+
+# ---------------------------------------------------------------- 3. native grid
+
+
+def native_grid(loaded: inference.LoadedModel, manifest: Any, split: str, src: Path, batch_size: int,
+                console: Any) -> dict:
+    """Patient-level scores on the native grid from the source volumes (level 3, the headline)."""
+    from etl.sources import load_patient, scan_source
+
+    from .metrics import patient_scores
+
+    source = manifest.content.get("source") or {}
+    scan = scan_source(src, require_labels=True)
+    by_id = {ref.id: ref for ref in scan.patients}
+    wanted = manifest.patients_of(split)
+    missing = [p for p in wanted if p not in by_id]
+    if len(missing) == len(wanted):
+        raise EvaluateError(f"--src: none of the {len(wanted)} patient(s) of split {split!r} is in this "
+                            f"{scan.layout} source (first: {wanted[0] if wanted else '-'})", src)
+    if missing:
+        reasons = [str(p) for p in scan.problems if any(m in str(p) for m in missing)]
+        console.print(f"[yellow]warning:[/yellow] {len(missing)} of {len(wanted)} patient(s) of {split!r} not found "
+                      f"(or unreadable) in --src, left out: {', '.join(missing[:5])}"
+                      + (f" ... ({'; '.join(reasons[:2])})" if reasons else ""), highlight=False)
+    order = source.get("kaggle_channel_order") or ("flair", "t1", "t1ce", "t2")
+    empty = {k: {"both_empty": 0, "truth_empty_pred_not": 0, "pred_empty_truth_not": 0} for k in PATIENT_KEYS}
+    per_patient, warnings = [], []
+    present = [p for p in wanted if p in by_id]
+    with _progress(console, f"patients of {split} (native grid, --src)", len(present)) as advance:
+        for pid in present:
+            ref = by_id[pid]
+            volume = load_patient(ref, channels=loaded.channels, kaggle_channel_order=order, require_labels=True)
+            expected = manifest.content["patients"][pid].get("source_shape")
+            if expected is not None and list(volume.shape) != list(expected):
+                warnings.append(f"{pid}: source shape {'x'.join(map(str, volume.shape))} differs from the "
+                                f"shards' record {'x'.join(map(str, expected))} (another copy of the data?)")
+            prediction = inference.predict_volume(loaded, volume.volume, volume.brain, batch_size=batch_size)
+            scores = patient_scores(prediction.labels, volume.labels, volume.spacing)
+            pred_masks, truth_masks = label_masks(prediction.labels), label_masks(volume.labels)
+            voxels = {}
+            for key in PATIENT_KEYS:
+                n_pred, n_truth = int(pred_masks[key].sum()), int(truth_masks[key].sum())
+                voxels[key] = {"truth": n_truth, "pred": n_pred}
+                if n_pred == 0 and n_truth == 0:
+                    empty[key]["both_empty"] += 1
+                elif n_truth == 0:
+                    empty[key]["truth_empty_pred_not"] += 1
+                elif n_pred == 0:
+                    empty[key]["pred_empty_truth_not"] += 1
+            per_patient.append({"patient": pid, "shape": list(volume.shape),
+                                "spacing": [float(s) for s in volume.spacing], "scores": scores, "voxels": voxels})
+            del volume, prediction
+            advance()
+    for line in warnings:
+        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+    return {
+        "average": AVERAGES["native_grid"],
+        "src": str(src),
+        "layout": scan.layout,
+        "patients": len(per_patient),
+        "missing": missing,
+        "warnings": warnings,
+        "empty_cases": empty,
+        "summary": summarise(per_patient, NATIVE_METRICS),
+        "per_patient": per_patient,
+    }
+
+
+# ---------------------------------------------------------------- summaries and output
+
+
+def summarise(per_patient: list[dict], metrics: Iterable[str]) -> dict:
+    """{key: {metric: {mean, median, std, n}}} over patients (`train.metrics.summarize`)."""
+    return {key: {m: summarize(p["scores"][key][m] for p in per_patient) for m in metrics} for key in PATIENT_KEYS}
+
+
+def print_tables(results: dict, console: Any) -> None:
+    """The terminal summary: one table per level, each titled with its average."""
+    from rich.table import Table
+
+    ck = results["checkpoint"]
+    digest = results["manifest_digest"]
+    console.print(f"{ck['path']}: {ck['model']} epoch {ck['epoch']}, channels {','.join(ck['channels'])}, target "
+                  f"{ck['target']}; split {results['split']} of {results['shards']} "
+                  f"({'the shards it was trained on' if digest['match'] else 'OTHER shards than it was trained on'})",
+                  highlight=False)
+    sl = results["slice_level"]
+    table = Table(title=f"slice level: TP/FP/FN summed over {sl['slices']} slices (as in training), shard grid")
+    table.add_column("channel")
+    for m in METRICS:
+        table.add_column(m, justify="right")
+    for name in sl["channels"]:
+        table.add_row(name, *(_fmt(sl[m][name]) for m in METRICS))
+    table.add_row("mean", _fmt(sl["mean_dice"]), "", "", end_section=True)
+    console.print(table)
+    if sl["undefined"]:
+        console.print(f"{', '.join(sl['undefined'])}: no voxel in prediction or truth: NaN, left out of the mean")
+    grid = results["shard_grid"]
+    console.print(_patient_table(grid, METRICS, f"patient level, shard grid: mean ± std (median) over "
+                                                f"{grid['patients']} patients"))
+    native = results.get("native_grid")
+    if native:
+        console.print(_patient_table(native, NATIVE_METRICS, f"patient level, native grid (--src, headline): "
+                                                             f"mean ± std (median) over {native['patients']} patients"))
+        cases = [f"{k} {c['both_empty']}/{c['truth_empty_pred_not']}/{c['pred_empty_truth_not']}"
+                 for k, c in native["empty_cases"].items()
+                 if c["both_empty"] or c["truth_empty_pred_not"] or c["pred_empty_truth_not"]]
+        if cases:
+            console.print("empty cases (both empty -> Dice 1, HD95 0 / truth empty, prediction not -> Dice 0, HD95 "
+                          f"{BRATS_MAX_HD95} / prediction empty, truth not -> Dice 0, HD95 {BRATS_MAX_HD95}): "
+                          + "; ".join(cases), highlight=False)
+
+
+def _patient_table(block: dict, metrics: Iterable[str], title: str) -> Any:
+    from rich.table import Table
+
+    metrics = list(metrics)
+    table = Table(title=title)
+    table.add_column("class / region")
+    for m in metrics:
+        table.add_column(m + (" (mm)" if m == "hd95" else ""), justify="right")
+    for key in PATIENT_KEYS:
+        row = []
+        for m in metrics:
+            s = block["summary"][key][m]
+            row.append(f"{_fmt(s['mean'])} ± {_fmt(s['std'])} ({_fmt(s['median'])})")
+        table.add_row(key, *row)
+    return table
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def patients_csv(results: dict) -> str:
+    """One row per patient and grid: dice_K, precision_K, recall_K, hd95_K (native only), voxels."""
+    keys = list(PATIENT_KEYS)
+    columns = ["patient", "grid"]
+    for m in NATIVE_METRICS:
+        columns += [f"{m}_{k}" for k in keys]
+    columns += [f"truth_voxels_{k}" for k in keys] + [f"pred_voxels_{k}" for k in keys]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for grid_name, block in (("shard", results["shard_grid"]), ("native", results.get("native_grid"))):
+        if not block:
+            continue
+        for p in block["per_patient"]:
+            row: list[Any] = [p["patient"], grid_name]
+            for m in NATIVE_METRICS:
+                row += [_cell(p["scores"][k].get(m)) for k in keys]
+            row += [p["voxels"][k]["truth"] for k in keys] + [p["voxels"][k]["pred"] for k in keys]
+            writer.writerow(row)
+    return buffer.getvalue()
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return ""
+    return "nan" if math.isnan(value) else repr(float(value))
+
+
+def _clean(obj: Any) -> Any:
+    """NaN/inf -> None and numpy scalars -> Python, so the JSON is strict."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        value = float(obj)
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise EvaluateError(f"cannot write ({exc.strerror or exc})", path) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class _progress:
+    """A transient rich progress bar over patients; the context value advances it."""
+
+    def __init__(self, console: Any, title: str, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=console, transient=True)
+        self.task = self.progress.add_task(title, total=total)
+
+    def __enter__(self) -> Any:
+        self.progress.start()
+        return lambda: self.progress.advance(self.task)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+__all__ = ["EvaluateError", "main", "patient_counts", "scores_of_counts", "shard_grid", "native_grid", "slice_level"]

@@ -1,0 +1,221 @@
+"""Applying a checkpoint to whole volumes: the one home of it, for `train predict` and `train evaluate --src`.
+
+A volume goes through the very recipe the ETL cut the shards with, then back, in this order:
+
+1. load the model and what it was trained on from the checkpoint (`load_model`): architecture,
+   channels (by name), target (classes or regions), and the manifest's preprocessing (`size`,
+   `norm`); nothing else is needed, nothing is guessed;
+2. preprocess the patient with `shards_spec.preprocess.preprocess_volume` and those settings,
+   keeping every axial slice (`keep_empty=True`), so each native slice gets a prediction; the
+   brain mask is the source reader's (any modality non-zero), exactly as the ETL used it;
+3. apply the model slice-batched (`predict_slices`): three sigmoid probabilities per voxel on the
+   shard grid (float32; no autocast, so CPU and GPU agree to float rounding);
+4. resize the probabilities back to the native in-plane grid (`shards_spec.preprocess.resize_back`,
+   bilinear) — labels are decided after resizing, never resized themselves, so the label rule
+   sees smooth probabilities on the grid it is scored on;
+5. decide labels by the checkpoint's target (`train.metrics.probs_to_labels`, threshold 0.5:
+   classes -> argmax channel above the threshold, regions -> ET, else NEC/NET where TC, else ED
+   where WT) and zero everything outside the native brain mask.
+
+The result is a 0..3 label map (H, W, D) on the input's grid; `predict` maps it to the source
+convention (`shards_spec.labels.decode_labels`) when writing NIfTI, `evaluate` scores it
+against the original segmentation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from shards_spec.errors import ToolError
+from shards_spec.labels import CHANNELS, CLASS_NAMES, REGION_NAMES, TARGETS
+from shards_spec.preprocess import NORMS, preprocess_volume, resize_back
+
+from . import checkpoint as ckpt
+
+DEVICES = ("auto", "cpu", "cuda")
+THRESHOLD = 0.5
+"""Probability above which a channel counts as present (DESIGN "The two variants")."""
+
+
+class InferenceError(ToolError):
+    """A checkpoint that cannot be applied to this input (channels, shapes, settings)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference plus everything the checkpoint says about its inputs."""
+
+    model: Any  # torch.nn.Module in eval mode on `device`
+    device: Any  # torch.device
+    path: Path
+    channels: list[str]  # input channels, in the model's order
+    target: str  # "classes" or "regions"
+    size: int  # shard grid (size x size)
+    norm: str  # "slice" or "volume"
+    preprocessing: dict  # the manifest's preprocessing record
+    manifest_digest: str
+    epoch: int
+    variant: str | None
+    config: dict
+    best_mean_dice: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        """Names of the three output channels."""
+        return CLASS_NAMES if self.target == "classes" else REGION_NAMES
+
+
+@dataclass
+class VolumePrediction:
+    """A whole patient predicted on its native grid."""
+
+    labels: np.ndarray  # uint8 (H, W, D) label map 0..3, 0 outside the brain
+    probabilities: np.ndarray | None  # float32 (3, H, W, D), 0 outside the brain; None unless asked
+    channel_names: tuple[str, ...]  # names of the probability channels
+
+
+def resolve_device(device: str) -> Any:
+    """`auto` -> cuda when torch sees one, else cpu; `cuda` without a GPU is one clear line."""
+    import torch
+
+    if device not in DEVICES:
+        raise InferenceError(f"--device: must be one of {list(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InferenceError("--device: cuda was asked for, but torch sees no CUDA device (use --device cpu or auto)")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
+    """Read a checkpoint (weights_only) and build its model in eval mode on `device`."""
+    from .models import build_model
+
+    path = Path(path)
+    payload = ckpt.load(path)
+    spec = payload["model"]
+    channels = [str(c) for c in payload["channels"]]
+    target = str(payload["target"])
+    preprocessing = dict(payload.get("preprocessing") or {})
+    if not channels or any(c not in CHANNELS for c in channels) or len(set(channels)) != len(channels):
+        raise InferenceError(f"checkpoint channels {channels} are not distinct names from {list(CHANNELS)}", path)
+    if target not in TARGETS:
+        raise InferenceError(f"checkpoint target {target!r} is not one of {list(TARGETS)}", path)
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise InferenceError("checkpoint holds no model description ('model': {name, kwargs})", path)
+    in_channels = int(spec.get("in_channels", len(channels)))
+    if in_channels != len(channels):
+        raise InferenceError(f"checkpoint model takes {in_channels} input channels but lists {len(channels)} "
+                             f"channel names ({','.join(channels)})", path)
+    size, norm = preprocessing.get("size"), preprocessing.get("norm")
+    if not isinstance(size, int) or size < 1 or norm not in NORMS:
+        raise InferenceError(f"checkpoint preprocessing lacks a valid size and norm (got size={size!r}, "
+                             f"norm={norm!r})", path)
+    torch_device = resolve_device(device)
+    try:
+        model = build_model(str(spec["name"]), in_channels=in_channels, out_channels=int(spec.get("out_channels", 3)),
+                            **dict(spec.get("kwargs") or {}))
+        model.load_state_dict(payload["model_state"])
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InferenceError(f"checkpoint weights do not fit its model {spec.get('name')!r} ({reason[:160]})",
+                             path) from None
+    model.to(torch_device).eval()
+    warnings = []
+    if "kaggle" in str(preprocessing.get("brain_mask", "")).lower():
+        warnings.append("the checkpoint was trained on shards of the Kaggle 2D export, whose brain mask is "
+                        "detected from a possibly non-zero background; NIfTI inputs use 'any modality non-zero'")
+    best = payload.get("best_mean_dice")
+    return LoadedModel(
+        model=model, device=torch_device, path=path, channels=channels, target=target, size=int(size),
+        norm=str(norm), preprocessing=preprocessing, manifest_digest=str(payload["manifest_digest"]),
+        epoch=int(payload["epoch"]), variant=payload.get("variant"), config=dict(payload["config"]),
+        best_mean_dice=None if best is None or (isinstance(best, float) and math.isinf(best)) else float(best),
+        warnings=warnings,
+    )
+
+
+def apply_model(model: Any, batch: Any) -> Any:
+    """Sigmoid probabilities (B, 3, H, W) of one batch of images (B, C, H, W) on the model's device."""
+    import torch
+
+    with torch.no_grad():
+        return torch.sigmoid(model(batch).float())
+
+
+def predict_slices(loaded: LoadedModel, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Probabilities float32 (S, 3, size, size) of preprocessed slices (S, C, size, size)."""
+    import torch
+
+    if batch_size < 1:
+        raise InferenceError(f"--batch-size: must be >= 1, got {batch_size}")
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] != len(loaded.channels):
+        raise InferenceError(f"slices of shape {images.shape} do not fit a model of {len(loaded.channels)} "
+                             f"channels ({','.join(loaded.channels)})")
+    out = np.empty((images.shape[0], 3, *images.shape[2:]), dtype=np.float32)
+    for start in range(0, images.shape[0], batch_size):
+        batch = torch.from_numpy(images[start:start + batch_size].astype(np.float32)).to(loaded.device)
+        out[start:start + batch_size] = apply_model(loaded.model, batch).cpu().numpy()
+    return out
+
+
+def check_input_channels(loaded: LoadedModel, available: Sequence[str], where: object = None) -> None:
+    """One clear line when the input lacks a channel the model was trained on."""
+    missing = [c for c in loaded.channels if c not in available]
+    if missing:
+        raise InferenceError(
+            f"the checkpoint was trained on {','.join(loaded.channels)} but the input has no "
+            f"{','.join(missing)} (it has {','.join(c for c in CHANNELS if c in available) or 'none'})", where)
+
+
+def predict_volume(loaded: LoadedModel, volume: np.ndarray, brain: np.ndarray, *, batch_size: int = 32,
+                   probabilities: bool = False, threshold: float = THRESHOLD) -> VolumePrediction:
+    """Predict one patient: `volume` float32 (C, H, W, D) in `loaded.channels` order, `brain`
+    bool (H, W, D), both as the source reader returns them (see the module docstring)."""
+    from .metrics import probs_to_labels
+
+    volume = np.asarray(volume)
+    brain = np.asarray(brain, dtype=bool)
+    if volume.ndim != 4 or volume.shape[0] != len(loaded.channels) or volume.shape[1:] != brain.shape:
+        raise InferenceError(f"volume of shape {volume.shape} and brain mask {brain.shape} do not fit a model of "
+                             f"{len(loaded.channels)} channels")
+    height, width, depth = brain.shape
+    slices = preprocess_volume(volume, brain, None, size=loaded.size, norm=loaded.norm, keep_empty=True)
+    labels = np.zeros((height, width, depth), dtype=np.uint8)
+    probs_out = np.zeros((3, height, width, depth), dtype=np.float32) if probabilities else None
+    # Resize back and decide labels a chunk of slices at a time: bounds memory at 3 x H x W x chunk floats.
+    chunk = max(1, batch_size)
+    for start in range(0, depth, chunk):
+        stop = min(depth, start + chunk)
+        probs = predict_slices(loaded, slices.image[start:stop], batch_size)  # (s, 3, size, size)
+        native = resize_back(probs, (height, width))  # (s, 3, H, W)
+        native = np.clip(native, 0.0, 1.0)  # antialiased bilinear can overshoot by rounding
+        decided = probs_to_labels(native, loaded.target, threshold=threshold, channel_axis=1)  # (s, H, W)
+        labels[..., start:stop] = np.moveaxis(decided, 0, -1)
+        if probs_out is not None:
+            probs_out[..., start:stop] = np.moveaxis(native, 0, -1)
+    labels[~brain] = 0
+    if probs_out is not None:
+        probs_out[:, ~brain] = 0.0
+    return VolumePrediction(labels=labels, probabilities=probs_out, channel_names=loaded.channel_names)
+
+
+__all__ = [
+    "InferenceError",
+    "LoadedModel",
+    "THRESHOLD",
+    "VolumePrediction",
+    "apply_model",
+    "check_input_channels",
+    "load_model",
+    "predict_slices",
+    "predict_volume",
+    "resolve_device",
+]

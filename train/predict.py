@@ -1,0 +1,312 @@
+"""`train predict`: a checkpoint applied to a new patient, NIfTI in -> NIfTI segmentation out.
+
+    train predict --checkpoint runs/v1/checkpoints/best.pt --input BraTS20_Training_001/ --out 001_seg.nii.gz
+    train predict --checkpoint best.pt --input t1ce=a_t1ce.nii.gz --input flair=a_flair.nii.gz --out a_seg.nii.gz
+    train predict --checkpoint best.pt --input MICCAI_BraTS2020_ValidationData/ --out predictions/
+
+`--input` takes one of three forms:
+
+- a patient folder of any NIfTI layout (BraTS 2020/2021 `<id>_<mod>.nii[.gz]`, 2023
+  `<id>-<mod>.nii.gz`); `--out` is the segmentation file (or a folder: `<out>/<id>.nii.gz`);
+- modality files, one `--input NAME=PATH` each (NAME: t1, t1ce, t2, flair or the 2023 t1n, t1c,
+  t2w, t2f; a bare PATH whose name ends in `_<mod>.nii[.gz]` / `-<mod>.nii.gz` names itself);
+  only the checkpoint's channels are needed; the brain mask is "any given modality non-zero";
+- a folder holding patient folders (a release, e.g. the BraTS validation data); `--out` is a
+  folder, one `<out>/<id>.nii.gz` per patient (the BraTS submission naming), with a progress bar;
+  a patient that fails is reported and the others are still written (exit code 2 at the end).
+
+Each patient: read as the ETL reads it (`etl.sources.load_patient`, no reorientation), then
+`train.inference.predict_volume` (the shards' preprocessing from the checkpoint, every slice,
+probabilities resized back, labels by the checkpoint's target, zero outside the brain). The
+output is uint8 with the first modality file's shape, affine, qform/sform and header geometry,
+`scl_slope`/`scl_inter` reset to 1/0 (labels stored as they are), and labels in the input's
+convention: 0/1/2/4 for BraTS 2020/2021 layouts (and for files named otherwise), 0/1/2/3 for
+2023 (the 2023 layout or the 2023 modality names given as NAME).
+
+`--probabilities` also writes `<out>_probabilities.nii.gz` beside each segmentation: float32,
+4D (H, W, D, 3), volumes p(NEC/NET), p(ED), p(ET) for a `classes` checkpoint or p(WT), p(TC),
+p(ET) for a `regions` one (named in the header's `descrip`), 0 outside the brain.
+
+Files are written under a temporary name in the output folder and renamed into place, so an
+interrupted run leaves no half-written segmentation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from shards_spec.errors import SourceError, ToolError
+from shards_spec.labels import CHANNELS, CONVENTION_OF_LAYOUT, decode_labels
+
+from . import inference
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MODALITY_2023 = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}
+_BARE_TAIL = re.compile(r"[_-](t1ce|t1|t2|flair|t1n|t1c|t2w|t2f|seg)\.nii(\.gz)?$", re.IGNORECASE)
+
+
+class PredictError(ToolError):
+    """Bad `--input` / `--out` combination or an input that cannot be predicted."""
+
+
+@dataclass
+class Job:
+    """One patient to predict: its reference, where the segmentation goes, its label convention."""
+
+    ref: Any  # etl.sources.PatientRef
+    out: Path
+    convention: str
+
+
+@dataclass
+class Written:
+    patient: str
+    segmentation: Path
+    probabilities: Path | None
+    labels: dict[int, int]  # source label value -> voxels
+    warnings: list[str]
+
+
+def main(checkpoint: Path, inputs: Sequence[Path | str], out: Path, device: str = "auto", batch_size: int = 32,
+         probabilities: bool = False, console: Any = None) -> list[Written]:
+    """Predict every patient `inputs` names (see the module docstring) and write the NIfTI files."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    if batch_size < 1:
+        raise PredictError(f"--batch-size: must be >= 1, got {batch_size}")
+    loaded = inference.load_model(checkpoint, device)
+    for line in loaded.warnings:
+        console.print(f"warning: {line}")
+    jobs, batch, skipped = plan_jobs(inputs, Path(out))
+    for problem in skipped:
+        console.print(f"warning: skipped: {problem}")
+    console.print(f"{loaded.path}: {loaded.config.get('model', '?')} epoch {loaded.epoch}, channels "
+                  f"{','.join(loaded.channels)}, target {loaded.target}, grid {loaded.size}x{loaded.size}, "
+                  f"norm {loaded.norm}, device {loaded.device}; {len(jobs)} patient(s)")
+    if not batch:
+        written = [predict_patient(loaded, jobs[0], batch_size, probabilities, console)]
+    else:
+        written, failures = _predict_many(loaded, jobs, batch_size, probabilities, console)
+        if failures:
+            for failure in failures:
+                console.print(f"failed: {failure}")
+            raise PredictError(f"{len(failures)} of {len(jobs)} patient(s) failed (listed above); "
+                               f"{len(written)} written", out)
+    for item in written:
+        shown = ", ".join(f"{k}: {v}" for k, v in sorted(item.labels.items()) if k)
+        console.print(f"{item.patient} -> {item.segmentation} (tumour voxels {shown or 'none'})"
+                      + (f" + {item.probabilities.name}" if item.probabilities else ""))
+    return written
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def plan_jobs(inputs: Sequence[Path | str], out: Path) -> tuple[list[Job], bool, list[str]]:
+    """The patients to predict and their output paths; whether `inputs` is a folder of patients;
+    the patients a scan of such a folder left out, one line each."""
+    from etl.sources import patient_from_files, patient_from_folder, scan_source
+
+    items = [str(i) for i in inputs]
+    if not items:
+        raise PredictError("--input: give a patient folder, a folder of patients, or the modality files")
+    if len(items) == 1 and "=" not in items[0] and Path(items[0]).is_dir():
+        folder = Path(items[0])
+        if _holds_nifti(folder):
+            ref = patient_from_folder(folder)
+            return [Job(ref, _single_out(out, ref.id), CONVENTION_OF_LAYOUT[ref.layout])], False, []
+        scan = scan_source(folder, require_labels=False)
+        if scan.layout not in ("brats2020", "brats2021", "brats2023"):
+            raise PredictError(f"holds {scan.layout} data; predict reads NIfTI patients", folder)
+        skipped = [str(problem) for problem in scan.problems]
+        if not scan.patients:
+            first = f" ({skipped[0]})" if skipped else ""
+            raise PredictError(f"holds no patient that can be read{first}", folder)
+        if out.suffix in (".nii", ".gz"):
+            raise PredictError("--input is a folder of patients, so --out must be a folder, not a NIfTI file", out)
+        jobs = [Job(ref, out / f"{ref.id}.nii.gz", CONVENTION_OF_LAYOUT[ref.layout]) for ref in scan.patients]
+        return jobs, True, skipped
+    files: dict[str, str] = {}
+    for item in items:
+        key, path = _modality_item(item)
+        if key in files:
+            raise PredictError(f"--input: {key} is given twice ({files[key]} and {path})")
+        files[key] = path
+    files.pop("seg", None)  # predict never needs the segmentation
+    ref = patient_from_files(files)
+    convention = CONVENTION_OF_LAYOUT[ref.layout]
+    if files and all(k.lower() in MODALITY_2023 for k in files):
+        convention = "brats2023"
+    return [Job(ref, _single_out(out, ref.id), convention)], False, []
+
+
+def _holds_nifti(folder: Path) -> bool:
+    try:
+        return any(p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES) for p in folder.iterdir())
+    except OSError as exc:
+        raise PredictError(f"cannot be listed ({exc.strerror or exc})", folder) from None
+
+
+def _modality_item(item: str) -> tuple[str, str]:
+    """`NAME=PATH`, or a bare PATH whose file name ends in the modality."""
+    if "=" in item and not Path(item).exists():
+        key, path = item.split("=", 1)
+        key = key.strip().lower()
+        if key not in (*CHANNELS, *MODALITY_2023, "seg"):
+            raise PredictError(f"--input {item}: unknown modality {key!r}; use NAME=PATH with NAME one of "
+                               f"{', '.join((*CHANNELS, *MODALITY_2023))}")
+        return key, path
+    path = Path(item)
+    if path.is_dir():
+        raise PredictError("--input: a folder must be given alone (a patient folder or a folder of patients)", path)
+    match = _BARE_TAIL.search(path.name)
+    if match is None:
+        raise PredictError("--input: cannot tell the modality from the file name; give it as NAME=PATH "
+                           "(e.g. --input t1ce=PATH)", path)
+    return match.group(1).lower(), str(path)
+
+
+def _single_out(out: Path, patient: str) -> Path:
+    if out.is_dir():
+        return out / f"{patient}.nii.gz"
+    if not out.name.lower().endswith(NIFTI_SUFFIXES):
+        raise PredictError("--out must end in .nii.gz or .nii (or be an existing folder)", out)
+    return out
+
+
+# ---------------------------------------------------------------- one patient
+
+
+def predict_patient(loaded: inference.LoadedModel, job: Job, batch_size: int, probabilities: bool,
+                    console: Any) -> Written:
+    """Load, predict and write one patient."""
+    from etl.sources import load_patient
+
+    ref = job.ref
+    ref.files.pop("seg", None)
+    inference.check_input_channels(loaded, [c for c in CHANNELS if c in ref.files], ref.meta.get("folder"))
+    volume = load_patient(ref, channels=loaded.channels, require_labels=False)
+    warnings = list(volume.warnings)
+    for line in warnings:
+        console.print(f"warning: {ref.id}: {line} (predicted anyway)")
+    prediction = inference.predict_volume(loaded, volume.volume, volume.brain, batch_size=batch_size,
+                                          probabilities=probabilities)
+    del volume
+    labels = decode_labels(prediction.labels, job.convention)
+    reference = ref.files[loaded.channels[0]]
+    seg_path = job.out
+    prob_path = _probabilities_path(seg_path) if probabilities else None
+    outputs = [(seg_path, _label_image(labels, reference, loaded))]
+    if prob_path is not None:
+        outputs.append((prob_path, _probability_image(prediction.probabilities, reference, prediction.channel_names)))
+    write_atomic(outputs)
+    values, counts = np.unique(labels, return_counts=True)
+    return Written(ref.id, seg_path, prob_path, {int(v): int(c) for v, c in zip(values, counts)}, warnings)
+
+
+def _predict_many(loaded: inference.LoadedModel, jobs: list[Job], batch_size: int, probabilities: bool,
+                  console: Any) -> tuple[list[Written], list[str]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    written, failures = [], []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("predict", total=len(jobs))
+        for job in jobs:
+            progress.update(task, description=f"predict {job.ref.id}")
+            try:
+                written.append(predict_patient(loaded, job, batch_size, probabilities, console))
+            except ToolError as exc:
+                failures.append(str(exc))
+            progress.advance(task)
+    return written, failures
+
+
+def _probabilities_path(seg_path: Path) -> Path:
+    name = seg_path.name
+    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
+    return seg_path.with_name(f"{stem}_probabilities.nii.gz")
+
+
+# ---------------------------------------------------------------- NIfTI output
+
+
+def _reference_header(reference: str) -> Any:
+    import nibabel as nib
+
+    return nib.load(reference)
+
+
+def _label_image(labels: np.ndarray, reference: str, loaded: inference.LoadedModel) -> Any:
+    """uint8 label image with the reference's affine, qform/sform and header geometry."""
+    ref = _reference_header(reference)
+    header = ref.header.copy()
+    header.set_data_dtype(np.uint8)
+    img = type(ref)(np.asarray(labels, dtype=np.uint8), ref.affine, header)
+    img.header.set_slope_inter(1.0, 0.0)  # labels are stored as they are, never rescaled
+    img.header["cal_min"], img.header["cal_max"] = 0, int(labels.max()) if labels.size else 0
+    img.header["descrip"] = f"brats-shards prediction ({loaded.target}, epoch {loaded.epoch})"[:79].encode()
+    _copy_codes(ref, img)
+    return img
+
+
+def _probability_image(probs: np.ndarray, reference: str, names: Sequence[str]) -> Any:
+    """float32 4D (H, W, D, 3) probabilities with the reference's geometry."""
+    ref = _reference_header(reference)
+    header = ref.header.copy()
+    header.set_data_dtype(np.float32)
+    data = np.ascontiguousarray(np.moveaxis(np.asarray(probs, dtype=np.float32), 0, -1))
+    img = type(ref)(data, ref.affine, header)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0.0, 1.0
+    img.header["descrip"] = ("p(" + "),p(".join(names) + ")")[:79].encode()
+    zooms = tuple(ref.header.get_zooms()[:3]) + (1.0,)
+    img.header.set_zooms(zooms)
+    _copy_codes(ref, img)
+    return img
+
+
+def _copy_codes(ref: Any, img: Any) -> None:
+    """Keep the reference's qform and sform with their codes (nibabel resets codes of a new image)."""
+    qform, qcode = ref.header.get_qform(coded=True)
+    sform, scode = ref.header.get_sform(coded=True)
+    if qform is not None:
+        img.header.set_qform(qform, int(qcode))
+    else:
+        img.header.set_qform(ref.affine, 0)
+    if sform is not None:
+        img.header.set_sform(sform, int(scode))
+    else:
+        img.header.set_sform(ref.affine, 0)
+
+
+def write_atomic(outputs: list[tuple[Path, Any]]) -> None:
+    """Write every image under a temporary name in its folder, then rename them all into place."""
+    import nibabel as nib
+
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, img in outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+            temps.append((tmp, path))
+            nib.save(img, str(tmp))
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise PredictError(f"cannot write the output ({exc.strerror or exc})", outputs[0][0]) from None
+    finally:
+        for tmp, _ in temps:
+            if tmp.exists():
+                tmp.unlink()
+
+
+__all__ = ["Job", "PredictError", "Written", "main", "plan_jobs", "predict_patient", "write_atomic"]
