@@ -14,11 +14,11 @@ Two things about the export are not documented, so they are options checked agai
   dark on FLAIR; edema is bright on T2/FLAIR and dark on T1/T1ce; enhancing tumour is brighter
   on T1ce than on T1. When another order scores clearly better than the chosen one, the volume
   gets a warning naming the order the data suggest.
-* The background. Intensities may have been normalised per volume, leaving the background a
-  non-zero constant. Per channel, the background is the most frequent value on the in-plane
-  border of every slice (the corners of an axial slice lie outside the head); the brain is any
-  channel differing from its background, and background voxels are set to 0 before returning,
-  because preprocessing expects a zero background.
+* The background. Intensities may have been normalised per volume (or per slice), leaving the
+  background a non-zero constant. Per channel and slice, the background is the most frequent value
+  on the slice's in-plane border (the corners of an axial slice lie outside the head); the brain
+  is any channel differing from its background, and background voxels are set to 0 before
+  returning, because preprocessing expects a zero background.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ METADATA_FILES = ("meta_data.csv", "BraTS20 Training Metadata.csv")
 GEOMETRY_NOTE = "the Kaggle export stores no geometry: affine is the identity, spacing assumed 1 mm"
 
 BACKGROUND_MIN_FRACTION = 0.5
-"""The border's most frequent value is taken as the background only if it covers at least this
-fraction of the border voxels; otherwise the background is taken to be 0 and a warning says so."""
+"""A border's most frequent value is the background only if it covers at least this fraction of
+the border voxels; a channel where neither a slice's border nor the whole volume's has such a
+value keeps background 0 for that slice, with a warning."""
 ORDER_MARGIN = 0.25
 """How much better (in summed fact scores, each within [-1, 1]) another channel order must fit
 the data before the chosen one is called contradicted."""
@@ -212,21 +213,18 @@ def load_kaggle_patient(
 
     warnings: list[str] = []
     notes: list[str] = []
-    backgrounds = find_background(raw)
-    for name, (value, fraction) in zip(order, backgrounds):
-        if fraction < BACKGROUND_MIN_FRACTION:
+    background = find_background(raw)  # (C, D)
+    for c, name in enumerate(order):
+        if np.isnan(background[c]).any():
             warnings.append(
-                f"stored channel {name}: no constant background on the slice borders "
-                f"(most frequent value covers {fraction:.0%}); background taken as 0"
+                f"stored channel {name}: no constant background on the slice borders; "
+                "background taken as 0 (the brain mask may include non-brain voxels)"
             )
-    values = [v if f >= BACKGROUND_MIN_FRACTION else 0.0 for v, f in backgrounds]
-    brain = np.zeros(raw.shape[1:], dtype=bool)
-    for c, value in enumerate(values):
-        brain |= raw[c] != np.float32(value)
+    background = np.nan_to_num(background, nan=0.0).astype(np.float32)
+    brain = np.any(raw != background[:, None, None, :], axis=0)
     raw[:, ~brain] = 0.0
-    if any(v != 0 for v in values):
-        shown = ", ".join(f"{n}={v:g}" for n, v in zip(order, values))
-        notes.append(f"{ref.id}: non-zero background ({shown}) detected and set to 0")
+    if np.any(background != 0):
+        notes.append(f"{ref.id}: non-zero background ({_describe_background(order, background)}) detected and set to 0")
 
     shape = tuple(int(s) for s in raw.shape[1:])
     warnings += geometry_warnings(shape, None)
@@ -251,17 +249,39 @@ def load_kaggle_patient(
     )
 
 
-def find_background(raw: np.ndarray) -> list[tuple[float, float]]:
-    """Per channel of (C, H, W, D): (most frequent value on the in-plane borders, its share)."""
-    out = []
-    for channel in raw:
-        border = np.concatenate(
-            [channel[0].ravel(), channel[-1].ravel(), channel[1:-1, 0].ravel(), channel[1:-1, -1].ravel()]
-        )
-        values, counts = np.unique(border, return_counts=True)
-        best = int(np.argmax(counts))
-        out.append((float(values[best]), float(counts[best]) / border.size))
+def find_background(raw: np.ndarray) -> np.ndarray:
+    """Background value of each channel and slice of (C, H, W, D): float64 (C, D), NaN if none.
+
+    The background of a slice is the most frequent value on its in-plane border when it covers at
+    least BACKGROUND_MIN_FRACTION of it (per-slice normalisation gives each slice its own
+    constant); a slice whose border is mostly head takes the volume's most frequent border value.
+    """
+    channels, _, _, depth = raw.shape
+    out = np.full((channels, depth), np.nan)
+    for c in range(channels):
+        border = np.concatenate([raw[c, 0], raw[c, -1], raw[c, 1:-1, 0], raw[c, 1:-1, -1]])  # (n, D)
+        whole_value, whole_share = _mode(border.ravel())
+        for d in range(depth):
+            value, share = _mode(border[:, d])
+            if share >= BACKGROUND_MIN_FRACTION:
+                out[c, d] = value
+            elif whole_share >= BACKGROUND_MIN_FRACTION:
+                out[c, d] = whole_value
     return out
+
+
+def _mode(values: np.ndarray) -> tuple[float, float]:
+    uniques, counts = np.unique(values, return_counts=True)
+    best = int(np.argmax(counts))
+    return float(uniques[best]), float(counts[best]) / max(values.size, 1)
+
+
+def _describe_background(order: Sequence[str], background: np.ndarray) -> str:
+    parts = []
+    for name, values in zip(order, background):
+        lo, hi = float(values.min()), float(values.max())
+        parts.append(f"{name}={lo:g}" if lo == hi else f"{name}={lo:g}..{hi:g} by slice")
+    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------- channel-order check

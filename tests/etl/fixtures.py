@@ -110,7 +110,7 @@ def tiny_brats(
     csv: bool = True,
     quirk_355: bool = False,
     kaggle_order: Sequence[str] = ("flair", "t1", "t1ce", "t2"),
-    kaggle_background: bool = False,
+    kaggle_background: bool | str = False,
 ) -> Path:
     """Write a tiny dataset in `layout` under tmp_path/<layout> and return that root.
 
@@ -166,14 +166,21 @@ def write_brats2020_csvs(folder: Path, numbers: Sequence[int]) -> None:
 
 def write_kaggle_volume(
     data: Path, volume: int, shape, seed: int = 0, order: Sequence[str] = ("flair", "t1", "t1ce", "t2"),
-    background: bool = False, slices: Sequence[int] | None = None,
+    background: bool | str = False, slices: Sequence[int] | None = None,
 ) -> None:
-    """volume_V_slice_S.h5 files of one phantom: image float64 (H, W, 4) in `order`, mask uint8 (H, W, 3)."""
+    """volume_V_slice_S.h5 files of one phantom: image float64 (H, W, 4) in `order`, mask uint8 (H, W, 3).
+
+    `background`: False keeps it 0; True (or "volume") z-scores the volume over all voxels, "slice"
+    each slice, so the background becomes a non-zero constant per volume or per slice.
+    """
     import h5py
 
     images, labels = phantom(shape, seed)
     stack = np.stack([images[m] for m in order], axis=-1).astype(np.float64)  # (H, W, D, 4)
-    if background:  # z-score over the whole volume, as a careless export would: background != 0
+    if background == "slice":  # z-score each slice over the whole slice: a constant per slice
+        std = stack.std(axis=(0, 1), keepdims=True)
+        stack = (stack - stack.mean(axis=(0, 1), keepdims=True)) / np.where(std > 0, std, 1.0)
+    elif background:  # z-score over the whole volume, as a careless export would: background != 0
         stack = (stack - stack.mean(axis=(0, 1, 2))) / stack.std(axis=(0, 1, 2))
     onehot = np.stack([labels == k for k in (1, 2, 3)], axis=-1).astype(np.uint8)
     for s in range(shape[2]) if slices is None else slices:
