@@ -145,7 +145,7 @@ class ShardTask:
     kaggle_channel_order: tuple[str, ...]
     skip_bad: bool
     src: str = ""
-    stop_event: str | None = None
+    stop_file: str = ""
 
 
 def _jsonable(obj):
@@ -177,14 +177,8 @@ def portable(value, src: str):
 
 
 def _stopped(task: ShardTask) -> bool:
-    if not task.stop_event:
-        return False
-    try:
-        from distributed import Event
-
-        return Event(task.stop_event).is_set()
-    except Exception:  # not on a Dask worker, or the scheduler is gone: keep working
-        return False
+    """The orchestrator asked the tasks that have not started to return at once."""
+    return bool(task.stop_file) and Path(task.root, task.stop_file).exists()
 
 
 def _patient_entry(task: ShardTask, ref, volume, slices) -> dict:
@@ -276,15 +270,18 @@ class Runner:
 
     `workers=0` (and no scheduler) runs in this process, one task after another; otherwise a
     `LocalCluster` of `workers` single-threaded processes, or the cluster at `--scheduler` /
-    `DASK_SCHEDULER_ADDRESS`. `stop()` makes tasks that have not started return at once and
-    waits for the running ones, so nothing is written after it returns.
+    `DASK_SCHEDULER_ADDRESS`. `stop()` makes tasks that have not started return at once (a stop
+    file in the out folder, which every worker can see since it writes there) and waits for the
+    running ones, so nothing is written after it returns.
     """
 
-    def __init__(self, workers: int | None, scheduler: str | None, log: Callable[[str], None]) -> None:
+    def __init__(self, workers: int | None, scheduler: str | None, log: Callable[[str], None],
+                 stop_file: Path | None = None) -> None:
         self.address = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
         self.workers = (os.cpu_count() or 1) if workers is None else workers
         self.log = log
-        self.client = self.cluster = self.event = None
+        self.client = self.cluster = None
+        self.stop_file = stop_file
         self.futures: list = []
         self.in_process = self.address is None and self.workers == 0
 
@@ -293,7 +290,7 @@ class Runner:
             return self
         import logging
 
-        from distributed import Client, Event, LocalCluster
+        from distributed import Client, LocalCluster
 
         if self.address:
             self.client = Client(self.address)
@@ -309,8 +306,6 @@ class Runner:
         services = self.client.scheduler_info().get("services", {})
         if "dashboard" in services:
             self.log(f"Dask dashboard: {self.client.dashboard_link}")
-        self.event = Event(f"etl-stop-{os.getpid()}-{time.time_ns()}", client=self.client)
-        self.event.clear()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -319,9 +314,6 @@ class Runner:
             self.client.close()
         if self.cluster is not None:
             self.cluster.close()
-
-    def stop_event_name(self) -> str | None:
-        return None if self.event is None else self.event.name
 
     def run(self, tasks: list[ShardTask]) -> Iterator[dict]:
         if self.in_process:
@@ -339,7 +331,8 @@ class Runner:
             return
         from distributed import wait
 
-        self.event.set()
+        if self.stop_file is not None:
+            self.stop_file.touch()
         wait(self.futures)
 
 
@@ -636,8 +629,9 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
                                 shards_kept=len(done), unlabelled=list(scan.unlabelled), notes=list(scan.notes),
                                 seconds=time.time() - started)
     elif info.state is planlib.OutState.PARTIAL:
-        planlib.remove_partials(out)
         done = _kept(out, plan, planlib.read_journal(out))
+    if info.state in (planlib.OutState.PARTIAL, planlib.OutState.COMPLETE):
+        planlib.remove_partials(out)
 
     # 4. write the plan, then the missing shards
     guard = planlib.OutputGuard(out)
@@ -658,14 +652,14 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
     built = 0
     reporter.start(len(plan["shards"]), len(done))
     try:
-        with Runner(opts.workers, opts.scheduler, reporter.log) as runner:
+        with Runner(opts.workers, opts.scheduler, reporter.log, out / planlib.STOP_NAME) as runner:
             tasks = [
                 ShardTask(
                     root=str(out), path=s["path"], split=s["split"], format=opts.format,
                     refs=tuple(refs[p] for p in s["patients"]), size=opts.size, channels=tuple(opts.channels),
                     norm=opts.norm, keep_empty=opts.keep_empty, compression=opts.compression,
                     kaggle_channel_order=tuple(opts.kaggle_channel_order), skip_bad=opts.skip_bad,
-                    src=str(src), stop_event=runner.stop_event_name(),
+                    src=str(src), stop_file=planlib.STOP_NAME,
                 )
                 for s in pending
             ]

@@ -14,7 +14,6 @@ for the traceback).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -52,6 +51,22 @@ def _shape(text: str) -> tuple[int, int, int]:
     if len(shape) != 3 or min(shape) < 1:
         raise ToolError(f"--shape must be three positive integers H,W,D, got {text!r}")
     return shape  # type: ignore[return-value]
+
+
+def _command_line(ctx: typer.Context) -> tuple[str, ...]:
+    """The running command as `etl <command> --option value ...` (options left at their default omitted)."""
+    words = ["etl", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or not param.opts:
+            continue
+        if getattr(param, "param_type_name", "") != "option":
+            words.append(str(value))
+        elif getattr(param, "is_flag", False):
+            words.append(param.opts[0])
+        else:
+            words += [param.opts[0], str(value)]
+    return tuple(words)
 
 
 def _size(n: float) -> str:
@@ -105,6 +120,7 @@ def _progress():
 
 @app.command("build-shards")
 def build_shards(
+    ctx: typer.Context,
     src: Path = typer.Option(..., "--src", help="BraTS source folder (NIfTI layouts or the Kaggle .h5 export)."),
     out: Path = typer.Option(..., "--out", help="Shard folder to write (new, empty, or a previous build to resume)."),
     format: str = typer.Option("webdataset", "--format", help="webdataset | zarr"),
@@ -141,7 +157,7 @@ def build_shards(
         src=src, out=out, format=format, size=size, channels=_csv(modalities) or (), split=split, folds=folds,
         seed=seed, workers=workers, scheduler=scheduler, norm=norm, patients_per_shard=patients_per_shard,
         layout=layout, kaggle_channel_order=_csv(kaggle_channel_order) or (), keep_empty=keep_empty,
-        skip_bad=skip_bad, overwrite=overwrite, compression=compress, command=tuple(["etl"] + sys.argv[1:]),
+        skip_bad=skip_bad, overwrite=overwrite, compression=compress, command=_command_line(ctx),
     )
     summary = run_build(options, _RichReporter())
     _print_build_summary(summary)
@@ -156,7 +172,7 @@ class _RichReporter:
         self.task = None
 
     def log(self, message: str) -> None:
-        self.console.print(message, markup=False, highlight=False)
+        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def start(self, total: int, kept: int) -> None:
         if kept:

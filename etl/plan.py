@@ -38,6 +38,8 @@ from .writers.files import TMP_SUFFIX, sha256_file, write_atomic
 
 PLAN_VERSION = 1
 JOURNAL_NAME = ".build-journal.jsonl"
+STOP_NAME = ".build-stop"
+"""Created by the orchestrator when a task failed: tasks that have not started return at once."""
 STASH_NAME = ".build-previous"
 """Where `--overwrite` sets the old content aside until the new build has succeeded."""
 
@@ -193,14 +195,16 @@ class OutputGuard:
     `snapshot()` records every path under `out`; `stash()` (for --overwrite) moves the old
     content aside into `STASH_NAME`; `rollback()` deletes every path this run added and moves
     stashed content back; `commit()` drops the stash. Files that existed before are never
-    rewritten by a build except with identical bytes (plan, zarr group metadata, a rebuilt shard),
-    so restoring the set of paths restores the folder.
+    rewritten by a build except with identical bytes (plan, zarr group metadata, a rebuilt shard)
+    or appended to (the journal, cut back to its old length), so this restores the folder.
     """
 
     def __init__(self, out: Path) -> None:
         self.out = out
         self.existed = out.exists()
         self.before = _tree(out)
+        journal = out / JOURNAL_NAME
+        self.journal_size = journal.stat().st_size if journal.exists() else None  # appended to by this run
         self.stashed = False
 
     def stash(self) -> None:
@@ -226,6 +230,9 @@ class OutputGuard:
                 shutil.rmtree(full, ignore_errors=True)
             else:
                 full.unlink(missing_ok=True)
+        if self.journal_size is not None and not self.stashed:
+            with open(out / JOURNAL_NAME, "r+b") as handle:
+                handle.truncate(self.journal_size)
         if self.stashed:
             stash = out / STASH_NAME
             for entry in sorted(stash.iterdir()):
@@ -239,9 +246,10 @@ class OutputGuard:
 
 
 def remove_partials(out: Path) -> None:
-    """Delete temporary files and folders a crashed writer left behind (`*.partial`)."""
+    """Delete what a crashed run left behind: temporary files and folders (`*.partial`), a stop file."""
     if not out.exists():
         return
+    (out / STOP_NAME).unlink(missing_ok=True)
     for path in sorted(out.rglob("*" + TMP_SUFFIX), key=lambda p: len(p.parts), reverse=True):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
