@@ -160,6 +160,7 @@ def load(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError,
             KeyError, TypeError, AttributeError, ImportError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = reason.split(". ")[0].rstrip(".")  # torch appends paragraphs of advice
         if len(reason) > 160:
             reason = reason[:157] + "..."
         raise CheckpointError(f"not a readable checkpoint (truncated, corrupt or not from this tool: {reason})",

@@ -221,7 +221,7 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
         generator = torch.Generator().manual_seed(mix_seed(config.seed, epoch, dist.rank, stream))
         return torch.utils.data.DataLoader(ds, batch_size=config.batch_size, num_workers=config.workers,
                                            prefetch_factor=prefetch, pin_memory=device.type == "cuda",
-                                           generator=generator)
+                                           generator=generator, worker_init_fn=_loader_worker_init)
 
     # 4. model, loss, optimiser, scheduler, scaler, augmenter ----------------------------------
     torch.manual_seed(config.seed)
@@ -278,8 +278,9 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
     console.print(f"{config.variant}: {config.model} ({n_params:,} parameters), channels {','.join(config.channels)}, "
                   f"loss {config.loss}, augmentation {config.augment}, target {config.target}, device {device}, "
                   f"autocast {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}, ranks {dist.world_size}")
-    console.print(f"train on {'+'.join(train_splits)} ({train_ds.num_slices} slices), validate on "
-                  f"{config.val_split} ({val_ds.num_slices} slices); epochs {start_epoch + 1}..{config.epochs}"
+    per_rank = " per rank" if dist.enabled else ""
+    console.print(f"train on {'+'.join(train_splits)} ({train_ds.num_slices} slices{per_rank}), validate on "
+                  f"{config.val_split} ({val_ds.num_slices} slices{per_rank}); epochs {start_epoch + 1}..{config.epochs}"
                   f" -> {run_dir}")
 
     # 6. epochs ------------------------------------------------------------------------------
@@ -388,6 +389,19 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
         _report(run_dir, console)
     distributed.shutdown(dist)
     return Result(run_dir, done, 0, message, history)
+
+
+def _loader_worker_init(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, which stops after the current
+    step and shuts them down (a worker killed by Ctrl-C would otherwise break the last fetch);
+    one thread each, since they only decode."""
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
 
 
 def autocast_dtype(config: Config, device: Any) -> Any:

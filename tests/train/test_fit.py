@@ -253,3 +253,43 @@ def test_resume_with_nothing_left_and_manifest_checks(shards, tmp_path):
     with pytest.raises(ConfigError, match="--resume"):
         fit.run({"out": str(tmp_path / "nothing")}, resume=True, hooks=quiet())
     assert isinstance(ShardStore(shards).manifest, Manifest)
+
+
+def test_ddp_two_ranks_on_gloo_match_a_single_process_evaluation(shards, tmp_path):
+    """torchrun, 2 CPU ranks: only rank 0 writes; the all-reduced validation counts equal a
+    single-process evaluation of the same weights."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train import distributed
+    from train.config import resolve
+    from train.losses import build_loss
+    from train.models import build_model
+
+    script = Path(sys.executable).parent / "train"
+    if not script.exists():
+        pytest.skip("the `train` console script is not installed in this environment")
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
+               str(script), "run", "--shards", str(shards), "--variant", "v1", "--out", str(out), "--epochs", "1",
+               "--batch-size", "2", "--lr", "0.01", "--workers", "0", "--base", "4", "--depth", "2", "--no-report"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "ranks 2" in done.stdout + done.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]  # no rank-1 files
+
+    payload = ckpt.load(out / "checkpoints" / ckpt.LAST)
+    model = build_model(payload["model"]["name"], payload["model"]["in_channels"], **payload["model"]["kwargs"])
+    model.load_state_dict(payload["model_state"])
+    config = resolve({}, payload["config"])
+    val = fit.open_dataset(config, ShardStore(shards), ["val"], training=False, dist=distributed.Dist())
+    loader = torch.utils.data.DataLoader(val, batch_size=3)
+    single = fit.validate(model, loader, build_loss(config.loss), torch.device("cpu"), None, distributed.Dist())
+    row = payload["history"][0]
+    for kind, key in (("dice", "dice"), ("prec", "precision"), ("recall", "recall")):
+        got = [row[f"{kind}_{name}"] for name in ("NEC/NET", "ED", "ET")]
+        np.testing.assert_array_equal(np.asarray(got), single[key])  # from integer counts: exact
+    assert single["counts"][0].sum() > 0  # the model predicts some tumour: a non-trivial comparison
+    assert row["val_loss"] == pytest.approx(single["loss"], rel=1e-4)  # float sums in another order
