@@ -1,0 +1,343 @@
+"""`train report RUN_DIR`: pictures of a run and a markdown page embedding them, in RUN_DIR/report/.
+
+    train report runs/v1
+
+What it writes (matplotlib, Agg backend, so it runs without a display):
+
+- `loss.png`    train and validation loss per epoch (metrics.csv);
+- `scores.png`  Dice, precision and recall per output channel per epoch (NEC/NET, ED, ET with
+                `--target classes`, WT, TC, ET with `--target regions`; the channel names are
+                read from the metrics.csv header), with the validation mean Dice; these are
+                the trainer's dataset-level numbers (TP/FP/FN summed over the validation slices);
+- `lr.png`      the learning rate per epoch (log scale; ReduceLROnPlateau steps show);
+- `slices.png`  validation slices of the best, median and worst patients by patient Dice (mean
+                of the three classes, per patient on the shard grid), each on the slice with the
+                most tumour: FLAIR (else T1ce, else the first channel) with the ground-truth
+                contours (left) and the predicted ones (right) per class, using
+                `checkpoints/best.pt` and the shards and validation split recorded in
+                `config.json`; left out, with the reason in `report.md`, when the checkpoint or
+                the shards cannot be read;
+- `report.md`   the pictures, the final and best epochs' metrics table, and the patient-level
+                numbers behind the slice choice, each with the average it is.
+
+Slices are shown as stored (first array axis to the right, second axis up); no reorientation.
+`train run` calls `main(run_dir)` at the end of training.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shards_spec.errors import ToolError
+
+from .metrics import PATIENT_KEYS
+
+REPORT_DIR = "report"
+CLASS_COLOURS = {1: ("NEC/NET", "#e41a1c"), 2: ("ED", "#4daf4a"), 3: ("ET", "#ffd92f")}
+DISPLAY_CHANNELS = ("flair", "t1ce")
+"""The background image of the slice pictures: the first of these the shards hold."""
+
+
+class ReportError(ToolError):
+    """A run folder without what a report needs (metrics.csv)."""
+
+
+@dataclass
+class ShownSlice:
+    """One patient's slice chosen for the picture."""
+
+    role: str  # best / median / worst
+    patient: str
+    dice: float  # mean patient Dice over NEC/NET, ED, ET (shard grid)
+    slice_index: int  # index along the source volume's third axis
+    image: np.ndarray  # (H, W) display channel
+    truth: np.ndarray  # (H, W) label map 0..3
+    pred: np.ndarray  # (H, W) label map 0..3
+    channel: str
+
+
+def main(run_dir: Path | str, device: str = "auto", batch_size: int = 32, console: Any = None) -> Path:
+    """Write RUN_DIR/report/ (see the module docstring); return the path of report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot's import
+    from rich.console import Console
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError("is not a run folder (it does not exist)", run_dir)
+    columns, rows = read_metrics(run_dir / "metrics.csv")
+    out = run_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    names = [c.split("_", 1)[1] for c in columns if c.startswith("dice_")]
+
+    pictures = {
+        "loss.png": plot_loss(rows),
+        "scores.png": plot_scores(rows, names),
+        "lr.png": plot_lr(rows),
+    }
+    for name, figure in pictures.items():
+        save_png(figure, out / name)
+    slices_note, patient_summary = None, None
+    try:
+        shown, patient_summary = choose_slices(run_dir, device, batch_size, console)
+        save_png(plot_slices(shown), out / "slices.png")
+        pictures["slices.png"] = None
+    except ToolError as exc:
+        slices_note = str(exc)
+        console.print(f"report: no slice pictures ({slices_note})")
+    markdown = render_markdown(run_dir, rows, names, list(pictures), slices_note, patient_summary)
+    _write_atomic(out / "report.md", markdown.encode())
+    console.print(f"report: {out / 'report.md'} ({', '.join(pictures)})")
+    return out / "report.md"
+
+
+# ---------------------------------------------------------------- metrics.csv and curves
+
+
+def read_metrics(path: Path) -> tuple[list[str], list[dict[str, float]]]:
+    """The header and rows of metrics.csv, values as floats (nan stays nan)."""
+    if not path.is_file():
+        raise ReportError("no metrics.csv: not a run folder, or no epoch has finished yet", path)
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        try:
+            columns = next(reader)
+        except StopIteration:
+            raise ReportError("is empty (no header)", path) from None
+        needed = {"epoch", "train_loss", "val_loss", "mean_dice", "lr"}
+        if not needed <= set(columns) or not any(c.startswith("dice_") for c in columns):
+            raise ReportError(f"header lacks {sorted(needed - set(columns)) or ['dice_*']}: not a train run's metrics",
+                              path)
+        rows = []
+        for number, values in enumerate(reader, start=2):
+            if not values:
+                continue
+            if len(values) != len(columns):
+                raise ReportError(f"line {number} has {len(values)} fields, the header {len(columns)}", path)
+            try:
+                rows.append({c: float(v) for c, v in zip(columns, values)})
+            except ValueError:
+                raise ReportError(f"line {number} holds a value that is not a number", path) from None
+    if not rows:
+        raise ReportError("holds no epoch yet", path)
+    return columns, rows
+
+
+def _epochs(rows: list[dict]) -> list[float]:
+    return [r["epoch"] for r in rows]
+
+
+def plot_loss(rows: list[dict]) -> Any:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(_epochs(rows), [r["train_loss"] for r in rows], marker="o", label="train (mean over steps' slices)")
+    ax.plot(_epochs(rows), [r["val_loss"] for r in rows], marker="o", label="validation (mean over slices)")
+    ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_scores(rows: list[dict], names: list[str]) -> Any:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    for ax, (prefix, title) in zip(axes, (("dice", "Dice"), ("prec", "precision"), ("recall", "recall"))):
+        for name in names:
+            key = f"{prefix}_{name}"
+            if key in rows[0]:
+                ax.plot(_epochs(rows), [r[key] for r in rows], marker="o", label=name)
+        if prefix == "dice":
+            ax.plot(_epochs(rows), [r["mean_dice"] for r in rows], color="black", linestyle="--", label="mean")
+        ax.set(xlabel="epoch", title=f"validation {title} (TP/FP/FN summed over slices)", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_lr(rows: list[dict]) -> Any:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    values = [r["lr"] for r in rows]
+    ax.plot(_epochs(rows), values, marker="o", drawstyle="steps-post")
+    if all(v > 0 for v in values):
+        ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel="learning rate", title="Learning rate (at the start of each epoch)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- validation slices
+
+
+def choose_slices(run_dir: Path, device: str, batch_size: int, console: Any) -> tuple[list[ShownSlice], dict]:
+    """Predict the validation patients on the shard grid with best.pt; pick best, median, worst."""
+    import json
+
+    from shards_spec.read import ShardStore
+
+    from . import inference
+    from .data import iter_patients
+    from .evaluate import patient_counts, scores_of_counts, summarise
+    from .metrics import probs_to_labels
+
+    config_path = run_dir / "config.json"
+    best = run_dir / "checkpoints" / "best.pt"
+    if not config_path.is_file():
+        raise ReportError("no config.json, so the shards are unknown", config_path)
+    try:
+        config = json.loads(config_path.read_text())["config"]
+        shards, split = config["shards"], config.get("val_split", "val")
+    except (ValueError, KeyError, TypeError):
+        raise ReportError("is not a train run's config.json", config_path) from None
+    loaded = inference.load_model(best, device)
+    try:
+        store = ShardStore(shards, cache_dir=config.get("cache_dir"))
+        manifest = store.manifest
+        manifest.require_split(split)
+    except (ToolError, OSError) as exc:
+        raise ReportError(f"the shards in config.json cannot be read ({exc})", shards) from None
+    display = next((c for c in DISPLAY_CHANNELS if c in manifest.channels), manifest.channels[0])
+    index = [manifest.channels.index(c) for c in loaded.channels]
+    shown_index = manifest.channels.index(display)
+    candidates = []  # (dice, patient, slice, image, truth, pred), one per patient
+    per_patient = []
+    for patient in iter_patients(store, split, None):
+        probs = inference.predict_slices(loaded, patient.image[:, index], batch_size)
+        pred = probs_to_labels(probs, loaded.target, threshold=inference.THRESHOLD, channel_axis=1)
+        pred[np.all(patient.image == 0, axis=1)] = 0
+        counts = patient_counts(pred, patient.mask)
+        scores = {k: scores_of_counts(**c) for k, c in counts.items()}
+        per_patient.append({"patient": patient.patient, "scores": scores})
+        dice = float(np.mean([scores[k]["dice"] for k in ("NEC/NET", "ED", "ET")]))
+        tumour = (patient.mask > 0).sum(axis=(1, 2))
+        s = int(np.argmax(tumour)) if tumour.any() else int(np.argmax((pred > 0).sum(axis=(1, 2))))
+        candidates.append((dice, patient.patient, patient.slice_index[s],
+                           patient.image[s, shown_index].astype(np.float32), patient.mask[s].copy(), pred[s].copy()))
+    if not candidates:
+        raise ReportError(f"split {split!r} holds no patient", shards)
+    candidates.sort(key=lambda c: (-c[0], c[1]))
+    picks = [("best", 0), ("median", len(candidates) // 2), ("worst", len(candidates) - 1)]
+    seen, shown = set(), []
+    for role, i in picks:
+        if i in seen:
+            continue
+        seen.add(i)
+        dice, pid, s, image, truth, pred = candidates[i]
+        shown.append(ShownSlice(role, pid, dice, s, image, truth, pred, display))
+    summary = {"split": split, "patients": len(per_patient), "checkpoint_epoch": loaded.epoch,
+               "summary": summarise(per_patient, ("dice",))}
+    return shown, summary
+
+
+def plot_slices(shown: list[ShownSlice]) -> Any:
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    cmap = plt.get_cmap("gray").with_extremes(bad="black")
+    fig, axes = plt.subplots(len(shown), 2, figsize=(8, 4 * len(shown)), squeeze=False)
+    for row, item in zip(axes, shown):
+        background = np.ma.masked_equal(item.image.T, 0.0)  # outside the brain (stored as exactly 0)
+        brain = item.image[item.image != 0]
+        low, high = (np.percentile(brain, (1, 99)) if brain.size else (0.0, 1.0))
+        for ax, labels, what in zip(row, (item.truth, item.pred), ("ground truth", "prediction")):
+            ax.imshow(background, cmap=cmap, origin="lower", interpolation="nearest", vmin=low, vmax=high)
+            for value, (_, colour) in CLASS_COLOURS.items():
+                mask = (labels == value).astype(float)
+                if mask.any():
+                    ax.contour(mask.T, levels=[0.5], colors=[colour], linewidths=1.2, origin="lower")
+            ax.set_title(f"{item.role}: {item.patient}, slice {item.slice_index}\n{what} "
+                         f"(patient Dice {item.dice:.3f})", fontsize=9)
+            ax.set_axis_off()
+    handles = [Line2D([0], [0], color=colour, lw=2, label=name) for name, colour in CLASS_COLOURS.values()]
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle(f"Validation slices ({shown[0].channel}), best / median / worst patient by mean class Dice")
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    return fig
+
+
+# ---------------------------------------------------------------- output
+
+
+def render_markdown(run_dir: Path, rows: list[dict], names: list[str], pictures: list[str], slices_note: str | None,
+                    patient_summary: dict | None) -> str:
+    best = max(rows, key=lambda r: -math.inf if math.isnan(r["mean_dice"]) else r["mean_dice"])
+    last = rows[-1]
+    lines = [f"# Run report: {run_dir.name}", "",
+             f"{len(rows)} epoch(s). Validation numbers per epoch are dataset-level: TP/FP/FN summed over every "
+             "validation slice on the shard grid, then one score per channel (–: NaN, no voxel in prediction or "
+             "truth, left out of the mean Dice).", "",
+             "| epoch | | train loss | val loss | mean Dice | "
+             + " | ".join(f"Dice {n}" for n in names) + " | "
+             + " | ".join(f"precision {n}" for n in names) + " | "
+             + " | ".join(f"recall {n}" for n in names) + " |",
+             "|---|---|" + "---:|" * (3 + 3 * len(names))]
+    for label, row in (("last", last), ("best", best)) if best is not last else (("last, best", last),):
+        cells = [_md(row["train_loss"], 4), _md(row["val_loss"], 4), _md(row["mean_dice"])]
+        for prefix in ("dice", "prec", "recall"):
+            cells += [_md(row.get(f"{prefix}_{n}", math.nan)) for n in names]
+        lines.append(f"| {int(row['epoch'])} | {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## Curves", "", "![loss](loss.png)", "", "![scores](scores.png)", "", "![learning rate](lr.png)", ""]
+    lines += ["## Validation slices", ""]
+    if "slices.png" in pictures and patient_summary:
+        summary = patient_summary["summary"]
+        lines += [f"`checkpoints/best.pt` (epoch {patient_summary['checkpoint_epoch']}) on the "
+                  f"{patient_summary['patients']} patient(s) of split `{patient_summary['split']}`, per patient on "
+                  "the shard grid (labels by the checkpoint's rule; prediction and truth both empty: Dice 1), "
+                  "averaged over patients:", "",
+                  "| | " + " | ".join(PATIENT_KEYS) + " |", "|---|" + "---:|" * len(PATIENT_KEYS),
+                  "| Dice mean | " + " | ".join(_md(summary[k]["dice"]["mean"]) for k in PATIENT_KEYS) + " |",
+                  "| Dice median | " + " | ".join(_md(summary[k]["dice"]["median"]) for k in PATIENT_KEYS) + " |",
+                  "| Dice std | " + " | ".join(_md(summary[k]["dice"]["std"]) for k in PATIENT_KEYS) + " |",
+                  "", "Best, median and worst patient by mean class Dice, each on its slice with the most tumour: "
+                  "ground truth left, prediction right.", "", "![validation slices](slices.png)", ""]
+    else:
+        lines += [f"Not drawn: {slices_note}", ""]
+    lines += ["For the headline numbers (patient level on the native grid, HD95) run "
+              "`train evaluate --checkpoint checkpoints/best.pt --shards SHARDS --src BRATS_DIR`.", ""]
+    return "\n".join(lines)
+
+
+def _md(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def save_png(figure: Any, path: Path) -> None:
+    """Save a figure as PNG atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        figure.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(figure)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+__all__ = ["ReportError", "main", "read_metrics", "render_markdown"]
