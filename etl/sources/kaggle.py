@@ -187,29 +187,42 @@ def load_kaggle_patient(
     order = parse_order(order)
     data_dir = Path(ref.files["slices"])
     volume_no, depth = int(ref.meta["volume"]), int(ref.meta["slices"])
-    raw = labels = None
+    def slice_path(s: int) -> Path:
+        return data_dir / f"volume_{volume_no}_slice_{s}.h5"
+
+    # Stored as (4, D, H, W) and (D, H, W, 3) so each slice is one contiguous copy; the returned
+    # (4, H, W, D) view keeps every axial slice contiguous, like a NIfTI channel.
+    planes = masks = None
     dtype = "unknown"
     for s in range(depth):
-        path = data_dir / f"volume_{volume_no}_slice_{s}.h5"
-        handle, image_ds, mask_ds = _slice_shapes(path, None if raw is None else raw.shape[1:3])
+        path = slice_path(s)
+        handle, image_ds, mask_ds = _slice_shapes(path, None if planes is None else planes.shape[2:])
         with handle:
             try:
                 image, mask = image_ds[()], mask_ds[()]
             except (OSError, ValueError, TypeError) as exc:
                 raise SourceError(f"cannot read the slice data, the file may be truncated ({exc})", path) from None
-        if raw is None:
-            h, w = image.shape[:2]
-            raw = np.empty((4, h, w, depth), dtype=np.float32)
-            labels = np.empty((h, w, depth), dtype=np.uint8)
+        if planes is None:
+            planes = np.empty((4, depth, *image.shape[:2]), dtype=np.float32)
+            masks = np.empty((depth, *mask.shape), dtype=mask.dtype)
             dtype = str(image.dtype)
-        if not np.issubdtype(image.dtype, np.number) or not np.isfinite(image).all():
-            raise SourceError("image holds non-finite or non-numeric values", path)
-        raw[..., s] = np.moveaxis(image, -1, 0)
-        labels[..., s] = encode_onehot(mask, path)
-    if raw is None:
+        if not np.issubdtype(image.dtype, np.number):
+            raise SourceError(f"image has non-numeric dtype {image.dtype}", path)
+        planes[:, s] = image.transpose(2, 0, 1)
+        if not np.isfinite(planes[:, s]).all():
+            raise SourceError("image holds non-finite values (NaN or inf, or beyond float32)", path)
+        if mask.dtype != masks.dtype:
+            encode_onehot(mask, path)  # a cast into the first slice's dtype must not hide bad values
+        masks[s] = mask
+    if planes is None:
         raise SourceError(f"{ref.id} has no slices", data_dir)
-    if not np.isfinite(raw).all():
-        raise SourceError(f"{ref.id}: image values exceed the float32 range", data_dir)
+    try:
+        labels = encode_mask_volume(masks).transpose(1, 2, 0)
+    except SourceError:
+        for s in range(depth):  # find the slice to name
+            encode_onehot(masks[s], slice_path(s))
+        raise
+    raw = planes.transpose(0, 2, 3, 1)
 
     warnings: list[str] = []
     notes: list[str] = []
@@ -221,8 +234,12 @@ def load_kaggle_patient(
                 "background taken as 0 (the brain mask may include non-brain voxels)"
             )
     background = np.nan_to_num(background, nan=0.0).astype(np.float32)
-    brain = np.any(raw != background[:, None, None, :], axis=0)
-    raw[:, ~brain] = 0.0
+    brain = np.zeros(raw.shape[1:], dtype=bool)
+    for c in range(len(raw)):
+        brain |= raw[c] != background[c]
+    outside = ~brain
+    for c in range(len(raw)):
+        np.copyto(raw[c], 0.0, where=outside)
     if np.any(background != 0):
         notes.append(f"{ref.id}: non-zero background ({_describe_background(order, background)}) detected and set to 0")
 
@@ -247,6 +264,25 @@ def load_kaggle_patient(
         source_dtype=dtype,
         notes=notes,
     )
+
+
+def encode_mask_volume(masks: np.ndarray) -> np.ndarray:
+    """`encode_onehot` for a whole volume (..., 3), fast: it maps the distinct channel patterns.
+
+    With 0/1 masks every voxel's pattern is a 3-bit code; `encode_onehot` validates and maps the
+    (at most 8) distinct patterns and a table applies them, instead of ~1 s of full-size
+    temporaries. Other values go to `encode_onehot` whole, which raises its error.
+    """
+    if masks.dtype == np.uint8 or masks.dtype == np.bool_:
+        small = masks.view(np.uint8)
+        if small.size and small.max() <= 1:
+            codes = small[..., 0] | (small[..., 1] << 1) | (small[..., 2] << 2)
+            present = np.flatnonzero(np.bincount(codes.ravel(), minlength=8))
+            patterns = ((present[:, None] >> np.arange(3)) & 1).astype(np.uint8)
+            table = np.zeros(8, dtype=np.uint8)
+            table[present] = encode_onehot(patterns)
+            return table[codes]
+    return encode_onehot(masks)
 
 
 def find_background(raw: np.ndarray) -> np.ndarray:
@@ -305,22 +341,24 @@ def contrast_evidence(volume: np.ndarray, brain: np.ndarray, labels: np.ndarray 
     Ranks are taken within the normal-appearing brain (brain minus tumour), so they do not
     depend on how a volume was scaled or shifted.
     """
-    flat = volume.reshape(volume.shape[0], -1)
-    normal = brain.ravel() if labels is None else brain.ravel() & (labels.ravel() == 0)
-    sample = _strided(np.flatnonzero(normal), SAMPLE_VOXELS)
-    if len(sample) < 4 * MIN_CLASS_VOXELS:
+    normal = brain if labels is None else brain & (labels == 0)
+    where = _strided(np.flatnonzero(normal), SAMPLE_VOXELS)
+    if len(where) < 4 * MIN_CLASS_VOXELS:
         return {}
-    reference = [np.sort(flat[c, sample]) for c in range(len(flat))]
-    ranks = np.stack([_ecdf(reference[c], flat[c, sample]) for c in range(len(flat))])
+    sample = np.unravel_index(where, normal.shape)  # coordinates: no copy of a strided volume
+    values = [channel[sample] for channel in volume]
+    reference = [np.sort(v) for v in values]
+    ranks = np.stack([_ecdf(ref, v) for ref, v in zip(reference, values)])
     evidence = {"ranks": ranks}
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = np.corrcoef(ranks)
     evidence["corr"] = np.nan_to_num(corr)
     if labels is not None:
         for label, key in ((2, "ED"), (3, "ET")):
-            idx = _strided(np.flatnonzero(labels.ravel() == label), SAMPLE_VOXELS // 4)
-            if len(idx) >= MIN_CLASS_VOXELS:
-                evidence[key] = np.array([_ecdf(reference[c], flat[c, idx]).mean() for c in range(len(flat))])
+            where = _strided(np.flatnonzero(labels == label), SAMPLE_VOXELS // 4)
+            if len(where) >= MIN_CLASS_VOXELS:
+                voxels = np.unravel_index(where, labels.shape)
+                evidence[key] = np.array([_ecdf(ref, ch[voxels]).mean() for ref, ch in zip(reference, volume)])
     return evidence
 
 
