@@ -93,6 +93,7 @@ def evaluate_command(
     split: str = typer.Option("val", help="Split to evaluate."),
     src: Optional[Path] = typer.Option(None, help="BraTS source folder: also score on the native grid (the headline number)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write all scores to this JSON file."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the per-patient scores to this CSV file."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(32, help="Slices per batch."),
     workers: int = typer.Option(2, help="DataLoader worker processes."),
@@ -106,27 +107,30 @@ def evaluate_command(
     """
     from . import evaluate
 
-    evaluate.main(checkpoint=checkpoint, shards=shards, split=split, src=src, json_path=json_path, device=device,
-                  batch_size=batch_size, workers=workers, cache_dir=cache_dir)
+    evaluate.main(checkpoint=checkpoint, shards=shards, split=split, src=src, json_path=json_path, csv_path=csv_path,
+                  device=device, batch_size=batch_size, workers=workers, cache_dir=cache_dir)
 
 
 @app.command("predict", no_args_is_help=True)
 def predict_command(
     checkpoint: Path = typer.Option(..., help="A checkpoint (runs/NAME/checkpoints/best.pt)."),
-    input: List[Path] = typer.Option(..., "--input", help="A patient folder, or the modality files (repeat --input)."),
-    out: Path = typer.Option(..., help="Segmentation to write (SEG.nii.gz), in the input's geometry and labels."),
+    input: List[str] = typer.Option(..., "--input", help="A patient folder, a folder of patients, or one NAME=PATH per modality (repeat --input)."),
+    out: Path = typer.Option(..., help="Segmentation to write (SEG.nii.gz; a folder for a folder of patients), in the input's geometry and labels."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(32, help="Slices per batch."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write the three sigmoid channels beside each segmentation."),
 ) -> None:
-    """Segment one patient's NIfTI volumes with a checkpoint.
+    """Segment NIfTI volumes with a checkpoint.
 
     \b
-    Example:
-      train predict --checkpoint runs/v1/checkpoints/best.pt --input BraTS20_Training_001/ --out seg.nii.gz
+    Examples:
+      train predict --checkpoint runs/v1/checkpoints/best.pt --input BraTS20_Training_001/ --out 001_seg.nii.gz
+      train predict --checkpoint best.pt --input t1ce=a_t1ce.nii.gz --input flair=a_flair.nii.gz --out a_seg.nii.gz
     """
     from . import predict
 
-    predict.main(checkpoint=checkpoint, inputs=list(input), out=out, device=device, batch_size=batch_size)
+    predict.main(checkpoint=checkpoint, inputs=list(input), out=out, device=device, batch_size=batch_size,
+                 probabilities=probabilities)
 
 
 @app.command("report", no_args_is_help=True)
