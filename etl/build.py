@@ -389,11 +389,25 @@ def _relative(path: str | None, src: Path) -> str | None:
 
 
 def _problem_patient(exc: SourceError, src: Path) -> str:
+    """The patient a scan problem belongs to, from the path it names (SourceError has no id)."""
+    import re
+
+    from .sources.base import safe_id
+    from .sources.nifti import layout_of_folder_name
+
     patient = getattr(exc, "patient", None)
     if patient:
         return str(patient)
-    rel = _relative(exc.path, src)
-    return rel.split("/")[0] if rel else "?"
+    if not exc.path:
+        return "?"
+    path = Path(exc.path)
+    for part in reversed(path.parts):
+        kaggle = re.match(r"^volume_(\d+)_slice_\d+\.h5$", part)
+        if kaggle:
+            return f"volume_{int(kaggle.group(1))}"
+        if layout_of_folder_name(part) is not None:
+            return safe_id(part)
+    return safe_id(path.parent.name if path.suffix else path.name)
 
 
 def format_problems(problems: list[SourceError], total: int) -> str:
@@ -570,9 +584,11 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
     started = time.time()
     spec = opts.validate()
     src, out = opts.src.resolve(), opts.out  # absolute source paths: workers may run elsewhere
+    if not opts.src.exists():
+        raise SourceError("does not exist", opts.src)
     if not src.is_dir():
-        raise SourceError("is not a folder", src)
-
+        raise SourceError("is not a folder", opts.src)
+    planlib.refuse_foreign(out)  # cheap, before the scan
     # 1. scan: header-level problems stop here, before anything is written
     scan = scan_source(src, opts.layout, require_labels=True, check_headers=True)
     layout = scan.layout

@@ -103,6 +103,14 @@ def plan_differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
+def refuse_foreign(out: Path) -> None:
+    """Refuse a non-empty folder that no build made (the FOREIGN state), whatever the options."""
+    if out.exists() and not out.is_dir():
+        raise OutputError("exists and is not a folder", out)
+    if out.is_dir() and any(out.iterdir()) and not (out / PLAN_NAME).exists() and not (out / MANIFEST_NAME).exists():
+        raise OutputError("is not empty and was not made by build-shards (no plan.json); choose an empty folder", out)
+
+
 @dataclass
 class OutInfo:
     state: OutState

@@ -407,7 +407,7 @@ def test_data_error_inside_a_task_rolls_back_a_resumed_folder(source_factory, tm
     plan = json.loads((out / "plan.json").read_text())
     last = plan["shards"][-1]["patients"][0]
     path = _find(src, rf"^{last}_seg\.nii$")
-    img = nib.load(path)
+    img = nib.load(path, mmap=False)
     data = np.asarray(img.dataobj).copy()
     data[20, 20, 12] = 5  # not a BraTS 2020 label; same file size, so the plan still matches
     nib.save(nib.Nifti1Image(data, img.affine, img.header), str(path))
