@@ -269,18 +269,20 @@ def inspect(shards: str = typer.Argument(..., help="Shard folder (path or URL)."
                   f"{','.join(info['channels'])}, size {info['preprocessing']['size']}, norm "
                   f"{info['preprocessing']['norm']}", highlight=False)
     table = Table(title="splits", title_justify="left")
-    for column in ("split", "patients", "shards", "slices", "tumour slices", "background", "NEC/NET", "ED", "ET",
-                   "bytes/slice"):
-        table.add_column(column, justify="left" if column == "split" else "right")
+    for column in ("split", "patients", "shards", "slices", "tumour", "size", "bytes/slice"):
+        table.add_column(column, justify="left" if column == "split" else "right", no_wrap=True)
     for name, split in info["splits"].items():
-        frac = split["voxel_fraction"]
         per_slice = split["bytes"] / split["slices"] if split["slices"] else 0
         table.add_row(name, str(split["patients"]), str(split["shards"]), str(split["slices"]),
-                      str(split["tumour_slices"]), *(f"{100 * frac[k]:.3f}%" for k in frac), _size(per_slice))
+                      str(split["tumour_slices"]), _size(split["bytes"]), _size(per_slice))
     console.print(table)
-    console.print("class balance: voxel fractions on the shard grid; of tumour voxels: " + "; ".join(
-        f"{n} " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["tumour_fraction"].items())
-        for n, s in info["splits"].items()), highlight=False)
+    balance = Table(title="class balance (% of voxels on the shard grid | % of tumour voxels)", title_justify="left")
+    for column in ("split", "background", "NEC/NET", "ED", "ET", "| NEC/NET", "ED", "ET"):
+        balance.add_column(column, justify="left" if column == "split" else "right", no_wrap=True)
+    for name, split in info["splits"].items():
+        balance.add_row(name, *(f"{100 * v:.2f}" for v in split["voxel_fraction"].values()),
+                        *(f"{100 * v:.1f}" for v in split["tumour_fraction"].values()))
+    console.print(balance)
     split = info["split"]
     how = f"folds {split.get('folds')}" if split.get("method") == "folds" else f"ratios {split.get('ratios')}"
     console.print(f"split: {split.get('method')}, {how}, seed {split.get('seed')}, stratify {split.get('stratify')}",
