@@ -51,7 +51,8 @@ class PatientRef:
 class PatientVolume:
     """One patient's arrays, as stored on disk (no reorientation), ready for preprocessing."""
 
-    volume: np.ndarray  # float32 (C, H, W, D), channels in the requested order, background 0
+    volume: np.ndarray  # float32 (C, H, W, D), requested channel order, background 0; each channel
+    # is laid out slice-contiguous as stored (not C order): np.ascontiguousarray if you need that
     brain: np.ndarray  # bool (H, W, D)
     labels: np.ndarray | None  # uint8 (H, W, D) label map 0..3, None without segmentation
     affine: np.ndarray  # float64 (4, 4)

@@ -46,7 +46,7 @@ EXTENSIONS = (".nii.gz", ".nii")
 AFFINE_TOLERANCE = 1e-3
 
 # What a damaged file raises while nibabel reads it (truncated gzip, short .nii, bad header).
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, IndexError)
+_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, zlib.error, struct.error, IndexError)
 
 
 def layout_of_folder_name(name: str) -> str | None:
