@@ -136,6 +136,12 @@ def _epochs(rows: list[dict]) -> list[float]:
     return [r["epoch"] for r in rows]
 
 
+def _epoch_axis(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_loss(rows: list[dict]) -> Any:
     import matplotlib.pyplot as plt
 
@@ -143,6 +149,7 @@ def plot_loss(rows: list[dict]) -> Any:
     ax.plot(_epochs(rows), [r["train_loss"] for r in rows], marker="o", label="train (mean over steps' slices)")
     ax.plot(_epochs(rows), [r["val_loss"] for r in rows], marker="o", label="validation (mean over slices)")
     ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    _epoch_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -161,6 +168,7 @@ def plot_scores(rows: list[dict], names: list[str]) -> Any:
         if prefix == "dice":
             ax.plot(_epochs(rows), [r["mean_dice"] for r in rows], color="black", linestyle="--", label="mean")
         ax.set(xlabel="epoch", title=f"validation {title} (TP/FP/FN summed over slices)", ylim=(-0.02, 1.02))
+        _epoch_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -176,6 +184,7 @@ def plot_lr(rows: list[dict]) -> Any:
     if all(v > 0 for v in values):
         ax.set_yscale("log")
     ax.set(xlabel="epoch", ylabel="learning rate", title="Learning rate (at the start of each epoch)")
+    _epoch_axis(ax)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
