@@ -71,10 +71,17 @@ ARCHITECTURE = ("variant", "model", "channels", "base", "depth", "batch_norm")
 the variant, the run would claim a preset its model does not follow)."""
 
 
+SCORES = (("dice", "dice"), ("prec", "precision"), ("recall", "recall"))
+"""metrics.csv column prefix -> key of `metrics.scores_from_counts`."""
+
+
+def channel_names(target: str) -> tuple[str, ...]:
+    return CLASS_NAMES if target == "classes" else REGION_NAMES
+
+
 def metric_columns(target: str) -> list[str]:
     """metrics.csv header: fixed order; channel names NEC/NET, ED, ET or WT, TC, ET."""
-    names = CLASS_NAMES if target == "classes" else REGION_NAMES
-    per_class = [f"{kind}_{name}" for kind in ("dice", "prec", "recall") for name in names]
+    per_class = [f"{prefix}_{name}" for prefix, _ in SCORES for name in channel_names(target)]
     return ["epoch", "train_loss", "val_loss", "mean_dice", *per_class, "lr", "seconds"]
 
 
@@ -293,6 +300,8 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
     with StopSignal() as stop:
         try:
             for epoch in range(start_epoch, config.epochs):
+                if distributed.agree(dist, stop.requested, device):  # arrived while the last epoch was saved
+                    raise StopRequested(stop.signum or 15)
                 if distributed.agree(dist, not budget.allows_epoch(session_seconds or past_seconds), device):
                     outcome = (f"time budget: epoch {epoch + 1} is projected to take "
                                f"{format_duration(Budget.projected_epoch(session_seconds or past_seconds))}, "
@@ -350,9 +359,9 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
                 # checkpoint, then the CSV row
                 seconds = hooks.clock() - started
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": scores["loss"], "mean_dice": mean_dice}
-                for kind, key in (("dice", "dice"), ("prec", "precision"), ("recall", "recall")):
-                    for name, value in zip(columns[4:7], scores[key]):
-                        row[f"{kind}_{name.split('_', 1)[1]}"] = float(value)
+                for prefix, key in SCORES:
+                    for name, value in zip(channel_names(config.target), scores[key]):
+                        row[f"{prefix}_{name}"] = float(value)
                 row.update(lr=lr, seconds=round(seconds, 3))
                 history.append(row)
                 improved = score > best
@@ -369,7 +378,7 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
                     with open(run_dir / "metrics.csv", "a", newline="") as fh:
                         csv.writer(fh).writerow([_cell(row[c]) for c in columns])
                 session_seconds.append(hooks.clock() - started)
-                console.print(_summary(row, columns, config.epochs, improved))
+                console.print(_summary(row, channel_names(config.target), config.epochs, improved))
         except StopRequested as stopped:
             name = "SIGINT" if stopped.signum == 2 else "SIGTERM" if stopped.signum == 15 else f"signal {stopped.signum}"
             kept = (f"{checkpoints / ckpt.LAST} holds epoch {len(history)}" if history
@@ -535,8 +544,7 @@ def _print_projection(console: Any, steps: int, seconds: float, steps_per_epoch:
     console.print(line)
 
 
-def _summary(row: dict, columns: list[str], epochs: int, improved: bool) -> str:
-    names = [c.split("_", 1)[1] for c in columns[4:7]]
+def _summary(row: dict, names: tuple[str, ...], epochs: int, improved: bool) -> str:
     per_class = " ".join(f"{n} {row['dice_' + n]:.3f}" for n in names)
     empty = [n for n in names if math.isnan(row["dice_" + n])]
     note = f" ({', '.join(empty)}: empty in prediction and truth, left out of the mean)" if empty else ""
