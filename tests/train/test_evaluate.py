@@ -157,7 +157,7 @@ def test_src_agrees_with_predict_and_independent_scoring(data, trained, tmp_path
                 assert entry["scores"][k]["hd95"] == pytest.approx(hd, abs=1e-4), k
                 hd95_compared += 1
             assert entry["voxels"][k] == {"truth": int(t.sum()), "pred": int(p.sum())}
-    assert hd95_compared >= 3
+    assert hd95_compared >= 2
     # the per-patient CSV beside the JSON: a shard row and a native row per patient
     with open(tmp_path / "eval_patients.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
