@@ -47,10 +47,10 @@ def make_source(root: Path, layout: str = "brats2020", patients: int = 3, shape=
     return root
 
 
-def make_shards(src: Path, out: Path, size: int, channels=("t1", "t1ce", "t2", "flair")) -> Path:
+def make_shards(src: Path, out: Path, size: int, channels=("t1", "t1ce", "t2", "flair"),
+                split: str = "train=0.5,val=0.5") -> Path:
     """The real ETL, in this process, split train/val by patient."""
-    build_shards(BuildOptions(src=src, out=out, size=size, channels=tuple(channels), split="train=0.5,val=0.5",
-                              workers=0))
+    build_shards(BuildOptions(src=src, out=out, size=size, channels=tuple(channels), split=split, workers=0))
     return out
 
 
