@@ -54,7 +54,6 @@ from .metrics import BRATS_MAX_HD95, PATIENT_KEYS, confusion_counts, summarize
 
 METRICS = ("dice", "precision", "recall")
 NATIVE_METRICS = ("dice", "precision", "recall", "hd95")
-GRIDS = ("shard", "native")
 
 AVERAGES = {
     "slice_level": ("dataset-level: TP/FP/FN of each output channel (sigmoid > 0.5 per channel, as the trainer "

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from shards_spec.errors import SourceError, ToolError
+from shards_spec.errors import ToolError
 from shards_spec.labels import CHANNELS, CONVENTION_OF_LAYOUT, decode_labels
 
 from . import inference
