@@ -374,6 +374,15 @@ class Runner:
         if self.cluster is not None:
             self.cluster.close()
 
+    def describe(self) -> dict:
+        """How the tasks run, for the provenance: scheduler kind and worker count."""
+        if self.in_process:
+            return {"scheduler": "in-process", "workers": 0}
+        if self.address:
+            workers = len(self.client.scheduler_info().get("workers", {}))
+            return {"scheduler": "external", "workers": workers}
+        return {"scheduler": "LocalCluster", "workers": self.workers}
+
     def run(self, tasks: list[ShardTask]) -> Iterator[dict]:
         if self.in_process:
             for task in tasks:
@@ -728,6 +737,7 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
     reporter.start(len(plan["shards"]), len(done))
     try:
         with Runner(opts.workers, opts.scheduler, reporter.log, out / planlib.STOP_NAME) as runner:
+            execution = runner.describe()
             tasks = [
                 ShardTask(
                     root=str(out), path=s["path"], split=s["split"], format=opts.format,
@@ -753,7 +763,8 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
         reporter.finish()
         guard.rollback()
         raise
-    reporter.finish()
+    finally:
+        reporter.finish()
 
     # 5. the manifest, last
     content = assemble_content(plan, done, opts, layout, split_info, zarr_groups)
@@ -765,8 +776,7 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - started, 3),
-        "scheduler": "in-process" if opts.workers == 0 and not opts.scheduler else (opts.scheduler or "LocalCluster"),
-        "workers": opts.workers,
+        **execution,
         "platform": f"{platform.system()} {platform.machine()}",
         "shards_built": built,
         "shards_kept": len(plan["shards"]) - built,

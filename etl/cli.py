@@ -185,7 +185,7 @@ class _RichReporter:
         if self.bar is not None:
             self.bar.advance(self.task)
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # called once on success and again on the way out: idempotent
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
