@@ -181,9 +181,12 @@ def main() -> None:
             ("dask 1 worker (cold)", lambda: dask_build(src, work / "c1", args.size, 1, warm=False)[0]),
             ("dask 2 workers (cold)", lambda: dask_build(src, work / "c2", args.size, 2, warm=False)[0]),
         ):
+            previous_cpu = dict(CPU)
             seconds = run()
+            if seconds >= times.get(name, float("inf")) and name in previous_cpu:
+                CPU[name] = previous_cpu[name]  # keep the CPU figure of the best (kept) run
             times[name] = min(times.get(name, float("inf")), seconds)
-            cpu = f"{CPU[name] / n:5.2f} CPU s/patient" if name in CPU else " " * 19
+            cpu = f"{CPU[name] / n:5.2f} CPU s/patient, {CPU[name] / seconds:4.2f} cores" if name in CPU else " " * 31
             print(f"  {name:24s} {seconds:7.1f} s  {n / seconds:5.2f} patients/s  {cpu}  ({load()})", flush=True)
 
     _, gz = dask_build(src, work / "gz", args.size, 2, warm=False, compression="gz")
@@ -236,17 +239,17 @@ def write_markdown(args, n, times, rate, ratios, projected, projected_cpu, start
         MARK_START,
         "## ETL: `etl build-shards` throughput and shard size",
         "",
-        f"Command: `python bench/etl.py --patients {n} --work {args.work} --write` (commit {commit}, "
-        f"{time.strftime('%Y-%m-%d', time.gmtime())}).",
+        f"Command: `python bench/etl.py --patients {n} --work {args.work} --repeats {args.repeats} --write` "
+        f"(best of {args.repeats}; commit {commit}, {time.strftime('%Y-%m-%d', time.gmtime())}).",
         f"Machine: {machine()}; {load()} at the end of the run (other work shares these cores).",
         f"Data: {n} synthetic BraTS 2020 patients (`etl.synth`), 240x240x155, uncompressed `.nii`, 4 modalities + seg;"
         f" output size {args.size}, norm slice, WebDataset unless said.",
         "",
-        "| run | seconds | patients/s | CPU s/patient (all processes) |",
-        "|---|---:|---:|---:|",
+        "| run | seconds | patients/s | CPU s/patient (all processes) | cores obtained (CPU s / s) |",
+        "|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {k} | {v:.1f} | {rate[k]:.2f} | {CPU[k] / n:.2f} |" if k in CPU else f"| {k} | {v:.1f} | {rate[k]:.2f} | |"
-              for k, v in times.items()]
+    lines += [f"| {k} | {v:.1f} | {rate[k]:.2f} | {CPU[k] / n:.2f} | {CPU[k] / v:.2f} |" if k in CPU else
+              f"| {k} | {v:.1f} | {rate[k]:.2f} | | |" for k, v in times.items()]
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
     lines += [f"| projected {BRATS_2020_TRAINING} patients with 2 workers (start-up {startup:.1f} s + "
