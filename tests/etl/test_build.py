@@ -254,24 +254,34 @@ def test_end_to_end_matches_the_independent_recipe(source_factory, tmp_path, cap
 
 
 def test_one_and_two_workers_give_identical_shards_and_content(source_factory, tmp_path, capsys, monkeypatch):
-    """The one test that starts real LocalClusters (1 and 2 worker processes)."""
+    """The one test with real Dask clusters: build-shards' own LocalCluster of 1 worker, and an
+    existing 2-worker cluster found through DASK_SCHEDULER_ADDRESS."""
+    import logging
+
+    from distributed import LocalCluster
+
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     src = source_factory("brats2020", 4)
-    outs = {}
-    for workers in ("1", "2"):
-        out = tmp_path / f"w{workers}"
-        code, _, err = run_etl(["build-shards", "--src", src, "--out", out, "--workers", workers, "--size", SIZE,
-                                "--split", "train=0.5,val=0.5"], capsys)
-        assert code == 0, err
-        outs[workers] = out
+    args = ["--size", SIZE, "--split", "train=0.5,val=0.5"]
+    one = tmp_path / "w1"
+    code, _, err = run_etl(["build-shards", "--src", src, "--out", one, "--workers", "1", *args], capsys)
+    assert code == 0, err
+    two = tmp_path / "w2"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster:
+        monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", cluster.scheduler_address)
+        code, _, err = run_etl(["build-shards", "--src", src, "--out", two, *args], capsys)
+        monkeypatch.delenv("DASK_SCHEDULER_ADDRESS")
+    assert code == 0, err
     in_process = tmp_path / "w0"
     build(src, in_process, capsys)
-    m1, m2, m0 = (json.loads((outs[w] / "manifest.json").read_text()) if w != "0" else
-                  json.loads((in_process / "manifest.json").read_text()) for w in ("1", "2", "0"))
-    assert shard_bytes(outs["1"]) == shard_bytes(outs["2"]) == shard_bytes(in_process)
+    m1, m2, m0 = (json.loads((out / "manifest.json").read_text()) for out in (one, two, in_process))
+    assert shard_bytes(one) == shard_bytes(two) == shard_bytes(in_process)
     encode = lambda c: json.dumps(c, sort_keys=True)  # noqa: E731
     assert encode(m1["content"]) == encode(m2["content"]) == encode(m0["content"])
-    assert m1["provenance"]["scheduler"] == "LocalCluster" and m2["provenance"]["workers"] == 2
+    assert (m1["provenance"]["scheduler"], m1["provenance"]["workers"]) == ("LocalCluster", 1)
+    assert (m2["provenance"]["scheduler"], m2["provenance"]["workers"]) == ("external", 2)
+    assert (m0["provenance"]["scheduler"], m0["provenance"]["workers"]) == ("in-process", 0)
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
