@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -644,9 +643,106 @@ def _fault_after() -> int | None:
     return int(value) if value else None
 
 
+@dataclass
+class SourcePatients:
+    """What the scan found, reduced to what the build uses."""
+
+    scan: object  # etl.sources.Scan
+    refs: dict  # patient id -> PatientRef, the patients to build
+    skipped: list[dict]  # scan problems left out with --skip-bad: {patient, file, problem}
+
+
+def scan_patients(src: Path, opts: BuildOptions, reporter: Reporter) -> SourcePatients:
+    """Step 1: scan the source; header-level problems stop here, before anything is written."""
+    from shards_spec.codec import KEY_PATTERN
+
+    from .sources import scan_source
+
+    scan = scan_source(src, opts.layout, require_labels=True, check_headers=True)
+    for note in scan.notes:
+        reporter.log(note)
+    problems = list(scan.problems)
+    for ref in scan.patients:
+        if not KEY_PATTERN.match(ref.id):
+            problems.append(SourceError(f"patient id {ref.id!r} is not usable as a record key ([A-Za-z0-9_-], no dot)",
+                                        src / ref.id))
+    bad_ids = {_problem_patient(p, src) for p in problems}
+    if problems and not opts.skip_bad:
+        raise SourceError(format_problems(problems, len(scan.patients) + len(bad_ids)))
+    refs = {ref.id: ref for ref in scan.patients if ref.id not in bad_ids}
+    if not refs:
+        raise SourceError("holds no usable labelled patient" + (f" ({len(problems)} bad)" if problems else ""), src)
+    skipped = sorted(
+        ({"patient": _problem_patient(p, src), "file": _relative(p.path, src), "problem": p.problem} for p in problems),
+        key=lambda s: (s["patient"], s["file"] or ""),
+    )
+    return SourcePatients(scan, refs, skipped)
+
+
+def recover(out: Path, plan: dict, state: planlib.OutState) -> tuple[dict[str, dict], object | None]:
+    """Results of the shards that a resumed or complete folder already holds intact.
+
+    Returns (shard path -> result, the existing manifest when every shard and group file is
+    intact, i.e. there is nothing to do).
+    """
+    if state is planlib.OutState.PARTIAL:
+        return _kept(out, plan, planlib.read_journal(out)), None
+    if state is not planlib.OutState.COMPLETE:
+        return {}, None
+    try:
+        manifest = parse((out / MANIFEST_NAME).read_bytes(), str(out / MANIFEST_NAME))
+    except ToolError:
+        return {}, None
+    done = _kept(out, plan, results_from_content(manifest.content, plan))
+    intact = len(done) == len(plan["shards"]) and planlib.files_intact(out, manifest.content.get("zarr_groups", []))
+    return done, manifest if intact else None
+
+
+def run_shards(tasks: list[ShardTask], opts: BuildOptions, out: Path, done: dict[str, dict],
+               total: int, reporter: Reporter) -> tuple[int, dict]:
+    """Step 4: run the tasks, journalling each finished shard into `done`; (built, how they ran).
+
+    A task's `SourceError` stops the others (a stop file makes unstarted tasks return at once)
+    and is raised once every running task has finished, so the caller can roll back.
+    """
+    fault_after = _fault_after()
+    built = 0
+    with Runner(opts.workers, opts.scheduler, reporter.log, out / planlib.STOP_NAME) as runner:
+        execution = runner.describe()
+        for result in runner.run(tasks):
+            if result.get("failed"):
+                runner.stop()
+                failed = result["failed"]
+                raise SourceError(failed["problem"], failed.get("path") or failed["patient"])
+            planlib.append_journal(out, result)
+            done[result["path"]] = result
+            built += 1
+            reporter.advance(result)
+            if fault_after is not None and built >= fault_after and len(done) < total:
+                raise InjectedFault(f"{FAULT_ENV}={fault_after}: stopping after {built} shard(s)")
+    return built, execution
+
+
+def make_provenance(opts: BuildOptions, src: Path, layout: str, plan: dict, scan, execution: dict,
+                    built: int, started: float) -> dict:
+    return {
+        "source": {"path": str(src), "layout": layout, "fingerprint": plan["source_fingerprint"]},
+        "command": shlex.join(opts.command) if opts.command else None,
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - started, 3),
+        **execution,
+        "platform": f"{platform.system()} {platform.machine()}",
+        "shards_built": built,
+        "shards_kept": len(plan["shards"]) - built,
+        "unlabelled": sorted(_relative(u, src) or str(u) for u in scan.unlabelled),
+        "notes": list(scan.notes),
+    }
+
+
 def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildSummary:
     """Run `etl build-shards` (see the module docstring for the recipe)."""
-    from .sources import scan_source, source_fingerprint
+    from .sources import source_fingerprint
 
     reporter = reporter or Reporter()
     started = time.time()
@@ -657,67 +753,33 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
     if not src.is_dir():
         raise SourceError("is not a folder", opts.src)
     planlib.refuse_foreign(out)  # cheap, before the scan
-    # 1. scan: header-level problems stop here, before anything is written
-    scan = scan_source(src, opts.layout, require_labels=True, check_headers=True)
-    layout = scan.layout
-    for note in scan.notes:
-        reporter.log(note)
-    problems = list(scan.problems)
-    for ref in scan.patients:
-        from shards_spec.codec import KEY_PATTERN
 
-        if not KEY_PATTERN.match(ref.id):
-            problems.append(SourceError(f"patient id {ref.id!r} is not usable as a record key ([A-Za-z0-9_-], no dot)",
-                                        src / ref.id))
-    bad_ids = {_problem_patient(p, src) for p in problems}
-    if problems and not opts.skip_bad:
-        raise SourceError(format_problems(problems, len(scan.patients) + len(bad_ids)))
-    refs = {ref.id: ref for ref in scan.patients if ref.id not in bad_ids}
-    if not refs:
-        raise SourceError("holds no usable labelled patient" + (f" ({len(problems)} bad)" if problems else ""), src)
-    scan_skipped = sorted(
-        ({"patient": _problem_patient(p, src), "file": _relative(p.path, src), "problem": p.problem} for p in problems),
-        key=lambda s: (s["patient"], s["file"] or ""),
-    )
+    # 1. scan
+    found = scan_patients(src, opts, reporter)
+    scan, refs, layout = found.scan, found.refs, found.scan.layout
 
-    # 2. split and 3. plan
+    # 2. split and 3. plan, checked against the out folder
     assignment = assign({pid: ref.grade for pid, ref in refs.items()}, spec)
     for warning in assignment.warnings:
         reporter.log(f"warning: {warning}")
     split_info = spec.describe(assignment.stratify)
-    plan = planlib.make_plan(
-        options=opts.plan_options(layout, split_info),
-        fingerprint=source_fingerprint(scan),
-        shards=plan_shards(assignment, spec, opts),
-        skipped=scan_skipped,
-    )
+    plan = planlib.make_plan(options=opts.plan_options(layout, split_info), fingerprint=source_fingerprint(scan),
+                             shards=plan_shards(assignment, spec, opts), skipped=found.skipped)
     info = planlib.inspect_out(out, plan)
     if info.state is planlib.OutState.FOREIGN:
         raise planlib.OutputError("is not empty and was not made by build-shards (no plan.json); choose an empty folder", out)
     if info.state is planlib.OutState.OTHER and not opts.overwrite:
         shown = "; ".join(info.differences[:4]) + ("; ..." if len(info.differences) > 4 else "")
         raise planlib.OutputError(f"holds shards built with other options ({shown}); add --overwrite to replace them", out)
-
-    action = {planlib.OutState.PARTIAL: "resumed", planlib.OutState.COMPLETE: "repaired"}.get(info.state, "built")
-    done: dict[str, dict] = {}
-    if info.state is planlib.OutState.COMPLETE:
-        try:
-            manifest = parse((out / MANIFEST_NAME).read_bytes(), str(out / MANIFEST_NAME))
-            done = _kept(out, plan, results_from_content(manifest.content, plan))
-            groups_ok = planlib.files_intact(out, manifest.content.get("zarr_groups", []))
-        except ToolError:
-            manifest, groups_ok = None, False
-        if manifest is not None and groups_ok and len(done) == len(plan["shards"]):
-            reporter.log(f"{out} is already built with these options; its files match the manifest")
-            return BuildSummary(out, "up to date", manifest.content, manifest.provenance,
-                                shards_kept=len(done), unlabelled=list(scan.unlabelled), notes=list(scan.notes),
-                                seconds=time.time() - started)
-    elif info.state is planlib.OutState.PARTIAL:
-        done = _kept(out, plan, planlib.read_journal(out))
+    done, complete = recover(out, plan, info.state)
+    if complete is not None:
+        reporter.log(f"{out} is already built with these options; its files match the manifest")
+        return BuildSummary(out, "up to date", complete.content, complete.provenance, shards_kept=len(done),
+                            unlabelled=list(scan.unlabelled), notes=list(scan.notes), seconds=time.time() - started)
     if info.state in (planlib.OutState.PARTIAL, planlib.OutState.COMPLETE):
         planlib.remove_partials(out)
 
-    # 4. write the plan, then the missing shards
+    # 4. the plan, then the missing shards; a data error puts the folder back as it was
     guard = planlib.OutputGuard(out)
     if info.state is planlib.OutState.OTHER:
         reporter.log(f"--overwrite: replacing the shards in {out} (kept aside until this build succeeds)")
@@ -730,35 +792,17 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
         from .writers.zarr import write_root
 
         zarr_groups = write_root(out, spec.names)
-
-    pending = [s for s in plan["shards"] if s["path"] not in done]
-    fault_after = _fault_after()
-    built = 0
+    tasks = [
+        ShardTask(root=str(out), path=s["path"], split=s["split"], format=opts.format,
+                  refs=tuple(refs[p] for p in s["patients"]), size=opts.size, channels=tuple(opts.channels),
+                  norm=opts.norm, keep_empty=opts.keep_empty, compression=opts.compression,
+                  kaggle_channel_order=tuple(opts.kaggle_channel_order), skip_bad=opts.skip_bad,
+                  src=str(src), stop_file=planlib.STOP_NAME)
+        for s in plan["shards"] if s["path"] not in done
+    ]
     reporter.start(len(plan["shards"]), len(done))
     try:
-        with Runner(opts.workers, opts.scheduler, reporter.log, out / planlib.STOP_NAME) as runner:
-            execution = runner.describe()
-            tasks = [
-                ShardTask(
-                    root=str(out), path=s["path"], split=s["split"], format=opts.format,
-                    refs=tuple(refs[p] for p in s["patients"]), size=opts.size, channels=tuple(opts.channels),
-                    norm=opts.norm, keep_empty=opts.keep_empty, compression=opts.compression,
-                    kaggle_channel_order=tuple(opts.kaggle_channel_order), skip_bad=opts.skip_bad,
-                    src=str(src), stop_file=planlib.STOP_NAME,
-                )
-                for s in pending
-            ]
-            for result in runner.run(tasks):
-                if result.get("failed"):
-                    runner.stop()
-                    failed = result["failed"]
-                    raise SourceError(failed["problem"], failed.get("path") or failed["patient"])
-                planlib.append_journal(out, result)
-                done[result["path"]] = result
-                built += 1
-                reporter.advance(result)
-                if fault_after is not None and built >= fault_after and len(done) < len(plan["shards"]):
-                    raise InjectedFault(f"{FAULT_ENV}={fault_after}: stopping after {built} shard(s)")
+        built, execution = run_shards(tasks, opts, out, done, len(plan["shards"]), reporter)
     except SourceError:
         reporter.finish()
         guard.rollback()
@@ -770,26 +814,13 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
     content = assemble_content(plan, done, opts, layout, split_info, zarr_groups)
     for s in content["skipped"]:
         reporter.log(f"skipped {s['patient']}: {s.get('file') or ''}: {s['problem']}")
-    provenance = {
-        "source": {"path": str(src.resolve()), "layout": layout, "fingerprint": plan["source_fingerprint"]},
-        "command": shlex.join(opts.command) if opts.command else None,
-        "versions": _versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.time() - started, 3),
-        **execution,
-        "platform": f"{platform.system()} {platform.machine()}",
-        "shards_built": built,
-        "shards_kept": len(plan["shards"]) - built,
-        "unlabelled": sorted(_relative(u, src) or str(u) for u in scan.unlabelled),
-        "notes": list(scan.notes),
-    }
+    provenance = make_provenance(opts, src, layout, plan, scan, execution, built, started)
     from .writers.files import write_atomic
 
     write_atomic(out / MANIFEST_NAME, to_bytes(content, provenance))
     (out / planlib.JOURNAL_NAME).unlink(missing_ok=True)
     guard.commit()
-    if action == "built" and built < len(plan["shards"]):
-        action = "resumed"
+    action = {planlib.OutState.PARTIAL: "resumed", planlib.OutState.COMPLETE: "repaired"}.get(info.state, "built")
     warnings = [f"{p}: {w}" for p, i in content["patients"].items() for w in i["warnings"]]
     return BuildSummary(out, action, content, provenance, shards_built=built, shards_kept=len(plan["shards"]) - built,
                         unlabelled=provenance["unlabelled"], notes=list(scan.notes),
