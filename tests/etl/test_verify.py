@@ -103,6 +103,10 @@ def test_verify_refuses_a_broken_manifest_in_one_line(built, tmp_path, capsys):
     assert "\n" not in line and "manifest.json" in line and "spec_version" in line
     code, _, err = run_etl(["verify", tmp_path / "nothing"], capsys)
     assert code == 2 and "manifest.json" in err
+    (out / "manifest.json").unlink()
+    for command in ("verify", "inspect"):
+        code, _, err = run_etl([command, out], capsys)
+        assert code == 2 and "the build did not finish" in err
 
 
 def test_inspect_shows_splits_balance_and_provenance(built, tmp_path, capsys):
