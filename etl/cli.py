@@ -233,9 +233,9 @@ def verify(shards: str = typer.Argument(..., help="Shard folder (path or URL).")
     Example:
         etl verify shards/
     """
-    from .verify import VerifyError, _hint_incomplete, verify as run_verify
+    from .verify import VerifyError, refuse_unfinished, verify as run_verify
 
-    _hint_incomplete(shards)
+    refuse_unfinished(shards)
     with _progress() as bar:
         from shards_spec.read import ShardStore
 

@@ -124,7 +124,7 @@ def _extra_files(root: Path, content: dict) -> list[str]:
     return extra
 
 
-def _hint_incomplete(root: str | Path) -> None:
+def refuse_unfinished(root: str | Path) -> None:
     """A local folder with a plan but no manifest is a build that has not finished: say so."""
     from shards_spec.read import is_url
 
@@ -140,7 +140,7 @@ def verify(root: str | Path, *, progress=None) -> VerifyReport:
     """Check everything; raise only for an unreadable manifest, else return the report."""
     from shards_spec.read import ShardStore, is_url
 
-    _hint_incomplete(root)
+    refuse_unfinished(root)
     store = ShardStore(root)
     content = store.manifest.content
     report = VerifyReport(str(root), store.manifest.digest, store.manifest.format)
@@ -186,7 +186,7 @@ def describe(root: str | Path) -> dict:
     """What a shard folder holds, from its manifest alone (nothing is decoded)."""
     from shards_spec.read import ShardStore
 
-    _hint_incomplete(root)
+    refuse_unfinished(root)
     manifest = ShardStore(root).manifest
     content, provenance = manifest.content, manifest.provenance
     total_bytes = sum(s["bytes"] for s in content["shards"])
