@@ -209,48 +209,6 @@ def _patient_entry(task: ShardTask, ref, volume, slices) -> dict:
     return entry
 
 
-SLAB_SLICES = 8
-"""Slices preprocessed at a time when normalising per slice (see `preprocess_in_slabs`)."""
-
-
-def preprocess_in_slabs(volume, brain, labels, *, size: int, norm: str, keep_empty: bool):
-    """`shards_spec.preprocess.preprocess_volume`, run on slabs of `SLAB_SLICES` slices.
-
-    With `norm='slice'` every step of the recipe works slice by slice, so running it on slabs
-    gives the same bytes (checked by tests/etl/test_build.py and bench/etl.py) while its float64
-    temporaries shrink from the whole volume (70 MB per modality at 240x240x155) to a few MB
-    that the allocator reuses instead of mapping and zero-filling fresh pages for each: about
-    twice as fast. Per-volume statistics need the whole volume, so `norm='volume'` runs whole.
-    """
-    import numpy as np
-
-    from shards_spec.preprocess import Slices, preprocess_volume
-
-    depth = volume.shape[-1]
-    if norm != "slice" or depth <= SLAB_SLICES:
-        return preprocess_volume(volume, brain, labels, size=size, norm=norm, keep_empty=keep_empty)
-    parts = []
-    for start in range(0, depth, SLAB_SLICES):
-        stop = min(depth, start + SLAB_SLICES)
-        if not keep_empty and not brain[..., start:stop].any():
-            continue
-        part = preprocess_volume(volume[..., start:stop], brain[..., start:stop],
-                                 None if labels is None else labels[..., start:stop],
-                                 size=size, norm=norm, keep_empty=keep_empty)
-        part.slice_index = [start + i for i in part.slice_index]
-        parts.append(part)
-    if not parts:
-        return preprocess_volume(volume[..., :0], brain[..., :0], None if labels is None else labels[..., :0],
-                                 size=size, norm=norm, keep_empty=keep_empty)
-    return Slices(
-        image=np.concatenate([p.image for p in parts]),
-        mask=np.concatenate([p.mask for p in parts]),
-        slice_index=[i for p in parts for i in p.slice_index],
-        class_voxels=[c for p in parts for c in p.class_voxels],
-        brain_voxels=[b for p in parts for b in p.brain_voxels],
-    )
-
-
 def tune_allocator() -> None:
     """Let glibc keep freed memory for reuse in this worker process (Linux; a no-op elsewhere).
 
@@ -277,6 +235,8 @@ def build_shard(task: ShardTask) -> dict:
     """
     import torch
 
+    from shards_spec.preprocess import preprocess_volume
+
     from .sources import load_patient
     from .writers import webdataset as wds_writer
     from .writers import zarr as zarr_writer
@@ -295,8 +255,8 @@ def build_shard(task: ShardTask) -> dict:
             try:
                 volume = load_patient(ref, channels=task.channels, kaggle_channel_order=task.kaggle_channel_order,
                                       require_labels=True)
-                slices = preprocess_in_slabs(volume.volume, volume.brain, volume.labels, size=task.size,
-                                             norm=task.norm, keep_empty=task.keep_empty)
+                slices = preprocess_volume(volume.volume, volume.brain, volume.labels, size=task.size,
+                                           norm=task.norm, keep_empty=task.keep_empty)
             except SourceError as exc:
                 problem = {"patient": ref.id, "file": portable(exc.path, task.src), "problem": exc.problem,
                            "path": exc.path}

@@ -61,9 +61,16 @@ def zscore_stats(volume: np.ndarray, brain: np.ndarray, per: str) -> tuple[np.nd
     return mean_arr, std_arr
 
 
-def normalise(volume: np.ndarray, brain: np.ndarray, per: str = "slice") -> np.ndarray:
-    """z-score (C, H, W, D) over brain voxels; float32 with the background exactly 0."""
-    mean, std = zscore_stats(volume, brain, per)
+def normalise(
+    volume: np.ndarray, brain: np.ndarray, per: str = "slice",
+    stats: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """z-score (C, H, W, D) over brain voxels; float32 with the background exactly 0.
+
+    `stats` (from `zscore_stats`) lets a slab of a volume be normalised with the whole volume's
+    statistics.
+    """
+    mean, std = zscore_stats(volume, brain, per) if stats is None else stats
     out = np.empty(np.shape(volume), dtype=np.float32)
     for c, channel in enumerate(np.asarray(volume)):  # one modality at a time bounds memory
         values = (channel.astype(np.float64) - mean[c]) / std[c]
@@ -112,6 +119,12 @@ class Slices:
     brain_voxels: list[int]  # brain voxels per slice, on the shard grid
 
 
+SLAB_SLICES = 8
+"""Slices preprocessed at a time: every step after the statistics works slice by slice, so slabs
+give the same bytes as the whole volume while the float64 temporaries shrink from ~70 MB per
+modality (240 x 240 x 155) to a few MB that the allocator reuses (about twice as fast)."""
+
+
 def preprocess_volume(
     volume: np.ndarray,
     brain: np.ndarray,
@@ -130,22 +143,40 @@ def preprocess_volume(
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     volume = np.asarray(volume)
-    normalised = normalise(volume, brain, norm)  # step 1, on the native grid
+    volume_stats = zscore_stats(volume, brain, "volume") if norm == "volume" else None
+    parts = []
+    for start in range(0, volume.shape[-1], SLAB_SLICES):
+        slab = slice(start, start + SLAB_SLICES)
+        slab_labels = None if labels is None else np.asarray(labels)[..., slab]
+        parts.append(_preprocess_slab(volume[..., slab], brain[..., slab], slab_labels, start,
+                                      size=size, norm=norm, stats=volume_stats, keep_empty=keep_empty))
+    return Slices(
+        image=np.concatenate([p.image for p in parts]) if parts else np.zeros((0, volume.shape[0], size, size), np.float16),
+        mask=np.concatenate([p.mask for p in parts]) if parts else np.zeros((0, size, size), np.uint8),
+        slice_index=[i for p in parts for i in p.slice_index],
+        class_voxels=[c for p in parts for c in p.class_voxels],
+        brain_voxels=[b for p in parts for b in p.brain_voxels],
+    )
+
+
+def _preprocess_slab(volume, brain, labels, offset: int, *, size, norm, stats, keep_empty) -> Slices:
     keep = np.arange(volume.shape[-1]) if keep_empty else np.flatnonzero(brain.any(axis=(0, 1)))
-    slices = np.moveaxis(normalised[..., keep], -1, 0)  # (S, C, H, W)
-    image = resize_images(slices, size)  # step 2
+    if len(keep) == 0:
+        return Slices(np.zeros((0, volume.shape[0], size, size), np.float16), np.zeros((0, size, size), np.uint8), [], [], [])
+    normalised = normalise(volume[..., keep], brain[..., keep], norm, stats)  # step 1, native grid
+    image = resize_images(np.moveaxis(normalised, -1, 0), size)  # step 2, (S, C, size, size)
     resized_brain = resize_labels(np.moveaxis(brain[..., keep], -1, 0), size).astype(bool)
     image = np.where(resized_brain[:, None], image, 0.0)  # step 3
     image = np.clip(image, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
     if labels is None:
         mask = np.zeros((len(keep), size, size), dtype=np.uint8)
     else:
-        mask = resize_labels(np.moveaxis(np.asarray(labels)[..., keep], -1, 0), size)
+        mask = resize_labels(np.moveaxis(labels[..., keep], -1, 0), size)
         mask = np.where(resized_brain, mask, 0).astype(np.uint8)
     return Slices(
         image=image,
         mask=mask,
-        slice_index=[int(i) for i in keep],
+        slice_index=[offset + int(i) for i in keep],
         class_voxels=[class_voxels(m) for m in mask],
         brain_voxels=[int(b.sum()) for b in resized_brain],
     )

@@ -437,27 +437,3 @@ def test_data_error_inside_a_task_rolls_back_a_resumed_folder(source_factory, tm
     assert content["skipped"][0]["file"].endswith(path.name) and not content["skipped"][0]["file"].startswith("/")
     assert last not in content["patients"] and "skipped 1 patient" in stdout
     assert all(last not in s["patients"] for s in content["splits"].values())
-
-
-
-
-@pytest.mark.parametrize("keep_empty", [False, True])
-def test_slab_preprocessing_gives_the_same_bytes_as_the_whole_volume(keep_empty):
-    from etl.build import SLAB_SLICES, preprocess_in_slabs
-    from shards_spec.preprocess import brain_mask, preprocess_volume
-
-    rng = np.random.default_rng(0)
-    depth = 3 * SLAB_SLICES + 3
-    volume = rng.normal(100, 20, (4, 40, 36, depth)).astype(np.float32)
-    volume[:, :5] = 0
-    volume[..., :4] = 0  # empty slices, a whole empty slab among them when SLAB_SLICES <= 4
-    volume[..., SLAB_SLICES + 2] = 0
-    labels = rng.integers(0, 4, (40, 36, depth)).astype(np.uint8)
-    brain = brain_mask(volume)
-    whole = preprocess_volume(volume, brain, labels, size=24, norm="slice", keep_empty=keep_empty)
-    slabs = preprocess_in_slabs(volume, brain, labels, size=24, norm="slice", keep_empty=keep_empty)
-    assert whole.image.tobytes() == slabs.image.tobytes() and whole.mask.tobytes() == slabs.mask.tobytes()
-    assert (whole.slice_index, whole.class_voxels, whole.brain_voxels) == \
-        (slabs.slice_index, slabs.class_voxels, slabs.brain_voxels)
-    unlabelled = preprocess_in_slabs(volume, brain, None, size=24, norm="slice", keep_empty=keep_empty)
-    assert not unlabelled.mask.any() and unlabelled.slice_index == whole.slice_index

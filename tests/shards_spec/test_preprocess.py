@@ -101,3 +101,25 @@ def test_resize_never_invents_labels(size):
     out = resize_labels(labels, size)
     assert set(np.unique(out)) <= {0, 1, 3}
     assert out.shape == (2, size, size)
+
+
+@pytest.mark.parametrize("norm", ["slice", "volume"])
+@pytest.mark.parametrize("keep_empty", [False, True])
+def test_slabs_give_the_same_bytes_as_one_pass_over_the_volume(norm, keep_empty):
+    from shards_spec.preprocess import SLAB_SLICES, _preprocess_slab, zscore_stats
+
+    rng = np.random.default_rng(0)
+    depth = 3 * SLAB_SLICES + 3
+    volume = rng.normal(100, 20, (4, 40, 36, depth)).astype(np.float32)
+    volume[:, :5] = 0
+    volume[..., :SLAB_SLICES + 1] = 0  # a whole empty slab, and one more empty slice
+    volume[..., 2 * SLAB_SLICES + 2] = 0
+    labels = rng.integers(0, 4, (40, 36, depth)).astype(np.uint8)
+    brain = brain_mask(volume)
+    stats = zscore_stats(volume, brain, "volume") if norm == "volume" else None
+    whole = _preprocess_slab(volume, brain, labels, 0, size=24, norm=norm, stats=stats, keep_empty=keep_empty)
+    slabs = preprocess_volume(volume, brain, labels, size=24, norm=norm, keep_empty=keep_empty)
+    assert whole.image.tobytes() == slabs.image.tobytes() and whole.mask.tobytes() == slabs.mask.tobytes()
+    assert (whole.slice_index, whole.class_voxels, whole.brain_voxels) == \
+        (slabs.slice_index, slabs.class_voxels, slabs.brain_voxels)
+    assert len(slabs.slice_index) == (depth if keep_empty else depth - SLAB_SLICES - 2)
