@@ -198,8 +198,30 @@ def _spatial_shape(shape: tuple[int, ...], path: str) -> tuple[int, int, int] | 
     return tuple(int(s) for s in shape)  # type: ignore[return-value]
 
 
+def _whole_gzip(img, path: str, what: str):
+    """`img` read back from its whole gzip stream, CRC and length checked (a .nii.gz only).
+
+    nibabel decompresses only as far as the voxels reach, so the gzip trailer is never checked
+    and a stream with damaged bytes in the middle decodes to wrong voxels without an error.
+    Decompressing the file once here, in full, costs what nibabel's own read would.
+    """
+    if not str(path).lower().endswith(".gz"):
+        return img
+    import gzip
+
+    try:
+        raw = gzip.decompress(Path(path).read_bytes())
+        return type(img).from_bytes(raw)
+    except _READ_ERRORS as exc:
+        raise SourceError(
+            f"cannot read the {what} data, the file may be truncated or corrupt ({type(exc).__name__}: {exc})",
+            path,
+        ) from None
+
+
 def _read_into(out: np.ndarray, img, path: str) -> None:
     """Copy the image data (scaled by scl_slope/inter) into float32 `out`, reading it once."""
+    img = _whole_gzip(img, path, "image")
     try:
         data = np.asanyarray(img.dataobj)
         if data.ndim == 4:
@@ -285,6 +307,7 @@ def _read_labels(path: str, layout: str, shape: tuple[int, int, int]) -> np.ndar
         raise seg_shape
     if seg_shape != shape:
         raise SourceError(f"segmentation shape {_fmt(seg_shape)} differs from the images' {_fmt(shape)}", path)
+    img = _whole_gzip(img, path, "segmentation")
     try:
         # dataobj applies scl_slope/inter when the header sets them (then the values are float and
         # encode_labels checks they are whole numbers); otherwise it is the stored integer array.
