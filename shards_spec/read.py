@@ -393,10 +393,16 @@ def _read_zarr_array(zarr, store, path: str, shape: tuple, dtypes: tuple | None,
         raise SpecError(f"{what}: dtype {dtype}, expected {dtypes[0]}")
     if dtypes is None and dtype.kind not in "iu":
         raise SpecError(f"{what}: dtype {dtype}, expected an integer type")
-    # Chunks larger than the array would let a small file decompress into a large buffer.
-    for label, chunks in (("chunks", array.chunks), ("shards", array.shards)):
-        if chunks is not None and any(c > max(n, 1) for c, n in zip(chunks, shape)):
-            raise SpecError(f"{what}: {label} {tuple(chunks)} exceed the shape {shape}")
+    # Chunks larger than the array would let a small file decompress into a large buffer; a
+    # shard may only round the first axis up to a whole number of its inner chunks.
+    chunks = tuple(array.chunks)
+    limits = {"chunks": tuple(max(n, 1) for n in shape)}
+    if array.shards is not None:
+        rows = -(-max(shape[0], 1) // chunks[0]) * chunks[0]
+        limits["shards"] = (rows,) + limits["chunks"][1:]
+    for label, found in (("chunks", chunks), ("shards", array.shards)):
+        if found is not None and any(c > n for c, n in zip(found, limits[label])):
+            raise SpecError(f"{what}: {label} {tuple(found)} exceed the shape {shape}")
     try:
         return np.asarray(array[...])
     except Exception as exc:
