@@ -71,6 +71,7 @@ def run_command(
     augment: Optional[str] = typer.Option(None, help="Override the preset's augmentation: none or light."),
     weight_decay: Optional[float] = typer.Option(None, help="Adam weight decay (default 0)."),
     report: Optional[bool] = typer.Option(None, "--report/--no-report", help="Write the report at the end (default on)."),
+    on_bad_shard: Optional[str] = typer.Option(None, help="fail: stop at the first bad shard (default); skip: leave bad shards out, count them and print the count after each epoch."),
 ) -> None:
     from . import fit
 
@@ -80,6 +81,7 @@ def run_command(
         "oversample_tumour": oversample_tumour, "base": base, "depth": depth, "shuffle_buffer": shuffle_buffer,
         "time_budget": time_budget, "cache_dir": cache_dir, "amp": amp, "amp_dtype": amp_dtype, "model": model,
         "channels": channels, "loss": loss, "augment": augment, "weight_decay": weight_decay, "report": report,
+        "on_bad_shard": on_bad_shard,
     }
     result = fit.run(overrides, resume=resume, force=force)
     if result.exit_code:

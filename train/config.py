@@ -38,6 +38,7 @@ LOSSES = ("dice", "dice_bce")
 AUGMENTS = ("none", "light")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_DTYPES = ("auto", "float16", "bfloat16")
+ON_BAD_SHARD = ("fail", "skip")
 VAL_SPLIT = re.compile(r"^(val|fold\d+)$")
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -45,7 +46,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "v2": {"model": "attention_unet", "channels": list(CHANNELS), "loss": "dice_bce", "augment": "light"},
 }
 
-RESUME_MAY_CHANGE = frozenset({"epochs", "time_budget", "workers", "device", "cache_dir", "shards", "out", "report"})
+RESUME_MAY_CHANGE = frozenset({"epochs", "time_budget", "workers", "device", "cache_dir", "shards", "out", "report",
+                               "on_bad_shard"})
 """Options a resumed run may change without `--force`: where and how long, not what is trained.
 `shards` is the location only; the data themselves are compared by manifest digest."""
 
@@ -91,6 +93,7 @@ class Config:
     amp: bool = True
     amp_dtype: str = "auto"
     report: bool = True
+    on_bad_shard: str = "fail"
 
     # ------------------------------------------------------------ derived values
 
@@ -179,6 +182,7 @@ def validate(config: Config) -> None:
     _choice(config, "device", DEVICES)
     _choice(config, "target", TARGETS)
     _choice(config, "amp_dtype", AMP_DTYPES)
+    _choice(config, "on_bad_shard", ON_BAD_SHARD)
     channels = list(config.channels)
     if not channels or len(set(channels)) != len(channels) or any(c not in CHANNELS for c in channels):
         raise ConfigError(f"--channels: must be distinct names from {list(CHANNELS)}, got {channels}")

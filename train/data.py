@@ -48,7 +48,12 @@ its good shards again, so batch counts still agree.
 Error policy: `policy="fail"` raises the `SpecError` naming the bad shard; `policy="skip"` skips
 the whole shard (its records are only used once the shard has checked out), counts it in
 `skipped` and logs the skipped shards at the end of the worker's epoch. `skipped` counts what the
-current process saw; with loader workers each worker logs its own.
+current process saw; with loader workers each worker logs its own, and `skip_counts()` is the total
+over this process and all of its loader workers: each process adds to its own row of a
+shared-memory tensor (row 0 without workers, row 1 + worker id in a worker; rows are never
+written by two processes at once, so no lock is needed, and the counts are complete once the
+loader's iterator is exhausted). The totals grow over epochs; `train run` reports the difference
+after each epoch.
 
 `set_epoch(epoch)` writes the epoch into a shared-memory tensor, so it also reaches persistent
 loader workers.
@@ -74,6 +79,9 @@ from shards_spec.read import ShardStore
 log = logging.getLogger(__name__)
 
 POLICIES = ("fail", "skip")
+SKIP_ROWS = 1 + 64
+"""Rows of the shared skip counter: this process, then one per loader worker (ids beyond 63 share
+rows, where simultaneous skips could be lost from the count)."""
 
 
 def _resolve_dist(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -183,6 +191,7 @@ class ShardDataset(IterableDataset):
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.skipped = {"shards": 0, "slices": 0}
         self.skipped_problems: list[str] = []
+        self._skip_rows = torch.zeros((SKIP_ROWS, 2), dtype=torch.int64).share_memory_()
 
     # -- the epoch plan (pure, from the manifest) ------------------------------------------------
 
@@ -334,8 +343,16 @@ class ShardDataset(IterableDataset):
                 raise
             self.skipped["shards"] += 1
             self.skipped["slices"] += shard["slices"]
+            info = get_worker_info()
+            row = self._skip_rows[0 if info is None else 1 + info.id % (SKIP_ROWS - 1)]
+            row += torch.tensor([1, shard["slices"]], dtype=torch.int64)
             self.skipped_problems.append(str(exc))
             return None
+
+    def skip_counts(self) -> dict[str, int]:
+        """Shards and slices skipped so far (policy "skip") by this process and its loader workers."""
+        shards, slices = (int(v) for v in self._skip_rows.sum(dim=0))
+        return {"shards": shards, "slices": slices}
 
     def _mixed(self, samples: Iterator, rng: np.random.Generator) -> Iterator:
         """Samples through the shuffle buffer (training), or as they come (validation)."""

@@ -139,6 +139,7 @@ def open_dataset(config: Config, store: Any, splits: list[str], *, training: boo
             shuffle=training,
             shuffle_buffer=config.shuffle_buffer,
             seed=config.seed,
+            policy=config.on_bad_shard,
             oversample_tumour=config.oversample_tumour if training else 1,
             rank=dist.rank if dist.enabled else None,
             world_size=dist.world_size if dist.enabled else None,
@@ -297,6 +298,7 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
     projected = False
     epoch = start_epoch
     outcome = None
+    skipped_before = {"train": train_ds.skip_counts(), "val": val_ds.skip_counts()}
     with StopSignal() as stop:
         try:
             for epoch in range(start_epoch, config.epochs):
@@ -355,6 +357,10 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
                 mean_dice = float(np.nanmean(scores["dice"])) if not np.all(np.isnan(scores["dice"])) else math.nan
                 score = mean_dice if not math.isnan(mean_dice) else -1.0
                 scheduler.step(score)
+
+                if config.on_bad_shard == "skip":
+                    console.print(_skipped_line(epoch + 1, train_ds, val_ds, skipped_before, dist, device))
+                    skipped_before = {"train": train_ds.skip_counts(), "val": val_ds.skip_counts()}
 
                 # checkpoint, then the CSV row
                 seconds = hooks.clock() - started
@@ -542,6 +548,20 @@ def _print_projection(console: Any, steps: int, seconds: float, steps_per_epoch:
     if device.type == "cuda":
         line += f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     console.print(line)
+
+
+def _skipped_line(epoch: int, train_ds: Any, val_ds: Any, before: dict, dist: distributed.Dist, device: Any) -> str:
+    """`--on-bad-shard skip`: shards and slices left out this epoch, over every rank and loader
+    worker (the datasets count in shared memory; ranks are summed here)."""
+    import torch
+
+    counts = torch.tensor([[ds.skip_counts()[k] - before[name][k] for k in ("shards", "slices")]
+                           for name, ds in (("train", train_ds), ("val", val_ds))], dtype=torch.int64, device=device)
+    distributed.all_reduce_sum(dist, counts)
+    (train_shards, train_slices), (val_shards, val_slices) = counts.tolist()
+    return (f"epoch {epoch}: skipped {train_shards + val_shards} bad shard(s) ({train_slices + val_slices} slices): "
+            f"train {train_shards} ({train_slices} slices), validation {val_shards} ({val_slices} slices)"
+            + ("; the warnings above name them" if train_shards + val_shards else ""))
 
 
 def _summary(row: dict, names: tuple[str, ...], epochs: int, improved: bool) -> str:

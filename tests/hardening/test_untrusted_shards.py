@@ -354,3 +354,31 @@ def test_inspect_reads_the_manifest_only(shards_copy, tmp_path, capsys, fmt, cas
     code, out, err = run_cli_inprocess("etl", ["inspect", root], capsys)
     assert code == 0 and "Traceback" not in err, err
     assert "content digest" in out and not marker.exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("where", ["local", "http"])
+def test_train_run_skip_policy_counts_the_bad_shard_each_epoch(shards_copy, served, tmp_path, capsys, monkeypatch,
+                                                               workers, where):
+    """`--on-bad-shard skip`: the run completes on the good shards, and after every epoch says how
+    many shards and slices it left out, also when loader worker processes did the skipping."""
+    from .conftest import TRAIN_ARGS
+
+    root, marker, _ = _tampered(shards_copy, tmp_path, "webdataset", pickle_member)
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    shards = str(root)
+    if where == "http":
+        folder, url = served
+        shutil.copytree(root, folder / tmp_path.name)
+        shards = f"{url}/{tmp_path.name}"
+    args = [a for a in TRAIN_ARGS if a not in ("--epochs", "1", "--workers", "0")]
+    code, out, err = run_cli_inprocess("train", ["run", "--shards", shards, "--out", tmp_path / "run", *args,
+                                                 "--epochs", "2", "--workers", str(workers), "--on-bad-shard", "skip"],
+                                       capsys)
+    assert code == 0 and "Traceback" not in err, err
+    for epoch in (1, 2):  # p1 (3 slices) is the bad shard; nothing of val is bad
+        assert (f"epoch {epoch}: skipped 1 bad shard(s) (3 slices): train 1 (3 slices), validation 0 (0 slices)"
+                in err), err
+    assert not marker.exists()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["config"]["on_bad_shard"] == "skip"
