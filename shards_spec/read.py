@@ -55,6 +55,32 @@ def is_url(root: str | Path) -> bool:
     return "://" in str(root)
 
 
+def parse_storage_options(pairs: list[str] | tuple[str, ...] | None) -> dict:
+    """`--storage-option KEY=VALUE` (repeatable) -> fsspec keyword arguments for a shard URL.
+
+    VALUE is read as JSON when it parses (`anon=true`, `default_block_size=1048576`,
+    `client_kwargs={"region_name": "eu-west-1"}`), else kept as text
+    (`endpoint_url=http://minio.lab:9000`). They go to the URL's filesystem (s3fs for `s3://`,
+    `HTTPFileSystem` for `http(s)://`) on top of fsspec's own configuration (`FSSPEC_S3_ENDPOINT_URL`
+    style environment variables or `~/.config/fsspec/*.json`) and the library's defaults (the
+    `AWS_*` variables and `~/.aws/` for s3fs). Nothing here is written to a run's files: they may
+    hold credentials.
+    """
+    import json
+
+    options: dict = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise SpecError(f"--storage-option: expected KEY=VALUE (e.g. endpoint_url=http://host:9000), got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
 class _CheckedReader(io.RawIOBase):
     """A read-only stream that refuses more than `size` bytes and checks size and sha256 at EOF."""
 
