@@ -41,6 +41,12 @@ NORMS = ("slice", "volume")
 KAGGLE_CHANNEL_ORDER = ("flair", "t1", "t1ce", "t2")
 FAULT_ENV = "ETL_FAULT_AFTER_SHARDS"
 """Test hook: the orchestrator stops as if it crashed after this many shards of a run."""
+FAULT_KILL_ENV = "ETL_FAULT_KILL"
+"""Test hook: with `ETL_FAULT_AFTER_SHARDS`, "1" makes the orchestrator SIGKILL itself there instead
+of raising (nothing of Python's clean-up runs, as after `kill -9` or the OOM killer)."""
+FAULT_KILL_WORKER_ENV = "ETL_FAULT_KILL_WORKER"
+"""Test hook: a path; the first task to create it (O_EXCL) SIGKILLs its own process after writing
+its shard and before returning, so a Dask worker dies mid-run with its output on disk."""
 MAX_PROBLEM_LINES = 20
 BRAIN_MASK_RULES = {
     "nifti": "any modality non-zero on the native grid (BraTS is skull-stripped)",
@@ -104,6 +110,12 @@ class BuildOptions:
                 raise ToolError(f"{flag}: {exc}") from None
         if sorted(self.kaggle_channel_order) != sorted(CHANNELS):
             raise ToolError(f"--kaggle-channel-order must name all of {', '.join(CHANNELS)} once")
+        for flag, folder in (("--src", self.src), ("--out", self.out)):
+            url = _as_url(folder)
+            if url:
+                raise ToolError(f"{flag} {url}: build-shards reads and writes folders on a file system, not fsspec URLs; "
+                                "use a folder every Dask worker can reach (a shared mount), then publish the out folder "
+                                "(README: Share shards with your team)")
         if self.src.resolve() == self.out.resolve() or self.src.resolve() in self.out.resolve().parents:
             raise ToolError("--out must not be the source folder or inside it", self.out)
         return parse_split(self.split, self.folds, self.seed)
@@ -123,6 +135,14 @@ class BuildOptions:
         if layout == "kaggle-h5":
             options["kaggle_channel_order"] = list(self.kaggle_channel_order)
         return options
+
+
+def _as_url(folder: Path | str) -> str | None:
+    """The URL a `--src`/`--out` value was meant as (`s3://b/x` arrives as Path('s3:/b/x')), or None."""
+    import re
+
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$", str(folder))
+    return f"{match.group(1)}://{match.group(2)}" if match else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +296,21 @@ def build_shard(task: ShardTask) -> dict:
     finally:
         torch.set_num_threads(threads)
     result["files"] = sorted(result["files"], key=lambda f: f["path"])
+    _maybe_kill_worker()
     return _jsonable(result)
+
+
+def _maybe_kill_worker() -> None:
+    marker = os.environ.get(FAULT_KILL_WORKER_ENV)
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,6 +713,10 @@ def run_shards(tasks: list[ShardTask], opts: BuildOptions, out: Path, done: dict
             built += 1
             reporter.advance(result)
             if fault_after is not None and built >= fault_after and len(done) < total:
+                if os.environ.get(FAULT_KILL_ENV) == "1":
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise InjectedFault(f"{FAULT_ENV}={fault_after}: stopping after {built} shard(s)")
     return built, execution
 
@@ -698,6 +736,24 @@ def make_provenance(opts: BuildOptions, src: Path, layout: str, plan: dict, scan
         "unlabelled": sorted(_relative(u, src) or str(u) for u in scan.unlabelled),
         "notes": list(scan.notes),
     }
+
+
+def _write_failed(exc: OSError, out: Path, guard: planlib.OutputGuard) -> planlib.OutputError:
+    """A full disk, a quota, a size limit or a permission while writing: like a crash, the complete
+    shards stay (journalled, for the next run of the same command) and temporary files go; no
+    manifest is written, so `etl verify` calls the folder unfinished. An --overwrite build puts
+    the previous complete shards back instead."""
+    import errno
+
+    if guard.stashed:
+        guard.rollback()
+        kept = "the previous shards were put back"
+    else:
+        planlib.remove_partials(out)
+        kept = "complete shards are kept; free space and re-run the same command to finish"
+    code = errno.errorcode.get(exc.errno or 0, "")
+    reason = f"{exc.strerror or exc}" + (f" [{code}]" if code else "")
+    return planlib.OutputError(f"cannot be written ({reason}); {kept}", exc.filename or out)
 
 
 def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildSummary:
@@ -753,7 +809,7 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
 
         zarr_groups = write_root(out, spec.names)
     tasks = [
-        ShardTask(root=str(out), path=s["path"], split=s["split"], format=opts.format,
+        ShardTask(root=str(out.resolve()), path=s["path"], split=s["split"], format=opts.format,
                   refs=tuple(refs[p] for p in s["patients"]), size=opts.size, channels=tuple(opts.channels),
                   norm=opts.norm, keep_empty=opts.keep_empty, compression=opts.compression,
                   kaggle_channel_order=tuple(opts.kaggle_channel_order), skip_bad=opts.skip_bad,
@@ -767,6 +823,9 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
         reporter.finish()
         guard.rollback()
         raise
+    except OSError as exc:
+        reporter.finish()
+        raise _write_failed(exc, out, guard) from None
     finally:
         reporter.finish()
 
@@ -777,7 +836,10 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
     provenance = make_provenance(opts, src, layout, plan, scan, execution, built, started)
     from .writers.files import write_atomic
 
-    write_atomic(out / MANIFEST_NAME, to_bytes(content, provenance))
+    try:
+        write_atomic(out / MANIFEST_NAME, to_bytes(content, provenance))
+    except OSError as exc:
+        raise _write_failed(exc, out, guard) from None
     (out / planlib.JOURNAL_NAME).unlink(missing_ok=True)
     guard.commit()
     action = {planlib.OutState.PARTIAL: "resumed", planlib.OutState.COMPLETE: "repaired"}.get(info.state, "built")

@@ -15,7 +15,7 @@ for the traceback).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -130,7 +130,7 @@ def build_shards(
     folds: Optional[int] = typer.Option(None, "--folds", help="K cross-validation folds fold0..fold{K-1} instead of --split."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split assignment."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Dask worker processes (default: one per core; 0: no Dask, in this process)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler (or set DASK_SCHEDULER_ADDRESS)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: its scheduler's address tcp://HOST:PORT (or set DASK_SCHEDULER_ADDRESS); --src and --out must be on a file system its workers share."),
     norm: str = typer.Option("slice", "--norm", help="z-score per slice | volume."),
     patients_per_shard: int = typer.Option(1, "--patients-per-shard", help="Patients (records) per shard."),
     layout: Optional[str] = typer.Option(None, "--layout", help="Source layout (default: detected)."),
@@ -150,6 +150,7 @@ def build_shards(
         etl build-shards --src data/MICCAI_BraTS2020_TrainingData --out shards/
         etl build-shards --src data/BraTS2021 --out shards-zarr/ --format zarr --folds 5 --workers 8
         etl build-shards --src data/kaggle --out shards/ --size 240 --modalities t1ce,flair --skip-bad
+        etl build-shards --src /shared/BraTS2021 --out /shared/shards --scheduler tcp://10.0.0.5:8786
     """
     from .build import BuildOptions, build_shards as run_build
 
@@ -223,25 +224,35 @@ def _print_build_summary(summary) -> None:
                       highlight=False)
 
 
+STORAGE_OPTION_HELP = ("fsspec option for a URL, KEY=VALUE (repeatable; VALUE may be JSON), e.g. "
+                       "endpoint_url=http://minio.lab:9000 or anon=true; credentials: AWS_* variables or ~/.aws/.")
+
+
 @app.command()
-def verify(shards: str = typer.Argument(..., help="Shard folder (path or URL).")) -> None:
+def verify(
+    shards: str = typer.Argument(..., help="Shard folder (path or URL: http(s)://, s3://, any fsspec URL)."),
+    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", help=STORAGE_OPTION_HELP),
+) -> None:
     """Check a shard folder against its manifest: checksums, decoding, counts, spec.
 
-    Exits non-zero naming every bad shard.
+    Exits non-zero naming every bad shard. A URL is streamed, nothing is kept on disk.
 
     \b
-    Example:
+    Examples:
         etl verify shards/
+        etl verify https://lab.example.org/brats-shards/
+        etl verify s3://lab-bucket/brats-shards --storage-option endpoint_url=http://minio.lab:9000
     """
+    from shards_spec.read import ShardStore, parse_storage_options
+
     from .verify import VerifyError, refuse_unfinished, verify as run_verify
 
+    options = parse_storage_options(storage_option)
     refuse_unfinished(shards)
     with _progress() as bar:
-        from shards_spec.read import ShardStore
-
-        total = len(ShardStore(shards).manifest.content["shards"])
+        total = len(ShardStore(shards, storage_options=options).manifest.content["shards"])
         task = bar.add_task("verifying", total=total)
-        report = run_verify(shards, progress=lambda _shard: bar.advance(task))
+        report = run_verify(shards, progress=lambda _shard: bar.advance(task), storage_options=options)
     if not report.ok:
         lines = report.problems
         head = f"{len(report.bad_shards)} bad shard(s): {', '.join(report.bad_shards)}" if report.bad_shards else \
@@ -252,19 +263,27 @@ def verify(shards: str = typer.Argument(..., help="Shard folder (path or URL).")
 
 
 @app.command()
-def inspect(shards: str = typer.Argument(..., help="Shard folder (path or URL).")) -> None:
+def inspect(
+    shards: str = typer.Argument(..., help="Shard folder (path or URL: http(s)://, s3://, any fsspec URL)."),
+    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", help=STORAGE_OPTION_HELP),
+) -> None:
     """Show what a shard folder holds: splits, patients, slices, class balance, provenance.
 
+    Reads the manifest only.
+
     \b
-    Example:
+    Examples:
         etl inspect shards/
+        etl inspect https://lab.example.org/brats-shards/
     """
     from rich.console import Console
     from rich.table import Table
 
+    from shards_spec.read import parse_storage_options
+
     from .verify import describe
 
-    info = describe(shards)
+    info = describe(shards, storage_options=parse_storage_options(storage_option))
     console = Console()
     console.print(f"[bold]{info['root']}[/bold]  {info['spec_version']}, {info['format']}, channels "
                   f"{','.join(info['channels'])}, size {info['preprocessing']['size']}, norm "

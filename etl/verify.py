@@ -136,12 +136,14 @@ def refuse_unfinished(root: str | Path) -> None:
                           "`etl build-shards` command to complete it", folder)
 
 
-def verify(root: str | Path, *, progress=None) -> VerifyReport:
-    """Check everything; raise only for an unreadable manifest, else return the report."""
+def verify(root: str | Path, *, progress=None, storage_options: dict | None = None) -> VerifyReport:
+    """Check everything; raise only for an unreadable manifest, else return the report.
+
+    `storage_options` go to fsspec for a URL (credentials, `endpoint_url`)."""
     from shards_spec.read import ShardStore, is_url
 
     refuse_unfinished(root)
-    store = ShardStore(root)
+    store = ShardStore(root, storage_options=storage_options)
     content = store.manifest.content
     report = VerifyReport(str(root), store.manifest.digest, store.manifest.format)
     report.problems += _consistency(content)
@@ -182,12 +184,12 @@ def verify(root: str | Path, *, progress=None) -> VerifyReport:
 # inspect
 
 
-def describe(root: str | Path) -> dict:
+def describe(root: str | Path, *, storage_options: dict | None = None) -> dict:
     """What a shard folder holds, from its manifest alone (nothing is decoded)."""
     from shards_spec.read import ShardStore
 
     refuse_unfinished(root)
-    manifest = ShardStore(root).manifest
+    manifest = ShardStore(root, storage_options=storage_options).manifest
     content, provenance = manifest.content, manifest.provenance
     total_bytes = sum(s["bytes"] for s in content["shards"])
     total_slices = sum(s["slices"] for s in content["shards"])
