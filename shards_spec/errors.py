@@ -30,6 +30,17 @@ class SourceError(ToolError):
     """A source volume or layout the ETL or `predict` cannot read as BraTS."""
 
 
+def one_line(exc: ToolError) -> str:
+    """The error's line; for one raised in a DataLoader worker, which torch re-raises with the
+    worker's traceback as its message, the original line (the traceback's last)."""
+    text = str(exc)
+    if "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        return last[len(prefix):] if last.startswith(prefix) else last
+    return text
+
+
 def run_cli(app: Callable[[], object], argv: list[str] | None = None) -> None:
     """Run a typer app, turning `ToolError` into one line on stderr unless `--debug` is given."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -41,7 +52,7 @@ def run_cli(app: Callable[[], object], argv: list[str] | None = None) -> None:
     except ToolError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         if debug:

@@ -32,7 +32,8 @@ Options not given come from the variant's preset, or, with --resume, from the ru
 Examples:
   train run --shards shards/ --variant v1 --out runs/v1 --epochs 50 --time-budget 11h30m
   train run --out runs/v1 --resume --epochs 80
-  train run --shards https://host/shards/ --variant v2 --val-split fold0 --target regions
+  train run --shards https://host/shards/ --variant v2 --val-split fold0 --target regions --cache-dir ~/.cache/brats
+  train run --shards s3://lab-bucket/shards --storage-option endpoint_url=http://minio.lab:9000 --variant v1
   torchrun --standalone --nproc-per-node 2 --no-python train run --shards shards/ --variant v2 --out runs/v2-ddp
 
 \b
@@ -40,6 +41,17 @@ Exit codes: 0 done (also when --time-budget stopped the run on an epoch checkpoi
 2 bad input (one line), 130 / 143 stopped by SIGINT / SIGTERM (the partial epoch is lost,
 the last completed epoch's checkpoint is kept; continue with --resume).
 """
+
+
+STORAGE_OPTION_HELP = ("fsspec option for a shard URL, KEY=VALUE (repeatable; VALUE may be JSON), e.g. "
+                       "endpoint_url=http://minio.lab:9000 or anon=true; not saved with the run (give it again "
+                       "on --resume); credentials: AWS_* variables or ~/.aws/.")
+
+
+def _storage_options(pairs: list[str] | None) -> dict:
+    from shards_spec.read import parse_storage_options
+
+    return parse_storage_options(pairs)
 
 
 @app.command("run", help=RUN_HELP, no_args_is_help=True)
@@ -62,7 +74,8 @@ def run_command(
     time_budget: Optional[str] = typer.Option(None, help="Wall-clock limit: 12h, 90m, 600s, 1h30m; no epoch is started that would not finish."),
     resume: bool = typer.Option(False, "--resume", help="Continue OUT from checkpoints/last.pt, exactly."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing run; on --resume accept other shards or options."),
-    cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here (remote shards)."),
+    cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here (remote shards), re-verified by sha256 on every use."),
+    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", help=STORAGE_OPTION_HELP),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA (fp16 autocast + GradScaler) (default on)."),
     amp_dtype: Optional[str] = typer.Option(None, help="auto (fp16 on CUDA, off on CPU), float16 or bfloat16 (also on CPU)."),
     model: Optional[str] = typer.Option(None, help="Override the preset's model: unet or attention_unet."),
@@ -83,7 +96,7 @@ def run_command(
         "channels": channels, "loss": loss, "augment": augment, "weight_decay": weight_decay, "report": report,
         "on_bad_shard": on_bad_shard,
     }
-    result = fit.run(overrides, resume=resume, force=force)
+    result = fit.run(overrides, resume=resume, force=force, storage_options=_storage_options(storage_option))
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 
@@ -99,18 +112,21 @@ def evaluate_command(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(32, help="Slices per batch."),
     workers: int = typer.Option(2, help="DataLoader worker processes."),
-    cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here."),
+    cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here, re-verified by sha256 on every use."),
+    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", help=STORAGE_OPTION_HELP),
 ) -> None:
     """Slice-level and patient-level (3D) Dice, precision, recall and HD95 of a checkpoint.
 
     \b
-    Example:
+    Examples:
       train evaluate --checkpoint runs/v1/checkpoints/best.pt --shards shards/ --json runs/v1/eval.json
+      train evaluate --checkpoint best.pt --shards https://lab.example.org/brats-shards/ --cache-dir ~/.cache/brats
     """
     from . import evaluate
 
     evaluate.main(checkpoint=checkpoint, shards=shards, split=split, src=src, json_path=json_path, csv_path=csv_path,
-                  device=device, batch_size=batch_size, workers=workers, cache_dir=cache_dir)
+                  device=device, batch_size=batch_size, workers=workers, cache_dir=cache_dir,
+                  storage_options=_storage_options(storage_option))
 
 
 @app.command("predict", no_args_is_help=True)
@@ -136,7 +152,10 @@ def predict_command(
 
 
 @app.command("report", no_args_is_help=True)
-def report_command(run_dir: Path = typer.Argument(..., help="A run folder (runs/NAME).")) -> None:
+def report_command(
+    run_dir: Path = typer.Argument(..., help="A run folder (runs/NAME)."),
+    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", help=STORAGE_OPTION_HELP),
+) -> None:
     """Curves and overlay pictures of a run, into RUN_DIR/report/.
 
     \b
@@ -145,7 +164,7 @@ def report_command(run_dir: Path = typer.Argument(..., help="A run folder (runs/
     """
     from . import report
 
-    report.main(run_dir)
+    report.main(run_dir, storage_options=_storage_options(storage_option))
 
 
 def main(argv: list[str] | None = None) -> None:

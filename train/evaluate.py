@@ -75,7 +75,7 @@ class EvaluateError(ToolError):
 
 def main(checkpoint: Path, shards: str, split: str = "val", src: Path | None = None, json_path: Path | None = None,
          device: str = "auto", batch_size: int = 32, workers: int = 2, cache_dir: str | None = None,
-         csv_path: Path | None = None, console: Any = None) -> dict:
+         csv_path: Path | None = None, console: Any = None, storage_options: dict | None = None) -> dict:
     """Evaluate `checkpoint` on `split` of `shards` (and on `src`); print, write and return the results."""
     from rich.console import Console
 
@@ -87,7 +87,7 @@ def main(checkpoint: Path, shards: str, split: str = "val", src: Path | None = N
     if workers < 0:
         raise EvaluateError(f"--workers: must be >= 0, got {workers}")
     loaded = inference.load_model(checkpoint, device)
-    store = ShardStore(shards, cache_dir=cache_dir)
+    store = ShardStore(shards, cache_dir=cache_dir, storage_options=storage_options)
     manifest = store.manifest
     manifest.require_split(split)
     warnings = check_shards(loaded, manifest, shards)

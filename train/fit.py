@@ -36,6 +36,7 @@ metrics.csv columns are fixed per target; the three channel names are NEC/NET, E
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -66,6 +67,9 @@ from .config import (
 
 PROJECTION_STEPS = 5
 """Steps timed before the speed and the projected run time are printed."""
+FAULT_ENV = "TRAIN_FAULT_SIGTERM_AT"
+"""Test hook for subprocess runs (torchrun): "EPOCH:STEP:RANK" (0-based) makes that rank send
+itself SIGTERM after that training step, the real signal path, at a known step."""
 ARCHITECTURE = ("variant", "model", "channels", "base", "depth", "batch_norm")
 """Options a resumed run cannot change even with --force: the weights would not fit (or, for
 the variant, the run would claim a preset its model does not follow)."""
@@ -150,9 +154,12 @@ def open_dataset(config: Config, store: Any, splits: list[str], *, training: boo
 
 
 def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
-        hooks: Hooks | None = None) -> Result:
+        hooks: Hooks | None = None, storage_options: dict | None = None) -> Result:
     """Train as configured; see the module docstring for the steps. Raises `ToolError` on bad
-    input (one line in the CLI); returns a `Result` for every planned ending."""
+    input (one line in the CLI); returns a `Result` for every planned ending.
+
+    `storage_options` go to fsspec for a shard URL (credentials, `endpoint_url`); they are not
+    saved with the run (they may hold secrets), so a `--resume` needs them again."""
     import numpy as np
     import torch
     from rich.console import Console
@@ -206,7 +213,7 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
     # 3. data -------------------------------------------------------------------------------------
     from shards_spec.read import ShardStore
 
-    store = ShardStore(config.shards, cache_dir=config.cache_dir)
+    store = ShardStore(config.shards, cache_dir=config.cache_dir, storage_options=storage_options)
     manifest = store.manifest
     check_against_manifest(config, manifest)
     if restored is not None and restored["manifest_digest"] != manifest.digest and not force:
@@ -293,6 +300,7 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
 
     # 6. epochs ------------------------------------------------------------------------------
     budget = Budget(config.time_budget_seconds, clock=hooks.clock)
+    after_step = hooks.after_step or _fault_hook(dist.rank)
     session_seconds: list[float] = []
     steps_per_epoch = max(1, train_ds.batches_per_epoch(config.batch_size, config.workers))
     projected = False
@@ -319,8 +327,9 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
                 net.train()
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 seen = torch.zeros((), dtype=torch.float64, device=device)
-                with _progress(console, f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
-                    for step, (image, mask) in enumerate(loader(train_ds, epoch, 0)):
+                with _progress(console, f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance, \
+                        _batches(loader(train_ds, epoch, 0)) as batches:
+                    for step, (image, mask) in enumerate(batches):
                         image = image.to(device, non_blocking=True)
                         mask = mask.to(device, non_blocking=True)
                         if augmenter is not None:
@@ -335,8 +344,8 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
                         loss_sum += loss.detach().double() * image.shape[0]
                         seen += image.shape[0]
                         advance()
-                        if hooks.after_step is not None:
-                            hooks.after_step(epoch, step, stop)
+                        if after_step is not None:
+                            after_step(epoch, step, stop)
                         if distributed.agree(dist, stop.requested, device):
                             raise StopRequested(stop.signum or 15)
                         if not projected and step + 1 == PROJECTION_STEPS:
@@ -353,7 +362,8 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
                                       train_ds, config, device)
 
                 # validate
-                scores = validate(model, loader(val_ds, epoch, 1), loss_fn, device, amp_dtype, dist, stop)
+                with _batches(loader(val_ds, epoch, 1)) as batches:
+                    scores = validate(model, batches, loss_fn, device, amp_dtype, dist, stop)
                 mean_dice = float(np.nanmean(scores["dice"])) if not np.all(np.isnan(scores["dice"])) else math.nan
                 score = mean_dice if not math.isnan(mean_dice) else -1.0
                 scheduler.step(score)
@@ -401,9 +411,41 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
 
     # 7. report ------------------------------------------------------------------------------
     if dist.is_main and config.report and history:
-        _report(run_dir, console)
+        _report(run_dir, console, storage_options)
     distributed.shutdown(dist)
     return Result(run_dir, done, 0, message, history)
+
+
+@contextlib.contextmanager
+def _batches(dataloader: Any) -> Any:
+    """Iterate a DataLoader and always shut its worker processes down, also when the loop raises
+    (a bad shard) or stops: they ignore SIGTERM (`_loader_worker_init`), so workers left to the
+    interpreter's exit would be waited for forever (measured: `train run` hung on a corrupt shard)."""
+    iterator = iter(dataloader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
+        if shutdown is not None:
+            shutdown()
+
+
+def _fault_hook(rank: int) -> Callable[[int, int, Any], None] | None:
+    """The `TRAIN_FAULT_SIGTERM_AT` hook for this rank, or None."""
+    value = os.environ.get(FAULT_ENV)
+    if not value:
+        return None
+    epoch, step, target = (int(v) for v in value.split(":"))
+    if target != rank:
+        return None
+
+    def deliver(at_epoch: int, at_step: int, stop: Any) -> None:
+        if (at_epoch, at_step) == (epoch, step):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return deliver
 
 
 def _loader_worker_init(worker_id: int) -> None:
@@ -573,7 +615,7 @@ def _summary(row: dict, names: tuple[str, ...], epochs: int, improved: bool) -> 
             + ("  *best" if improved else ""))
 
 
-def _report(run_dir: Path, console: Any) -> None:
+def _report(run_dir: Path, console: Any, storage_options: dict | None = None) -> None:
     import importlib
 
     try:
@@ -583,4 +625,4 @@ def _report(run_dir: Path, console: Any) -> None:
             raise
         console.print("report skipped: train.report is not installed in this version")
         return
-    report.main(run_dir)
+    report.main(run_dir, storage_options=storage_options)

@@ -63,8 +63,11 @@ class ShownSlice:
     channel: str
 
 
-def main(run_dir: Path | str, device: str = "auto", batch_size: int = 32, console: Any = None) -> Path:
-    """Write RUN_DIR/report/ (see the module docstring); return the path of report.md."""
+def main(run_dir: Path | str, device: str = "auto", batch_size: int = 32, console: Any = None,
+         storage_options: dict | None = None) -> Path:
+    """Write RUN_DIR/report/ (see the module docstring); return the path of report.md.
+
+    `storage_options` go to fsspec when the run's shards are a URL (they are not in config.json)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; must precede pyplot's import
@@ -88,7 +91,7 @@ def main(run_dir: Path | str, device: str = "auto", batch_size: int = 32, consol
         save_png(figure, out / name)
     slices_note, patient_summary = None, None
     try:
-        shown, patient_summary = choose_slices(run_dir, device, batch_size, console)
+        shown, patient_summary = choose_slices(run_dir, device, batch_size, console, storage_options)
         save_png(plot_slices(shown), out / "slices.png")
         pictures["slices.png"] = None
     except ToolError as exc:
@@ -193,7 +196,8 @@ def plot_lr(rows: list[dict]) -> Any:
 # ---------------------------------------------------------------- validation slices
 
 
-def choose_slices(run_dir: Path, device: str, batch_size: int, console: Any) -> tuple[list[ShownSlice], dict]:
+def choose_slices(run_dir: Path, device: str, batch_size: int, console: Any,
+                  storage_options: dict | None = None) -> tuple[list[ShownSlice], dict]:
     """Predict the validation patients on the shard grid with best.pt; pick best, median, worst."""
     import json
 
@@ -215,7 +219,7 @@ def choose_slices(run_dir: Path, device: str, batch_size: int, console: Any) -> 
         raise ReportError("is not a train run's config.json", config_path) from None
     loaded = inference.load_model(best, device)
     try:
-        store = ShardStore(shards, cache_dir=config.get("cache_dir"))
+        store = ShardStore(shards, cache_dir=config.get("cache_dir"), storage_options=storage_options)
         manifest = store.manifest
         manifest.require_split(split)
     except (ToolError, OSError) as exc:
