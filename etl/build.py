@@ -800,14 +800,17 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
     if info.state is planlib.OutState.OTHER:
         reporter.log(f"--overwrite: replacing the shards in {out} (kept aside until this build succeeds)")
         guard.stash()
-    out.mkdir(parents=True, exist_ok=True)
-    if info.state in (planlib.OutState.EMPTY, planlib.OutState.OTHER):
-        planlib.write_plan(out, plan)
     zarr_groups = None
-    if opts.format == "zarr":
-        from .writers.zarr import write_root
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if info.state in (planlib.OutState.EMPTY, planlib.OutState.OTHER):
+            planlib.write_plan(out, plan)
+        if opts.format == "zarr":
+            from .writers.zarr import write_root
 
-        zarr_groups = write_root(out, spec.names)
+            zarr_groups = write_root(out, spec.names)
+    except OSError as exc:
+        raise _write_failed(exc, out, guard) from None
     tasks = [
         ShardTask(root=str(out.resolve()), path=s["path"], split=s["split"], format=opts.format,
                   refs=tuple(refs[p] for p in s["patients"]), size=opts.size, channels=tuple(opts.channels),

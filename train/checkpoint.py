@@ -139,6 +139,17 @@ def save(payload: dict[str, Any], path: str | Path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer turns a refused write into a RuntimeError
+        refused = exc
+        while refused is not None and not isinstance(refused, OSError):
+            refused = refused.__context__
+        if refused is None:
+            raise
+        import errno
+
+        code = errno.errorcode.get(refused.errno or 0, "")
+        raise CheckpointError(f"cannot be written ({refused.strerror or refused}{f' [{code}]' if code else ''}); "
+                              "the previous checkpoint of that name is unchanged", path) from None
     finally:
         if tmp.exists():
             tmp.unlink()

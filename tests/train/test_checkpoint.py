@@ -54,7 +54,7 @@ def test_save_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt.CheckpointError, match="cannot be written .disk full."):
         ckpt.save(minimal(epoch=2), path)
     monkeypatch.undo()
     assert ckpt.load(path)["epoch"] == 1  # the previous checkpoint is intact
