@@ -362,6 +362,7 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
                                       train_ds, config, device)
 
                 # validate
+                distributed.broadcast_buffers(dist, model)  # validate the model rank 0 saves
                 with _batches(loader(val_ds, epoch, 1)) as batches:
                     scores = validate(model, batches, loss_fn, device, amp_dtype, dist, stop)
                 mean_dice = float(np.nanmean(scores["dice"])) if not np.all(np.isnan(scores["dice"])) else math.nan
