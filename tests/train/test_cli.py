@@ -71,15 +71,17 @@ def test_run_passes_options_and_exit_code(monkeypatch, capsys):
 
     calls = []
 
-    def fake_run(overrides, *, resume, force):
-        calls.append((overrides, resume, force))
+    def fake_run(overrides, *, resume, force, storage_options=None):
+        calls.append((overrides, resume, force, storage_options))
         return fit.Result(Path("runs/x"), 1, 143, "stopped by SIGTERM")
 
     monkeypatch.setattr(fit, "run", fake_run)
     code, _, _ = invoke(["run", "--shards", "s", "--variant", "v2", "--epochs", "3", "--no-amp", "--channels",
-                         "t1,flair", "--time-budget", "90m", "--resume", "--force"], capsys)
+                         "t1,flair", "--time-budget", "90m", "--resume", "--force",
+                         "--storage-option", "endpoint_url=http://127.0.0.1:9000", "--storage-option", "anon=true"], capsys)
     assert code == 143
-    overrides, resume, force = calls[0]
+    overrides, resume, force, storage_options = calls[0]
+    assert storage_options == {"endpoint_url": "http://127.0.0.1:9000", "anon": True} and "storage_option" not in overrides
     assert (resume, force) == (True, True)
     assert overrides["epochs"] == 3 and overrides["amp"] is False and overrides["channels"] == "t1,flair"
     assert overrides["time_budget"] == "90m" and overrides["lr"] is None and overrides["report"] is None
@@ -108,7 +110,7 @@ def test_commands_call_their_modules(monkeypatch, capsys, argv, name, expected):
 def test_report_command_calls_report_main(monkeypatch, capsys, tmp_path):
     seen = []
     fake = types.ModuleType("train.report")
-    fake.main = lambda run_dir: seen.append(run_dir)
+    fake.main = lambda run_dir, storage_options=None: seen.append(run_dir)
     monkeypatch.setitem(sys.modules, "train.report", fake)
     monkeypatch.setattr(train, "report", fake, raising=False)
     code, _, _ = invoke(["report", str(tmp_path)], capsys)
