@@ -208,3 +208,39 @@ def test_cache_dir_serves_the_second_run_and_refetches_a_tampered_copy(http, loc
         assert evaluate("third") == first
     assert requests == ["/shards-webdataset/manifest.json", "/shards-webdataset/val/val-000000.tar"]
     assert hashlib.sha256(copy.read_bytes()).hexdigest() == copy.name
+
+
+def test_a_plain_static_server_without_range_is_enough(site, local_run, tmp_path, capsys):
+    """Python's http.server answers no Range requests; our reader fetches each listed file with
+    one plain GET (tars streamed, Zarr files whole), so both formats verify and evaluate."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        ranges: list = []
+
+        def log_message(self, *args):
+            pass
+
+        def send_head(self):
+            if self.headers.get("Range"):
+                type(self).ranges.append(self.path)
+            return super().send_head()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        for fmt in FORMATS:
+            assert run_cli(etl_main, "verify", f"{base}/shards-{fmt}") == 0
+            out = tmp_path / f"{fmt}.json"
+            assert run_cli(train_main, "evaluate", "--checkpoint", local_run / "checkpoints" / "best.pt", "--shards",
+                           f"{base}/shards-{fmt}", "--workers", "0", "--json", out) == 0
+            assert evaluation(out) == evaluation(tmp_path / "webdataset.json")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert Quiet.ranges == []
