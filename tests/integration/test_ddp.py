@@ -94,3 +94,32 @@ def test_sigterm_on_one_rank_stops_both_and_resume_under_torchrun_matches(shards
     done = torchrun("--out", out, "--resume")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert_same_run(out, reference)
+
+
+def test_two_nodes_on_loopback_equal_the_single_node_run(shards, reference, tmp_path):
+    """torchrun's multi-node flags (--nnodes 2 --node-rank 0/1 --master-addr), one rank per
+    "node", both on 127.0.0.1: the same 2 ranks, so the same weights as the single-node run."""
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "two-nodes"
+    agents = []
+    try:
+        for node in (0, 1):
+            command = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                       "--master-addr", "127.0.0.1", "--master-port", str(port), "--no-python", str(BIN / "train"),
+                       "run", "--shards", str(shards), "--out", str(out), "--epochs", "2", *TRAIN]
+            agents.append(subprocess.Popen(command, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True))
+        outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait(timeout=30)
+    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "ranks 2" in outputs[0]
+    assert_same_run(out, reference)
