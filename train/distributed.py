@@ -1,6 +1,8 @@
 """Rank and world helpers for DDP under torchrun; every helper is a no-op in a single process.
 
     torchrun --standalone --nproc-per-node 2 --no-python train run --shards shards/ --variant v1 --out runs/ddp
+    torchrun --nnodes 2 --node-rank 0 --master-addr 10.0.0.5 --master-port 29500 --nproc-per-node 4 \
+             --no-python train run --shards https://host/shards/ --variant v2 --out /shared/runs/v2   # node 1: --node-rank 1
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `init()` then starts the process group (gloo on
 CPU, nccl on CUDA) and pins each rank to GPU LOCAL_RANK. What the loop relies on:
