@@ -21,8 +21,29 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
+# The demo: 16 synthetic full-size BraTS 2020 patients -> shards (64 x 64) -> v1 on the CPU for a
+# few minutes -> evaluation on the native grid -> one prediction -> the report.
+DEMO_EPOCHS ?= 8
 demo: $(STAMP)
-	OMP_NUM_THREADS=2 bash bench/demo.sh $(DEMO) $(BIN)
+	rm -rf $(DEMO)
+	$(BIN)/etl synth --out $(DEMO)/BraTS2020 --patients 16 --seed 0
+	$(BIN)/etl build-shards --src $(DEMO)/BraTS2020 --out $(DEMO)/shards --size 64 --workers 2
+	$(BIN)/etl verify $(DEMO)/shards
+	$(BIN)/train run --shards $(DEMO)/shards --variant v1 --out $(DEMO)/runs/v1 --epochs $(DEMO_EPOCHS) \
+		--base 16 --batch-size 16 --workers 1 --device cpu
+	$(BIN)/train evaluate --checkpoint $(DEMO)/runs/v1/checkpoints/best.pt --shards $(DEMO)/shards \
+		--src $(DEMO)/BraTS2020 --json $(DEMO)/evaluation.json --device cpu
+	patient=$$($(BIN)/python -c "import json; print(json.load(open('$(DEMO)/shards/manifest.json'))['content']['splits']['val']['patients'][0])"); \
+	$(BIN)/train predict --checkpoint $(DEMO)/runs/v1/checkpoints/best.pt --device cpu \
+		--input $(DEMO)/BraTS2020/MICCAI_BraTS2020_TrainingData/$$patient --out $(DEMO)/predictions/$${patient}_seg.nii.gz
+	@echo
+	@echo "demo done:"
+	@echo "  source data      $(DEMO)/BraTS2020"
+	@echo "  shards           $(DEMO)/shards (etl inspect $(DEMO)/shards)"
+	@echo "  run              $(DEMO)/runs/v1 (config.json, metrics.csv, checkpoints/)"
+	@echo "  report           $(DEMO)/runs/v1/report/report.md"
+	@echo "  evaluation       $(DEMO)/evaluation.json"
+	@echo "  prediction       $(DEMO)/predictions/"
 
 bench: $(STAMP)
 	$(BIN)/python bench/etl.py

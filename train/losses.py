@@ -3,11 +3,13 @@
 The outputs are independent sigmoid channels (NEC/NET, ED, ET or WT, TC, ET), not a softmax:
 regions overlap, and even the disjoint classes are trained as the original design did.
 
-`dice_loss` equals MONAI's `DiceLoss(sigmoid=True)` with its defaults (smooth_nr = smooth_dr =
-1e-5, batch=False, reduction "mean"): a soft Dice per sample and per channel over the spatial
-axes, then the mean over samples and channels. Per sample, so an empty channel of one slice is
-scored on its own: with the smoothing terms it costs ~0 when the prediction is empty too and
-~1 when it is not.
+`dice_loss` equals MONAI's `DiceLoss(sigmoid=True, batch=True)` with its default smoothing
+(smooth_nr = smooth_dr = 1e-5): a soft Dice per channel with the sums taken over the whole batch
+and the spatial axes (nnU-Net's "batch Dice"), then the mean over channels. Not per slice: most
+slices lack some class, and a per-slice Dice then scores ~1 for any stray voxel and ~0 for an
+empty prediction, a noisy signal that kept the seed's per-slice Dice near 0 for several epochs on
+the demo data (validation mean Dice after 5 epochs: 0.04 per slice vs 0.22 batch; command in the
+README's "Measured").
 
 `dice_bce_loss` adds the mean binary cross-entropy with logits over every element. Not MONAI's
 `DiceCELoss(sigmoid=True)` for C > 1: that one applies a softmax `CrossEntropyLoss` whenever the
@@ -39,13 +41,13 @@ def _check(logits: Tensor, target: Tensor) -> None:
 
 
 def dice_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """Mean over samples and channels of 1 - (2 sum(p t) + 1e-5) / (sum p + sum t + 1e-5)."""
+    """Mean over channels of 1 - (2 sum(p t) + 1e-5) / (sum p + sum t + 1e-5), sums over the batch."""
     _check(logits, target)
     prob = torch.sigmoid(logits.float())
     target = target.float()
-    spatial = tuple(range(2, logits.ndim))
-    intersection = (prob * target).sum(spatial)
-    total = prob.sum(spatial) + target.sum(spatial)
+    batch_and_spatial = (0,) + tuple(range(2, logits.ndim))
+    intersection = (prob * target).sum(batch_and_spatial)
+    total = prob.sum(batch_and_spatial) + target.sum(batch_and_spatial)
     dice = (2 * intersection + SMOOTH_NR) / (total + SMOOTH_DR)
     return (1 - dice).mean()
 

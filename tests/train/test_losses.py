@@ -28,24 +28,24 @@ def random_case(shape, seed, empty_channels=True):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_dice_matches_monai(shape, seed):
     logits, target = random_case(shape, seed)
-    reference = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)(logits, target)
+    reference = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)(logits, target)
     assert torch.allclose(dice_loss(logits, target), reference, atol=1e-5)
     # our constants are MONAI's defaults: the bare constructor agrees as well
-    assert torch.allclose(dice_loss(logits, target), DiceLoss(sigmoid=True)(logits, target), atol=1e-5)
+    assert torch.allclose(dice_loss(logits, target), DiceLoss(sigmoid=True, batch=True)(logits, target), atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_dice_bce_matches_monai_dice_plus_bce(shape, seed):
     logits, target = random_case(shape, seed)
-    reference = DiceLoss(sigmoid=True)(logits, target) + torch.nn.BCEWithLogitsLoss()(logits, target)
+    reference = DiceLoss(sigmoid=True, batch=True)(logits, target) + torch.nn.BCEWithLogitsLoss()(logits, target)
     assert torch.allclose(dice_bce_loss(logits, target), reference, atol=1e-5)
 
 
 def test_dice_bce_matches_monai_dicece_per_channel():
     # MONAI's DiceCELoss uses BCE only for single-channel input; per channel it is our loss
     logits, target = random_case((3, 1, 8, 8), 3)
-    reference = DiceCELoss(sigmoid=True)(logits, target)
+    reference = DiceCELoss(sigmoid=True, batch=True)(logits, target)
     assert torch.allclose(dice_bce_loss(logits, target), reference, atol=1e-5)
 
 
