@@ -564,18 +564,33 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class _progress:
-    """A rich progress bar for one epoch; the context value advances it by one step."""
+    """A rich progress bar for one epoch; the context value advances it by one step.
+
+    It is redrawn from the loop itself, never by rich's refresh thread: loader workers are forked
+    at the start of every epoch and validation, and a fork while another thread is starting or
+    ending can deadlock the child in CPython 3.11 (measured: a DDP rank's loader worker hung in
+    `PyOS_AfterFork_Child`, the bar's thread having just started)."""
+
+    REFRESH_SECONDS = 0.1
 
     def __init__(self, console: Any, title: str, total: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), console=console, transient=True)
+                                 TimeRemainingColumn(), console=console, transient=True, auto_refresh=False)
         self.task = self.progress.add_task(title, total=total)
+        self.drawn = 0.0
 
     def __enter__(self) -> Callable[[], None]:
         self.progress.start()
-        return lambda: self.progress.advance(self.task)
+        return self._advance
+
+    def _advance(self) -> None:
+        self.progress.advance(self.task)
+        now = time.monotonic()
+        if now - self.drawn >= self.REFRESH_SECONDS:
+            self.drawn = now
+            self.progress.refresh()
 
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
