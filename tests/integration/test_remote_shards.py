@@ -107,6 +107,9 @@ def test_train_from_s3_zarr_with_endpoint_and_cache_equals_the_local_run(s3, loc
     assert record["config"]["shards"] == url and s3 not in json.dumps(record)  # storage options are not saved
     cached = [p for p in cache.rglob("*") if p.is_file()]
     assert cached and all(hashlib.sha256(p.read_bytes()).hexdigest() == p.name for p in cached)
+    # the report reads the validation slices from the URL in config.json, with the options given again
+    assert run_cli(train_main, "report", out, "--storage-option", f"endpoint_url={s3}") == 0
+    assert (out / "report" / "slices.png").is_file()
 
 
 def test_evaluate_both_formats_from_http_and_s3_equals_local(site, http, s3, local_run, tmp_path):
