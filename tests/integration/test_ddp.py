@@ -75,7 +75,8 @@ def test_uneven_ddp_run_completes_and_its_metrics_equal_a_single_process_evaluat
             logged, evaluated = row[f"{prefix}_{name}"], single[metric][name]
             assert (math.isnan(logged) and evaluated is None) or logged == evaluated, (prefix, name)
     assert sum(c["tp"] for c in single["counts"].values()) > 0  # the model predicts tumour: not a trivial match
-    assert row["val_loss"] == pytest.approx(single["loss"], rel=1e-5)  # float sums in another order
+    # close, not equal: float sums in another order, and the batch Dice loss depends on how slices are batched
+    assert row["val_loss"] == pytest.approx(single["loss"], rel=1e-3)
 
 
 def test_sigterm_on_one_rank_stops_both_and_resume_under_torchrun_matches(shards, reference, tmp_path):
