@@ -477,7 +477,10 @@ def autocast_dtype(config: Config, device: Any) -> Any:
 def validate(model: Any, loader: Any, loss_fn: Any, device: Any, amp_dtype: Any, dist: distributed.Dist,
              stop: StopSignal | None = None) -> dict[str, Any]:
     """Loss (mean over validation slices) and dataset-level Dice, precision, recall per channel
-    from TP/FP/FN summed over the whole split (sigmoid > 0.5, i.e. logit > 0), all-reduced."""
+    from TP/FP/FN summed over the whole split (sigmoid > 0.5, i.e. logit > 0), all-reduced.
+
+    The loss is computed slice by slice: the training Dice is taken over the batch, so a batched
+    value would depend on how slices fall into batches (batch size, loader workers, ranks)."""
     import torch
 
     from .metrics import confusion_counts, scores_from_counts
@@ -491,8 +494,8 @@ def validate(model: Any, loader: Any, loss_fn: Any, device: Any, amp_dtype: Any,
             image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(image)
-                loss = loss_fn(logits, mask)
-            loss_sum += loss.double() * image.shape[0]
+                per_slice = torch.stack([loss_fn(logits[i:i + 1], mask[i:i + 1]) for i in range(image.shape[0])])
+            loss_sum += per_slice.double().sum()
             seen += image.shape[0]
             counts += torch.stack(confusion_counts(logits.float() > 0, mask > 0.5))
             if stop is not None and stop.requested and not dist.enabled:
