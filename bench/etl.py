@@ -260,9 +260,9 @@ def write_markdown(args, n, times, rate, ratios, projected, projected_cpu, start
     lines += [f"| {k} | {v / 1024:.1f} | {v / raw:.2f} |" for k, v in sizes.items()]
     lines += ["", f"1-worker and 2-worker shards byte-identical: {identical}.", "",
               "Warm: a LocalCluster started beforehand, its workers having imported torch (the graph's own throughput); "
-              "cold: `build_shards` starts and stops its own cluster, as the command does. The plain loop runs "
-              "`preprocess_volume` on the whole volume; `build-shards` runs it on 8-slice slabs (same bytes, smaller "
-              "temporaries), which is why one worker beats the loop. On this shared 2-core machine the wall-clock "
+              "cold: `build_shards` starts and stops its own cluster, as the command does. The plain loop and "
+              "`build-shards` run the same `preprocess_volume` (8-slice slabs inside); the loop also saves one .npy "
+              "per slice. On this shared 2-core machine the wall-clock "
               "2-worker ratio is bounded by what the second core has free (see the load average); the CPU-seconds "
               "figures are the stable ones.", MARK_END]
     path = REPO / "bench" / "BENCHMARKS.md"
