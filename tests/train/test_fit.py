@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from shards_spec.labels import class_voxels
 from shards_spec.manifest import Manifest
-from shards_spec.preprocess import Slices
 from shards_spec.read import ShardStore
 from tests import shard_fixtures
+from tests.shard_fixtures import learnable_slices
 from train import checkpoint as ckpt
 from train import fit
 from train.config import ConfigError
@@ -26,24 +25,6 @@ torch.set_num_threads(1)
 SIZE = 16
 HEADER = ("epoch,train_loss,val_loss,mean_dice,dice_NEC/NET,dice_ED,dice_ET,prec_NEC/NET,prec_ED,prec_ET,"
           "recall_NEC/NET,recall_ED,recall_ET,lr,seconds")
-
-
-def learnable_slices(patient_index: int, n_slices: int, size: int, channels: int, tumour_every: int) -> Slices:
-    """A square lesion per tumour slice whose labels are visible in the channels: ED bright in
-    every channel, ET brighter still, NEC/NET dark (a model can learn this in a few steps)."""
-    rng = np.random.default_rng(patient_index)
-    image = (0.1 * rng.standard_normal((n_slices, channels, size, size)) + 0.5).astype(np.float16)
-    mask = np.zeros((n_slices, size, size), dtype=np.uint8)
-    for s in range(n_slices):
-        if s % tumour_every == 0:
-            r, c = rng.integers(1, size - 8, 2)
-            mask[s, r:r + 7, c:c + 7] = 2
-            mask[s, r + 1:r + 6, c + 1:c + 6] = 3
-            mask[s, r + 2:r + 5, c + 2:c + 5] = 1
-    level = np.array([0.5, 0.5, 2.0, 3.0, -1.0], dtype=np.float32)[mask]  # per label 0..3
-    image = (image + level[:, None]).astype(np.float16)
-    return Slices(image=image, mask=mask, slice_index=list(range(n_slices)),
-                  class_voxels=[class_voxels(m) for m in mask], brain_voxels=[size * size] * n_slices)
 
 
 def build(root, name, patients, splits):
