@@ -17,11 +17,11 @@ from typing import Any
 
 from .codec import KEY_PATTERN, encode_json
 from .errors import SpecError
+from . import formats
 from .labels import CHANNELS, LABEL_NAMES
 from .preprocess import NORMS
 
 SPEC_VERSION = "brats-slices/1"
-FORMATS = ("webdataset", "zarr")
 MANIFEST_NAME = "manifest.json"
 PLAN_NAME = "plan.json"
 SHA256_LENGTH = 64
@@ -82,8 +82,8 @@ def validate_content(content: Any) -> dict:
     if version != SPEC_VERSION:
         raise _fail(f"{w}.spec_version", f"is {version!r}; this tool reads {SPEC_VERSION!r} only")
     fmt = _get(content, "format", str, w)
-    if fmt not in FORMATS:
-        raise _fail(f"{w}.format", f"must be one of {list(FORMATS)}, got {fmt!r}")
+    if fmt not in formats.READERS:  # the registry, so a format registered at run time is accepted
+        raise _fail(f"{w}.format", f"must be one of {list(formats.READERS)}, got {fmt!r}")
     channels = _string_list(content, "channels", w)
     if not channels or any(c not in CHANNELS for c in channels) or len(set(channels)) != len(channels):
         raise _fail(f"{w}.channels", f"must be distinct names from {list(CHANNELS)}, got {channels}")

@@ -7,15 +7,8 @@ read and validated first:
 - every file is read as a stream, never more bytes than the manifest lists for it, and its
   sha256 is compared with the manifest's (before use with a `cache_dir`, otherwise at the end of
   the stream, before `records` returns for that shard);
-- WebDataset tars are iterated member by member (`codec.iter_tar_records`), each member's size
-  bounded by `codec.member_limits` before it is read, and decoded with the safe `.npy`/`.json`
-  decoders;
-- Zarr patient groups are read from exactly the files the manifest lists for the shard (HTTP
-  cannot list folders, and a file that vanished must be an error, not an array of fill values):
-  they are fetched whole and verified, then opened with plain `zarr` from memory at the array
-  paths the manifest gives, each array's metadata (dtype, shape, chunks) checked before its data
-  is decoded; arrays are read whole, since single-slice reads of a sharded array re-read the
-  shard index each time (~400 reads/s);
+- records are decoded by the reader of the manifest's format (`shards_spec.formats`: one module
+  per format, e.g. `formats/webdataset.py`, `formats/zarr.py`, registered in `READERS`);
 - each shard's patients, records, slices and tumour slices must equal the manifest's counts,
   because epoch lengths and DDP batch counts are computed from them up front.
 
@@ -29,7 +22,6 @@ fsspec and zarr are imported inside the functions that need them, so `shards_spe
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import os
@@ -40,7 +32,8 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from .codec import IMAGE_DTYPE, MASK_DTYPE, Record, build_record, decode_record, iter_tar_records, member_limits
+from . import formats
+from .codec import Record, member_limits
 from .errors import SpecError
 from .manifest import MANIFEST_NAME, Manifest, parse
 
@@ -48,7 +41,6 @@ CHUNK = 1 << 20
 MANIFEST_MAX_BYTES = 256 << 20
 FILE_OVERHEAD_BYTES = 64 << 10
 """Allowance per listed file over the raw array bytes (tar headers, zarr metadata, codec framing)."""
-ZARR_ARRAYS = ("image", "mask", "slice_index", "class_voxels", "brain_voxels")
 
 
 def is_url(root: str | Path) -> bool:
@@ -288,11 +280,11 @@ class ShardStore:
         listed = sum(f["bytes"] for f in shard["files"])
         if listed > limit:
             raise SpecError(f"lists {listed} bytes, more than its {shard['slices']} slices can need ({limit})", name)
-        reader = self._records_webdataset if self.manifest.format == "webdataset" else self._records_zarr
+        reader = formats.reader(self.manifest.format)
         seen: dict[str, int] = {}
         slices = 0
         try:
-            for record in reader(shard, expected, name):
+            for record in reader(self, shard, expected, name):
                 pid = self._check_record(record, expected, seen, name)
                 seen[pid] = record.slices
                 slices += record.slices
@@ -352,87 +344,6 @@ class ShardStore:
             limits = member_limits(patients[pid]["slices"], channels, size)
             total += sum(limits.values()) + 3 * 512 + 64 * patients[pid]["slices"]
         return total + FILE_OVERHEAD_BYTES * len(shard["files"])
-
-    def _records_webdataset(self, shard: dict, expected: dict[str, str], name: str) -> Iterator[Record]:
-        if len(shard["files"]) != 1 or shard["files"][0]["path"] != shard["path"]:
-            raise SpecError("a WebDataset shard must list exactly its own tar as its file", name)
-        limits = member_limits(self.manifest.max_record_slices(), len(self.manifest.channels), self.manifest.size)
-        with self.open_file(shard["path"], verify=True) as raw:
-            stream = gzip.GzipFile(fileobj=raw, mode="rb") if shard["path"].endswith(".gz") else raw
-            count = 0
-            try:
-                for key, members in iter_tar_records(stream, max_bytes=limits, name=name):
-                    count += 1
-                    if count > len(expected):
-                        raise SpecError(f"holds more than the {len(expected)} records the manifest lists", name)
-                    yield decode_record(key, members, channels=len(self.manifest.channels), size=self.manifest.size)
-                if isinstance(raw, _CheckedReader):
-                    raw.drain()  # the tar's zero padding and the sha256 check
-            except (OSError, EOFError) as exc:  # gzip errors
-                raise SpecError(f"cannot be decompressed ({type(exc).__name__}: {exc})", name) from None
-
-    def _records_zarr(self, shard: dict, expected: dict[str, str], name: str) -> Iterator[Record]:
-        import zarr
-        from zarr.core.buffer import cpu
-        from zarr.storage import MemoryStore
-
-        files = {entry["path"]: cpu.Buffer.from_bytes(self.read_file(entry)) for entry in shard["files"]}
-        store = MemoryStore(files, read_only=True)
-        patients = self.manifest.content["patients"]
-        channels, size = len(self.manifest.channels), self.manifest.size
-        for key, pid in expected.items():
-            info = patients[pid]
-            arrays = info.get("arrays") or {a: f"{info['split']}/{key}/{a}" for a in ZARR_ARRAYS}
-            s = info["slices"]
-            shapes = {
-                "image": ((s, channels, size, size), (IMAGE_DTYPE,)),
-                "mask": ((s, size, size), (MASK_DTYPE,)),
-                "slice_index": ((s,), None),
-                "class_voxels": ((s, 4), None),
-                "brain_voxels": ((s,), None),
-            }
-            data = {}
-            for array_name, (shape, dtypes) in shapes.items():
-                path = arrays.get(array_name) if isinstance(arrays, dict) else None
-                if not isinstance(path, str) or f"{path}/zarr.json" not in files:
-                    raise SpecError(f"patient {pid!r}: array {array_name!r} ({path!r}) is not among the shard's files", name)
-                data[array_name] = _read_zarr_array(zarr, store, path, shape, dtypes, f"patient {pid!r} array {path}")
-            meta = {
-                "patient": pid,
-                "slice_index": data["slice_index"].tolist(),
-                "class_voxels": data["class_voxels"].tolist(),
-                "brain_voxels": data["brain_voxels"].tolist(),
-            }
-            yield build_record(key, data["image"], data["mask"], meta, channels=channels, size=size)
-
-
-def _read_zarr_array(zarr, store, path: str, shape: tuple, dtypes: tuple | None, what: str) -> np.ndarray:
-    """Open one array, check its metadata against the manifest, then read it whole."""
-    try:
-        array = zarr.open_array(store=store, path=path, mode="r", zarr_format=3)
-    except Exception as exc:  # zarr raises many types on bad metadata
-        raise SpecError(f"{what}: metadata cannot be read ({type(exc).__name__}: {exc})") from None
-    if tuple(array.shape) != shape:
-        raise SpecError(f"{what}: shape {tuple(array.shape)}, the manifest implies {shape}")
-    dtype = np.dtype(array.dtype)
-    if dtypes is not None and dtype not in dtypes:
-        raise SpecError(f"{what}: dtype {dtype}, expected {dtypes[0]}")
-    if dtypes is None and dtype.kind not in "iu":
-        raise SpecError(f"{what}: dtype {dtype}, expected an integer type")
-    # Chunks larger than the array would let a small file decompress into a large buffer; a
-    # shard may only round the first axis up to a whole number of its inner chunks.
-    chunks = tuple(array.chunks)
-    limits = {"chunks": tuple(max(n, 1) for n in shape)}
-    if array.shards is not None:
-        rows = -(-max(shape[0], 1) // chunks[0]) * chunks[0]
-        limits["shards"] = (rows,) + limits["chunks"][1:]
-    for label, found in (("chunks", chunks), ("shards", array.shards)):
-        if found is not None and any(c > n for c, n in zip(found, limits[label])):
-            raise SpecError(f"{what}: {label} {tuple(found)} exceed the shape {shape}")
-    try:
-        return np.asarray(array[...])
-    except Exception as exc:
-        raise SpecError(f"{what}: data cannot be decoded ({type(exc).__name__}: {exc})") from None
 
 
 def _check_local(path: Path, entry: dict) -> str | None:
