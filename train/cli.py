@@ -167,6 +167,31 @@ def report_command(
     report.main(run_dir, storage_options=_storage_options(storage_option))
 
 
+# ---------------------------------------------------------------- export (issue 14)
+
+
+@app.command("export", no_args_is_help=True)
+def export_command(
+    checkpoint: Path = typer.Option(..., help="A checkpoint (runs/NAME/checkpoints/best.pt)."),
+    out: Path = typer.Option(..., help="Folder to write NAME.onnx, NAME.pt2, NAME.safetensors and NAME.json into."),
+    format: Optional[List[str]] = typer.Option(None, "--format", help="onnx, pt2 or safetensors (repeatable; default all three)."),
+    name: str = typer.Option("model", help="Base name of the written files."),
+    opset: int = typer.Option(18, help="ONNX opset (>= 17)."),
+) -> None:
+    """Export a checkpoint to ONNX, a torch.export program and safetensors, with its config as JSON.
+
+    ONNX and safetensors need the optional extra: pip install 'brats-shards\\[export]'.
+
+    \b
+    Examples:
+      train export --checkpoint runs/v1/checkpoints/best.pt --out exp/
+      train predict --checkpoint exp/model.onnx --input P001/ --out seg.nii.gz
+    """
+    from . import export
+
+    export.main(checkpoint=checkpoint, out=out, formats=list(format or export.FORMATS), name=name, opset=opset)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: `ToolError` becomes one line and exit code 2."""
     run_cli(app, argv)

@@ -17,6 +17,10 @@ A volume goes through the very recipe the ETL cut the shards with, then back, in
    classes -> argmax channel above the threshold, regions -> ET, else NEC/NET where TC, else ED
    where WT) and zero everything outside the native brain mask.
 
+An ONNX file from `train export` can stand in for the checkpoint in `predict` (`load_model(...,
+onnx=True)`): step 1 then reads the same settings from the config stored in the file and runs
+the network with onnxruntime (`OnnxModel`); steps 2, 4 and 5 are unchanged.
+
 The result is a 0..3 label map (H, W, D) on the input's grid; `predict` maps it to the source
 convention (`shards_spec.labels.decode_labels`) when writing NIfTI, `evaluate` scores it
 against the original segmentation.
@@ -50,8 +54,8 @@ class InferenceError(ToolError):
 class LoadedModel:
     """A model ready for inference plus everything the checkpoint says about its inputs."""
 
-    model: Any  # torch.nn.Module in eval mode on `device`
-    device: Any  # torch.device
+    model: Any  # torch.nn.Module in eval mode on `device`, or an `OnnxModel`
+    device: Any  # torch.device (for an `OnnxModel`: where onnxruntime runs it)
     path: Path
     channels: list[str]  # input channels, in the model's order
     target: str  # "classes" or "regions"
@@ -93,12 +97,35 @@ def resolve_device(device: str) -> Any:
     return torch.device(device)
 
 
-def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
-    """Read a checkpoint (weights_only) and build its model in eval mode on `device`."""
+def load_model(path: str | Path, device: str = "auto", *, onnx: bool = False) -> LoadedModel:
+    """Read a checkpoint (weights_only) and build its model in eval mode on `device`; with `onnx`,
+    a `.onnx` file from `train export` is run by onnxruntime instead (`load_onnx`)."""
     from .models import build_model
 
     path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        if not onnx:
+            raise InferenceError("an ONNX model is accepted by `train predict` only; give the .pt checkpoint", path)
+        return load_onnx(path, device)
     payload = ckpt.load(path)
+    loaded = _describe(payload, path)
+    spec = payload["model"]
+    torch_device = resolve_device(device)
+    try:
+        model = build_model(str(spec["name"]), in_channels=len(loaded.channels),
+                            out_channels=int(spec.get("out_channels", 3)), **dict(spec.get("kwargs") or {}))
+        model.load_state_dict(payload["model_state"])
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InferenceError(f"checkpoint weights do not fit its model {spec.get('name')!r} ({reason[:160]})",
+                             path) from None
+    loaded.model, loaded.device = model.to(torch_device).eval(), torch_device
+    return loaded
+
+
+def _describe(payload: dict, path: Path) -> LoadedModel:
+    """A `LoadedModel` without its model, from a checkpoint or an exported config (same keys),
+    after checking channels, target, model description and preprocessing."""
     spec = payload["model"]
     channels = [str(c) for c in payload["channels"]]
     target = str(payload["target"])
@@ -117,28 +144,64 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
     if not isinstance(size, int) or size < 1 or norm not in NORMS:
         raise InferenceError(f"checkpoint preprocessing lacks a valid size and norm (got size={size!r}, "
                              f"norm={norm!r})", path)
-    torch_device = resolve_device(device)
-    try:
-        model = build_model(str(spec["name"]), in_channels=in_channels, out_channels=int(spec.get("out_channels", 3)),
-                            **dict(spec.get("kwargs") or {}))
-        model.load_state_dict(payload["model_state"])
-    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InferenceError(f"checkpoint weights do not fit its model {spec.get('name')!r} ({reason[:160]})",
-                             path) from None
-    model.to(torch_device).eval()
     warnings = []
     if "kaggle" in str(preprocessing.get("brain_mask", "")).lower():
         warnings.append("the checkpoint was trained on shards of the Kaggle 2D export, whose brain mask is "
                         "detected from a possibly non-zero background; NIfTI inputs use 'any modality non-zero'")
     best = payload.get("best_mean_dice")
     return LoadedModel(
-        model=model, device=torch_device, path=path, channels=channels, target=target, size=int(size),
+        model=None, device=None, path=path, channels=channels, target=target, size=int(size),
         norm=str(norm), preprocessing=preprocessing, manifest_digest=str(payload["manifest_digest"]),
         epoch=int(payload["epoch"]), variant=payload.get("variant"), config=dict(payload["config"]),
         best_mean_dice=None if best is None or (isinstance(best, float) and math.isinf(best)) else float(best),
         warnings=warnings,
     )
+
+
+class OnnxModel:
+    """An exported ONNX model run by onnxruntime: images (B, C, H, W) -> sigmoid probabilities,
+    as `apply_model` gives for the torch model; no torch model is built."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.input = session.get_inputs()[0].name
+        self.output = session.get_outputs()[0].name
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        logits = self.session.run([self.output], {self.input: np.ascontiguousarray(images, dtype=np.float32)})[0]
+        return torch.sigmoid(torch.from_numpy(logits).float()).numpy()  # the very sigmoid of the torch path
+
+
+def load_onnx(path: Path, device: str = "auto") -> LoadedModel:
+    """An exported `.onnx` file and the config `train export` stored in it (or beside it)."""
+    import torch
+
+    from .export import ExportError, onnx_config
+    from .extras import require
+
+    ort = require("onnxruntime", "export", "an ONNX model")
+    config = onnx_config(path)
+    try:
+        loaded = _describe(config, path)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"the exported config lacks or garbles {exc}", path) from None
+    if device not in DEVICES:
+        raise InferenceError(f"--device: must be one of {list(DEVICES)}, got {device!r}")
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" and not cuda:
+        raise InferenceError("--device: cuda was asked for, but onnxruntime has no CUDA provider "
+                             "(install onnxruntime-gpu, or use --device cpu or auto)")
+    use_cuda = cuda and device in ("cuda", "auto")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), providers=providers)
+    except Exception as exc:  # onnxruntime's own error types (InvalidGraph, Fail, ...)
+        raise ExportError(f"onnxruntime cannot load it ({str(exc).strip().splitlines()[0][:160]})", path) from None
+    loaded.model = OnnxModel(session)
+    loaded.device = torch.device("cuda" if use_cuda else "cpu")
+    return loaded
 
 
 def apply_model(model: Any, batch: Any) -> Any:
@@ -160,6 +223,10 @@ def predict_slices(loaded: LoadedModel, images: np.ndarray, batch_size: int = 32
         raise InferenceError(f"slices of shape {images.shape} do not fit a model of {len(loaded.channels)} "
                              f"channels ({','.join(loaded.channels)})")
     out = np.empty((images.shape[0], 3, *images.shape[2:]), dtype=np.float32)
+    if isinstance(loaded.model, OnnxModel):
+        for start in range(0, images.shape[0], batch_size):
+            out[start:start + batch_size] = loaded.model.probabilities(images[start:start + batch_size])
+        return out
     for start in range(0, images.shape[0], batch_size):
         batch = torch.from_numpy(images[start:start + batch_size].astype(np.float32)).to(loaded.device)
         out[start:start + batch_size] = apply_model(loaded.model, batch).cpu().numpy()
@@ -210,11 +277,13 @@ def predict_volume(loaded: LoadedModel, volume: np.ndarray, brain: np.ndarray, *
 __all__ = [
     "InferenceError",
     "LoadedModel",
+    "OnnxModel",
     "THRESHOLD",
     "VolumePrediction",
     "apply_model",
     "check_input_channels",
     "load_model",
+    "load_onnx",
     "predict_slices",
     "predict_volume",
     "resolve_device",

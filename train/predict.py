@@ -23,6 +23,11 @@ output is uint8 with the first modality file's shape, affine, qform/sform and he
 convention: 0/1/2/4 for BraTS 2020/2021 layouts (and for files named otherwise), 0/1/2/3 for
 2023 (the 2023 layout or the 2023 modality names given as NAME).
 
+`--checkpoint` may also be the `model.onnx` that `train export` writes: the network then runs
+under onnxruntime (the optional extra `[export]`), without building the torch model, with the
+channels, target and preprocessing stored in the ONNX file's metadata (or in `model.json`
+beside it); the segmentation is the checkpoint's, up to float rounding near the 0.5 threshold.
+
 `--probabilities` also writes `<out>_probabilities.nii.gz` beside each segmentation: float32,
 4D (H, W, D, 3), volumes p(NEC/NET), p(ED), p(ET) for a `classes` checkpoint or p(WT), p(TC),
 p(ET) for a `regions` one (named in the header's `descrip`), 0 outside the brain.
@@ -81,7 +86,7 @@ def main(checkpoint: Path, inputs: Sequence[Path | str], out: Path, device: str 
     console = console or Console(stderr=True, soft_wrap=True)
     if batch_size < 1:
         raise PredictError(f"--batch-size: must be >= 1, got {batch_size}")
-    loaded = inference.load_model(checkpoint, device)
+    loaded = inference.load_model(checkpoint, device, onnx=True)
     for line in loaded.warnings:
         console.print(f"warning: {line}")
     jobs, batch, skipped = plan_jobs(inputs, Path(out))

@@ -1,0 +1,274 @@
+"""`train export`: a checkpoint out of the lab, as ONNX, a `torch.export` program and safetensors.
+
+    train export --checkpoint runs/v1/checkpoints/best.pt --out exported/
+    train export --checkpoint best.pt --out exported/ --format onnx --opset 18
+    train predict --checkpoint exported/model.onnx --input BraTS20_Training_001/ --out 001_seg.nii.gz
+
+Writes into OUT (each file only for the formats asked for; `--name` changes "model"):
+
+- `model.onnx`: the network, input `image` float32 (batch, C, H, W), output `logits` float32
+  (batch, 3, H, W) (apply a sigmoid per channel), batch and H, W dynamic (H and W multiples of
+  2**depth, which the graph's input shape says, e.g. `16*h`); opset >= 17 (default 18), made by
+  torch's dynamo exporter (needs onnxscript). The config below is in its `metadata_props` under
+  `brats_shards`, so `train predict --checkpoint model.onnx` runs from that one file with
+  onnxruntime, without building the torch model;
+- `model.pt2`: a `torch.export` program with the same dynamic dimensions
+  (`torch.export.load(path).module()(image)`);
+- `model.safetensors`: the weights (the checkpoint's `model_state`) with the config in the
+  file's metadata under `brats_shards`, for loading into `train.models.build_model(**model)`;
+- `model.json`: the config, readable by people and programs: `format` ("brats-export/1"),
+  `model` {name, kwargs, in_channels, out_channels}, `channels` (input order), `target`
+  (classes or regions) with `output.channel_names` and the 0.5 threshold, `preprocessing` (the
+  manifest's: size, norm, ...; apply `shards_spec.preprocess` with it), `labels`,
+  `manifest_digest` (the shards the model was trained on), `epoch`, `variant`, `config` (the
+  run's resolved options), `source` (checkpoint name and sha256), `versions`.
+
+The checkpoint is read with `torch.load(weights_only=True)` (`train.checkpoint.load`); every
+file goes through a temporary name and is renamed into place only when all asked-for formats
+were written, so a failure leaves nothing half-written. ONNX and safetensors need the optional
+extra `[export]` (onnx, onnxruntime, onnxscript, safetensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from shards_spec.errors import ToolError
+from shards_spec.fileio import atomic_path, sha256_file
+
+from . import checkpoint as ckpt
+
+FORMAT = "brats-export/1"
+FORMATS = ("onnx", "pt2", "safetensors")
+METADATA_KEY = "brats_shards"
+"""Key of the config in the ONNX `metadata_props` and the safetensors metadata."""
+DEFAULT_OPSET = 18
+MIN_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+EXTRA = "export"
+
+
+class ExportError(ToolError):
+    """A checkpoint that cannot be exported, a bad option, or an exported model that cannot be read."""
+
+
+def main(checkpoint: Path, out: Path, formats: Sequence[str] = FORMATS, name: str = "model",
+         opset: int = DEFAULT_OPSET, console: Any = None) -> dict[str, Path]:
+    """Export `checkpoint` into the folder `out` (see the module docstring); returns format -> file."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    formats = _check_options(formats, name, opset)
+    if {"onnx", "safetensors"} & set(formats):
+        from .extras import require
+
+        for module in ("onnx", "onnxscript", "safetensors"):
+            require(module, EXTRA, "train export")
+    payload = ckpt.load(checkpoint)
+    config = export_config(payload, Path(checkpoint))
+    model = build_torch_model(payload, Path(checkpoint))
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError("--out must be a folder", out)
+    paths = {fmt: out / f"{name}.{fmt}" for fmt in formats}
+    paths["json"] = out / f"{name}.json"
+    writers = {"onnx": lambda tmp: write_onnx(model, config, tmp, opset),
+               "pt2": lambda tmp: write_program(model, config, tmp),
+               "safetensors": lambda tmp: write_safetensors(payload["model_state"], config, tmp),
+               "json": lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")}
+    with _all_or_nothing(paths) as temps:
+        for key, tmp in temps.items():
+            writers[key](tmp)
+    for key, path in paths.items():
+        size = path.stat().st_size
+        console.print(f"{key:12s} {path} ({size / 1e6:.1f} MB)" if size >= 1e5 else f"{key:12s} {path} ({size / 1e3:.1f} kB)")
+    return paths
+
+
+def _check_options(formats: Sequence[str], name: str, opset: int) -> list[str]:
+    chosen = list(dict.fromkeys(formats)) or list(FORMATS)
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown:
+        raise ExportError(f"--format: unknown {unknown}; choose from {list(FORMATS)}")
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset: must be >= {MIN_OPSET}, got {opset}")
+    if not name or "/" in name or name.startswith("."):
+        raise ExportError(f"--name: a plain file name without a folder, got {name!r}")
+    return chosen
+
+
+@contextlib.contextmanager
+def _all_or_nothing(paths: dict[str, Path]) -> Iterator[dict[str, Path]]:
+    """Temporary paths for every output; all renamed into place on success, all removed on failure."""
+    try:
+        with contextlib.ExitStack() as stack:
+            yield {key: stack.enter_context(atomic_path(path, suffix=f".{key}")) for key, path in paths.items()}
+    except OSError as exc:
+        raise ExportError(f"cannot be written ({exc.strerror or exc})", exc.filename) from None
+
+
+# ---------------------------------------------------------------- the config written beside the weights
+
+
+def export_config(payload: dict, checkpoint: Path) -> dict:
+    """What a consumer of the exported model needs to preprocess its input and read its output."""
+    import torch
+
+    from shards_spec.labels import CLASS_NAMES, REGION_NAMES
+
+    from . import inference
+
+    spec = dict(payload["model"])
+    target = str(payload["target"])
+    best = payload.get("best_mean_dice")
+    depth = int(dict(spec.get("kwargs") or {}).get("depth", 4))
+    return {
+        "format": FORMAT,
+        "model": {"name": str(spec["name"]), "kwargs": dict(spec.get("kwargs") or {}),
+                  "in_channels": int(spec.get("in_channels", len(payload["channels"]))),
+                  "out_channels": int(spec.get("out_channels", 3))},
+        "channels": [str(c) for c in payload["channels"]],
+        "target": target,
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", len(payload["channels"]), "H", "W"],
+                  "spatial_multiple": 2**depth},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 3, "H", "W"], "activation": "sigmoid",
+                   "channel_names": list(CLASS_NAMES if target == "classes" else REGION_NAMES),
+                   "threshold": inference.THRESHOLD},
+        "preprocessing": dict(payload.get("preprocessing") or {}),
+        "labels": dict(payload.get("labels") or {}),
+        "manifest_digest": str(payload["manifest_digest"]),
+        "epoch": int(payload["epoch"]),
+        "variant": payload.get("variant"),
+        "best_mean_dice": None if best is None or not math.isfinite(float(best)) else float(best),
+        "config": dict(payload["config"]),
+        "source": {"checkpoint": checkpoint.name, "sha256": sha256_file(checkpoint)[1]},
+        "versions": {"torch": str(torch.__version__)},
+    }
+
+
+def read_config(text: str | bytes, where: object) -> dict:
+    """Parse an exported config (JSON), refusing anything that is not one of ours."""
+    try:
+        config = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ExportError(f"the exported config is not JSON ({exc})", where) from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ExportError(f"not a {FORMAT} config (format {found!r})", where)
+    return config
+
+
+def onnx_config(path: Path) -> dict:
+    """The config of an exported ONNX file: its metadata, else the `<stem>.json` beside it."""
+    from .extras import require
+
+    onnx = require("onnx", EXTRA, "an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a file that is not ONNX
+        raise ExportError(f"not a readable ONNX model ({type(exc).__name__})", path) from None
+    stored = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY in stored:
+        return read_config(stored[METADATA_KEY], path)
+    beside = path.with_suffix(".json")
+    if beside.is_file():
+        return read_config(beside.read_bytes(), beside)
+    raise ExportError(f"holds no '{METADATA_KEY}' metadata and no {beside.name} lies beside it: export it with "
+                      "`train export`", path)
+
+
+# ---------------------------------------------------------------- the three formats
+
+
+def build_torch_model(payload: dict, where: object) -> Any:
+    """The checkpoint's model with its weights, in eval mode on the CPU."""
+    from .models import build_model
+
+    spec = payload["model"]
+    try:
+        model = build_model(str(spec["name"]), in_channels=int(spec.get("in_channels", len(payload["channels"]))),
+                            out_channels=int(spec.get("out_channels", 3)), **dict(spec.get("kwargs") or {}))
+        model.load_state_dict(payload["model_state"])
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"checkpoint weights do not fit its model {spec.get('name')!r} ({reason[:160]})",
+                          where) from None
+    return model.eval()
+
+
+def example_and_dims(config: dict) -> tuple[tuple, dict]:
+    """An example input on the shard grid and the dynamic dimensions: batch >= 1, H and W any
+    multiple of 2**depth (a derived dimension, so the exported graph states the constraint)."""
+    import torch
+
+    multiple = int(config["input"]["spatial_multiple"])
+    size = int(config["preprocessing"].get("size") or 2 * multiple)
+    size = max(2 * multiple, size - size % multiple)  # 2 blocks at least: torch.export specialises sizes 0 and 1
+    example = torch.zeros(2, len(config["channels"]), size, size)
+    batch = torch.export.Dim("batch", min=1)
+    height, width = torch.export.Dim("h", min=1), torch.export.Dim("w", min=1)
+    return (example,), {"x": {0: batch, 2: multiple * height, 3: multiple * width}}
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporters log about absent torchvision ops and deprecations: not the user's concern."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "torch._export")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def write_onnx(model: Any, config: dict, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """ONNX with dynamic batch and spatial size and the config in its metadata."""
+    import torch
+
+    args, dims = example_and_dims(config)
+    try:
+        with _quiet_exporter(), contextlib.redirect_stdout(None):
+            program = torch.onnx.export(model, args, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                                        output_names=[OUTPUT_NAME], dynamic_shapes=dims, verbose=False)
+    except Exception as exc:  # the exporter raises its own error types for an unsupported operator
+        raise ExportError(f"ONNX export of model {config['model']['name']!r} failed: "
+                          f"{str(exc).strip().splitlines()[0][:200]}") from None
+    program.model.metadata_props[METADATA_KEY] = json.dumps(config, sort_keys=True)
+    program.model.doc_string = (f"brats-shards {config['model']['name']}: {INPUT_NAME} (batch, "
+                                f"{len(config['channels'])}, H, W) -> {OUTPUT_NAME} (batch, 3, H, W); see "
+                                f"metadata '{METADATA_KEY}'")
+    program.save(str(path))
+
+
+def write_program(model: Any, config: dict, path: Path) -> None:
+    """A `torch.export` program (.pt2) with the same dynamic dimensions."""
+    import torch
+
+    args, dims = example_and_dims(config)
+    with _quiet_exporter():
+        program = torch.export.export(model, args, dynamic_shapes=dims)
+        torch.export.save(program, str(path))
+
+
+def write_safetensors(state: dict, config: dict, path: Path) -> None:
+    """The weights as safetensors, the config in the file's metadata (string values only)."""
+    from safetensors.torch import save
+
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    # bytes, then our own write: safetensors' save_file creates the file with mode 0600
+    path.write_bytes(save(tensors, metadata={METADATA_KEY: json.dumps(config, sort_keys=True)}))
+
+
+__all__ = ["ExportError", "FORMAT", "FORMATS", "METADATA_KEY", "export_config", "main", "onnx_config", "read_config",
+           "write_onnx", "write_program", "write_safetensors"]
