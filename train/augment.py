@@ -181,6 +181,10 @@ def apply(image: Tensor, mask: Tensor, params: AugParams) -> tuple[Tensor, Tenso
     return image, (warped if mask.ndim == 4 else warped[:, 0])
 
 
+AUGMENTATIONS: dict[str, AugConfig | None] = {"none": None, "light": AugConfig()}
+"""`--augment NAME` -> the ranges drawn from (None: no augmentation)."""
+
+
 class Augmenter:
     """`apply(sample_params(...))` drawing from its own seeded generator; see the module doc."""
 
@@ -191,8 +195,9 @@ class Augmenter:
         rot_deg: float = 15.0,
         scale: tuple[float, float] = (0.9, 1.1),
         intensity: Intensity | None = Intensity(),
+        config: AugConfig | None = None,
     ) -> None:
-        self.config = AugConfig(p_flip, rot_deg, tuple(scale), intensity)
+        self.config = config if config is not None else AugConfig(p_flip, rot_deg, tuple(scale), intensity)
         self.generator = torch.Generator().manual_seed(generator_seed)
 
     def __call__(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

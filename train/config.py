@@ -9,7 +9,7 @@ and when resuming, the run's saved `config.json` takes the place of the first tw
 `Config`; `config.json` holds it with the preset name, the overrides as given and the
 manifest's content digest.
 
-Presets (DESIGN "The two variants"):
+Presets (README "train run"):
 
     v1: unet,           t1ce + flair,            loss dice,     augmentation none
     v2: attention_unet, t1 + t1ce + t2 + flair,  loss dice_bce, augmentation light
@@ -33,12 +33,7 @@ from shards_spec.labels import CHANNELS, TARGETS
 
 from .budget import parse_duration
 
-MODELS = ("unet", "attention_unet")
-LOSSES = ("dice", "dice_bce")
-AUGMENTS = ("none", "light")
 DEVICES = ("auto", "cpu", "cuda")
-AMP_DTYPES = ("auto", "float16", "bfloat16")
-ON_BAD_SHARD = ("fail", "skip")
 VAL_SPLIT = re.compile(r"^(val|fold\d+)$")
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -175,14 +170,20 @@ def _at_least(config: Config, name: str, low: float, kind: type = int) -> None:
 
 def validate(config: Config) -> None:
     """Check every field; raise `ConfigError` naming the first bad option."""
+    from .augment import AUGMENTATIONS
+    from .data import POLICIES
+    from .engine import AMP_DTYPES
+    from .losses import LOSSES
+    from .models import MODELS
+
     _choice(config, "variant", sorted(PRESETS))
-    _choice(config, "model", MODELS)
-    _choice(config, "loss", LOSSES)
-    _choice(config, "augment", AUGMENTS)
+    _choice(config, "model", sorted(MODELS))
+    _choice(config, "loss", sorted(LOSSES))
+    _choice(config, "augment", list(AUGMENTATIONS))
     _choice(config, "device", DEVICES)
     _choice(config, "target", TARGETS)
     _choice(config, "amp_dtype", AMP_DTYPES)
-    _choice(config, "on_bad_shard", ON_BAD_SHARD)
+    _choice(config, "on_bad_shard", POLICIES)
     channels = list(config.channels)
     if not channels or len(set(channels)) != len(channels) or any(c not in CHANNELS for c in channels):
         raise ConfigError(f"--channels: must be distinct names from {list(CHANNELS)}, got {channels}")

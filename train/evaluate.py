@@ -5,7 +5,7 @@
 
 Three levels, top to bottom, from the fastest to the headline:
 
-1. **slice level, dataset counts** (exactly the trainer's validation: `train.fit.validate`, the
+1. **slice level, dataset counts** (exactly the trainer's validation: `train.engine.validate`, the
    same dataset, loss and autocast as the run): TP/FP/FN of each output channel (sigmoid > 0.5,
    channel by channel) summed over every slice of the split on the shard grid, then one Dice,
    precision and recall per channel. A channel with no voxel in prediction or truth over the
@@ -39,21 +39,29 @@ import csv
 import io
 import json
 import math
-import os
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from shards_spec.errors import ToolError
-from shards_spec.labels import CLASS_NAMES, REGION_NAMES, to_classes, to_regions
+from shards_spec.fileio import write_atomic
+from shards_spec.progress import Progress
 
 from . import inference
-from .metrics import BRATS_MAX_HD95, PATIENT_KEYS, confusion_counts, summarize
+from .metrics import (BRATS, BRATS_MAX_HD95, COUNT_METRICS, PATIENT_KEYS, UNDEFINED, label_masks, patient_counts,
+                      scores_of, summarize_patients)
 
-METRICS = ("dice", "precision", "recall")
-NATIVE_METRICS = ("dice", "precision", "recall", "hd95")
+
+def count_metric_names() -> tuple[str, ...]:
+    """The registered count scores (dice, precision, recall, ...), read when used so that a metric
+    registered after import is included."""
+    return tuple(COUNT_METRICS)
+
+
+def native_metric_names() -> tuple[str, ...]:
+    return (*count_metric_names(), "hd95")
 
 AVERAGES = {
     "slice_level": ("dataset-level: TP/FP/FN of each output channel (sigmoid > 0.5 per channel, as the trainer "
@@ -116,10 +124,10 @@ def main(checkpoint: Path, shards: str, split: str = "val", src: Path | None = N
     if csv_path is None and json_path is not None:
         csv_path = Path(json_path).with_name(Path(json_path).stem + "_patients.csv")
     if json_path is not None:
-        _write_atomic(Path(json_path), json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
+        _write(Path(json_path), json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
         console.print(f"wrote {json_path}")
     if csv_path is not None:
-        _write_atomic(Path(csv_path), patients_csv(results))
+        _write(Path(csv_path), patients_csv(results))
         console.print(f"wrote {csv_path}")
     return results
 
@@ -149,39 +157,36 @@ def check_shards(loaded: inference.LoadedModel, manifest: Any, shards: str) -> l
 
 
 def slice_level(loaded: inference.LoadedModel, store: Any, split: str, batch_size: int, workers: int) -> dict:
-    """The trainer's validation (`train.fit.validate`) on `split`, as the run logged it."""
-    import torch
-
+    """The trainer's validation (`train.engine.validate`) on `split`, as the run logged it."""
+    from . import engine
     from .data import ShardDataset
     from .distributed import Dist
-    from .fit import autocast_dtype, validate
     from .losses import build_loss
 
     dataset = ShardDataset(store, split=split, channels=loaded.channels, target=loaded.target, shuffle=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=loaded.device.type == "cuda")
+    loader = engine.make_loader(dataset, batch_size, workers, loaded.device, seed=0)
     config = loaded.config
-    amp = autocast_dtype(SimpleNamespace(amp=bool(config.get("amp", True)), amp_dtype=config.get("amp_dtype", "auto")),
-                         loaded.device)
+    amp = engine.autocast_dtype(bool(config.get("amp", True)), config.get("amp_dtype", "auto"), loaded.device)
     loss_name = str(config.get("loss", "dice"))
     try:
-        scores = validate(loaded.model, loader, build_loss(loss_name), loaded.device, amp, Dist())
+        with engine.batches(loader) as batches:
+            validation = engine.validate(loaded.model, batches, build_loss(loss_name), loaded.device, amp, Dist())
     except ValueError as exc:  # e.g. a grid the model cannot take (H, W not divisible by 2**depth)
         raise EvaluateError(f"the model cannot be applied to these shards' slices ({exc})") from None
     names = list(loaded.channel_names)
+    scores = validation.scores()
     dice = [float(v) for v in scores["dice"]]
-    defined = [d for d in dice if not math.isnan(d)]
-    counts = scores["counts"].tolist()
+    counts = validation.counts.tolist()
     return {
         "average": AVERAGES["slice_level"],
         "channels": names,
         "slices": dataset.num_slices,
-        "loss": float(scores["loss"]),
+        "loss": float(validation.loss),
         "loss_name": loss_name,
         "autocast": None if amp is None else str(amp).replace("torch.", ""),
-        "mean_dice": float(np.mean(defined)) if defined else math.nan,
+        "mean_dice": validation.mean_dice(),
         "undefined": [n for n, d in zip(names, dice) if math.isnan(d)],
-        **{metric: {n: float(v) for n, v in zip(names, scores[metric])} for metric in METRICS},
+        **{metric: {n: float(v) for n, v in zip(names, scores[metric])} for metric in count_metric_names()},
         "counts": {n: {"tp": int(counts[0][i]), "fp": int(counts[1][i]), "fn": int(counts[2][i])}
                    for i, n in enumerate(names)},
     }
@@ -190,67 +195,56 @@ def slice_level(loaded: inference.LoadedModel, store: Any, split: str, batch_siz
 # ---------------------------------------------------------------- 2. shard grid
 
 
-def label_masks(labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Binary masks of a 0..3 label map keyed by `PATIENT_KEYS` (classes, then WT and TC)."""
-    masks = dict(zip(CLASS_NAMES, to_classes(labels)))
-    masks.update({k: m for k, m in zip(REGION_NAMES, to_regions(labels)) if k not in masks})
-    return {k: masks[k] for k in PATIENT_KEYS}
+@dataclass
+class ShardPatient:
+    """One patient predicted on the shard grid: its slices, labels and scores."""
+
+    patient: Any  # train.data.PatientSlices
+    pred: np.ndarray  # uint8 (S, H, W) label map by the checkpoint's rule, 0 where the shards store background
+    counts: dict[str, dict[str, int]]  # PATIENT_KEYS -> {tp, fp, fn}
+
+    def scores(self) -> dict[str, dict[str, float]]:
+        return {k: scores_of(c, BRATS) for k, c in self.counts.items()}
 
 
-def patient_counts(pred: np.ndarray, truth: np.ndarray) -> dict[str, dict[str, int]]:
-    """TP, FP, FN of every class and region of one patient's label maps (any shape)."""
-    counts = {}
-    for expand, names in ((to_classes, CLASS_NAMES), (to_regions, REGION_NAMES)):
-        tp, fp, fn = confusion_counts(expand(pred), expand(truth), channel_axis=0)
-        counts.update({n: {"tp": int(tp[i]), "fp": int(fp[i]), "fn": int(fn[i])} for i, n in enumerate(names)})
-    return {k: counts[k] for k in PATIENT_KEYS}
+def shard_grid_patients(loaded: inference.LoadedModel, store: Any, split: str, batch_size: int,
+                        channels: list[str] | None = None) -> Iterator[ShardPatient]:
+    """Each patient of `split` predicted on the shard grid and counted against its mask; the
+    one loop behind `evaluate`'s shard-grid level and the report's slice pictures. `channels`
+    selects what the patient's image holds (default: the model's inputs, in its order)."""
+    from .data import iter_patients
+    from .metrics import probs_to_labels
 
-
-def scores_of_counts(tp: int, fp: int, fn: int) -> dict[str, float]:
-    """Dice, precision, recall of one patient with the BraTS 2020 rule (both empty -> 1; 0/0 -> 0)."""
-    if tp + fp + fn == 0:
-        return {"dice": 1.0, "precision": 1.0, "recall": 1.0}
-    return {
-        "dice": 2 * tp / (2 * tp + fp + fn),
-        "precision": tp / (tp + fp) if tp + fp else 0.0,
-        "recall": tp / (tp + fn) if tp + fn else 0.0,
-    }
+    wanted = channels or loaded.channels
+    index = [wanted.index(c) for c in loaded.channels]
+    for patient in iter_patients(store, split, wanted):
+        probs = inference.predict_slices(loaded, patient.image[:, index], batch_size)
+        pred = probs_to_labels(probs, loaded.target, threshold=inference.THRESHOLD, channel_axis=1)
+        pred[np.all(patient.image == 0, axis=1)] = 0  # background as the shards store it
+        yield ShardPatient(patient, pred, patient_counts(pred, patient.mask))
 
 
 def shard_grid(loaded: inference.LoadedModel, store: Any, split: str, batch_size: int, console: Any) -> dict:
     """Patient-level scores on the shard grid (see the module docstring, level 2)."""
-    from .data import iter_patients
-    from .metrics import probs_to_labels
-
     per_patient, totals = [], {k: {"tp": 0, "fp": 0, "fn": 0} for k in PATIENT_KEYS}
     patients = store.manifest.patients_of(split)
-    with _progress(console, f"patients of {split} (shard grid)", len(patients)) as advance:
-        for patient in iter_patients(store, split, loaded.channels):
-            probs = inference.predict_slices(loaded, patient.image, batch_size)
-            pred = probs_to_labels(probs, loaded.target, threshold=inference.THRESHOLD, channel_axis=1)
-            pred[np.all(patient.image == 0, axis=1)] = 0  # background as the shards store it
-            counts = patient_counts(pred, patient.mask)
-            for key, c in counts.items():
+    with Progress(console, f"patients of {split} (shard grid)", len(patients)) as advance:
+        for item in shard_grid_patients(loaded, store, split, batch_size):
+            for key, c in item.counts.items():
                 for name in ("tp", "fp", "fn"):
                     totals[key][name] += c[name]
-            per_patient.append({"patient": patient.patient, "slices": int(patient.mask.shape[0]),
-                                "scores": {k: scores_of_counts(**c) for k, c in counts.items()},
+            per_patient.append({"patient": item.patient.patient, "slices": int(item.patient.mask.shape[0]),
+                                "scores": item.scores(),
                                 "voxels": {k: {"truth": c["tp"] + c["fn"], "pred": c["tp"] + c["fp"]}
-                                           for k, c in counts.items()}})
+                                           for k, c in item.counts.items()}})
             advance()
     return {
         "average": AVERAGES["shard_grid"],
         "patients": len(per_patient),
-        "summary": summarise(per_patient, METRICS),
-        "dataset_counts": {k: {**c, **_dataset_scores(**c)} for k, c in totals.items()},
+        "summary": summarize_patients(per_patient, count_metric_names()),
+        "dataset_counts": {k: {**c, **scores_of(c, UNDEFINED)} for k, c in totals.items()},
         "per_patient": per_patient,
     }
-
-
-def _dataset_scores(tp: int, fp: int, fn: int) -> dict[str, float]:
-    if tp + fp + fn == 0:
-        return {"dice": math.nan, "precision": math.nan, "recall": math.nan}
-    return scores_of_counts(tp, fp, fn)
 
 
 # ---------------------------------------------------------------- 3. native grid
@@ -280,7 +274,7 @@ def native_grid(loaded: inference.LoadedModel, manifest: Any, split: str, src: P
     empty = {k: {"both_empty": 0, "truth_empty_pred_not": 0, "pred_empty_truth_not": 0} for k in PATIENT_KEYS}
     per_patient, warnings = [], []
     present = [p for p in wanted if p in by_id]
-    with _progress(console, f"patients of {split} (native grid, --src)", len(present)) as advance:
+    with Progress(console, f"patients of {split} (native grid, --src)", len(present)) as advance:
         for pid in present:
             ref = by_id[pid]
             volume = load_patient(ref, channels=loaded.channels, kaggle_channel_order=order, require_labels=True)
@@ -315,17 +309,12 @@ def native_grid(loaded: inference.LoadedModel, manifest: Any, split: str, src: P
         "missing": missing,
         "warnings": warnings,
         "empty_cases": empty,
-        "summary": summarise(per_patient, NATIVE_METRICS),
+        "summary": summarize_patients(per_patient, native_metric_names()),
         "per_patient": per_patient,
     }
 
 
 # ---------------------------------------------------------------- summaries and output
-
-
-def summarise(per_patient: list[dict], metrics: Iterable[str]) -> dict:
-    """{key: {metric: {mean, median, std, n}}} over patients (`train.metrics.summarize`)."""
-    return {key: {m: summarize(p["scores"][key][m] for p in per_patient) for m in metrics} for key in PATIENT_KEYS}
 
 
 def print_tables(results: dict, console: Any) -> None:
@@ -341,20 +330,20 @@ def print_tables(results: dict, console: Any) -> None:
     sl = results["slice_level"]
     table = Table(title=f"slice level: TP/FP/FN summed over {sl['slices']} slices (as in training), shard grid")
     table.add_column("channel")
-    for m in METRICS:
+    for m in count_metric_names():
         table.add_column(m, justify="right")
     for name in sl["channels"]:
-        table.add_row(name, *(_fmt(sl[m][name]) for m in METRICS))
-    table.add_row("mean", _fmt(sl["mean_dice"]), "", "", end_section=True)
+        table.add_row(name, *(_fmt(sl[m][name]) for m in count_metric_names()))
+    table.add_row("mean", _fmt(sl["mean_dice"]), *[""] * (len(count_metric_names()) - 1), end_section=True)
     console.print(table)
     if sl["undefined"]:
         console.print(f"{', '.join(sl['undefined'])}: no voxel in prediction or truth: NaN, left out of the mean")
     grid = results["shard_grid"]
-    console.print(_patient_table(grid, METRICS, f"patient level, shard grid: mean ± std (median) over "
+    console.print(_patient_table(grid, count_metric_names(), f"patient level, shard grid: mean ± std (median) over "
                                                 f"{grid['patients']} patients"))
     native = results.get("native_grid")
     if native:
-        console.print(_patient_table(native, NATIVE_METRICS, f"patient level, native grid (--src, headline): "
+        console.print(_patient_table(native, native_metric_names(), f"patient level, native grid (--src, headline): "
                                                              f"mean ± std (median) over {native['patients']} patients"))
         cases = [f"{k} {c['both_empty']}/{c['truth_empty_pred_not']}/{c['pred_empty_truth_not']}"
                  for k, c in native["empty_cases"].items()
@@ -392,7 +381,7 @@ def patients_csv(results: dict) -> str:
     """One row per patient and grid: dice_K, precision_K, recall_K, hd95_K (native only), voxels."""
     keys = list(PATIENT_KEYS)
     columns = ["patient", "grid"]
-    for m in NATIVE_METRICS:
+    for m in native_metric_names():
         columns += [f"{m}_{k}" for k in keys]
     columns += [f"truth_voxels_{k}" for k in keys] + [f"pred_voxels_{k}" for k in keys]
     buffer = io.StringIO()
@@ -403,7 +392,7 @@ def patients_csv(results: dict) -> str:
             continue
         for p in block["per_patient"]:
             row: list[Any] = [p["patient"], grid_name]
-            for m in NATIVE_METRICS:
+            for m in native_metric_names():
                 row += [_cell(p["scores"][k].get(m)) for k in keys]
             row += [p["voxels"][k]["truth"] for k in keys] + [p["voxels"][k]["pred"] for k in keys]
             writer.writerow(row)
@@ -430,35 +419,11 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _write(path: Path, text: str) -> None:
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as exc:
         raise EvaluateError(f"cannot write ({exc.strerror or exc})", path) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
-class _progress:
-    """A transient rich progress bar over patients; the context value advances it."""
-
-    def __init__(self, console: Any, title: str, total: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), console=console, transient=True)
-        self.task = self.progress.add_task(title, total=total)
-
-    def __enter__(self) -> Any:
-        self.progress.start()
-        return lambda: self.progress.advance(self.task)
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-
-__all__ = ["EvaluateError", "main", "patient_counts", "scores_of_counts", "shard_grid", "native_grid", "slice_level"]
+__all__ = ["EvaluateError", "ShardPatient", "main", "native_grid", "shard_grid", "shard_grid_patients", "slice_level"]

@@ -58,10 +58,20 @@ def dice_bce_loss(logits: Tensor, target: Tensor) -> Tensor:
     return dice_loss(logits, target) + bce
 
 
-LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "dice": dice_loss,
-    "dice_bce": dice_bce_loss,
-}
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+"""Loss name -> `loss(logits, target)`; `train run --loss NAME`."""
+
+
+def register_loss(name: str, loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """Register `loss(logits (B, 3, H, W), target float {0, 1} of the same shape) -> scalar`."""
+    if name in LOSSES:
+        raise ValueError(f"a loss named {name!r} is registered already")
+    LOSSES[name] = loss
+    return loss
+
+
+register_loss("dice", dice_loss)
+register_loss("dice_bce", dice_bce_loss)
 
 
 def build_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,10 @@ from typing import Any
 import numpy as np
 
 from shards_spec.errors import ToolError
+from shards_spec.fileio import write_atomic
 
-from .metrics import PATIENT_KEYS
+from .metrics import PATIENT_KEYS, summarize_patients
+from .rundir import read_config, read_metrics
 
 REPORT_DIR = "report"
 CLASS_COLOURS = {1: ("NEC/NET", "#e41a1c"), 2: ("ED", "#4daf4a"), 3: ("ET", "#ffd92f")}
@@ -98,41 +99,12 @@ def main(run_dir: Path | str, device: str = "auto", batch_size: int = 32, consol
         slices_note = str(exc)
         console.print(f"report: no slice pictures ({slices_note})")
     markdown = render_markdown(run_dir, rows, names, list(pictures), slices_note, patient_summary)
-    _write_atomic(out / "report.md", markdown.encode())
+    write_atomic(out / "report.md", markdown)
     console.print(f"report: {out / 'report.md'} ({', '.join(pictures)})")
     return out / "report.md"
 
 
 # ---------------------------------------------------------------- metrics.csv and curves
-
-
-def read_metrics(path: Path) -> tuple[list[str], list[dict[str, float]]]:
-    """The header and rows of metrics.csv, values as floats (nan stays nan)."""
-    if not path.is_file():
-        raise ReportError("no metrics.csv: not a run folder, or no epoch has finished yet", path)
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        try:
-            columns = next(reader)
-        except StopIteration:
-            raise ReportError("is empty (no header)", path) from None
-        needed = {"epoch", "train_loss", "val_loss", "mean_dice", "lr"}
-        if not needed <= set(columns) or not any(c.startswith("dice_") for c in columns):
-            raise ReportError(f"header lacks {sorted(needed - set(columns)) or ['dice_*']}: not a train run's metrics",
-                              path)
-        rows = []
-        for number, values in enumerate(reader, start=2):
-            if not values:
-                continue
-            if len(values) != len(columns):
-                raise ReportError(f"line {number} has {len(values)} fields, the header {len(columns)}", path)
-            try:
-                rows.append({c: float(v) for c, v in zip(columns, values)})
-            except ValueError:
-                raise ReportError(f"line {number} holds a value that is not a number", path) from None
-    if not rows:
-        raise ReportError("holds no epoch yet", path)
-    return columns, rows
 
 
 def _epochs(rows: list[dict]) -> list[float]:
@@ -199,24 +171,14 @@ def plot_lr(rows: list[dict]) -> Any:
 def choose_slices(run_dir: Path, device: str, batch_size: int, console: Any,
                   storage_options: dict | None = None) -> tuple[list[ShownSlice], dict]:
     """Predict the validation patients on the shard grid with best.pt; pick best, median, worst."""
-    import json
-
     from shards_spec.read import ShardStore
 
     from . import inference
-    from .data import iter_patients
-    from .evaluate import patient_counts, scores_of_counts, summarise
-    from .metrics import probs_to_labels
+    from .evaluate import shard_grid_patients
 
-    config_path = run_dir / "config.json"
+    config = read_config(run_dir)
+    shards, split = config.get("shards"), config.get("val_split", "val")
     best = run_dir / "checkpoints" / "best.pt"
-    if not config_path.is_file():
-        raise ReportError("no config.json, so the shards are unknown", config_path)
-    try:
-        config = json.loads(config_path.read_text())["config"]
-        shards, split = config["shards"], config.get("val_split", "val")
-    except (ValueError, KeyError, TypeError):
-        raise ReportError("is not a train run's config.json", config_path) from None
     loaded = inference.load_model(best, device)
     try:
         store = ShardStore(shards, cache_dir=config.get("cache_dir"), storage_options=storage_options)
@@ -225,16 +187,11 @@ def choose_slices(run_dir: Path, device: str, batch_size: int, console: Any,
     except (ToolError, OSError) as exc:
         raise ReportError(f"the shards in config.json cannot be read ({exc})", shards) from None
     display = next((c for c in DISPLAY_CHANNELS if c in manifest.channels), manifest.channels[0])
-    index = [manifest.channels.index(c) for c in loaded.channels]
     shown_index = manifest.channels.index(display)
     candidates = []  # (dice, patient, slice, image, truth, pred), one per patient
     per_patient = []
-    for patient in iter_patients(store, split, None):
-        probs = inference.predict_slices(loaded, patient.image[:, index], batch_size)
-        pred = probs_to_labels(probs, loaded.target, threshold=inference.THRESHOLD, channel_axis=1)
-        pred[np.all(patient.image == 0, axis=1)] = 0
-        counts = patient_counts(pred, patient.mask)
-        scores = {k: scores_of_counts(**c) for k, c in counts.items()}
+    for item in shard_grid_patients(loaded, store, split, batch_size, channels=list(manifest.channels)):
+        patient, pred, scores = item.patient, item.pred, item.scores()
         per_patient.append({"patient": patient.patient, "scores": scores})
         dice = float(np.mean([scores[k]["dice"] for k in ("NEC/NET", "ED", "ET")]))
         tumour = (patient.mask > 0).sum(axis=(1, 2))
@@ -253,7 +210,7 @@ def choose_slices(run_dir: Path, device: str, batch_size: int, console: Any,
         dice, pid, s, image, truth, pred = candidates[i]
         shown.append(ShownSlice(role, pid, dice, s, image, truth, pred, display))
     summary = {"split": split, "patients": len(per_patient), "checkpoint_epoch": loaded.epoch,
-               "summary": summarise(per_patient, ("dice",))}
+               "summary": summarize_patients(per_patient, ("dice",))}
     return shown, summary
 
 
@@ -330,27 +287,17 @@ def _md(value: float | None, digits: int = 3) -> str:
 
 
 def save_png(figure: Any, path: Path) -> None:
-    """Save a figure as PNG atomically (temporary name, then rename) and close it."""
+    """Save a figure as PNG atomically and close it."""
+    import io
+
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    buffer = io.BytesIO()
     try:
-        figure.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        figure.savefig(buffer, format="png", dpi=100)
     finally:
         plt.close(figure)
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, buffer.getvalue())
 
 
 __all__ = ["ReportError", "main", "read_metrics", "render_markdown"]

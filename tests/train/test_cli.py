@@ -115,15 +115,3 @@ def test_report_command_calls_report_main(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(train, "report", fake, raising=False)
     code, _, _ = invoke(["report", str(tmp_path)], capsys)
     assert code == 0 and seen == [tmp_path]
-
-
-def test_fit_skips_the_report_when_its_module_is_absent(monkeypatch, tmp_path):
-    from rich.console import Console
-
-    from train import fit
-
-    monkeypatch.setitem(sys.modules, "train.report", None)  # import raises ModuleNotFoundError
-    monkeypatch.delattr(train, "report", raising=False)
-    console = Console(record=True, width=200)
-    fit._report(tmp_path, console)
-    assert "report skipped" in console.export_text()

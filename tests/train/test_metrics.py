@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from monai.metrics import DiceMetric, compute_hausdorff_distance
 from scipy import ndimage
 
-from train import metrics
+from train.metrics import distance
 from train.metrics import (
     BRATS_MAX_HD95,
+    binary_scores,
     PATIENT_KEYS,
     confusion_counts,
     hd95,
@@ -186,7 +187,7 @@ def test_hd95_far_false_positive_exercises_every_search_window():
     shape = (140, 64, 40)
     truth = ellipsoids(shape, [((30, 32, 20), (12, 10, 8))])
     pred = ellipsoids(shape, [((31, 31, 20), (11, 11, 8)), ((60, 32, 20), (4, 4, 4)), ((135, 5, 35), (3, 3, 3))])
-    distances = metrics._nearest_distances(np.argwhere(surface(pred)) * 1.0, np.argwhere(surface(truth)) * 1.0)
+    distances = distance._nearest_distances(np.argwhere(surface(pred)) * 1.0, np.argwhere(surface(truth)) * 1.0)
     assert all(np.any((distances > low) & (distances <= high)) for low, high in [(0, 4), (4, 16), (16, 64), (64, 1e9)])
     for spacing in [(1.0, 1.0, 1.0), (1.0, 1.0, 2.5)]:
         assert hd95(pred, truth, spacing) == pytest.approx(monai_hd95(pred, truth, spacing), rel=1e-5)
@@ -203,7 +204,7 @@ def test_pruned_nearest_distances_equal_brute_force(n_src, n_dst, spacing, seed)
     src = np.unique(rng.integers(0, 200, (n_src, 3)), axis=0) * scale
     dst = np.unique(rng.integers(0, 200, (n_dst, 3)), axis=0) * scale
     dst = dst[np.argsort(dst[:, 0], kind="stable")]
-    got = np.sort(metrics._nearest_distances(src, dst))
+    got = np.sort(distance._nearest_distances(src, dst))
     expected = np.sort(np.sqrt(((src[:, None] - dst[None]) ** 2).sum(-1)).min(1))
     assert np.allclose(got, expected, rtol=0, atol=1e-9)
 
@@ -216,9 +217,9 @@ def test_empty_masks_follow_brats_not_monai():
     for pred, truth in [(blob, empty), (empty, blob)]:
         assert not math.isfinite(monai_hd95(pred, truth, (1, 1, 1)))  # MONAI: nan / inf
         assert hd95(pred, truth) == BRATS_MAX_HD95
-    both_empty = metrics.binary_scores(empty, empty)
+    both_empty = binary_scores(empty, empty)
     assert both_empty == {"dice": 1.0, "precision": 1.0, "recall": 1.0, "hd95": 0.0}
-    missed = metrics.binary_scores(empty, blob)
+    missed = binary_scores(empty, blob)
     assert missed == {"dice": 0.0, "precision": 0.0, "recall": 0.0, "hd95": BRATS_MAX_HD95}
 
 

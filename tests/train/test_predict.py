@@ -60,7 +60,7 @@ def manifest_of(shards: Path):
 
 def save_checkpoint(path: Path, model: nn.Module, name: str, kwargs: dict, channels, target: str, manifest,
                     **config) -> Path:
-    """A checkpoint as `train run` writes one (train.fit._payload's keys), for a given model."""
+    """A checkpoint as `train run` writes one (train.trainer.Trainer.payload's keys), for a given model."""
     payload = {
         "format": ckpt.FORMAT, "epoch": 1, "state": "finished", "variant": "v1",
         "model": {"name": name, "kwargs": kwargs, "in_channels": len(channels), "out_channels": 3},

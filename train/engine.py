@@ -1,0 +1,165 @@
+"""What training and evaluation share: the autocast choice, loaders and their batches, and the
+validation pass. `train.trainer` and `train.evaluate` both import this module, never each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import distributed
+from .budget import StopRequested, StopSignal
+
+AMP_DTYPES = ("auto", "float16", "bfloat16")
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, rank, stream), independent of call history."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def autocast_dtype(amp: bool, amp_dtype: str, device: Any) -> Any:
+    """fp16 on CUDA with --amp (the default); on CPU only when asked for by --amp-dtype (bf16 there
+    is how tests exercise the autocast path); None = full float32."""
+    import torch
+
+    if not amp:
+        return None
+    if amp_dtype == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return getattr(torch, amp_dtype)
+
+
+def autocast(device: Any, dtype: Any) -> Any:
+    """`torch.autocast` for `dtype`, or a no-op context for None."""
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, which stops after the current
+    step and shuts them down (a worker killed by Ctrl-C would otherwise break the last fetch);
+    one thread each, since they only decode."""
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: Any, batch_size: int, workers: int, device: Any, seed: int,
+                persistent: bool = False) -> Any:
+    """A DataLoader over a `ShardDataset`; the order comes from the dataset (seed, epoch, rank,
+    worker), the loader's own generator only from `seed`, never from the global RNG.
+
+    `persistent` keeps the worker processes for the whole run: they are forked once, instead of
+    at every epoch and validation, while other threads (gloo, the previous loader's queue feeder
+    shutting down) may be mid-start or mid-exit, which can deadlock a forked child in CPython
+    3.11 (measured: a DDP rank's validation worker hung in `PyOS_AfterFork_Child`). The epoch
+    reaches persistent workers through the dataset's shared-memory epoch (`set_epoch`)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, prefetch_factor=2 if workers > 0 else None,
+        pin_memory=device.type == "cuda", generator=generator, worker_init_fn=loader_worker_init,
+        persistent_workers=persistent and workers > 0)
+
+
+@contextlib.contextmanager
+def batches(dataloader: Any) -> Iterator[Any]:
+    """Iterate a DataLoader; a non-persistent loader's worker processes are always shut down, also
+    when the loop raises (a bad shard) or stops: they ignore SIGTERM (`loader_worker_init`), so
+    workers left to the interpreter's exit would be waited for forever (measured: `train run`
+    hung on a corrupt shard). Persistent workers are shut down by `close_loader`."""
+    persistent = getattr(dataloader, "persistent_workers", False)
+    iterator = iter(dataloader)
+    try:
+        yield iterator
+    except BaseException:
+        close_loader(dataloader) if persistent else close_iterator(iterator)
+        raise
+    if not persistent:
+        close_iterator(iterator)
+
+
+def close_iterator(iterator: Any) -> None:
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
+    if shutdown is not None:
+        shutdown()
+
+
+def close_loader(dataloader: Any) -> None:
+    """Shut down a persistent loader's workers (its iterator is kept by the DataLoader)."""
+    iterator = getattr(dataloader, "_iterator", None)
+    if iterator is not None:
+        close_iterator(iterator)
+        dataloader._iterator = None
+
+
+@dataclass
+class Validation:
+    """One validation pass: per-channel TP/FP/FN (int64, rows tp, fp, fn) summed over the split
+    (and all-reduced), the loss summed slice by slice, the slices seen."""
+
+    counts: Any  # torch int64 (3, 3)
+    loss_sum: float
+    slices: int
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.slices if self.slices else math.nan
+
+    def scores(self) -> dict[str, np.ndarray]:
+        """Every registered count score per channel, dataset-level (empty channel -> NaN)."""
+        from .metrics import UNDEFINED, scores_from_counts
+
+        return scores_from_counts(self.counts[0], self.counts[1], self.counts[2], empty=UNDEFINED)
+
+    def mean_dice(self) -> float:
+        dice = self.scores()["dice"]
+        return math.nan if np.all(np.isnan(dice)) else float(np.nanmean(dice))
+
+
+def validate(model: Any, loader: Any, loss_fn: Any, device: Any, amp_dtype: Any, dist: distributed.Dist,
+             stop: StopSignal | None = None) -> Validation:
+    """Loss (mean over validation slices) and per-channel TP/FP/FN of `loader` (sigmoid > 0.5,
+    i.e. logit > 0), all-reduced over ranks.
+
+    The loss is computed slice by slice: the training Dice is taken over the batch, so a batched
+    value would depend on how slices fall into batches (batch size, loader workers, ranks)."""
+    import torch
+
+    from .metrics import confusion_counts
+
+    model.eval()
+    counts = torch.zeros(3, 3, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for image, mask in loader:
+            image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            with autocast(device, amp_dtype):
+                logits = model(image)
+                per_slice = torch.stack([loss_fn(logits[i:i + 1], mask[i:i + 1]) for i in range(image.shape[0])])
+            loss_sum += per_slice.double().sum()
+            seen += image.shape[0]
+            counts += torch.stack(confusion_counts(logits.float() > 0, mask > 0.5))
+            if stop is not None and stop.requested and not dist.enabled:
+                raise StopRequested(stop.signum or 15)
+    for tensor in (counts, loss_sum, seen):
+        distributed.all_reduce_sum(dist, tensor)
+    if stop is not None and distributed.agree(dist, stop.requested, device):
+        raise StopRequested(stop.signum or 15)
+    return Validation(counts=counts.cpu(), loss_sum=float(loss_sum.item()), slices=int(seen.item()))
+
+
+__all__ = ["AMP_DTYPES", "Validation", "autocast", "autocast_dtype", "batches", "close_loader", "loader_worker_init",
+           "make_loader", "mix_seed", "validate"]

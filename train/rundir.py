@@ -1,0 +1,142 @@
+"""The run folder: what `train run` writes and `train report` / `train evaluate` read.
+
+    runs/NAME/config.json          the resolved options, how they were made, the data's digest
+    runs/NAME/metrics.csv          one row per completed epoch (columns: `metric_columns`)
+    runs/NAME/checkpoints/last.pt  every epoch (and at a mid-epoch stop); best.pt: best score
+    runs/NAME/report/              pictures and report.md (`train report`)
+
+metrics.csv columns are fixed per target: `epoch, train_loss, val_loss, mean_dice`, then each
+registered count metric (`train.metrics.COUNT_METRICS`: dice, prec, recall, ...) per output
+channel, then `lr, seconds`. The channel names are NEC/NET, ED, ET for `--target classes` and
+WT, TC, ET for `--target regions`. Every file is written atomically; metrics.csv is rewritten
+whole from the checkpoint's history when a run starts or resumes, so a crash between the
+checkpoint and the CSV row cannot leave them out of step.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from shards_spec.errors import ToolError
+from shards_spec.fileio import write_atomic
+from shards_spec.labels import CLASS_NAMES, REGION_NAMES
+
+CONFIG = "config.json"
+METRICS = "metrics.csv"
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+class RunDirError(ToolError):
+    """A run folder's file that cannot be read as this tool wrote it."""
+
+
+def channel_names(target: str) -> tuple[str, ...]:
+    return CLASS_NAMES if target == "classes" else REGION_NAMES
+
+
+def metric_columns(target: str) -> list[str]:
+    """metrics.csv header: fixed order; see the module doc."""
+    from .metrics import COUNT_METRICS
+
+    per_channel = [f"{m.column}_{name}" for m in COUNT_METRICS.values() for name in channel_names(target)]
+    return ["epoch", "train_loss", "val_loss", "mean_dice", *per_channel, "lr", "seconds"]
+
+
+def default_out(variant: str, now: datetime | None = None) -> str:
+    """runs/<variant>-<YYYYmmdd-HHMMSS>, with -2, -3, ... when that folder exists already."""
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{variant}-{stamp}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return str(candidate)
+
+
+def checkpoint_path(run_dir: Path | str, name: str = LAST) -> Path:
+    return Path(run_dir) / CHECKPOINTS / name
+
+
+def write_config(run_dir: Path, record: dict[str, Any]) -> None:
+    write_atomic(Path(run_dir) / CONFIG, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def read_config(run_dir: Path | str) -> dict[str, Any]:
+    """The resolved options of a run (`config.json`'s "config")."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise RunDirError("no config.json: not a train run folder", path)
+    try:
+        config = json.loads(path.read_text())["config"]
+        if not isinstance(config, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise RunDirError("is not a train run's config.json", path) from None
+    return config
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def metrics_text(columns: list[str], rows: list[dict]) -> str:
+    """The whole metrics.csv; a column a row lacks (a metric registered later) is written nan."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(c, math.nan)) for c in columns])
+    return buffer.getvalue()
+
+
+def write_metrics(run_dir: Path, columns: list[str], rows: list[dict]) -> None:
+    write_atomic(Path(run_dir) / METRICS, metrics_text(columns, rows))
+
+
+def append_metrics_row(run_dir: Path, columns: list[str], row: dict) -> None:
+    with open(Path(run_dir) / METRICS, "a", newline="") as fh:
+        csv.writer(fh, lineterminator="\n").writerow([_cell(row.get(c, math.nan)) for c in columns])
+
+
+def read_metrics(path: Path) -> tuple[list[str], list[dict[str, float]]]:
+    """The header and rows of metrics.csv, values as floats (nan stays nan)."""
+    if not path.is_file():
+        raise RunDirError("no metrics.csv: not a run folder, or no epoch has finished yet", path)
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        try:
+            columns = next(reader)
+        except StopIteration:
+            raise RunDirError("is empty (no header)", path) from None
+        needed = {"epoch", "train_loss", "val_loss", "mean_dice", "lr"}
+        if not needed <= set(columns) or not any(c.startswith("dice_") for c in columns):
+            raise RunDirError(f"header lacks {sorted(needed - set(columns)) or ['dice_*']}: not a train run's metrics",
+                              path)
+        rows = []
+        for number, values in enumerate(reader, start=2):
+            if not values:
+                continue
+            if len(values) != len(columns):
+                raise RunDirError(f"line {number} has {len(values)} fields, the header {len(columns)}", path)
+            try:
+                rows.append({c: float(v) for c, v in zip(columns, values)})
+            except ValueError:
+                raise RunDirError(f"line {number} holds a value that is not a number", path) from None
+    if not rows:
+        raise RunDirError("holds no epoch yet", path)
+    return columns, rows
+
+
+__all__ = ["BEST", "CHECKPOINTS", "CONFIG", "LAST", "METRICS", "RunDirError", "append_metrics_row", "channel_names",
+           "checkpoint_path", "default_out", "metric_columns", "metrics_text", "read_config", "read_metrics",
+           "write_config", "write_metrics"]
