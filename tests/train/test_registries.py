@@ -1,0 +1,101 @@
+"""Where to add a model, a loss, a metric or a training step: each is one registration (or one
+overridden method), shown here end to end through `train run` and `train evaluate`'s code."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from train import fit, losses, models
+from train.metrics import COUNT_METRICS, ratio, register_count_metric
+from train.trainer import Trainer
+
+from .test_fit import options, quiet, shards  # noqa: F401  (the module-scoped tiny shards)
+
+torch.set_num_threads(1)
+
+
+class PixelNet(nn.Module):
+    """A toy model: one 1x1 convolution (logits per pixel from its channels)."""
+
+    def __init__(self, in_channels: int, out_channels: int = 3, **ignored: object) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.fixture
+def registered():
+    """Register the toys, and take them out again so other tests see the stock registries."""
+    models.register_model("toy_pixelnet", PixelNet)
+    calls = []
+
+    def toy_loss(logits, target):
+        calls.append(logits.shape)
+        return nn.functional.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+    losses.register_loss("toy_bce", toy_loss)
+    register_count_metric("jaccard", "jacc", lambda tp, fp, fn: ratio(tp, tp + fp + fn))
+    yield calls
+    models.MODELS.pop("toy_pixelnet")
+    losses.LOSSES.pop("toy_bce")
+    COUNT_METRICS.pop("jaccard")
+
+
+def read_rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_registered_model_loss_and_metric_run_end_to_end(shards, tmp_path, registered):  # noqa: F811
+    out = tmp_path / "toy"
+    result = fit.run(options(shards, out, model="toy_pixelnet", loss="toy_bce", epochs=2), hooks=quiet())
+    assert result.exit_code == 0 and result.epochs_done == 2
+    assert registered and all(shape[1] == 3 for shape in registered)  # the registered loss was the one used
+    weights = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model_state"]
+    assert set(weights) == {"conv.weight", "conv.bias"}  # the registered model was the one trained
+    rows = read_rows(out)
+    assert len(rows) == 2
+    for row in rows:
+        for name in ("NEC/NET", "ED", "ET"):
+            dice, jaccard = float(row[f"dice_{name}"]), float(row[f"jacc_{name}"])
+            if math.isnan(dice):
+                assert math.isnan(jaccard)
+            else:  # an identity of the two scores, independent of how either is computed: J = D / (2 - D)
+                assert jaccard == pytest.approx(dice / (2 - dice), abs=1e-12)
+
+
+def test_a_trainer_subclass_overrides_one_step(shards, tmp_path):  # noqa: F811
+    seen = []
+
+    class Weighted(Trainer):
+        def compute_loss(self, logits, mask):
+            seen.append(self.model.training)
+            return 2.0 * super().compute_loss(logits, mask)
+
+    plain = fit.run(options(shards, tmp_path / "plain", epochs=1), hooks=quiet())
+    doubled = fit.run(options(shards, tmp_path / "doubled", epochs=1), hooks=quiet(), trainer_class=Weighted)
+    assert seen and all(seen)  # called for every training step, in training mode
+    # Adam is invariant to a constant loss scale (up to eps), so the weights barely move apart,
+    # but the logged training loss is the overridden one: exactly twice the first step's, about
+    # twice over the epoch.
+    ratio_ = doubled.history[0]["train_loss"] / plain.history[0]["train_loss"]
+    assert ratio_ == pytest.approx(2.0, rel=0.05)
+
+
+def test_unknown_names_are_refused_naming_the_choices(shards, tmp_path):  # noqa: F811
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--model: must be one of \['attention_unet', 'unet'\]"):
+        fit.run(options(shards, tmp_path / "x", model="nope"), hooks=quiet())
+    with pytest.raises(ValueError, match="registered already"):
+        models.register_model("unet", PixelNet)
+    with pytest.raises(ValueError, match="registered already"):
+        register_count_metric("dice", "d2", lambda tp, fp, fn: np.zeros_like(tp))
