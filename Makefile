@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps panoptica==2.1.7 brats-evaluation==0.0.10  # see pyproject's dev extra
 	touch $(STAMP)
 
 test: $(STAMP)

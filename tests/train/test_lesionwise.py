@@ -1,0 +1,204 @@
+"""Lesion-wise BraTS metrics (`train.metrics.lesionwise`) against hand computation and against the
+official evaluation itself: `brats_evaluation` (its glioma config) running `panoptica`, on
+hand-built and random label maps, agreeing within 0.01.
+
+The official pipeline is run as its README shows: `evaluate_single_exam` on NIfTI files, then
+`parse_seg_results` (the leaderboard columns) and `parse_mets_results` with every lesion counted
+as large (the penalised average); the random cases call panoptica's evaluator on arrays with an
+anisotropic spacing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from train.metrics.lesionwise import LESION_MAX_HD95, lesionwise_scores
+
+REGIONS = {"WT": "wt", "TC": "tc", "ET": "et"}
+TOLERANCE = 0.01
+
+
+def cube(labels: np.ndarray, low, high, value: int) -> None:
+    labels[tuple(slice(a, b) for a, b in zip(low, high))] = value
+
+
+def hand_built() -> tuple[np.ndarray, np.ndarray]:
+    """Truth: ET cube A (4^3) and an edema cube B (5^3) with a NEC core; prediction: A shifted by
+    one voxel, B missing its last plane and its core, one stray ET cube C (2^3)."""
+    truth = np.zeros((20, 20, 20), np.uint8)
+    cube(truth, (2, 2, 2), (6, 6, 6), 3)
+    cube(truth, (10, 10, 10), (15, 15, 15), 2)
+    cube(truth, (11, 11, 11), (13, 13, 13), 1)
+    pred = np.zeros_like(truth)
+    cube(pred, (3, 2, 2), (7, 6, 6), 3)
+    cube(pred, (10, 10, 10), (14, 15, 15), 2)
+    cube(pred, (16, 16, 16), (18, 18, 18), 3)
+    return pred, truth
+
+
+def test_hand_built_case_by_hand():
+    pred, truth = hand_built()
+    scores = lesionwise_scores(pred, truth)
+    dice_a = 2 * 48 / (64 + 64)  # 4x4x4 cubes overlapping in 3x4x4
+    dice_b = 2 * 100 / (125 + 100)  # B (with its core) vs B without its last 5x5 plane
+    # ET: A matched, C a false positive
+    et = scores["ET"]
+    assert (et["tp"], et["fp"], et["fn"]) == (1, 1, 0)
+    assert et["dice"] == pytest.approx(dice_a) and et["dice_penalised"] == pytest.approx(dice_a / 2)
+    assert et["hd95"] == pytest.approx(1.0)  # the shifted faces are 1 voxel apart, the rest 0: p95 of pooled = 1
+    assert et["hd95_penalised"] == pytest.approx((1.0 + LESION_MAX_HD95) / 2)
+    assert et["f1"] == pytest.approx(1 / (1 + 0.5))
+    # TC = NEC core (missed) + ET A (matched) + C (false positive)
+    tc = scores["TC"]
+    assert (tc["tp"], tc["fp"], tc["fn"]) == (1, 1, 1)
+    assert tc["dice"] == pytest.approx(dice_a) and tc["dice_penalised"] == pytest.approx(dice_a / 3)
+    # WT: A and B matched, C a false positive
+    wt = scores["WT"]
+    assert (wt["tp"], wt["fp"], wt["fn"]) == (2, 1, 0)
+    assert wt["dice"] == pytest.approx((dice_a + dice_b) / 2)
+    assert wt["dice_penalised"] == pytest.approx((dice_a + dice_b) / 3)
+
+
+def test_empty_cases():
+    empty = np.zeros((8, 8, 8), np.uint8)
+    one = empty.copy()
+    cube(one, (2, 2, 2), (4, 4, 4), 3)
+    both_empty = lesionwise_scores(empty, empty)
+    assert all(math.isnan(both_empty[r][k]) for r in REGIONS for k in ("dice", "hd95", "dice_penalised"))
+    assert both_empty["WT"]["tp"] == both_empty["WT"]["fp"] == both_empty["WT"]["fn"] == 0
+    missed = lesionwise_scores(empty, one)["ET"]
+    assert (missed["dice"], missed["hd95"], missed["fn"]) == (0.0, LESION_MAX_HD95, 1)
+    stray = lesionwise_scores(one, empty)["ET"]
+    assert (stray["dice"], stray["hd95"], stray["fp"]) == (0.0, LESION_MAX_HD95, 1)
+    assert (stray["dice_penalised"], stray["hd95_penalised"]) == (0.0, LESION_MAX_HD95)  # an FP is still penalised
+
+
+def test_connectivity_and_one_to_one_matching():
+    truth = np.zeros((12, 12, 12), np.uint8)
+    cube(truth, (1, 1, 1), (3, 3, 3), 3)
+    cube(truth, (3, 3, 3), (5, 5, 5), 3)  # touches the first only at a corner: one lesion (26-connected)
+    cube(truth, (7, 1, 1), (11, 9, 9), 3)  # one large lesion ...
+    pred = np.zeros_like(truth)
+    cube(pred, (7, 1, 1), (11, 4, 9), 3)  # ... predicted in two pieces (96 and 128 voxels): one matches,
+    cube(pred, (7, 5, 1), (11, 9, 9), 3)  # one is an FP; the corner-touching pair is missed (FN)
+    scores = lesionwise_scores(pred, truth)["ET"]
+    assert (scores["tp"], scores["fp"], scores["fn"]) == (1, 1, 1)
+    # the 4x8x8 lesion (256 voxels) takes the larger piece (4x4x8 = 128 voxels), the best Dice
+    assert scores["dice"] == pytest.approx(2 * 128 / (256 + 128))
+
+
+def test_spacing_and_shape_checks():
+    pred, truth = hand_built()
+    with pytest.raises(ValueError, match="spacing"):
+        lesionwise_scores(pred, truth, (1.0, 1.0))
+    with pytest.raises(ValueError, match="differ in shape"):
+        lesionwise_scores(pred[:-1], truth)
+    # a spacing along the shift axis scales the ET HD95 (1 voxel apart = 2.5 mm)
+    assert lesionwise_scores(pred, truth, (2.5, 1.0, 1.0))["ET"]["hd95"] == pytest.approx(2.5)
+
+
+# ---------------------------------------------------------------- against the official package
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    pytest.importorskip("panoptica")
+    brats_evaluation = pytest.importorskip("brats_evaluation")
+    from panoptica import Panoptica_Evaluator
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return Panoptica_Evaluator.load_from_config(str(brats_evaluation.config_path("gli")))
+
+
+def official(evaluator, pred: np.ndarray, truth: np.ndarray, spacing, tmp_path: Path) -> tuple[dict, dict]:
+    """The package's leaderboard row (`seg`) and penalised row (`mets`, every lesion large)."""
+    from brats_evaluation import evaluate_single_exam, parse_mets_results, parse_seg_results
+
+    affine = np.diag([*spacing, 1.0])
+    nib.save(nib.Nifti1Image(truth, affine), str(tmp_path / "ref.nii.gz"))
+    nib.save(nib.Nifti1Image(pred, affine), str(tmp_path / "pred.nii.gz"))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        result = evaluate_single_exam(str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz"), "00001-000",
+                                      evaluator)
+        assert "error" not in result, result
+        # numpy integers in panoptica's dict: the package's own json.dump stumbles on them
+        (tmp_path / "summary.json").write_text(json.dumps({"metrics": [result], "missings": []},
+                                                          default=lambda o: o.item()))
+        parse_seg_results(str(tmp_path / "summary.json"), str(tmp_path / "seg.csv"))
+        parse_mets_results(str(tmp_path / "summary.json"), 0.0, 0.0, str(tmp_path / "mets.csv"))
+    rows = []
+    for name in ("seg.csv", "mets.csv"):
+        with open(tmp_path / name) as handle:
+            rows.append(next(csv.DictReader(handle)))  # the subject's row (mean/std/median follow)
+    return rows[0], rows[1]
+
+
+def as_number(text: str) -> float:
+    value = float(text) if text not in ("", None) else math.nan
+    return LESION_MAX_HD95 if math.isinf(value) else value
+
+
+def agree(ours: float, theirs: float) -> bool:
+    if math.isnan(theirs):
+        return math.isnan(ours)
+    return abs(ours - theirs) <= TOLERANCE
+
+
+def test_hand_built_case_agrees_with_the_official_pipeline(evaluator, tmp_path):
+    pred, truth = hand_built()
+    spacing = (1.0, 1.5, 2.0)
+    seg, mets = official(evaluator, pred, truth, spacing, tmp_path)
+    ours = lesionwise_scores(pred, truth, spacing)
+    for region, key in REGIONS.items():
+        pairs = [("dice", seg[f"lesionwise_dsc_mean_{key}"]), ("hd95", seg[f"lesionwise_hd95_mean_{key}"]),
+                 ("tp", seg[f"all_instance_tp_{key}"]), ("fp", seg[f"all_instance_fp_{key}"]),
+                 ("fn", seg[f"all_instance_fn_{key}"]), ("f1", seg[f"all_instance_f1_{key}"]),
+                 ("dice_penalised", mets[f"lesionwise_dsc_mean_{key}"]),
+                 ("hd95_penalised", mets[f"lesionwise_hd95_mean_{key}"])]
+        for name, theirs in pairs:
+            assert agree(ours[region][name], as_number(theirs)), (region, name, ours[region][name], theirs)
+
+
+def random_labels(rng: np.random.Generator, shape, blobs: int) -> np.ndarray:
+    labels = np.zeros(shape, np.uint8)
+    for _ in range(blobs):
+        centre, radius = rng.integers(0, shape), rng.integers(1, 4, size=len(shape))
+        labels[tuple(slice(max(c - r, 0), c + r + 1) for c, r in zip(centre, radius))] = rng.integers(1, 4)
+    return labels
+
+
+def test_random_label_maps_agree_with_panoptica(evaluator):
+    rng = np.random.default_rng(14)
+    compared = {"matched": 0, "fp": 0, "fn": 0}
+    for case in range(24):
+        shape = (24, 20, 16)
+        truth = random_labels(rng, shape, int(rng.integers(0, 7)))
+        pred = random_labels(rng, shape, int(rng.integers(0, 7)))
+        if case % 2:  # mostly right: lesions overlap and get matched
+            pred = np.where(rng.random(shape) < 0.9, truth, pred).astype(np.uint8)
+        spacing = (1.0, 1.5, 2.0) if case % 3 else (1.0, 1.0, 1.0)
+        ours = lesionwise_scores(pred, truth, spacing)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            theirs = evaluator.evaluate(pred, truth, voxelspacing=spacing, verbose=False)
+        for region, key in REGIONS.items():
+            result = theirs[key].to_dict(True)
+            for name, other in (("dice", "sq_dsc"), ("hd95", "sq_hd95"), ("tp", "tp"), ("fp", "fp"), ("fn", "fn"),
+                                ("f1", "rq")):
+                value = result.get(other)
+                assert agree(ours[region][name], as_number(value)), (case, region, name, ours[region][name], value)
+            compared["matched"] += ours[region]["tp"]
+            compared["fp"] += ours[region]["fp"]
+            compared["fn"] += ours[region]["fn"]
+    assert min(compared.values()) >= 10, compared  # the cases exercised matches, FPs and FNs
