@@ -1,12 +1,14 @@
 """`etl verify` and `etl inspect`: check a shard folder against its manifest, or describe it.
 
 Both read through `shards_spec.read.ShardStore`, so a local path and a URL are read the same way
-and every byte is treated as untrusted. `verify` goes through everything and reports every bad
-shard (not just the first): the manifest validates; each listed file exists with its size and
-sha256; each record decodes with the dtypes and shapes the manifest implies; per-record metadata
-agrees with its own mask; the counts of records, slices and tumour slices agree per shard, per
-patient and per split; and (for a local folder) no file lies in the folder that the manifest
-does not account for.
+and every byte is treated as untrusted. The manifest is validated as every reader validates it
+(`shards_spec.manifest`: every field, the counts it states twice, no patient or file in two
+shards or splits). `verify` then goes through everything and reports every bad shard (not just
+the first): each listed file exists with its size and sha256; each record decodes with the
+dtypes and shapes the manifest implies; per-record metadata agrees with its own mask; the counts
+of records, slices and tumour slices agree per shard and patient; no two records hold the same
+image (a patient copied under another name, perhaps into another split); and (for a local
+folder) no file lies in the folder that the manifest does not account for.
 """
 
 from __future__ import annotations
@@ -45,49 +47,6 @@ class VerifyReport:
         return not self.problems
 
 
-def _consistency(content: dict) -> list[str]:
-    """Counts that the manifest states twice must agree (splits vs patients vs shards)."""
-    problems = []
-    patients = content["patients"]
-    placed: dict[str, str] = {}
-    for shard in content["shards"]:
-        for pid in shard["patients"]:
-            if pid in placed:
-                problems.append(f"{MANIFEST_NAME}: patient {pid} is listed in shards {placed[pid]} and {shard['path']}")
-            placed[pid] = shard["path"]
-            info = patients.get(pid)
-            if info is not None and info["split"] != shard["split"]:
-                problems.append(f"{MANIFEST_NAME}: patient {pid} is in split {info['split']} but its shard "
-                                f"{shard['path']} in {shard['split']}")
-        if shard["bytes"] != sum(f["bytes"] for f in shard["files"]):
-            problems.append(f"{shard['path']}: manifest bytes {shard['bytes']} differ from the sum of its files")
-        slices = sum(patients[p]["slices"] for p in shard["patients"] if p in patients)
-        if slices != shard["slices"]:
-            problems.append(f"{shard['path']}: manifest says {shard['slices']} slices, its patients {slices}")
-    for pid in patients:
-        if pid not in placed:
-            problems.append(f"{MANIFEST_NAME}: patient {pid} is in no shard")
-    seen_split: dict[str, str] = {}
-    for name, split in content["splits"].items():
-        members = split["patients"]
-        for pid in members:
-            if pid in seen_split:
-                problems.append(f"{MANIFEST_NAME}: patient {pid} is in splits {seen_split[pid]} and {name}")
-            seen_split[pid] = name
-        expected = sorted(p for p, info in patients.items() if info["split"] == name)
-        if sorted(members) != expected:
-            problems.append(f"{MANIFEST_NAME}: split {name} lists other patients than content.patients places in it")
-        slices = sum(patients[p]["slices"] for p in members if p in patients)
-        if split["records"] != len(members) or split["slices"] != slices:
-            problems.append(f"{MANIFEST_NAME}: split {name} says {split['records']} records and {split['slices']} "
-                            f"slices, its patients hold {len(members)} and {slices}")
-        if "class_voxels" in split:
-            total = np.sum([patients[p]["class_voxels"] for p in members if p in patients], axis=0, dtype=np.int64)
-            if members and list(map(int, total)) != list(split["class_voxels"]):
-                problems.append(f"{MANIFEST_NAME}: split {name} class_voxels differ from the sum over its patients")
-    return problems
-
-
 def _check_record(record, info: dict, shard_path: str) -> list[str]:
     """A record's own metadata against its pixels, and its class counts against the manifest."""
     problems = []
@@ -108,6 +67,31 @@ def _check_record(record, info: dict, shard_path: str) -> list[str]:
     if any(b > listed for b, listed in zip(brain, record.brain_voxels)):
         problems.append(f"{where}: image has non-zero voxels outside the listed brain voxels")
     return problems
+
+
+class _SameImages:
+    """Finds a slice image seen before in another record: the same data under two names, a leak
+    when the two are in different splits. All-zero slices (kept with `keep_empty`) are alike by
+    nature and are not compared."""
+
+    def __init__(self) -> None:
+        self.seen: dict[bytes, tuple[str, int, str]] = {}
+
+    def check(self, record, split: str, shard_path: str) -> list[str]:
+        import hashlib
+
+        problems = []
+        for s, image in enumerate(record.image):
+            if not image.any():
+                continue
+            digest = hashlib.sha256(np.ascontiguousarray(image).data).digest()
+            first = self.seen.setdefault(digest, (record.patient, s, split))
+            if first[0] != record.patient:
+                where = f"{shard_path}: record {record.key} slice {s} (split {split})"
+                problems.append(f"{where}: holds the same image as patient {first[0]} slice {first[1]} "
+                                f"(split {first[2]}): one patient's data under two names")
+                break
+        return problems
 
 
 def _extra_files(root: Path, content: dict) -> list[str]:
@@ -146,9 +130,9 @@ def verify(root: str | Path, *, progress=None, storage_options: dict | None = No
     store = ShardStore(root, storage_options=storage_options)
     content = store.manifest.content
     report = VerifyReport(str(root), store.manifest.digest, store.manifest.format)
-    report.problems += _consistency(content)
     patients = content["patients"]
     shards = content["shards"]
+    same_images = _SameImages()
     for entry in content.get("zarr_groups", []):
         problem = store.verify_file(entry)
         if problem:
@@ -168,6 +152,7 @@ def verify(root: str | Path, *, progress=None, storage_options: dict | None = No
                     report.records += 1
                     report.slices += record.slices
                     shard_problems += _check_record(record, patients[record.patient], shard["path"])
+                    shard_problems += same_images.check(record, shard["split"], shard["path"])
             except SpecError as exc:
                 shard_problems.append(str(exc))
         if shard_problems:

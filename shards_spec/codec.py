@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import tarfile
 from dataclasses import dataclass
@@ -47,15 +48,21 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_npy(data: bytes, *, dtype: np.dtype, ndim: int, name: str = "array") -> np.ndarray:
-    """Parse `.npy` bytes, accepting only `dtype` with `ndim` dimensions in C order."""
+def decode_npy(data: bytes, *, dtype: np.dtype, ndim: int, name: str = "array",
+               shape: tuple[int | None, ...] | None = None) -> np.ndarray:
+    """Parse `.npy` bytes, accepting only `dtype` with `ndim` dimensions in C order.
+
+    The header's shape is checked before it is used: `ndim` dimensions, each a non-negative
+    integer, equal to `shape` where given (the manifest's; None: any), and a byte count computed in Python
+    integers (numpy's int64 product of (2**32, 2**32, 1, 1) wraps to 0) equal to the data's.
+    """
     stream = io.BytesIO(data)
     try:
         major, _minor = np.lib.format.read_magic(stream)
         if major not in (1, 2):
             raise ValueError(f"unsupported .npy version {major}")
         reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran_order, found = reader(stream, max_header_size=NPY_MAX_HEADER)
+        found_shape, fortran_order, found = reader(stream, max_header_size=NPY_MAX_HEADER)
     except SpecError:
         raise
     except Exception as exc:  # numpy raises ValueError, and others on garbage
@@ -65,13 +72,21 @@ def decode_npy(data: bytes, *, dtype: np.dtype, ndim: int, name: str = "array") 
         raise SpecError(f"{name} has dtype {found}, expected {np.dtype(dtype)}")
     if fortran_order:
         raise SpecError(f"{name} is stored in Fortran order, expected C order")
-    if len(shape) != ndim:
-        raise SpecError(f"{name} has shape {shape}, expected {ndim} dimensions")
-    expected = int(np.prod(shape, dtype=np.int64)) * found.itemsize
+    if len(found_shape) != ndim or not all(isinstance(n, int) and n >= 0 for n in found_shape):
+        raise SpecError(f"{name} has shape {_shape_text(found_shape)}, expected {ndim} dimensions of size >= 0")
+    if shape is not None and any(want is not None and n != want for n, want in zip(found_shape, shape)):
+        implied = "(" + ", ".join("S" if want is None else str(want) for want in shape) + ")"
+        raise SpecError(f"{name} has shape {_shape_text(found_shape)}, the manifest implies {implied}")
+    expected = math.prod(found_shape) * found.itemsize  # Python integers: no overflow
     offset = stream.tell()
     if len(data) - offset != expected:
-        raise SpecError(f"{name} holds {len(data) - offset} data bytes, its header {shape} needs {expected}")
-    return np.frombuffer(data, dtype=found, offset=offset).reshape(shape).copy()
+        raise SpecError(f"{name} holds {len(data) - offset} data bytes, its header {_shape_text(found_shape)} needs {expected}")
+    return np.frombuffer(data, dtype=found, offset=offset).reshape(found_shape).copy()
+
+
+def _shape_text(shape: tuple) -> str:
+    text = str(tuple(shape))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def encode_json(obj: object) -> bytes:
@@ -171,12 +186,17 @@ def _has_nonfinite_float16(image: np.ndarray) -> bool:
 
 
 def decode_record(key: str, members: dict[str, bytes], *, channels: int, size: int) -> Record:
-    """Decode the three members of a WebDataset record (suffix -> bytes), checking everything."""
+    """Decode the three members of a WebDataset record (suffix -> bytes), checking everything.
+
+    Each array's header shape is checked against the manifest's slice shape, (C, size, size)
+    or (size, size) after any number of slices, before its data is used.
+    """
     missing = [s for s in MEMBER_SUFFIXES if s not in members]
     if missing:
         raise SpecError(f"record {key}: missing member(s) {missing}")
-    image = decode_npy(members["image.npy"], dtype=IMAGE_DTYPE, ndim=4, name=f"{key}.image.npy")
-    mask = decode_npy(members["mask.npy"], dtype=MASK_DTYPE, ndim=3, name=f"{key}.mask.npy")
+    image = decode_npy(members["image.npy"], dtype=IMAGE_DTYPE, ndim=4, name=f"{key}.image.npy",
+                       shape=(None, channels, size, size))
+    mask = decode_npy(members["mask.npy"], dtype=MASK_DTYPE, ndim=3, name=f"{key}.mask.npy", shape=(None, size, size))
     limit = member_limits(image.shape[0], channels, size)["json"]
     meta = decode_json(members["json"], max_bytes=limit, name=f"{key}.json")
     return build_record(key, image, mask, meta, channels=channels, size=size)
@@ -191,46 +211,42 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def iter_tar_records(
-    fileobj: BinaryIO, *, max_bytes: dict[str, int], name: str = "shard"
+    fileobj: BinaryIO, *, max_bytes: dict[str, int], max_total: int | None = None, name: str = "shard"
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {suffix: bytes}) for each record of a tar stream, checking headers first.
 
-    `max_bytes` maps each suffix to its largest allowed member size. The archive is read as a
-    stream (works over HTTP), members of one record must be adjacent, and a key seen twice,
-    a member that is not a regular file, or a size over the limit is refused before its bytes
-    are read.
+    `max_bytes` maps each suffix to its largest allowed member size; `max_total` bounds the
+    whole stream (`tarstream.iter_members`: every size is checked before anything is read or
+    allocated). The archive is read as a stream (works over HTTP), members of one record must
+    be adjacent, and a key seen twice, a member that is not a regular file, a name that is not
+    `<key>.<suffix>` or a size over the limit is refused before its bytes are read.
     """
+    from .tarstream import iter_members
+
+    def limit(member: str) -> int:
+        return max_bytes[split_member_name(member)[1]]
+
     seen: set[str] = set()
     current: str | None = None
     members: dict[str, bytes] = {}
     try:
-        # 1 MiB reads: the default 10 KiB block makes ~1,700 Python-level reads per shard.
-        with tarfile.open(fileobj=fileobj, mode="r|", bufsize=1 << 20) as archive:
-            for info in archive:
-                if not info.isreg():
-                    raise SpecError(f"member {info.name!r} is not a regular file (links and folders are refused)", name)
-                key, suffix = split_member_name(info.name)
-                if info.size > max_bytes[suffix]:
-                    raise SpecError(f"member {info.name!r} declares {info.size} bytes, more than the {max_bytes[suffix]} allowed", name)
-                if key != current:
-                    if current is not None:
-                        yield current, members
-                    if key in seen:
-                        raise SpecError(f"record key {key!r} appears twice", name)
-                    seen.add(key)
-                    current, members = key, {}
-                if suffix in members:
-                    raise SpecError(f"member {info.name!r} appears twice", name)
-                handle = archive.extractfile(info)
-                data = handle.read() if handle is not None else b""
-                if len(data) != info.size:
-                    raise SpecError(f"member {info.name!r} is truncated", name)
-                members[suffix] = data
+        for member, data in iter_members(fileobj, limit=limit, max_total=max_total, name=name):
+            key, suffix = split_member_name(member)
+            if key != current:
+                if current is not None:
+                    yield current, members
+                if key in seen:
+                    raise SpecError(f"record key {key!r} appears twice", name)
+                seen.add(key)
+                current, members = key, {}
+            if suffix in members:
+                raise SpecError(f"member {member!r} appears twice", name)
+            members[suffix] = data
     except SpecError as exc:
         if exc.path is None:
             raise SpecError(exc.problem, name) from None
         raise
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (EOFError, OSError) as exc:
         raise SpecError(f"not a complete tar archive ({type(exc).__name__}: {exc})", name) from None
     if current is not None:
         yield current, members

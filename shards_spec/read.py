@@ -10,7 +10,13 @@ read and validated first:
 - records are decoded by the reader of the manifest's format (`shards_spec.formats`: one module
   per format, e.g. `formats/webdataset.py`, `formats/zarr.py`, registered in `READERS`);
 - each shard's patients, records, slices and tumour slices must equal the manifest's counts,
-  because epoch lengths and DDP batch counts are computed from them up front.
+  because epoch lengths and DDP batch counts are computed from them up front; any error while
+  decoding a shard is a `SpecError` naming it, so a caller's bad-shard policy sees them all.
+
+Local files are opened only when they are regular files (a FIFO in place of a shard or of
+`manifest.json` blocked `verify` forever). Remote files get timeouts and retries
+(`shards_spec.remote`); the limits on sizes, times and attempts are in `shards_spec.limits`.
+`root` may also name the manifest itself (`shards/manifest.json`).
 
 With `cache_dir`, each file is fetched once into `cache_dir/<sha256[:2]>/<sha256>` (keyed by
 content, so equal basenames in different folders never collide) and re-validated by sha256 each
@@ -25,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import uuid
 import warnings
 from pathlib import Path
@@ -32,19 +39,54 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from . import formats
+from . import formats, limits, remote
 from .codec import Record, member_limits
 from .errors import SpecError
 from .manifest import MANIFEST_NAME, Manifest, parse
 
 CHUNK = 1 << 20
-MANIFEST_MAX_BYTES = 256 << 20
 FILE_OVERHEAD_BYTES = 64 << 10
 """Allowance per listed file over the raw array bytes (tar headers, zarr metadata, codec framing)."""
 
 
 def is_url(root: str | Path) -> bool:
     return "://" in str(root)
+
+
+def shard_root(root: str | Path) -> str:
+    """The shard folder of what a user typed: the folder, a `file://` URL of it, or its manifest."""
+    text = str(root)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    if is_url(text):
+        return text[: -len(MANIFEST_NAME) - 1] if text.rstrip("/").endswith("/" + MANIFEST_NAME) else text
+    path = Path(text)
+    if path.name == MANIFEST_NAME and not path.is_dir():
+        return str(path.parent)
+    return text
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open a local file for reading only if it is a regular file.
+
+    Opening a FIFO blocks until a writer appears, and a device can stream forever: opened
+    non-blocking and checked with `fstat` on the open descriptor (no window for a swap).
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise SpecError(f"is {kind}, not a regular file: refused", path)
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def parse_storage_options(pairs: list[str] | tuple[str, ...] | None) -> dict:
@@ -74,10 +116,16 @@ def parse_storage_options(pairs: list[str] | tuple[str, ...] | None) -> dict:
 
 
 class _CheckedReader(io.RawIOBase):
-    """A read-only stream that refuses more than `size` bytes and checks size and sha256 at EOF."""
+    """A read-only stream that refuses more than `size` bytes and checks size and sha256 at EOF.
 
-    def __init__(self, raw: BinaryIO, *, size: int, sha256: str | None, name: str) -> None:
+    With `reopen` (remote files), a transient read error reopens the file and skips what was
+    already read, checking that those bytes are unchanged, within the file's retry budget.
+    """
+
+    def __init__(self, raw: BinaryIO, *, size: int, sha256: str | None, name: str, reopen=None) -> None:
         self._raw, self._size, self._sha256, self._name = raw, size, sha256, name
+        self._reopen = reopen
+        self._attempts = remote.Attempts(name) if reopen is not None else None
         self._digest = hashlib.sha256()
         self._seen = 0
         self._checked = False
@@ -89,10 +137,7 @@ class _CheckedReader(io.RawIOBase):
         view = memoryview(buffer).cast("B")
         # Ask for one byte past the listed size at most, so an over-long file is noticed early.
         want = min(len(view), self._size + 1 - self._seen)
-        try:
-            data = self._raw.read(want) if want > 0 else b""
-        except Exception as exc:  # OSError, or a network library's own error type (aiohttp, botocore)
-            raise SpecError(f"cannot be read ({type(exc).__name__}: {exc})", self._name) from None
+        data = self._read(want) if want > 0 else b""
         if self._seen + len(data) > self._size:
             raise SpecError(f"holds more than the {self._size} bytes the manifest lists", self._name)
         view[: len(data)] = data
@@ -101,6 +146,34 @@ class _CheckedReader(io.RawIOBase):
         if not data and len(view):
             self._finish()
         return len(data)
+
+    def _read(self, want: int) -> bytes:
+        while True:
+            try:
+                return self._raw.read(want)
+            except Exception as exc:  # OSError, or a network library's own error type (aiohttp, botocore)
+                if self._attempts is None:
+                    raise SpecError(f"cannot be read ({remote.describe(exc)})", self._name) from None
+                self._attempts.failed(exc)
+                self._resume()
+
+    def _resume(self) -> None:
+        """Reopen after a failed read and skip the bytes already read, which must not have changed."""
+        try:
+            self._raw.close()
+        except Exception:  # noqa: BLE001 - the old connection is broken anyway
+            pass
+        self._raw = self._reopen()
+        again = hashlib.sha256()
+        left = self._seen
+        while left:
+            chunk = self._raw.read(min(CHUNK, left))
+            if not chunk:
+                raise OSError("the file ended early on a retry")
+            again.update(chunk)
+            left -= len(chunk)
+        if again.digest() != self._digest.copy().digest():
+            raise SpecError("changed while it was being read (its first bytes differ on a retry)", self._name)
 
     def _finish(self) -> None:
         if self._checked:
@@ -138,21 +211,14 @@ class ShardStore:
         cache_dir: str | Path | None = None,
         storage_options: dict | None = None,
     ) -> None:
-        self.root = str(root)
+        self.root = shard_root(root)
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.storage_options = dict(storage_options or {})
         self._fs = None
         self._fs_pid = 0
         self._base = self.root.rstrip("/") if is_url(self.root) else None
         name = self.location(MANIFEST_NAME)
-        try:
-            with self._open_raw(MANIFEST_NAME) as handle:
-                data = handle.read(MANIFEST_MAX_BYTES + 1)
-        except (OSError, ValueError) as exc:  # fsspec raises FileNotFoundError, aiohttp errors as OSError
-            raise SpecError(f"cannot be read ({type(exc).__name__}: {exc})", name) from None
-        if len(data) > MANIFEST_MAX_BYTES:
-            raise SpecError(f"is larger than {MANIFEST_MAX_BYTES} bytes", name)
-        self.manifest: Manifest = parse(data, name)
+        self.manifest: Manifest = parse(self._read_manifest(name), name)
         self._entries = {f["path"]: f for s in self.manifest.content["shards"] for f in s["files"]}
 
     def __getstate__(self) -> dict:
@@ -169,19 +235,43 @@ class ShardStore:
             return f"{self._base}/{rel_path}"
         return str(Path(self.root) / rel_path)
 
+    def _read_manifest(self, name: str) -> bytes:
+        """The manifest's bytes, at most the limit; a missing folder or manifest said plainly."""
+        limit = limits.max_manifest_bytes()
+        if self._base is None:
+            folder = Path(self.root)
+            if not folder.exists():
+                raise SpecError("does not exist", folder)
+            if not folder.is_dir():
+                raise SpecError("is not a shard folder (give the folder that holds manifest.json)", folder)
+            if not (folder / MANIFEST_NAME).exists():
+                raise SpecError("has no manifest.json: it is not a shard folder, or its build has not finished", folder)
+
+        def read() -> bytes:
+            with self._open_raw(MANIFEST_NAME) as handle:
+                return handle.read(limit + 1)
+
+        try:
+            data = read() if self._base is None else remote.with_retries(read, name)
+        except FileNotFoundError:
+            raise SpecError(f"not found: is {self.root} a shard folder?", name) from None
+        except (OSError, ValueError) as exc:  # aiohttp errors as OSError
+            raise SpecError(f"cannot be read ({remote.describe(exc)})", name) from None
+        if len(data) > limit:
+            raise SpecError(f"is larger than {limit} bytes (BRATS_SHARDS_MAX_MANIFEST_MB)", name)
+        return data
+
     def _filesystem(self):
         # A forked loader worker inherits this object without pickling, and fsspec's async
         # filesystems are not fork-safe: each process opens its own.
         if self._fs is None or self._fs_pid != os.getpid():
-            from fsspec.core import url_to_fs
-
-            self._fs, self._fs_root = url_to_fs(self._base, skip_instance_cache=True, **self.storage_options)
+            self._fs, self._fs_root = remote.open_filesystem(self._base, self.storage_options)
             self._fs_pid = os.getpid()
         return self._fs
 
     def _open_raw(self, rel_path: str) -> BinaryIO:
         if self._base is None:
-            return open(Path(self.root) / rel_path, "rb")
+            return open_regular(Path(self.root) / rel_path)
         fs = self._filesystem()
         path = f"{self._fs_root.rstrip('/')}/{rel_path}"
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -204,11 +294,12 @@ class ShardStore:
             if verify or self.cache_dir is not None:
                 raise SpecError("is not listed in the manifest, so it cannot be verified", name)
             try:
-                return self._open_raw(rel_path)
+                return self._open_raw(rel_path) if self._base is None else remote.with_retries(
+                    lambda: self._open_raw(rel_path), name)
             except (OSError, ValueError) as exc:
-                raise SpecError(f"cannot be read ({type(exc).__name__}: {exc})", name) from None
+                raise SpecError(f"cannot be read ({remote.describe(exc)})", name) from None
         if self.cache_dir is not None:
-            return open(self._cached(entry), "rb")
+            return open_regular(self._cached(entry))
         return self._stream(entry, verify=verify)
 
     def _cached(self, entry: dict) -> Path:
@@ -237,11 +328,13 @@ class ShardStore:
     def _stream(self, entry: dict, *, verify: bool) -> _CheckedReader:
         """The file of `entry` from the source, bounded by its size, sha256-checked with `verify`."""
         name = self.location(entry["path"])
+        reopen = None if self._base is None else (lambda: self._open_raw(entry["path"]))
         try:
-            raw = self._open_raw(entry["path"])
+            raw = self._open_raw(entry["path"]) if reopen is None else remote.with_retries(reopen, name)
         except (OSError, ValueError) as exc:
-            raise SpecError(f"cannot be read ({type(exc).__name__}: {exc})", name) from None
-        return _CheckedReader(raw, size=entry["bytes"], sha256=entry["sha256"] if verify else None, name=name)
+            raise SpecError(f"cannot be read ({remote.describe(exc)})", name) from None
+        return _CheckedReader(raw, size=entry["bytes"], sha256=entry["sha256"] if verify else None, name=name,
+                              reopen=reopen)
 
     def read_file(self, entry: dict) -> bytes:
         """The whole verified content of one listed file."""
@@ -259,7 +352,7 @@ class ShardStore:
         except SpecError as exc:
             return str(exc)
         except OSError as exc:
-            return f"{self.location(entry['path'])}: cannot be read ({type(exc).__name__}: {exc})"
+            return f"{self.location(entry['path'])}: cannot be read ({remote.describe(exc)})"
         return None
 
     # -- records --------------------------------------------------------------------------------
@@ -276,7 +369,7 @@ class ShardStore:
         """
         name = self.location(shard["path"])
         expected = self._expected_patients(shard, name)
-        limit = self._byte_limit(shard)
+        limit = self.byte_limit(shard)
         listed = sum(f["bytes"] for f in shard["files"])
         if listed > limit:
             raise SpecError(f"lists {listed} bytes, more than its {shard['slices']} slices can need ({limit})", name)
@@ -284,7 +377,7 @@ class ShardStore:
         seen: dict[str, int] = {}
         slices = 0
         try:
-            for record in reader(self, shard, expected, name):
+            for record in reader.records(self, shard, expected, name):
                 pid = self._check_record(record, expected, seen, name)
                 seen[pid] = record.slices
                 slices += record.slices
@@ -293,6 +386,9 @@ class ShardStore:
             if exc.path is None:
                 raise SpecError(exc.problem, name) from None
             raise
+        except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is a bad shard
+            # (numpy, zarr, zlib, ... raise their own types); chained, so --debug shows where.
+            raise SpecError(f"cannot be decoded ({remote.describe(exc)})", name) from exc
         missing = [pid for pid in expected.values() if pid not in seen]
         if missing:
             raise SpecError(f"lacks the record(s) of patient(s) {missing} that the manifest lists", name)
@@ -335,7 +431,7 @@ class ShardStore:
             )
         return pid
 
-    def _byte_limit(self, shard: dict) -> int:
+    def byte_limit(self, shard: dict) -> int:
         """Most bytes a shard's files can take for the slices it holds (compressed or not)."""
         channels, size = len(self.manifest.channels), self.manifest.size
         patients = self.manifest.content["patients"]
@@ -351,7 +447,7 @@ def _check_local(path: Path, entry: dict) -> str | None:
     if size != entry["bytes"]:
         return f"holds {size} bytes, the manifest lists {entry['bytes']}"
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
     if digest.hexdigest() != entry["sha256"]:

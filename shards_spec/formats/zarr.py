@@ -19,6 +19,22 @@ from ..errors import SpecError
 ARRAYS = ("image", "mask", "slice_index", "class_voxels", "brain_voxels")
 
 
+def check_shard(shard: dict, patients: dict) -> str | None:
+    """A Zarr shard's files lie in its patients' groups, and each patient's arrays are its own
+    group's (`<split>/<key>/<array>`): no shard can make a patient read another's data."""
+    groups = tuple(f"{shard['split']}/{patients[p]['key']}/" for p in shard["patients"])
+    for entry in shard["files"]:
+        if not entry["path"].startswith(groups):
+            return f"file {entry['path']} of shard {shard['path']} is not in the group of one of its patients"
+    for pid in shard["patients"]:
+        info = patients[pid]
+        for array, path in (info.get("arrays") or {}).items():
+            if array not in ARRAYS or path != f"{info['split']}/{info['key']}/{array}":
+                return (f"patient {pid!r} lists array {array!r} at {path!r}; its arrays are {', '.join(ARRAYS)} "
+                        f"at {info['split']}/{info['key']}/<array>")
+    return None
+
+
 def records(store, shard: dict, expected: dict[str, str], name: str) -> Iterator[Record]:
     import zarr
     from zarr.core.buffer import cpu

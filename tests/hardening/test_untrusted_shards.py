@@ -95,8 +95,8 @@ def pickled_object_npy(root, marker):
 def oversized_npy_header(root, marker):
     data = _npy(_image(root))
     header_len = int.from_bytes(data[8:10], "little")
-    # 2000 bytes: over the decoder's 1024-byte limit, yet within the member's size limit
-    header = data[10:10 + header_len].rstrip(b"\n").ljust(2000 - 12, b" ") + b"\n"
+    # 1100 bytes: over the decoder's 1024-byte limit, yet within the member's size limit (1152 + data)
+    header = data[10:10 + header_len].rstrip(b"\n").ljust(1100 - 12, b" ") + b"\n"
     data = b"\x93NUMPY\x02\x00" + len(header).to_bytes(4, "little") + header + data[10 + header_len:]
     _replace(root, "image.npy", data)
     return "not a valid .npy"

@@ -2,6 +2,7 @@
 registered at run time is read end to end by `ShardStore` with no other change."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from tests.shard_fixtures import make_shards, sample_code
 def test_format_names_are_the_registry():
     assert formats.FORMATS == tuple(formats.READERS) == ("webdataset", "zarr")
     for fmt in formats.FORMATS:
-        assert formats.reader(fmt).__module__ == f"shards_spec.formats.{fmt}"
+        assert formats.reader(fmt).__name__ == f"shards_spec.formats.{fmt}"
     with pytest.raises(SpecError, match="'npz' has no reader"):
         formats.reader("npz")
 
@@ -49,6 +50,7 @@ def test_a_toy_format_registered_in_one_line_is_read_end_to_end(tmp_path, monkey
         rel = shard["path"].replace(".tar", ".npz")
         (root / rel).write_bytes(buffer.getvalue())
         shard["path"] = rel
+        shard["bytes"] = len(buffer.getvalue())
         shard["files"] = [{"path": rel, "bytes": len(buffer.getvalue()),
                            "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}]
         for pid in shard["patients"]:
@@ -58,7 +60,7 @@ def test_a_toy_format_registered_in_one_line_is_read_end_to_end(tmp_path, monkey
 
     with pytest.raises(SpecError, match="format must be one of"):
         ShardStore(root)
-    monkeypatch.setitem(formats.READERS, "toy", _toy_records)  # the one registry line
+    monkeypatch.setitem(formats.READERS, "toy", SimpleNamespace(records=_toy_records))  # the one registry line
     store = ShardStore(root)
     got = {r.patient: r for s in store.manifest.shards_of("train") for r in store.records(s)}
     assert sorted(got) == ["p1", "p2"]

@@ -33,6 +33,7 @@ def _rewrite(root: Path, rel: str, data: bytes) -> None:
             for entry in shard["files"]:
                 if entry["path"] == rel:
                     entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+            shard["bytes"] = sum(entry["bytes"] for entry in shard["files"])
     _edit_manifest(root, edit)
 
 
@@ -62,7 +63,7 @@ def test_unknown_spec_version_and_missing_manifest_name_the_file(tmp_path):
     _edit_manifest(root, lambda c: c.update(spec_version="brats-slices/9"))
     with pytest.raises(SpecError, match="manifest.json.*spec_version"):
         ShardStore(root)
-    with pytest.raises(SpecError, match="manifest.json.*cannot be read"):
+    with pytest.raises(SpecError, match="nowhere: does not exist"):
         ShardStore(tmp_path / "nowhere")
 
 
@@ -109,8 +110,16 @@ def test_manifest_that_lies_about_counts_is_refused(tmp_path, fmt):
 def test_shard_slice_count_lie_is_refused(tmp_path):
     root = make_shards(tmp_path, "webdataset", patients={"p1": 3})
     _edit_manifest(root, lambda c: c["shards"][0].update(slices=4))
+    with pytest.raises(SpecError, match=r"manifest.json: field content.shards \(train/train-000000.tar\).slices is 4, its "
+                                        "patients add up to 3"):
+        ShardStore(root)
+
+    def lie(content):  # consistent everywhere in the manifest: only the record can tell
+        for part in (content["shards"][0], content["patients"]["p1"], content["splits"]["train"]):
+            part["slices"] = 4
+    _edit_manifest(root, lie)
     store = ShardStore(root)
-    with pytest.raises(SpecError, match="3 slices, the manifest says 1 and 4"):
+    with pytest.raises(SpecError, match="holds 3 slices.*the manifest says 4"):
         list(store.records(store.manifest.shards_of("train")[0]))
 
 

@@ -1,0 +1,132 @@
+"""Remote shard folders: fsspec filesystems with our timeouts and retries, and one-line errors.
+
+A server that stalls mid-body held a reader for aiohttp's 300 s default per shard, and a URL
+whose fsspec backend is not installed printed a 76-line traceback. Here:
+
+- every remote filesystem gets connect and read timeouts (`BRATS_SHARDS_CONNECT_TIMEOUT`,
+  `BRATS_SHARDS_READ_TIMEOUT`, see `limits`) unless the user's storage options set their own:
+  `client_kwargs={"timeout": ...}` for `http(s)://` (aiohttp), `config_kwargs` for `s3://`;
+- opening and reading are retried on transient errors (timeouts, dropped connections, HTTP
+  5xx/429) `BRATS_SHARDS_RETRIES` times, waiting `BRATS_SHARDS_BACKOFF` seconds doubled each
+  time; when they are exhausted the error is one line saying so and naming the file;
+- a protocol whose backend package is missing is one line naming the package to install (and
+  this project's extra, `brats-shards[s3]` / `[gcs]`, where there is one).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
+
+from . import limits
+from .errors import SpecError
+
+T = TypeVar("T")
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+"""Protocol -> this project's extra that installs its backend (pyproject's optional dependencies)."""
+NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+RETRY_HELP = "BRATS_SHARDS_RETRIES, BRATS_SHARDS_READ_TIMEOUT and BRATS_SHARDS_CONNECT_TIMEOUT change the limits"
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0].lower()
+
+
+def open_filesystem(url: str, storage_options: dict):
+    """(filesystem, root path) of a URL, with our default timeouts; one-line errors."""
+    from fsspec.core import url_to_fs
+
+    protocol = protocol_of(url)
+    options = with_timeouts(protocol, storage_options)
+    try:
+        return url_to_fs(url, skip_instance_cache=True, **options)
+    except ImportError as exc:
+        raise SpecError(missing_backend(protocol, exc), url) from None
+    except (ValueError, TypeError) as exc:  # "Protocol not known", an option the backend does not take
+        raise SpecError(f"cannot be opened ({type(exc).__name__}: {_first_line(exc)})", url) from None
+
+
+def with_timeouts(protocol: str, storage_options: dict) -> dict:
+    """The user's storage options plus our connect/read timeouts where they set none."""
+    options = dict(storage_options)
+    connect, read = limits.get("CONNECT_TIMEOUT") or None, limits.get("READ_TIMEOUT") or None
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        client = dict(options.get("client_kwargs") or {})
+        # total=None: a large shard on a slow link may take long; a stall may not.
+        client.setdefault("timeout", aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect,
+                                                           sock_read=read))
+        options["client_kwargs"] = client
+    elif protocol in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", connect)
+        config.setdefault("read_timeout", read)
+        options["config_kwargs"] = config
+    return options
+
+
+def missing_backend(protocol: str, exc: ImportError) -> str:
+    """One line naming the package that serves `protocol://` (fsspec's own text as the fallback)."""
+    from fsspec.registry import known_implementations
+
+    cause = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc
+    package = getattr(cause, "name", None) or known_implementations.get(protocol, {}).get("class", "").split(".")[0]
+    if not package or package == "fsspec":
+        return f"{protocol}:// cannot be read here: {_first_line(exc)}"
+    extra = EXTRAS.get(protocol)
+    how = f"pip install 'brats-shards[{extra}]' (or pip install {package})" if extra else f"pip install {package}"
+    return f"{protocol}:// needs the package {package}, which is not installed: {how}"
+
+
+def transient(exc: BaseException) -> bool:
+    """Worth another attempt: a timeout, a dropped connection, a server error (5xx) or 429."""
+    if isinstance(exc, (SpecError, *NOT_TRANSIENT)) or not isinstance(exc, Exception):
+        return False
+    status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        return status >= 500 or status == 429
+    module = type(exc).__module__.split(".")[0]
+    return isinstance(exc, (OSError, TimeoutError)) or module in ("aiohttp", "botocore", "aiobotocore", "fsspec",
+                                                                   "google", "urllib3")
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_first_line(exc) or 'no detail'}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+class Attempts:
+    """The retry budget of one file: each failure waits the backoff and doubles it, until spent."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.left = limits.retries()
+        self.total = self.left + 1
+        self.delay = limits.get("BACKOFF")
+
+    def failed(self, exc: BaseException) -> None:
+        """Return to try again, or raise: the error itself when it is not transient, else a
+        `SpecError` saying the attempts are exhausted."""
+        if not transient(exc):
+            raise exc
+        if self.left <= 0:
+            raise SpecError(f"cannot be read: {describe(exc)} (gave up after {self.total} attempt(s); {RETRY_HELP})",
+                            self.name) from exc
+        self.left -= 1
+        time.sleep(self.delay)
+        self.delay *= 2
+
+
+def with_retries(fn: Callable[[], T], name: str, attempts: Attempts | None = None) -> T:
+    """`fn()`, retried on transient errors with backoff."""
+    attempts = attempts or Attempts(name)
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - `failed` re-raises what is not transient
+            attempts.failed(exc)
