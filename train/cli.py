@@ -114,6 +114,7 @@ def evaluate_command(
     workers: int = typer.Option(2, help="DataLoader worker processes."),
     cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here, re-verified by sha256 on every use."),
     storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", help=STORAGE_OPTION_HELP),
+    lesion_wise: bool = typer.Option(False, "--lesion-wise", help="With --src: also the official BraTS lesion-wise Dice and HD95 per region (WT, TC, ET)."),
 ) -> None:
     """Slice-level and patient-level (3D) Dice, precision, recall and HD95 of a checkpoint.
 
@@ -126,7 +127,7 @@ def evaluate_command(
 
     evaluate.main(checkpoint=checkpoint, shards=shards, split=split, src=src, json_path=json_path, csv_path=csv_path,
                   device=device, batch_size=batch_size, workers=workers, cache_dir=cache_dir,
-                  storage_options=_storage_options(storage_option))
+                  storage_options=_storage_options(storage_option), lesion_wise=lesion_wise)
 
 
 @app.command("predict", no_args_is_help=True)

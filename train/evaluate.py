@@ -23,7 +23,11 @@ Three levels, top to bottom, from the fastest to the headline:
    segmentation with `train.metrics.patient_scores` (Dice, precision, recall, HD95 in mm as
    MONAI computes it; BraTS 2020: both empty -> Dice 1 / HD95 0, exactly one empty -> Dice 0 /
    HD95 373.13); the empty cases are counted per class/region and reported. Averaged over
-   patients.
+   patients. With `--lesion-wise`, also the official BraTS lesion-wise Dice and HD95 per region
+   (WT, TC, ET) of each patient (`train.metrics.lesionwise`, where the definition and its source
+   are written down: connected components, one-to-one matching, FP/FN lesions counted) with the
+   lesion counts and the penalised average, next to the 2020 numbers; averaged over patients
+   with NaN (no lesion in prediction or truth) left out, as the BraTS evaluation does.
 
 The terminal gets rich tables; `--json FILE` gets everything, each block naming its average
 (`"average": ...`), with NaN written as null; the per-patient scores go to a CSV (`--csv FILE`,
@@ -52,6 +56,7 @@ from shards_spec.progress import Progress
 from . import inference
 from .metrics import (BRATS, BRATS_MAX_HD95, COUNT_METRICS, PATIENT_KEYS, UNDEFINED, label_masks, patient_counts,
                       scores_of, summarize_patients)
+from .metrics.lesionwise import LESION_MAX_HD95, LESION_METRICS, lesionwise_scores, summarize_lesionwise
 
 
 def count_metric_names() -> tuple[str, ...]:
@@ -83,7 +88,8 @@ class EvaluateError(ToolError):
 
 def main(checkpoint: Path, shards: str, split: str = "val", src: Path | None = None, json_path: Path | None = None,
          device: str = "auto", batch_size: int = 32, workers: int = 2, cache_dir: str | None = None,
-         csv_path: Path | None = None, console: Any = None, storage_options: dict | None = None) -> dict:
+         csv_path: Path | None = None, console: Any = None, storage_options: dict | None = None,
+         lesion_wise: bool = False) -> dict:
     """Evaluate `checkpoint` on `split` of `shards` (and on `src`); print, write and return the results."""
     from rich.console import Console
 
@@ -94,6 +100,8 @@ def main(checkpoint: Path, shards: str, split: str = "val", src: Path | None = N
         raise EvaluateError(f"--batch-size: must be >= 1, got {batch_size}")
     if workers < 0:
         raise EvaluateError(f"--workers: must be >= 0, got {workers}")
+    if lesion_wise and src is None:
+        raise EvaluateError("--lesion-wise: needs --src (lesion-wise scores are taken on the native grid)")
     loaded = inference.load_model(checkpoint, device)
     store = ShardStore(shards, cache_dir=cache_dir, storage_options=storage_options)
     manifest = store.manifest
@@ -118,7 +126,7 @@ def main(checkpoint: Path, shards: str, split: str = "val", src: Path | None = N
     results["shard_grid"] = shard_grid(loaded, store, split, batch_size, console)
     results["native_grid"] = None
     if src is not None:
-        results["native_grid"] = native_grid(loaded, manifest, split, Path(src), batch_size, console)
+        results["native_grid"] = native_grid(loaded, manifest, split, Path(src), batch_size, console, lesion_wise)
 
     print_tables(results, console)
     if csv_path is None and json_path is not None:
@@ -251,7 +259,7 @@ def shard_grid(loaded: inference.LoadedModel, store: Any, split: str, batch_size
 
 
 def native_grid(loaded: inference.LoadedModel, manifest: Any, split: str, src: Path, batch_size: int,
-                console: Any) -> dict:
+                console: Any, lesion_wise: bool = False) -> dict:
     """Patient-level scores on the native grid from the source volumes (level 3, the headline)."""
     from etl.sources import load_patient, scan_source
 
@@ -297,6 +305,8 @@ def native_grid(loaded: inference.LoadedModel, manifest: Any, split: str, src: P
                     empty[key]["pred_empty_truth_not"] += 1
             per_patient.append({"patient": pid, "shape": list(volume.shape),
                                 "spacing": [float(s) for s in volume.spacing], "scores": scores, "voxels": voxels})
+            if lesion_wise:
+                per_patient[-1]["lesion_wise"] = lesionwise_scores(prediction.labels, volume.labels, volume.spacing)
             del volume, prediction
             advance()
     for line in warnings:
@@ -310,6 +320,7 @@ def native_grid(loaded: inference.LoadedModel, manifest: Any, split: str, src: P
         "warnings": warnings,
         "empty_cases": empty,
         "summary": summarize_patients(per_patient, native_metric_names()),
+        "lesion_wise": summarize_lesionwise([p["lesion_wise"] for p in per_patient]) if lesion_wise else None,
         "per_patient": per_patient,
     }
 
@@ -344,7 +355,12 @@ def print_tables(results: dict, console: Any) -> None:
     native = results.get("native_grid")
     if native:
         console.print(_patient_table(native, native_metric_names(), f"patient level, native grid (--src, headline): "
-                                                             f"mean ± std (median) over {native['patients']} patients"))
+                                                             f"mean ± std (median) over {native['patients']} patients",
+                                     native.get("lesion_wise")))
+        if native.get("lesion_wise"):
+            console.print("lesion-wise (BraTS 2023+, brats-evaluation's glioma rule): mean Dice / HD95 over matched "
+                          f"lesions, {LESION_MAX_HD95:g} mm when none matched; lesions matched/FP/FN summed over "
+                          "patients; patients with no lesion in either left out", highlight=False)
         cases = [f"{k} {c['both_empty']}/{c['truth_empty_pred_not']}/{c['pred_empty_truth_not']}"
                  for k, c in native["empty_cases"].items()
                  if c["both_empty"] or c["truth_empty_pred_not"] or c["pred_empty_truth_not"]]
@@ -354,7 +370,7 @@ def print_tables(results: dict, console: Any) -> None:
                           + "; ".join(cases), highlight=False)
 
 
-def _patient_table(block: dict, metrics: Iterable[str], title: str) -> Any:
+def _patient_table(block: dict, metrics: Iterable[str], title: str, lesion_wise: dict | None = None) -> Any:
     from rich.table import Table
 
     metrics = list(metrics)
@@ -362,13 +378,27 @@ def _patient_table(block: dict, metrics: Iterable[str], title: str) -> Any:
     table.add_column("class / region")
     for m in metrics:
         table.add_column(m + (" (mm)" if m == "hd95" else ""), justify="right")
+    if lesion_wise:
+        for name in ("lesion dice", "lesion hd95 (mm)", "lesions TP/FP/FN"):
+            table.add_column(name, justify="right")
     for key in PATIENT_KEYS:
         row = []
         for m in metrics:
             s = block["summary"][key][m]
             row.append(f"{_fmt(s['mean'])} ± {_fmt(s['std'])} ({_fmt(s['median'])})")
+        if lesion_wise:
+            row += _lesion_cells(lesion_wise, key)
         table.add_row(key, *row)
     return table
+
+
+def _lesion_cells(lesion_wise: dict, key: str) -> list[str]:
+    """Lesion-wise Dice, HD95 and lesion counts of a region (blank for the classes)."""
+    if key not in lesion_wise["summary"]:
+        return ["", "", ""]
+    s, n = lesion_wise["summary"][key], lesion_wise["lesions"][key]
+    cells = [f"{_fmt(s[m]['mean'])} ± {_fmt(s[m]['std'])} ({_fmt(s[m]['median'])})" for m in ("dice", "hd95")]
+    return cells + [f"{n['tp']}/{n['fp']}/{n['fn']}"]
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -384,6 +414,9 @@ def patients_csv(results: dict) -> str:
     for m in native_metric_names():
         columns += [f"{m}_{k}" for k in keys]
     columns += [f"truth_voxels_{k}" for k in keys] + [f"pred_voxels_{k}" for k in keys]
+    native = results.get("native_grid") or {}
+    lesion_columns = [(m, r) for m in LESION_METRICS for r in (native.get("lesion_wise") or {}).get("summary", {})]
+    columns += [f"lesion_{m}_{r}" for m, r in lesion_columns]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
@@ -395,6 +428,8 @@ def patients_csv(results: dict) -> str:
             for m in native_metric_names():
                 row += [_cell(p["scores"][k].get(m)) for k in keys]
             row += [p["voxels"][k]["truth"] for k in keys] + [p["voxels"][k]["pred"] for k in keys]
+            lesions = p.get("lesion_wise")
+            row += [_cell(float(lesions[r][m])) if lesions else "" for m, r in lesion_columns]
             writer.writerow(row)
     return buffer.getvalue()
 

@@ -11,6 +11,7 @@ anisotropic spacing.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import csv
 import io
 import json
@@ -202,3 +203,70 @@ def test_random_label_maps_agree_with_panoptica(evaluator):
             compared["fp"] += ours[region]["fp"]
             compared["fn"] += ours[region]["fn"]
     assert min(compared.values()) >= 10, compared  # the cases exercised matches, FPs and FNs
+
+
+# ---------------------------------------------------------------- train evaluate --lesion-wise, end to end
+
+
+def test_evaluate_lesion_wise_end_to_end(tmp_path, capsys):
+    """On a tiny synthetic dataset: the per-patient lesion-wise numbers of `train evaluate` equal the
+    official pipeline's on what `train predict` writes for the same patient; JSON, CSV and table agree."""
+    from rich.console import Console
+
+    from etl.sources import load_patient, scan_source
+    from train import evaluate, predict
+
+    from .test_predict import make_shards, make_source, manifest_of, read_labels, run_cli, unet_checkpoint
+
+    src = make_source(tmp_path / "src", "brats2020", patients=3)
+    shards = make_shards(src, tmp_path / "shards", size=32)
+    checkpoint = unet_checkpoint(tmp_path / "best.pt", manifest_of(shards), seed=3)
+    console = Console(file=io.StringIO(), width=250)
+    results = evaluate.main(checkpoint=checkpoint, shards=str(shards), split="val", src=src, device="cpu",
+                            batch_size=8, workers=0, json_path=tmp_path / "eval.json", console=console,
+                            lesion_wise=True)
+    native = results["native_grid"]
+    assert native["patients"] >= 1 and native["lesion_wise"] is not None
+    refs = {ref.id: ref for ref in scan_source(src).patients}
+    for entry in native["per_patient"]:
+        ref = refs[entry["patient"]]
+        out = tmp_path / "pred" / f"{ref.id}.nii.gz"
+        predict.main(checkpoint=checkpoint, inputs=[Path(ref.meta["folder"])], out=out, device="cpu")
+        truth = load_patient(ref).labels
+        independent = lesionwise_scores(read_labels(out, "brats2020"), truth, tuple(entry["spacing"]))
+        assert entry["lesion_wise"] == independent
+        assert sum(independent[r]["tp"] + independent[r]["fp"] + independent[r]["fn"] for r in REGIONS) > 0
+        if importlib.util.find_spec("panoptica") and importlib.util.find_spec("brats_evaluation"):
+            from brats_evaluation import config_path
+            from panoptica import Panoptica_Evaluator
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                evaluator = Panoptica_Evaluator.load_from_config(str(config_path("gli")))
+            seg, _ = official(evaluator, read_labels(out, "brats2020"), truth, tuple(entry["spacing"]), tmp_path)
+            for region, key in REGIONS.items():
+                assert agree(entry["lesion_wise"][region]["dice"], as_number(seg[f"lesionwise_dsc_mean_{key}"]))
+                assert agree(entry["lesion_wise"][region]["hd95"], as_number(seg[f"lesionwise_hd95_mean_{key}"]))
+    # the summary is the mean over patients with NaN left out; lesions are summed
+    block = native["lesion_wise"]
+    for region in REGIONS:
+        values = [p["lesion_wise"][region]["dice"] for p in native["per_patient"]]
+        expected = float(np.nanmean(values)) if not all(math.isnan(v) for v in values) else math.nan
+        assert agree(block["summary"][region]["dice"]["mean"], expected)
+        assert block["lesions"][region]["fp"] == sum(p["lesion_wise"][region]["fp"] for p in native["per_patient"])
+    # JSON and CSV carry them, the table shows them beside the 2020 numbers
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["native_grid"]["lesion_wise"]["lesions"] == block["lesions"]
+    with open(tmp_path / "eval_patients.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["grid"] == "native"]
+    assert len(rows) == native["patients"]
+    for row, entry in zip(rows, native["per_patient"]):
+        for region in REGIONS:
+            assert agree(float(row[f"lesion_dice_{region}"]), entry["lesion_wise"][region]["dice"])
+            assert int(float(row[f"lesion_fp_{region}"])) == entry["lesion_wise"][region]["fp"]
+    table = console.file.getvalue()
+    assert "lesion dice" in table and "lesion hd95 (mm)" in table
+    # --lesion-wise without --src: one line, exit 2
+    capsys.readouterr()
+    code, _, err = run_cli(["evaluate", "--checkpoint", checkpoint, "--shards", shards, "--lesion-wise",
+                            "--device", "cpu"], capsys)
+    assert code == 2 and "--lesion-wise" in err and "--src" in err and len(err.strip().splitlines()) == 1

@@ -57,7 +57,15 @@ LESION_MAX_HD95 = 373.0
 """HD95 (mm) the BraTS evaluation package puts where panoptica gives inf (no lesion matched)."""
 MATCH_THRESHOLD = 1e-6
 """Smallest Dice of a lesion pair that may be matched (the gli config's `matching_threshold`)."""
-KEYS = ("dice", "hd95", "tp", "fp", "fn", "f1", "dice_penalised", "hd95_penalised")
+LESION_METRICS = ("dice", "hd95", "tp", "fp", "fn", "f1", "dice_penalised", "hd95_penalised")
+"""Keys of each region's scores; tp, fp, fn count lesions."""
+AVERAGED = ("dice", "hd95", "f1", "dice_penalised", "hd95_penalised")
+AVERAGE = ("lesion-wise, per patient and region (WT, TC, ET) as the official BraTS evaluation (brats-evaluation "
+           "0.0.10, panoptica 2.1.7, glioma config) computes them: lesions = 26-connected components, one-to-one "
+           "matching by maximum total Dice, dice/hd95 = mean over matched lesions (0 / 373 mm when none matched, "
+           "NaN when neither side has a lesion), HD95 of a pair = 95th percentile of the pooled surface distances; "
+           "*_penalised count every FP and FN lesion as Dice 0 / HD95 373 mm (the BraTS 2023 average); then "
+           "mean/median/sample std over patients, NaN left out; tp/fp/fn = lesions summed over patients")
 
 
 def lesionwise_scores(pred_labels: np.ndarray, true_labels: np.ndarray,
@@ -142,4 +150,17 @@ def pair_hd95(truth: np.ndarray, pred: np.ndarray, spacing: Sequence[float]) -> 
     return float(np.percentile(pooled, 95))
 
 
-__all__ = ["KEYS", "LESION_MAX_HD95", "MATCH_THRESHOLD", "lesionwise_scores", "region_scores"]
+def summarize_lesionwise(per_patient: list[dict[str, dict[str, float]]]) -> dict:
+    """Patients' `lesionwise_scores` averaged (mean, median, std, ignoring NaN) and lesions summed."""
+    from .patient import summarize
+
+    regions = list(per_patient[0]) if per_patient else list(REGION_NAMES)
+    return {
+        "average": AVERAGE,
+        "summary": {r: {m: summarize(p[r][m] for p in per_patient) for m in AVERAGED} for r in regions},
+        "lesions": {r: {c: int(sum(p[r][c] for p in per_patient)) for c in ("tp", "fp", "fn")} for r in regions},
+    }
+
+
+__all__ = ["AVERAGE", "LESION_MAX_HD95", "LESION_METRICS", "MATCH_THRESHOLD", "lesionwise_scores", "region_scores",
+           "summarize_lesionwise"]
