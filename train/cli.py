@@ -87,15 +87,9 @@ def run_command(
     on_bad_shard: Optional[str] = typer.Option(None, help="fail: stop at the first bad shard (default); skip: leave bad shards out, count them and print the count after each epoch."),
 ) -> None:
     from . import fit
+    from .config import FIELDS
 
-    overrides = {
-        "shards": shards, "variant": variant, "out": out, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-        "workers": workers, "seed": seed, "device": device, "val_split": val_split, "target": target,
-        "oversample_tumour": oversample_tumour, "base": base, "depth": depth, "shuffle_buffer": shuffle_buffer,
-        "time_budget": time_budget, "cache_dir": cache_dir, "amp": amp, "amp_dtype": amp_dtype, "model": model,
-        "channels": channels, "loss": loss, "augment": augment, "weight_decay": weight_decay, "report": report,
-        "on_bad_shard": on_bad_shard,
-    }
+    overrides = {name: value for name, value in locals().items() if name in FIELDS}
     result = fit.run(overrides, resume=resume, force=force, storage_options=_storage_options(storage_option))
     if result.exit_code:
         raise typer.Exit(result.exit_code)
@@ -191,6 +185,18 @@ def export_command(
     from . import export
 
     export.main(checkpoint=checkpoint, out=out, formats=list(format or export.FORMATS), name=name, opset=opset)
+
+
+def overrides_from_argv(argv: list[str]) -> dict:
+    """The `Config` overrides that `train run ARGV` would train with (for tools that start runs
+    in-process: the quality harness)."""
+    import typer.main
+
+    from .config import FIELDS
+
+    command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    context = command.make_context("run", list(argv))
+    return {name: value for name, value in context.params.items() if name in FIELDS}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,7 +63,7 @@ def test_config_error_names_the_option(tmp_path, capsys):
 def test_missing_shards_is_one_line(tmp_path, capsys):
     code, _, err = invoke(["run", "--shards", str(tmp_path / "none"), "--variant", "v1", "--out", str(tmp_path / "r")],
                           capsys)
-    assert code == 2 and "manifest.json" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and f"{tmp_path / 'none'}: does not exist" in err and len(err.strip().splitlines()) == 1
 
 
 def test_run_passes_options_and_exit_code(monkeypatch, capsys):

@@ -1,0 +1,403 @@
+"""Quality harness: our recipes against a plain MONAI U-Net, on the same shards, for the same
+budget, scored by the same code.
+
+    python bench/quality.py --write                              # 16 full-size patients, 128², 10 min each: v1, v2, MONAI
+    python bench/quality.py --contender "v2-b8=--variant v2 --base 8" --contender monai --budget 300
+    python bench/quality.py --mode converge --patience 3 --cap 3600 --write
+    python bench/quality.py --patients 4 --shape 64,64,32 --size 32 --budget 20 --work /tmp/q   # a quick try
+
+What it does, in one run:
+
+1. Data, once: `etl synth` (brats2020 layout, `--patients`, `--shape`, seed 0) and `etl build-shards
+   --size` (default split train 0.8 / val 0.2, seed 0). Kept in `--work` and reused when the same
+   options ask for it again.
+2. Each contender trains on the same cores and threads, one after the other, for the same
+   wall-clock `--budget` (mode `budget`), or (mode `converge`) until its validation score has not
+   improved for `--patience` validations, capped at `--cap` seconds. Ours is `train run` exactly
+   as a user types it, plus `--time-budget`, `--device cpu` and `--no-report` (and in `converge`
+   mode `--early-stop`); a contender is a name and the options it adds (`--contender
+   "NAME=--variant v2 --base 8"`; bare `v1` and `v2` are the presets with their defaults). The peer
+   (`monai`) is bench/monai_peer.py: MONAI's U-Net and DiceLoss, Adam, batch 16, in a plain loop
+   fed by our `ShardDataset`.
+3. Every contender's best checkpoint (best validation mean Dice) is scored by `train evaluate
+   --src` on the validation patients: Dice and HD95 per class (NEC/NET, ED, ET) and per BraTS
+   region (WT, TC, ET) on the native grid, each the mean over patients; also the per-class Dice on
+   the 128² shard grid (the issue's first table).
+4. The loader check (`--starvation-steps`, for the first of our contenders): training steps per
+   second fed from the shards through the recipe's DataLoader, against the same steps on batches
+   already in memory, in one process.
+5. A table, the curves (validation mean Dice against training seconds) and the machine go to the
+   terminal and, with `--write`, to bench/BENCHMARKS.md (section `quality` or `quality-<label>`)
+   and bench/quality-<label>.png.
+
+Nothing here asserts a score; it measures. Another job sharing the cores slows every contender
+that runs while it does: the load average after each contender is recorded beside its row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+# `python bench/quality.py` puts bench/ first on sys.path, where bench/etl.py would shadow the etl package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+sys.path.insert(0, str(BENCH.parent))
+
+from bench import _common as common  # noqa: E402
+
+PRESETS = {"v1": ["--variant", "v1"], "v2": ["--variant", "v2"]}
+PEER = "monai"
+CLASSES = ("NEC/NET", "ED", "ET")
+REGIONS = ("WT", "TC", "ET")
+
+
+@dataclass
+class Contender:
+    name: str
+    options: list[str] | None  # None: the MONAI peer
+    run_dir: Path = Path()
+    wall: float = 0.0
+    cpu: float = 0.0
+    load_after: str = ""
+    steps: int | None = None
+    epochs: int = 0
+    params: int = 0
+    gflop: float = 0.0
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    scores: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- 1. data
+
+
+def prepare(work: Path, patients: int, shape: str, size: int, seed: int) -> tuple[Path, Path]:
+    """Synthesise the source and build the shards once; reuse them when the options match."""
+    key = f"p{patients}-s{shape.replace(',', 'x')}-z{size}-seed{seed}"
+    source, shards = work / key / "source", work / key / "shards"
+    if not (shards / "manifest.json").exists():
+        shutil.rmtree(work / key, ignore_errors=True)
+        common.run_tool([*common.cli("etl"), "synth", "--out", str(source), "--patients", str(patients),
+                         "--shape", shape, "--seed", str(seed)], "etl synth")
+        common.run_tool([*common.cli("etl"), "build-shards", "--src", str(source), "--out", str(shards),
+                         "--size", str(size), "--seed", str(seed)], "etl build-shards")
+    return source, shards
+
+
+# ---------------------------------------------------------------- 2. training
+
+
+def parse_contender(text: str) -> Contender:
+    if text == PEER:
+        return Contender(PEER, None)
+    if text in PRESETS:
+        return Contender(text, list(PRESETS[text]))
+    name, sep, options = text.partition("=")
+    if not sep or not name:
+        sys.exit(f"--contender: expected NAME=OPTIONS, {PEER}, or one of {sorted(PRESETS)}; got {text!r}")
+    return Contender(name, shlex.split(options))
+
+
+def train_contender(c: Contender, shards: Path, work: Path, args: argparse.Namespace) -> None:
+    """Train one contender in a subprocess; record wall and CPU seconds (the whole process tree)."""
+    c.run_dir = work / "runs" / f"{args.label}-{c.name}"
+    shutil.rmtree(c.run_dir, ignore_errors=True)
+    budget = args.budget if args.mode == "budget" else args.cap
+    if c.options is None:
+        argv = [sys.executable, str(BENCH / "monai_peer.py"), "--shards", str(shards), "--out", str(c.run_dir),
+                "--budget", str(budget), "--workers", str(args.peer_workers)]
+        if args.mode == "converge":
+            argv += ["--patience", str(args.patience)]
+    else:
+        argv = [*common.cli("train"), "run", "--shards", str(shards), "--out", str(c.run_dir), *c.options,
+                "--time-budget", f"{budget}s", "--device", "cpu", "--no-report"]
+        if "--epochs" not in c.options:
+            argv += ["--epochs", str(args.cap_epochs)]
+        if args.mode == "converge":
+            argv += ["--early-stop", str(args.patience)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=common.REPO)
+    c.wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    c.cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    c.load_after = common.load()
+    (c.run_dir / "train.log").parent.mkdir(parents=True, exist_ok=True)
+    (c.run_dir / "train.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        sys.exit(f"{c.name} failed (exit {done.returncode}): {' '.join(argv)}\n{done.stderr[-3000:]}")
+    read_curve(c)
+
+
+def read_curve(c: Contender) -> None:
+    """(training seconds so far, validation mean Dice) per validation; steps and epochs done."""
+    import csv
+
+    with open(c.run_dir / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    c.epochs = len(rows)
+    if c.options is None:  # the peer logs elapsed seconds and steps
+        c.curve = [(float(r["seconds"]), float(r["mean_dice"])) for r in rows]
+        c.steps = int(rows[-1]["steps"]) if rows else 0
+        return
+    elapsed = 0.0
+    for r in rows:
+        elapsed += float(r["seconds"])
+        c.curve.append((elapsed, float(r["mean_dice"])))
+    last = c.run_dir / "checkpoints" / "last.pt"
+    if last.exists():
+        import torch
+
+        c.steps = torch.load(last, map_location="cpu", weights_only=True).get("steps")
+
+
+# ---------------------------------------------------------------- 3. scoring
+
+
+def model_cost(c: Contender, size: int) -> None:
+    """Parameters and forward + backward GFLOP of one slice (torch's FLOP counter)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from train import checkpoint as ckpt
+    from train.models import build_model, count_parameters
+
+    payload = ckpt.load(c.run_dir / "checkpoints" / "best.pt")
+    spec = payload["model"]
+    model = build_model(spec["name"], spec["in_channels"], spec.get("out_channels", 3), **(spec.get("kwargs") or {}))
+    c.params = count_parameters(model)
+    x = torch.randn(1, spec["in_channels"], size, size)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x).sum().backward()
+    c.gflop = counter.get_total_flops() / 1e9
+
+
+def score(c: Contender, shards: Path, source: Path, work: Path) -> None:
+    """`train evaluate --src` on the validation split, in this process (the peer's model is registered)."""
+    from rich.console import Console
+
+    from train import evaluate
+
+    results = evaluate.main(checkpoint=c.run_dir / "checkpoints" / "best.pt", shards=str(shards), split="val",
+                            src=source, json_path=work / "eval" / f"{c.run_dir.name}.json", device="cpu",
+                            batch_size=32, workers=0, console=Console(quiet=True))
+    native, grid = results["native_grid"]["summary"], results["shard_grid"]["summary"]
+    c.scores = {
+        "native_dice": {k: native[k]["dice"]["mean"] for k in (*CLASSES, "WT", "TC")},
+        "native_hd95": {k: native[k]["hd95"]["mean"] for k in (*CLASSES, "WT", "TC")},
+        "grid_dice": {k: grid[k]["dice"]["mean"] for k in CLASSES},
+        "patients": results["native_grid"]["patients"],
+    }
+
+
+# ---------------------------------------------------------------- 4. the loader check
+
+
+def starvation_child(shards: str, options: list[str], steps: int) -> dict:
+    """Steps/s of the recipe fed by its DataLoader vs the same steps on batches held in memory."""
+    from rich.console import Console
+
+    from train import fit
+    from train.cli import overrides_from_argv
+    from train.trainer import Hooks, Setup, Trainer
+
+    overrides = overrides_from_argv(["--shards", shards, "--out", "/tmp/unused-starvation-run", *options,
+                                     "--device", "cpu"])
+    config, preset, _ = fit.resolve_run(overrides, False, False)
+    dist, device = fit.start_processes(config)
+    manifest, train_ds, val_ds, splits = fit.open_data(config, None, True, False, dist, None)
+    setup = Setup(config=config, preset=preset, overrides=overrides, manifest=manifest, train_ds=train_ds, val_ds=val_ds,
+                  train_splits=splits, dist=dist, device=device, console=Console(quiet=True), hooks=Hooks())
+    trainer = Trainer(setup)
+    trainer.augmenter = trainer.build_augmenter(0)
+    trainer.net.train()
+    warm = 3
+
+    def timed(batches) -> float:
+        count, started = 0, 0.0
+        for i, (image, mask) in enumerate(batches):
+            if i == warm:
+                started = time.perf_counter()
+            trainer.train_step(image, mask)
+            count += 1
+            if count == warm + steps:
+                break
+        return (count - warm) / (time.perf_counter() - started)
+
+    def stream():
+        epoch = 0
+        while True:
+            train_ds.set_epoch(epoch)
+            yield from trainer.train_loader
+            epoch += 1
+
+    fed = timed(stream())
+    held = []
+    for batch in stream():
+        held.append(batch)
+        if len(held) == warm + steps:
+            break
+    in_memory = timed(iter(held))
+    trainer.close(None)  # type: ignore[arg-type]
+    return {"fed": fed, "in_memory": in_memory, "ratio": fed / in_memory, "steps": steps,
+            "workers": config.workers, "batch_size": config.batch_size}
+
+
+def starvation(shards: Path, options: list[str], steps: int) -> dict:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--starvation-child", str(shards), "--steps", str(steps),
+            "--", *options]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=common.REPO)
+    if done.returncode != 0:
+        sys.exit(f"loader check failed: {done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- 5. output
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def render(contenders: list[Contender], check: dict | None, args: argparse.Namespace, info: dict,
+           png: Path | None) -> str:
+    mode = (f"equal budget: {args.budget:.0f} s of training each" if args.mode == "budget" else
+            f"to convergence: until {args.patience} validations without gain, capped at {args.cap:.0f} s")
+    command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    lines = [f"## Quality: ours against a plain MONAI U-Net ({args.label}; {mode})", "",
+             f"Command: `{command}` ({time.strftime('%Y-%m-%d')}).", *common.machine_lines(info),
+             f"- data: {args.patients} synthetic BraTS 2020 patients (`etl synth`, shape {args.shape}, seed "
+             f"{args.seed}), shards at {args.size}², split train 0.8 / val 0.2 (seed {args.seed}); scored on the "
+             f"{contenders[0].scores.get('patients', '?')} validation patients",
+             "- every number is `train evaluate --src` of the contender's best checkpoint (best validation mean "
+             "Dice): per patient, then the mean over patients; native grid unless said", ""]
+    header = ["contender", "options", "params", "GFLOP/slice", "steps", "epochs", "train s", "CPU s",
+              "NEC/NET", "ED", "ET", "mean class", "WT", "TC", "ET", "mean region", "HD95 WT/TC/ET (mm)",
+              "shard grid NEC/ED/ET", "load after"]
+    rows = []
+    for c in contenders:
+        d, h, g = c.scores["native_dice"], c.scores["native_hd95"], c.scores["grid_dice"]
+        classes = [d[k] for k in CLASSES]
+        regions = [d["WT"], d["TC"], d["ET"]]
+        rows.append([c.name, " ".join(c.options) if c.options is not None else "MONAI UNet, DiceLoss, Adam, b16",
+                     f"{c.params:,}", f"{c.gflop:.2f}", "–" if c.steps is None else str(c.steps), str(c.epochs),
+                     f"{c.wall:.0f}", f"{c.cpu:.0f}", *(fmt(v) for v in classes), fmt(sum(classes) / 3),
+                     *(fmt(v) for v in regions), fmt(sum(regions) / 3),
+                     "/".join(fmt(h[k], 1) for k in ("WT", "TC", "ET")), "/".join(fmt(g[k], 2) for k in CLASSES),
+                     c.load_after])
+    lines.append(common.table(header, rows))
+    peer = next((c for c in contenders if c.options is None), None)
+    if peer is not None:
+        lines.append("")
+        for c in contenders:
+            if c is peer:
+                continue
+            gaps = [c.scores["native_dice"][k] - peer.scores["native_dice"][k] for k in CLASSES]
+            mean_gap = sum(gaps) / 3
+            lines.append(f"- {c.name} − peer: mean class Dice {mean_gap:+.3f} (NEC/NET {gaps[0]:+.3f}, ED "
+                         f"{gaps[1]:+.3f}, ET {gaps[2]:+.3f}); mean region Dice "
+                         f"{sum(c.scores['native_dice'][k] - peer.scores['native_dice'][k] for k in ('WT', 'TC', 'ET')) / 3:+.3f}")
+    if check is not None:
+        lines += ["", f"Loader check ({contenders[0].name}'s recipe, batch {check['batch_size']}, {check['workers']} "
+                      f"loader worker(s), {check['steps']} steps): {check['fed']:.2f} steps/s fed from the shards, "
+                      f"{check['in_memory']:.2f} steps/s on batches held in memory: **{100 * check['ratio']:.0f} %**."]
+    lines += ["", "Validation mean Dice (dataset level, as `train run` logs it) against training seconds:", ""]
+    for c in contenders:
+        points = ", ".join(f"{s:.0f} s: {v:.2f}" for s, v in c.curve[:: max(1, len(c.curve) // 12)])
+        lines.append(f"- {c.name}: {points}")
+    if png is not None:
+        lines += ["", f"![curves]({png.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(contenders: list[Contender], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for c in contenders:
+        if c.curve:
+            ax.plot([s for s, _ in c.curve], [v for _, v in c.curve], marker="o", markersize=3, label=c.name)
+    ax.set(xlabel="training seconds", ylabel="validation mean Dice", ylim=(0, 1), title="Quality against time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/quality-bench"))
+    parser.add_argument("--patients", type=int, default=16)
+    parser.add_argument("--shape", default="240,240,155")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--contender", action="append", default=None,
+                        help=f"NAME=OPTIONS, {PEER}, v1 or v2 (repeatable; default: v1, v2, {PEER})")
+    parser.add_argument("--mode", choices=("budget", "converge"), default="budget")
+    parser.add_argument("--budget", type=float, default=600.0, help="seconds of training per contender (mode budget)")
+    parser.add_argument("--patience", type=int, default=3, help="validations without gain (mode converge)")
+    parser.add_argument("--cap", type=float, default=3600.0, help="seconds per contender at most (mode converge)")
+    parser.add_argument("--cap-epochs", type=int, default=1000, help="--epochs for ours unless its options say")
+    parser.add_argument("--peer-workers", type=int, default=1)
+    parser.add_argument("--starvation-steps", type=int, default=40, help="0 skips the loader check")
+    parser.add_argument("--label", default=None, help="names the BENCHMARKS.md section (default: the mode)")
+    parser.add_argument("--write", action="store_true", help="update bench/BENCHMARKS.md and the curves PNG")
+    parser.add_argument("--markdown", type=Path, default=common.BENCHMARKS_MD)
+    parser.add_argument("--starvation-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=40, help=argparse.SUPPRESS)
+    parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.starvation_child:
+        print(json.dumps(starvation_child(args.starvation_child, args.rest, args.steps)))
+        return
+    args.label = args.label or args.mode
+    contenders = [parse_contender(t) for t in (args.contender or ["v1", "v2", PEER])]
+    info = common.machine()
+    args.work.mkdir(parents=True, exist_ok=True)
+    source, shards = prepare(args.work, args.patients, args.shape, args.size, args.seed)
+    for c in contenders:
+        print(f"training {c.name} ...", file=sys.stderr, flush=True)
+        train_contender(c, shards, args.work, args)
+    check = None
+    ours = [c for c in contenders if c.options is not None]
+    if args.starvation_steps and ours:
+        check = starvation(shards, ours[0].options, args.starvation_steps)
+    from bench.monai_peer import register
+
+    register()  # `train evaluate` builds the peer's model by its registered name
+
+    for c in contenders:
+        model_cost(c, args.size)
+        score(c, shards, source, args.work)
+    info["load_at_end"] = common.load()
+    info["shared"] = True
+    png = args.markdown.parent / f"quality-{args.label}.png" if args.write else None
+    if png is not None:
+        plot(contenders, png)
+    text = render(contenders, check, args, info, png)
+    print(text)
+    if args.write:
+        common.write_section(f"quality-{args.label}", text, args.markdown)
+    (args.work / f"quality-{args.label}.json").write_text(json.dumps(
+        [{"name": c.name, "options": c.options, "wall": c.wall, "cpu": c.cpu, "steps": c.steps, "epochs": c.epochs,
+          "params": c.params, "gflop": c.gflop, "curve": c.curve, "scores": c.scores} for c in contenders], indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()
