@@ -103,19 +103,18 @@ def synth(
         raise ToolError(f"--patients must be at least 1, got {patients}")
     dims = _shape(shape)
     started = time.time()
-    with _progress() as bar:
-        task = bar.add_task("synthesising", total=patients)
+    with _progress("synthesising", patients) as advance:
         written = synthesize(out, patients=patients, layout=layout, shape=dims, seed=seed,
-                             progress=lambda *_a, **_k: bar.advance(task))
+                             progress=lambda *_a, **_k: advance())
     typer.echo(f"wrote {len(written)} patient(s) in the {layout} layout, shape {dims}, to {out} "
                f"in {time.time() - started:.1f} s")
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _progress(title: str, total: int | None, console=None):
+    """The project's one progress bar (`shards_spec.progress`), on stderr, left on screen when done."""
+    from shards_spec.progress import Progress
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=_err_console(), transient=False)
+    return Progress(console or _err_console(), title, total, transient=False)
 
 
 @app.command("build-shards")
@@ -134,7 +133,7 @@ def build_shards(
     norm: str = typer.Option("slice", "--norm", help="z-score per slice | volume."),
     patients_per_shard: int = typer.Option(1, "--patients-per-shard", help="Patients (records) per shard."),
     layout: Optional[str] = typer.Option(None, "--layout", help="Source layout (default: detected)."),
-    kaggle_channel_order: str = typer.Option("flair,t1,t1ce,t2", "--kaggle-channel-order", help="Channel order of the Kaggle .h5 images."),
+    kaggle_channel_order: Optional[str] = typer.Option(None, "--kaggle-channel-order", help="Channel order of the Kaggle .h5 images (default: the Kaggle layout's, see README)."),
     keep_empty: bool = typer.Option(False, "--keep-empty", help="Keep slices without brain voxels."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Build the readable patients and list the others in the manifest."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a shard folder built with other options."),
@@ -157,7 +156,7 @@ def build_shards(
     options = BuildOptions(
         src=src, out=out, format=format, size=size, channels=_csv(modalities) or (), split=split, folds=folds,
         seed=seed, workers=workers, scheduler=scheduler, norm=norm, patients_per_shard=patients_per_shard,
-        layout=layout, kaggle_channel_order=_csv(kaggle_channel_order) or (), keep_empty=keep_empty,
+        layout=layout, source_options={"kaggle_channel_order": _csv(kaggle_channel_order)}, keep_empty=keep_empty,
         skip_bad=skip_bad, overwrite=overwrite, compression=compress, command=_command_line(ctx),
     )
     summary = run_build(options, _RichReporter())
@@ -165,12 +164,15 @@ def build_shards(
 
 
 class _RichReporter:
-    """Progress bar and log lines on stderr for `build_shards`."""
+    """Progress bar and log lines on stderr for `build_shards`.
+
+    The bar counts the shards this run builds (kept ones are said in a line), so its rate and
+    time left are those of the work still to do."""
 
     def __init__(self) -> None:
         self.console = _err_console()
         self.bar = None
-        self.task = None
+        self.step = None
 
     def log(self, message: str) -> None:
         self.console.print(message, markup=False, highlight=False, soft_wrap=True)
@@ -178,18 +180,17 @@ class _RichReporter:
     def start(self, total: int, kept: int) -> None:
         if kept:
             self.log(f"keeping {kept} complete shard(s) of {total}")
-        self.bar = _progress()
-        self.bar.start()
-        self.task = self.bar.add_task("shards", total=total, completed=kept)
+        self.bar = _progress("shards", total - kept, self.console)
+        self.step = self.bar.__enter__()
 
     def advance(self, result: dict) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task)
+        if self.step is not None:
+            self.step()
 
     def finish(self) -> None:  # called once on success and again on the way out: idempotent
         if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+            self.bar.__exit__(None, None, None)
+            self.bar = self.step = None
 
 
 def _print_build_summary(summary) -> None:
@@ -249,10 +250,9 @@ def verify(
 
     options = parse_storage_options(storage_option)
     refuse_unfinished(shards)
-    with _progress() as bar:
-        total = len(ShardStore(shards, storage_options=options).manifest.content["shards"])
-        task = bar.add_task("verifying", total=total)
-        report = run_verify(shards, progress=lambda _shard: bar.advance(task), storage_options=options)
+    total = len(ShardStore(shards, storage_options=options).manifest.content["shards"])
+    with _progress("verifying", total) as advance:
+        report = run_verify(shards, progress=lambda _shard: advance(), storage_options=options)
     if not report.ok:
         lines = report.problems
         head = f"{len(report.bad_shards)} bad shard(s): {', '.join(report.bad_shards)}" if report.bad_shards else \

@@ -18,23 +18,21 @@ A shard is complete when its final file(s) exist (writers rename into place, so 
 means a whole file) and the journal holds its task result with file checksums that still match.
 The journal (`.build-journal.jsonl`, one canonical JSON line per finished shard, appended and
 fsynced by the orchestrator) carries the per-patient metadata the manifest needs; it is removed
-once the manifest is written.
+once the manifest is written (`etl.resume`). Setting old content aside and putting it back is
+`etl.guard`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from shards_spec.codec import encode_json
 from shards_spec.errors import SpecError, ToolError
 from shards_spec.manifest import MANIFEST_NAME, PLAN_NAME, SPEC_VERSION
 
-from .writers.files import TMP_SUFFIX, sha256_file, write_atomic
+from .writers.files import write_atomic
 
 PLAN_VERSION = 1
 JOURNAL_NAME = ".build-journal.jsonl"
@@ -66,6 +64,21 @@ def make_plan(*, options: dict, fingerprint: str, shards: list[dict], skipped: l
         "shards": shards,
         "skipped": skipped,
     }
+
+
+def plan_shards(patients_of_split: dict[str, list[str]], fmt: str, compression: str,
+                patients_per_shard: int) -> list[dict]:
+    """Patients of each split (in split order, each sorted by id), `patients_per_shard` at a time,
+    as shards [{path, split, patients}] at the paths the format's writer gives."""
+    from .writers import writer
+
+    layout = writer(fmt)
+    shards = []
+    for split, patients in patients_of_split.items():
+        for index, start in enumerate(range(0, len(patients), patients_per_shard)):
+            shards.append({"path": layout.shard_path(split, index, compression), "split": split,
+                           "patients": patients[start:start + patients_per_shard]})
+    return shards
 
 
 def plan_bytes(plan: dict) -> bytes:
@@ -140,126 +153,5 @@ def inspect_out(out: Path, plan: dict) -> OutInfo:
     return OutInfo(OutState.COMPLETE if has_manifest else OutState.PARTIAL)
 
 
-# ---------------------------------------------------------------------------------------------
-# journal of finished shards
-
-
-def append_journal(out: Path, result: dict) -> None:
-    """Append one finished shard's result (canonical JSON line), fsynced."""
-    with open(out / JOURNAL_NAME, "ab") as handle:
-        handle.write(encode_json(result) + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def read_journal(out: Path) -> dict[str, dict]:
-    """Shard path -> last recorded result; a torn last line (a crash mid-write) is ignored."""
-    results: dict[str, dict] = {}
-    try:
-        lines = (out / JOURNAL_NAME).read_bytes().splitlines()
-    except FileNotFoundError:
-        return results
-    for line in lines:
-        try:
-            result = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(result, dict) and isinstance(result.get("path"), str):
-            results[result["path"]] = result
-    return results
-
-
-def files_intact(out: Path, files: list[dict]) -> bool:
-    """Every listed file exists with the recorded size and sha256."""
-    for entry in files:
-        path = out / entry["path"]
-        try:
-            if path.stat().st_size != entry["bytes"]:
-                return False
-        except FileNotFoundError:
-            return False
-        if sha256_file(path) != (entry["bytes"], entry["sha256"]):
-            return False
-    return True
-
-
 def write_plan(out: Path, plan: dict) -> None:
     write_atomic(out / PLAN_NAME, plan_bytes(plan))
-
-
-# ---------------------------------------------------------------------------------------------
-# roll-back
-
-
-def _tree(root: Path) -> set[str]:
-    if not root.exists():
-        return set()
-    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
-
-
-class OutputGuard:
-    """Remembers the out folder as it was, so a failed build can put it back exactly.
-
-    `snapshot()` records every path under `out`; `stash()` (for --overwrite) moves the old
-    content aside into `STASH_NAME`; `rollback()` deletes every path this run added and moves
-    stashed content back; `commit()` drops the stash. Files that existed before are never
-    rewritten by a build except with identical bytes (plan, zarr group metadata, a rebuilt shard)
-    or appended to (the journal, cut back to its old length), so this restores the folder.
-    """
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.existed = out.exists()
-        self.before = _tree(out)
-        journal = out / JOURNAL_NAME
-        self.journal_size = journal.stat().st_size if journal.exists() else None  # appended to by this run
-        self.stashed = False
-
-    def stash(self) -> None:
-        stash = self.out / STASH_NAME
-        shutil.rmtree(stash, ignore_errors=True)  # a crashed earlier --overwrite: its content was replaced already
-        stash.mkdir()
-        for entry in sorted(self.out.iterdir()):
-            if entry.name != STASH_NAME:
-                os.replace(entry, stash / entry.name)
-        self.stashed = True
-
-    def rollback(self) -> None:
-        out = self.out
-        if not self.existed:
-            shutil.rmtree(out, ignore_errors=True)
-            return
-        keep = set() if self.stashed else self.before
-        for path in sorted(_tree(out), key=lambda p: p.count("/"), reverse=True):
-            if path == STASH_NAME or path.startswith(STASH_NAME + "/") or path in keep:
-                continue
-            full = out / path
-            if full.is_dir() and not full.is_symlink():
-                shutil.rmtree(full, ignore_errors=True)
-            else:
-                full.unlink(missing_ok=True)
-        if self.journal_size is not None and not self.stashed:
-            with open(out / JOURNAL_NAME, "r+b") as handle:
-                handle.truncate(self.journal_size)
-        if self.stashed:
-            stash = out / STASH_NAME
-            for entry in sorted(stash.iterdir()):
-                os.replace(entry, out / entry.name)
-            stash.rmdir()
-            self.stashed = False
-
-    def commit(self) -> None:
-        shutil.rmtree(self.out / STASH_NAME, ignore_errors=True)
-        self.stashed = False
-
-
-def remove_partials(out: Path) -> None:
-    """Delete what a crashed run left behind: temporary files and folders (`*.partial`), a stop file."""
-    if not out.exists():
-        return
-    (out / STOP_NAME).unlink(missing_ok=True)
-    for path in sorted(out.rglob("*" + TMP_SUFFIX), key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)

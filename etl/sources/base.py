@@ -17,9 +17,6 @@ import numpy as np
 
 from shards_spec.errors import SourceError
 
-LAYOUTS: tuple[str, ...] = ("brats2020", "brats2021", "brats2023", "kaggle-h5")
-NIFTI_LAYOUTS: tuple[str, ...] = ("brats2020", "brats2021", "brats2023")
-
 BRATS_SHAPE: tuple[int, int, int] = (240, 240, 155)
 SPACING_TOLERANCE_MM = 1e-3
 BORDER_BRAIN_FRACTION = 0.25
@@ -76,6 +73,55 @@ class Scan:
     inputs: list[tuple[str, int]] = field(default_factory=list)
     """(path relative to the layout's base folder, size in bytes) of every file the patients
     (and the CSVs) are read from: the basis of `source_fingerprint`."""
+
+
+class SourceLayout:
+    """One on-disk layout of a BraTS release: how its patients are found and loaded.
+
+    A layout is a subclass instance in its own module plus one line in `etl.sources.SOURCES`.
+    Discovery walks the source folder once, breadth first, and asks every layout about what it
+    sees: `is_patient_folder` claims a folder as one patient (not descended into), `is_data_file`
+    claims the folder holding such files (the Kaggle export keeps every patient's slices in one
+    folder). `scan` then turns the claimed folders into a `Scan`, `load` reads one patient.
+
+    Options that only one layout understands (the Kaggle image channel order) are declared in
+    `options` with their defaults; the build passes them through without knowing them, records
+    `recorded_options` in the plan and the manifest, and hands them to `load` as keywords.
+    """
+
+    name: str = ""
+    label_convention: str = ""
+    """Key of `shards_spec.labels.CONVENTIONS`: how this release's segmentation labels map to 0..3."""
+    brain_mask_rule: str = ""
+    """How `load` finds the brain, as the manifest's preprocessing states it."""
+    expected: str = ""
+    """What the layout looks like on disk, for the message when no layout is found."""
+    options: dict[str, object] = {}
+
+    def is_patient_folder(self, name: str) -> bool:
+        return False
+
+    def is_data_file(self, name: str) -> bool:
+        return False
+
+    def scan(self, root: Path, folders: list[Path], *, require_labels: bool, check_headers: bool) -> "Scan":
+        raise NotImplementedError
+
+    def load(self, ref: "PatientRef", channels: list[str], *, require_labels: bool, **options) -> "PatientVolume":
+        raise NotImplementedError
+
+    def resolve_options(self, given: dict) -> dict:
+        """This layout's options from `given` (command-line values, None = default), validated;
+        raise ToolError naming the option on a bad value."""
+        return {name: default if given.get(name) is None else given[name] for name, default in self.options.items()}
+
+    def recorded_options(self, resolved: dict) -> dict:
+        """The options that decide the bytes of this layout's shards (plan and manifest)."""
+        return {}
+
+    def patient_of(self, name: str) -> str | None:
+        """The patient a path component names (a patient folder, a per-slice file), else None."""
+        return safe_id(name) if self.is_patient_folder(name) else None
 
 
 def safe_id(name: str) -> str:

@@ -5,15 +5,10 @@ A patient is a volume: its slices sorted by S and stacked along the third axis g
 as the NIfTI releases store it. The export carries no geometry, so the affine is the identity
 and the spacing is assumed to be 1 mm (said once in the patient's meta, not warned per patient).
 
-Two things about the export are not documented, so they are options checked against the data:
+Two things about the export are not documented, so they are handled here, inside this layout:
 
-* The image channel order (FLAIR,T1,T1ce,T2 and T1,T1ce,T2,FLAIR are both claimed publicly).
-  `check_kaggle_channel_order` scores all 24 assignments of names to the stored channels with
-  facts true of real MRI, in brain-relative ranks (so any per-volume scaling cancels):
-  T1 and T1ce look alike outside the tumour; CSF (the darkest T1 voxels) is bright on T2 and
-  dark on FLAIR; edema is bright on T2/FLAIR and dark on T1/T1ce; enhancing tumour is brighter
-  on T1ce than on T1. When another order scores clearly better than the chosen one, the volume
-  gets a warning naming the order the data suggest.
+* The image channel order: the option `kaggle_channel_order` (`--kaggle-channel-order`,
+  default `KAGGLE_CHANNEL_ORDER`), checked against the image contrast (`kaggle_order`).
 * The background. Intensities may have been normalised per volume (or per slice), leaving the
   background a non-zero constant. Per channel and slice, the background is the most frequent value
   on the slice's in-plane border (the corners of an axial slice lie outside the head); the brain
@@ -24,7 +19,6 @@ Two things about the export are not documented, so they are options checked agai
 from __future__ import annotations
 
 import csv
-import itertools
 import os
 import re
 from collections import Counter
@@ -33,38 +27,73 @@ from typing import Sequence
 
 import numpy as np
 
-from shards_spec.errors import SourceError
-from shards_spec.labels import CHANNELS, encode_onehot
+from shards_spec.errors import SourceError, ToolError
+from shards_spec.labels import CHANNELS, CONVENTION_OF_LAYOUT, check_channels, encode_onehot
 
-from .base import PatientRef, PatientVolume, geometry_warnings, skull_strip_warning
+from .base import PatientRef, PatientVolume, Scan, SourceLayout, geometry_warnings, skull_strip_warning
+from .kaggle_order import KAGGLE_CHANNEL_ORDER, KAGGLE_ORDERS, check_kaggle_channel_order, parse_order
 
 SLICE_NAME = re.compile(r"^volume_(\d+)_slice_(\d+)\.h5$")
-KAGGLE_ORDERS = {"flair,t1,t1ce,t2", "t1,t1ce,t2,flair"}
-DEFAULT_ORDER: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
 METADATA_FILES = ("meta_data.csv", "BraTS20 Training Metadata.csv")
 GEOMETRY_NOTE = "the Kaggle export stores no geometry: affine is the identity, spacing assumed 1 mm"
+BRAIN_MASK_RULE = "any channel differs from its detected background value; the background is then set to 0"
+ORDER_OPTION = "kaggle_channel_order"
 
 BACKGROUND_MIN_FRACTION = 0.5
 """A border's most frequent value is the background only if it covers at least this fraction of
 the border voxels; a channel where neither a slice's border nor the whole volume's has such a
 value keeps background 0 for that slice, with a warning."""
-ORDER_MARGIN = 0.25
-"""How much better (in summed fact scores, each within [-1, 1]) another channel order must fit
-the data before the chosen one is called contradicted."""
-MIN_CLASS_VOXELS = 20
-SAMPLE_VOXELS = 50_000
 
 
-def parse_order(order: Sequence[str] | str) -> tuple[str, ...]:
-    """A channel order as a tuple of the four names; any permutation of them is accepted."""
-    names = order.split(",") if isinstance(order, str) else list(order)
-    names = tuple(n.strip().lower() for n in names)
-    if sorted(names) != sorted(CHANNELS):
-        raise SourceError(
-            f"kaggle channel order must name each of {', '.join(CHANNELS)} once, got {','.join(names)} "
-            f"(public guesses: {' or '.join(sorted(KAGGLE_ORDERS))})"
-        )
-    return names
+class KaggleLayout(SourceLayout):
+    """The `kaggle-h5` layout: one folder of `volume_V_slice_S.h5` files, a patient per volume."""
+
+    name = "kaggle-h5"
+    label_convention = CONVENTION_OF_LAYOUT["kaggle-h5"]
+    brain_mask_rule = BRAIN_MASK_RULE
+    expected = "Kaggle volume_V_slice_S.h5 files"
+    options = {ORDER_OPTION: KAGGLE_CHANNEL_ORDER}
+
+    def is_data_file(self, name: str) -> bool:
+        return bool(SLICE_NAME.match(name))
+
+    def scan(self, root: Path, folders: list[Path], *, require_labels: bool, check_headers: bool) -> Scan:
+        if len(folders) > 1:
+            shown = ", ".join(str(f) for f in folders[:4])
+            raise SourceError(f"several folders hold volume_V_slice_S.h5 files ({shown}): point the source at one", root)
+        patients, problems, notes, inputs = scan_kaggle_folder(folders[0], root, check_headers)
+        patients.sort(key=lambda p: p.id)
+        notes.append(f"kaggle-h5: {len(patients)} volume(s) ready, {len(problems)} problem(s)")
+        return Scan(layout=self.name, root=root, patients=patients, unlabelled=[], problems=problems, notes=notes,
+                    inputs=inputs)
+
+    def load(self, ref: PatientRef, channels: list[str], *, require_labels: bool,
+             kaggle_channel_order: Sequence[str] | str | None = None) -> PatientVolume:
+        order = KAGGLE_CHANNEL_ORDER if kaggle_channel_order is None else kaggle_channel_order
+        return load_kaggle_patient(ref, channels, order, require_labels)
+
+    def resolve_options(self, given: dict) -> dict:
+        order = given.get(ORDER_OPTION)
+        order = KAGGLE_CHANNEL_ORDER if order is None else tuple(order)
+        try:
+            check_channels(order)
+        except ValueError as exc:
+            raise ToolError(f"--kaggle-channel-order: {exc}") from None
+        if sorted(order) != sorted(CHANNELS):
+            raise ToolError(f"--kaggle-channel-order must name all of {', '.join(CHANNELS)} once")
+        return {ORDER_OPTION: order}
+
+    def recorded_options(self, resolved: dict) -> dict:
+        return {ORDER_OPTION: list(resolved[ORDER_OPTION])}
+
+    def patient_of(self, name: str) -> str | None:
+        match = SLICE_NAME.match(name)
+        return f"volume_{int(match.group(1))}" if match else None
+
+
+SOURCE = KaggleLayout()
+
+__all__ = ["KAGGLE_CHANNEL_ORDER", "KAGGLE_ORDERS", "SOURCE", "check_kaggle_channel_order", "parse_order"]
 
 
 # --------------------------------------------------------------------------------------- scan
@@ -184,9 +213,38 @@ def _slice_shapes(path: Path, expect: tuple[int, int] | None):
 def load_kaggle_patient(
     ref: PatientRef, channels: list[str], order: Sequence[str] | str, require_labels: bool
 ) -> PatientVolume:
+    """Read one volume's slices, find and zero its background, check the channel order."""
     order = parse_order(order)
+    raw, labels, dtype = _read_volume(ref)
+    brain, warnings, notes = _zero_background(raw, order, ref.id)
+    shape = tuple(int(s) for s in raw.shape[1:])
+    warnings += geometry_warnings(shape, None)
+    strip = skull_strip_warning(brain)
+    if strip:
+        warnings.append(strip)
+    contradiction = check_kaggle_channel_order(raw, labels, order, brain=brain)
+    if contradiction:
+        warnings.append(contradiction)
+
+    volume = raw[[order.index(ch) for ch in channels]]
+    return PatientVolume(
+        volume=volume,
+        brain=brain,
+        labels=labels,
+        affine=np.eye(4, dtype=np.float64),
+        spacing=(1.0, 1.0, 1.0),
+        shape=shape,  # type: ignore[arg-type]
+        warnings=warnings,
+        source_dtype=dtype,
+        notes=notes,
+    )
+
+
+def _read_volume(ref: PatientRef) -> tuple[np.ndarray, np.ndarray, str]:
+    """(stored channels (4, H, W, D) float32, label map (H, W, D), image dtype) of one volume."""
     data_dir = Path(ref.files["slices"])
     volume_no, depth = int(ref.meta["volume"]), int(ref.meta["slices"])
+
     def slice_path(s: int) -> Path:
         return data_dir / f"volume_{volume_no}_slice_{s}.h5"
 
@@ -222,8 +280,11 @@ def load_kaggle_patient(
         for s in range(depth):  # find the slice to name
             encode_onehot(masks[s], slice_path(s))
         raise
-    raw = planes.transpose(0, 2, 3, 1)
+    return planes.transpose(0, 2, 3, 1), labels, dtype
 
+
+def _zero_background(raw: np.ndarray, order: Sequence[str], pid: str) -> tuple[np.ndarray, list[str], list[str]]:
+    """Set each channel's detected background to 0 in place; return (brain, warnings, notes)."""
     warnings: list[str] = []
     notes: list[str] = []
     background = find_background(raw)  # (C, D)
@@ -241,29 +302,8 @@ def load_kaggle_patient(
     for c in range(len(raw)):
         np.copyto(raw[c], 0.0, where=outside)
     if np.any(background != 0):
-        notes.append(f"{ref.id}: non-zero background ({_describe_background(order, background)}) detected and set to 0")
-
-    shape = tuple(int(s) for s in raw.shape[1:])
-    warnings += geometry_warnings(shape, None)
-    strip = skull_strip_warning(brain)
-    if strip:
-        warnings.append(strip)
-    contradiction = check_kaggle_channel_order(raw, labels, order, brain=brain)
-    if contradiction:
-        warnings.append(contradiction)
-
-    volume = raw[[order.index(ch) for ch in channels]]
-    return PatientVolume(
-        volume=volume,
-        brain=brain,
-        labels=labels,
-        affine=np.eye(4, dtype=np.float64),
-        spacing=(1.0, 1.0, 1.0),
-        shape=shape,  # type: ignore[arg-type]
-        warnings=warnings,
-        source_dtype=dtype,
-        notes=notes,
-    )
+        notes.append(f"{pid}: non-zero background ({_describe_background(order, background)}) detected and set to 0")
+    return brain, warnings, notes
 
 
 def encode_mask_volume(masks: np.ndarray) -> np.ndarray:
@@ -318,110 +358,3 @@ def _describe_background(order: Sequence[str], background: np.ndarray) -> str:
         lo, hi = float(values.min()), float(values.max())
         parts.append(f"{name}={lo:g}" if lo == hi else f"{name}={lo:g}..{hi:g} by slice")
     return ", ".join(parts)
-
-
-# ------------------------------------------------------------------------- channel-order check
-
-
-def _ecdf(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Mid-rank of `values` within sorted `reference`, in [0, 1] (ties share their mean rank)."""
-    lo = np.searchsorted(reference, values, side="left")
-    hi = np.searchsorted(reference, values, side="right")
-    return (lo + hi) / (2.0 * max(len(reference), 1))
-
-
-def _strided(indices: np.ndarray, limit: int) -> np.ndarray:
-    step = max(1, len(indices) // limit)
-    return indices[::step]
-
-
-def contrast_evidence(volume: np.ndarray, brain: np.ndarray, labels: np.ndarray | None) -> dict:
-    """Brain-relative statistics of each stored channel that the order facts are scored on.
-
-    Ranks are taken within the normal-appearing brain (brain minus tumour), so they do not
-    depend on how a volume was scaled or shifted.
-    """
-    normal = brain if labels is None else brain & (labels == 0)
-    where = _strided(np.flatnonzero(normal), SAMPLE_VOXELS)
-    if len(where) < 4 * MIN_CLASS_VOXELS:
-        return {}
-    sample = np.unravel_index(where, normal.shape)  # coordinates: no copy of a strided volume
-    values = [channel[sample] for channel in volume]
-    reference = [np.sort(v) for v in values]
-    ranks = np.stack([_ecdf(ref, v) for ref, v in zip(reference, values)])
-    evidence = {"ranks": ranks}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        corr = np.corrcoef(ranks)
-    evidence["corr"] = np.nan_to_num(corr)
-    if labels is not None:
-        for label, key in ((2, "ED"), (3, "ET")):
-            where = _strided(np.flatnonzero(labels == label), SAMPLE_VOXELS // 4)
-            if len(where) >= MIN_CLASS_VOXELS:
-                voxels = np.unravel_index(where, labels.shape)
-                evidence[key] = np.array([_ecdf(ref, ch[voxels]).mean() for ref, ch in zip(reference, volume)])
-    return evidence
-
-
-def order_facts(perm: Sequence[str], evidence: dict) -> dict[str, float]:
-    """Each fact's score (roughly within [-1, 1], higher = fits) if the stored channels are `perm`."""
-    if not evidence:
-        return {}
-    i = {name: perm.index(name) for name in CHANNELS}
-    corr, ranks = evidence["corr"], evidence["ranks"]
-    facts = {"T1 and T1ce look alike outside the tumour": float(corr[i["t1"], i["t1ce"]])}
-    t1_like = (ranks[i["t1"]] + ranks[i["t1ce"]]) / 2
-    csf = t1_like <= np.quantile(t1_like, 0.1)
-    if np.count_nonzero(csf) >= MIN_CLASS_VOXELS:
-        facts["CSF (darkest on T1) is bright on T2 and dark on FLAIR"] = float(
-            ranks[i["t2"], csf].mean() - ranks[i["flair"], csf].mean()
-        )
-    if "ED" in evidence:
-        ed = evidence["ED"]
-        facts["edema is bright on T2/FLAIR and dark on T1/T1ce"] = float(
-            (ed[i["t2"]] + ed[i["flair"]] - ed[i["t1"]] - ed[i["t1ce"]]) / 2
-        )
-    if "ET" in evidence:
-        et = evidence["ET"]
-        facts["enhancing tumour is brighter on T1ce than on T1"] = float(et[i["t1ce"]] - et[i["t1"]])
-    return facts
-
-
-def check_kaggle_channel_order(
-    volume_by_channel: np.ndarray,
-    labels: np.ndarray | None,
-    order: Sequence[str] | str,
-    *,
-    brain: np.ndarray | None = None,
-) -> str | None:
-    """Warning text when the stored channels' contrast contradicts `order`, else None.
-
-    `volume_by_channel` is (4, H, W, D) in stored order with the background at 0 (or pass
-    `brain`); `labels` the 0..3 label map or None (then only the label-free facts count, and T1
-    cannot be told from T1ce). Inconclusive data give None.
-    """
-    order = parse_order(order)
-    volume = np.asarray(volume_by_channel)
-    if volume.ndim != 4 or volume.shape[0] != 4:
-        raise ValueError(f"expected a (4, H, W, D) volume, got shape {volume.shape}")
-    if brain is None:
-        brain = np.any(volume != 0, axis=0)
-    evidence = contrast_evidence(volume, brain, labels)
-    if not evidence:
-        return None
-    scores = {}
-    for perm in itertools.permutations(CHANNELS):
-        scores[perm] = sum(order_facts(perm, evidence).values())
-    best = max(scores, key=lambda p: (scores[p], p == order))
-    if scores[best] - scores[order] <= ORDER_MARGIN:
-        return None
-    chosen, suggested = order_facts(order, evidence), order_facts(best, evidence)
-    reasons = "; ".join(
-        f"{fact}: {chosen[fact]:+.2f} as assumed vs {suggested[fact]:+.2f}"
-        for fact in chosen
-        if suggested[fact] - chosen[fact] > 0.05
-    )
-    return (
-        f"kaggle channel order {','.join(order)} is contradicted by the image contrast; the data "
-        f"suggest {','.join(best)} (pass --kaggle-channel-order {','.join(best)}). Fit per fact "
-        f"(1 = as in real MRI): {reasons}"
-    )

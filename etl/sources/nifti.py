@@ -1,52 +1,68 @@
 """BraTS NIfTI releases: 2020/2021 (`<id>_<mod>.nii[.gz]`) and 2023 GLI (`<id>-<mod>.nii.gz`).
 
-A patient is a folder named after its id holding one file per modality and, for training data,
-a segmentation. Both `.nii` and `.nii.gz` are read. The segmentation is `<id>_seg.nii[.gz]`
-(2023: `<id>-seg.nii.gz`); failing that, the single other NIfTI file in the folder whose name
-contains "seg" (any case) is taken and a note says so: that is how BraTS20_Training_355's
-`W39_1998.09.19_Segm.nii` is found.
+The three layouts differ only in names, so each is a `NiftiLayout` instance of this module
+(registered in `etl.sources.SOURCES`). A patient is a folder named after its id holding one file
+per modality and, for training data, a segmentation. Both `.nii` and `.nii.gz` are read. The
+segmentation is `<id>_seg.nii[.gz]` (2023: `<id>-seg.nii.gz`); failing that, the single other
+NIfTI file in the folder whose name contains "seg" (any case) is taken and a note says so: that
+is how BraTS20_Training_355's `W39_1998.09.19_Segm.nii` is found.
 
-Checks are split by cost. The scan reads headers only (every file present, non-empty, a NIfTI
-header nibabel accepts, 3D, the same shape in every file, an uncompressed file as long as its
-header says); `load_nifti_patient` reads the data and checks its values (finite images, labels in
-the release's set, a complete gzip stream). Arrays keep the stored axis order; spacing comes from
-the header zooms and the affine from the image.
+The scan reads names and headers (`nifti_volume.check_headers`); `load` reads the data
+(`nifti_volume.load_nifti_patient`). The 2020 release's CSVs (grade, age, survival) beside the
+patient folders are read by `csvmeta`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import struct
-import zlib
 from pathlib import Path
 
-import numpy as np
-
 from shards_spec.errors import SourceError
-from shards_spec.labels import CHANNELS, CONVENTION_OF_LAYOUT, encode_labels
-from shards_spec.preprocess import brain_mask
+from shards_spec.labels import CHANNELS, CONVENTION_OF_LAYOUT
 
-from .base import PatientRef, PatientVolume, geometry_warnings, safe_id, skull_strip_warning
+from .base import PatientRef, PatientVolume, Scan, SourceLayout, relative_posix, safe_id
+from .csvmeta import read_csv_metadata
+from .nifti_volume import check_headers, load_nifti_patient
 
-# Per layout: how a patient folder is named, the separator before the modality, and the file
-# suffix of each modality (ours on the right).
-PATIENT_PATTERNS: dict[str, re.Pattern] = {
-    "brats2020": re.compile(r"^BraTS20_(Training|Validation|Testing)_\d{3,}$"),
-    "brats2021": re.compile(r"^BraTS2021_\d{5}$"),
-    "brats2023": re.compile(r"^BraTS-GLI-\d{5}-\d{3}$"),
-}
-SEPARATOR = {"brats2020": "_", "brats2021": "_", "brats2023": "-"}
-SUFFIXES: dict[str, dict[str, str]] = {
-    "brats2020": {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"},
-    "brats2021": {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"},
-    "brats2023": {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"},
-}
 EXTENSIONS = (".nii.gz", ".nii")
-AFFINE_TOLERANCE = 1e-3
+BRAIN_MASK_RULE = "any modality non-zero on the native grid (BraTS is skull-stripped)"
 
-# What a damaged file raises while nibabel reads it (truncated gzip, short .nii, bad header).
-_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, zlib.error, struct.error, IndexError)
+
+class NiftiLayout(SourceLayout):
+    """A BraTS NIfTI release: patient folders matching `pattern`, files `<id><separator><suffix>`."""
+
+    brain_mask_rule = BRAIN_MASK_RULE
+
+    def __init__(self, name: str, pattern: str, separator: str, suffixes: dict[str, str], example: str) -> None:
+        self.name = name
+        self.pattern = re.compile(pattern)
+        self.separator = separator
+        self.suffixes = suffixes  # file suffix -> our modality name
+        self.label_convention = CONVENTION_OF_LAYOUT[name]
+        self.expected = f"patient folders named {example}"
+
+    def is_patient_folder(self, name: str) -> bool:
+        return bool(self.pattern.match(name))
+
+    def scan(self, root: Path, folders: list[Path], *, require_labels: bool, check_headers: bool) -> Scan:
+        return scan_nifti(root, self.name, folders, require_labels, check_headers)
+
+    def load(self, ref: PatientRef, channels: list[str], *, require_labels: bool, **options) -> PatientVolume:
+        return load_nifti_patient(ref, channels, require_labels, self.label_convention)
+
+
+BRATS2020 = NiftiLayout("brats2020", r"^BraTS20_(Training|Validation|Testing)_\d{3,}$", "_",
+                        {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}, "BraTS20_Training_NNN")
+BRATS2021 = NiftiLayout("brats2021", r"^BraTS2021_\d{5}$", "_",
+                        {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}, "BraTS2021_NNNNN")
+BRATS2023 = NiftiLayout("brats2023", r"^BraTS-GLI-\d{5}-\d{3}$", "-",
+                        {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}, "BraTS-GLI-NNNNN-NNN")
+NIFTI_LAYOUTS: dict[str, NiftiLayout] = {layout.name: layout for layout in (BRATS2020, BRATS2021, BRATS2023)}
+# The helpers below that take a layout name read its naming from here.
+PATIENT_PATTERNS = {name: layout.pattern for name, layout in NIFTI_LAYOUTS.items()}
+SEPARATOR = {name: layout.separator for name, layout in NIFTI_LAYOUTS.items()}
+SUFFIXES = {name: layout.suffixes for name, layout in NIFTI_LAYOUTS.items()}
 
 
 def layout_of_folder_name(name: str) -> str | None:
@@ -127,224 +143,65 @@ def match_files(
     return files, problems, notes
 
 
-def check_headers(files: dict[str, str]) -> list[SourceError]:
-    """Header-level checks: readable NIfTI, 3D, same shape everywhere, uncompressed length."""
-    problems: list[SourceError] = []
-    reference: tuple[str, tuple[int, ...]] | None = None
-    for key in (*CHANNELS, "seg"):
-        path = files.get(key)
-        if path is None:
+def scan_nifti(root: Path, layout: str, folders: list[Path], require_labels: bool, headers: bool) -> Scan:
+    """Every patient folder of `layout` under `root`, with the CSV metadata beside them."""
+    scan = Scan(layout=layout, root=root, patients=[], unlabelled=[], problems=[], notes=[])
+    csv_meta = _csv_metadata(scan, folders)
+    seen: dict[str, Path] = {}
+    for folder in sorted(folders, key=lambda f: (f.name, str(f))):
+        pid = folder.name
+        if pid in seen:
+            scan.problems.append(SourceError(f"patient {pid} is present twice (also {seen[pid]})", folder))
             continue
+        seen[pid] = folder
         try:
-            size = os.path.getsize(path)
+            entries = folder_entries(folder)
         except OSError as exc:
-            problems.append(SourceError(f"cannot be read ({exc.strerror or exc})", path))
+            scan.problems.append(SourceError(f"cannot be listed ({exc.strerror or exc})", folder))
             continue
-        if size == 0:
-            continue  # reported by match_files
-        try:
-            img = _load_header(path)
-        except SourceError as exc:
-            problems.append(exc)
+        files, problems, notes = match_files(folder, pid, layout, entries)
+        if headers:
+            problems += check_headers({k: v for k, v in files.items() if entries.get(Path(v).name)})
+        scan.notes += notes
+        if problems:
+            scan.problems += problems
             continue
-        shape = _spatial_shape(img.shape, path)
-        if isinstance(shape, SourceError):
-            problems.append(shape)
-            continue
-        if path.lower().endswith(".nii"):
-            header = img.header
-            needed = int(header.get("vox_offset", 0)) + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
-            if size < needed:
-                problems.append(
-                    SourceError(f"truncated file: {size} bytes, its header needs {needed}", path)
-                )
+        meta = {"folder": str(folder)}
+        if notes:
+            meta["notes"] = notes
+        entry = csv_meta.get(pid, {"grade": None, "meta": {}})
+        meta.update(entry["meta"])
+        if "seg" not in files:
+            if require_labels:
+                scan.unlabelled.append(pid)
                 continue
-        if reference is None:
-            reference = (key, shape)
-        elif shape != reference[1]:
-            problems.append(
-                SourceError(
-                    f"shape {_fmt(shape)} differs from the {reference[0]} image's {_fmt(reference[1])}", path
-                )
-            )
-    return problems
+        scan.patients.append(PatientRef(id=pid, layout=layout, files=files, grade=entry["grade"], meta=meta))
+        for path in files.values():
+            scan.inputs.append((relative_posix(Path(path), folder.parent), entries[Path(path).name]))
 
-
-def _fmt(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, shape))
-
-
-def _load_header(path: str):
-    import nibabel as nib
-
-    try:
-        img = nib.load(path)
-    except Exception as exc:  # nibabel raises many types for non-NIfTI bytes; all mean "not NIfTI"
-        if isinstance(exc, MemoryError):
-            raise
-        raise SourceError(f"not a readable NIfTI file ({type(exc).__name__}: {exc})", path) from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise SourceError(f"not a NIfTI image (nibabel read it as {type(img).__name__})", path)
-    return img
-
-
-def _spatial_shape(shape: tuple[int, ...], path: str) -> tuple[int, int, int] | SourceError:
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) == 4:
-        return SourceError(f"4D image of shape {_fmt(shape)}: expected one 3D volume per file", path)
-    if len(shape) != 3:
-        return SourceError(f"{len(shape)}D image of shape {_fmt(shape)}: expected a 3D volume", path)
-    return tuple(int(s) for s in shape)  # type: ignore[return-value]
-
-
-def _whole_gzip(img, path: str, what: str):
-    """`img` read back from its whole gzip stream, CRC and length checked (a .nii.gz only).
-
-    nibabel decompresses only as far as the voxels reach, so the gzip trailer is never checked
-    and a stream with damaged bytes in the middle decodes to wrong voxels without an error.
-    Decompressing the file once here, in full, costs what nibabel's own read would.
-    """
-    if not str(path).lower().endswith(".gz"):
-        return img
-    import gzip
-
-    try:
-        raw = gzip.decompress(Path(path).read_bytes())
-        return type(img).from_bytes(raw)
-    except _READ_ERRORS as exc:
-        raise SourceError(
-            f"cannot read the {what} data, the file may be truncated or corrupt ({type(exc).__name__}: {exc})",
-            path,
-        ) from None
-
-
-def _read_into(out: np.ndarray, img, path: str) -> None:
-    """Copy the image data (scaled by scl_slope/inter) into float32 `out`, reading it once."""
-    img = _whole_gzip(img, path, "image")
-    try:
-        data = np.asanyarray(img.dataobj)
-        if data.ndim == 4:
-            data = data[..., 0]
-        np.copyto(out, data, casting="unsafe")
-    except _READ_ERRORS as exc:
-        raise SourceError(
-            f"cannot read the image data, the file may be truncated or corrupt ({type(exc).__name__}: {exc})",
-            path,
-        ) from None
-    if not np.isfinite(out).all():
-        bad = int(np.count_nonzero(~np.isfinite(out)))
-        raise SourceError(f"image holds {bad} non-finite value(s) (NaN or inf, or beyond float32)", path)
-
-
-def load_nifti_patient(
-    ref: PatientRef, channels: list[str], require_labels: bool
-) -> PatientVolume:
-    """Read one NIfTI patient.
-
-    The brain mask is computed from every modality the patient has, not only the requested
-    channels, so a two-channel model sees the same mask as the four-channel shards were cut with.
-    """
-    for ch in channels:
-        if ch not in ref.files:
-            raise SourceError(f"patient {ref.id} has no {ch} image", ref.meta.get("folder"))
-    if require_labels and "seg" not in ref.files:
-        raise SourceError(f"patient {ref.id} has no segmentation", ref.meta.get("folder"))
-
-    extra = [m for m in CHANNELS if m in ref.files and m not in channels]
-    order = list(channels) + extra
-    images = [_load_header(ref.files[m]) for m in order]
-    shapes = []
-    for m, img in zip(order, images):
-        shape = _spatial_shape(img.shape, ref.files[m])
-        if isinstance(shape, SourceError):
-            raise shape
-        shapes.append(shape)
-    shape = shapes[0]
-    for m, s in zip(order, shapes):
-        if s != shape:
-            raise SourceError(f"shape {_fmt(s)} differs from the {order[0]} image's {_fmt(shape)}", ref.files[m])
-
-    # Each channel Fortran-ordered, as NIfTI stores it: reading is then one straight copy (a C-order
-    # target costs a transpose per channel), and an axial slice [..., d] is contiguous.
-    stack = np.empty((len(order), *shape[::-1]), dtype=np.float32).transpose(0, 3, 2, 1)
-    for i, (m, img) in enumerate(zip(order, images)):
-        _read_into(stack[i], img, ref.files[m])
-    brain = brain_mask(stack)
-    volume = stack[: len(channels)]
-
-    first = images[0]
-    affine = np.asarray(first.affine, dtype=np.float64)
-    spacing = tuple(float(z) for z in first.header.get_zooms()[:3])
-    warnings = geometry_warnings(shape, spacing)
-    for m, img in zip(order[1:], images[1:]):
-        if not np.allclose(img.affine, affine, atol=AFFINE_TOLERANCE):
-            warnings.append(f"the {m} image's affine differs from the {order[0]} image's (used {order[0]}'s)")
-    strip = skull_strip_warning(brain)
-    if strip:
-        warnings.append(strip)
-
-    labels = None
-    if "seg" in ref.files:
-        labels = _read_labels(ref.files["seg"], ref.layout, shape)
-    dtypes = sorted({str(img.get_data_dtype()) for img in images})
-    return PatientVolume(
-        volume=volume,
-        brain=brain,
-        labels=labels,
-        affine=affine,
-        spacing=spacing,  # type: ignore[arg-type]
-        shape=shape,
-        warnings=warnings,
-        source_dtype=",".join(dtypes),
+    scan.patients.sort(key=lambda p: p.id)
+    without_seg = sum(1 for p in scan.patients if "seg" not in p.files) + len(scan.unlabelled)
+    scan.notes.append(
+        f"{layout}: {len(scan.patients)} patient(s) ready, {len(scan.problems)} problem(s), "
+        f"{without_seg} without segmentation"
+        + (" (left out)" if require_labels and without_seg else "")
     )
+    return scan
 
 
-def _read_labels(path: str, layout: str, shape: tuple[int, int, int]) -> np.ndarray:
-    img = _load_header(path)
-    seg_shape = _spatial_shape(img.shape, path)
-    if isinstance(seg_shape, SourceError):
-        raise seg_shape
-    if seg_shape != shape:
-        raise SourceError(f"segmentation shape {_fmt(seg_shape)} differs from the images' {_fmt(shape)}", path)
-    img = _whole_gzip(img, path, "segmentation")
-    try:
-        # dataobj applies scl_slope/inter when the header sets them (then the values are float and
-        # encode_labels checks they are whole numbers); otherwise it is the stored integer array.
-        seg = np.asanyarray(img.dataobj)
-    except _READ_ERRORS as exc:
-        raise SourceError(
-            f"cannot read the segmentation data, the file may be truncated or corrupt ({type(exc).__name__}: {exc})",
-            path,
-        ) from None
-    if seg.ndim == 4:
-        seg = seg[..., 0]
-    return encode_label_volume(seg, CONVENTION_OF_LAYOUT[layout], path)
-
-
-def encode_label_volume(seg: np.ndarray, convention: str, path: object) -> np.ndarray:
-    """`encode_labels` for a whole volume, fast: it maps the distinct values, a table does the rest.
-
-    Calling `encode_labels` on 9M voxels costs ~0.5 s (int64 copies and a sort); here byte-range
-    integer values are narrowed to uint8, their distinct values found with a bincount, validated
-    and mapped by `encode_labels` itself, and applied with a 256-entry table. Anything else
-    (negative, large, fractional, NaN) goes to `encode_labels` whole, which raises its error.
-    """
-    small = None
-    if seg.dtype == np.uint8:
-        small = seg
-    elif seg.size and (np.issubdtype(seg.dtype, np.integer) or np.issubdtype(seg.dtype, np.floating)):
-        lo, hi = seg.min(), seg.max()
-        if lo >= 0 and hi <= 255:  # False for NaN
-            narrowed = seg.astype(np.uint8)
-            if np.issubdtype(seg.dtype, np.integer) or np.array_equal(narrowed, seg):
-                small = narrowed
-    if small is None:
-        return encode_labels(seg, convention, path)
-    present = np.flatnonzero(np.bincount(small.ravel(order="K"), minlength=256)).astype(np.uint8)
-    table = np.zeros(256, dtype=np.uint8)
-    table[present] = encode_labels(present, convention, path)
-    return table[small]
+def _csv_metadata(scan: Scan, folders: list[Path]) -> dict[str, dict]:
+    """Grade and clinical values per patient id from the CSVs beside the patient folders."""
+    csv_meta: dict[str, dict] = {}
+    for parent in sorted({f.parent for f in folders}):
+        by_id, csv_files = read_csv_metadata(parent)
+        for pid, entry in by_id.items():
+            csv_meta.setdefault(pid, {"grade": None, "meta": {}})
+            csv_meta[pid]["grade"] = entry["grade"] or csv_meta[pid]["grade"]
+            csv_meta[pid]["meta"].update(entry["meta"])
+        for path in csv_files:
+            scan.inputs.append((path.name, path.stat().st_size))
+            scan.notes.append(f"read {path}")
+    return csv_meta
 
 
 def folder_entries(folder: Path) -> dict[str, int]:

@@ -83,15 +83,15 @@ from pathlib import Path
 
 import numpy as np
 
+from etl.sources import LAYOUTS, KAGGLE_CHANNEL_ORDER
 from etl.synth import layouts
 from etl.synth.anatomy import MODALITIES, draw_patient, render
 
 __all__ = ["LAYOUTS", "synthesize"]
-
-LAYOUTS = ("brats2020", "brats2021", "brats2023", "kaggle-h5")
 MIN_SHAPE = (16, 16, 8)
 MAX_SIDE = 1024
 MAX_PATIENTS = {"brats2020": 999, "brats2021": 60000, "brats2023": 60000, "kaggle-h5": 60000}
+"""The layouts synth writes (of `etl.sources.LAYOUTS`), with the most patients each numbering allows."""
 QUIRK_PATIENT = 355
 
 
@@ -104,7 +104,7 @@ def synthesize(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
     quirk_355_at: int | None = None,
-    kaggle_channel_order: Sequence[str] = ("flair", "t1", "t1ce", "t2"),
+    kaggle_channel_order: Sequence[str] = KAGGLE_CHANNEL_ORDER,
     kaggle_background: float | None = None,
 ) -> list[str]:
     """Writes ``patients`` synthetic patients under ``out`` in ``layout``; returns patient ids.
@@ -171,6 +171,8 @@ def _as_int(value, name: str) -> int:
 def _check(patients, layout, shape, seed, quirk_355_at, channel_order, background) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if layout not in MAX_PATIENTS:
+        raise ValueError(f"synth cannot write the {layout} layout: it writes {', '.join(MAX_PATIENTS)}")
     n = _as_int(patients, "patients")
     if not 1 <= n <= MAX_PATIENTS[layout]:
         raise ValueError(f"patients must be between 1 and {MAX_PATIENTS[layout]} for {layout}, got {n}")

@@ -1,8 +1,7 @@
 """On-disk layouts of the BraTS releases: file names, NIfTI/HDF5 bytes, CSV side files.
 
-Every file is written atomically (to a hidden ``.<name>.part`` beside it, then renamed), so an
-interrupted run leaves complete files or none (no fsync: a power cut may still lose the last
-ones).  Bytes are reproducible: NIfTI headers are filled field by field with no date or
+Every file is written atomically and durably (``shards_spec.fileio``: a temporary name beside
+it, fsynced, then renamed), so an interrupted run leaves complete files or none.  Bytes are reproducible: NIfTI headers are filled field by field with no date or
 description, ``.nii.gz`` streams carry mtime 0 and no file name, HDF5 datasets carry no
 timestamps, CSVs use ``\\n`` line ends.
 """
@@ -10,12 +9,12 @@ timestamps, CSVs use ``\\n`` line ends.
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
 
 from etl.synth.anatomy import Rendered
+from shards_spec.fileio import atomic_path, write_atomic
 
 # The BraTS (SRI24 atlas) voxel-to-world affine as nibabel reports it for the 2020 release:
 # x and y flipped, origin (0, 239, 0) in RAS, i.e. ITK/LPS origin (0, -239, 0).
@@ -44,17 +43,6 @@ BRATS2023_NAMES = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
 # ------------------------------------------------------------------------------------ writing
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def nifti_bytes(data: np.ndarray) -> bytes:
     """An uncompressed NIfTI-1 single file (.nii) with the BraTS affine and 1 mm voxels."""
     import nibabel as nib
@@ -78,12 +66,12 @@ def write_nifti(path: Path, data: np.ndarray) -> None:
         # gzip.compress with mtime=0 writes no time and no file name: reproducible bytes.
         # Level 1: twice as fast as 6 for ~5% larger files.
         raw = gzip.compress(raw, compresslevel=1, mtime=0)
-    atomic_write(path, raw)
+    write_atomic(path, raw)
 
 
 def write_csv(path: Path, header: str, rows: list[list[object]]) -> None:
     lines = [header] + [",".join(str(v) for v in row) for row in rows]
-    atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------- the layouts
@@ -165,15 +153,10 @@ def write_kaggle(
     pixels = seg.shape[0] * seg.shape[1]
     for s in range(seg.shape[2]):
         name = f"volume_{volume}_slice_{s}.h5"
-        tmp = folder / f".{name}.part"
-        try:
+        with atomic_path(folder / name) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("image", data=np.ascontiguousarray(image[:, :, s, :]))
                 f.create_dataset("mask", data=np.ascontiguousarray(mask[:, :, s, :]))
-            os.replace(tmp, folder / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         counts = [int(mask[:, :, s, k].sum()) for k in range(3)]
         tumour = sum(counts)
         rows.append([f"/content/data/{name}", int(tumour > 0), volume, s, *counts, repr(1.0 - tumour / pixels)])

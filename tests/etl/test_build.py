@@ -286,7 +286,7 @@ def test_one_and_two_workers_give_identical_shards_and_content(source_factory, t
 
 @pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
 def test_interrupted_build_resumes_to_identical_bytes(source_factory, tmp_path, capsys, monkeypatch, fmt):
-    from etl.build import InjectedFault
+    from etl.faults import InjectedFault
 
     src = source_factory("brats2020", 4)
     clean = tmp_path / "clean"
@@ -405,7 +405,7 @@ def test_data_error_inside_a_task_rolls_back_a_resumed_folder(source_factory, tm
     """A bad label found while loading stops the build and leaves the folder as before this run."""
     import nibabel as nib
 
-    from etl.build import InjectedFault
+    from etl.faults import InjectedFault
 
     src = source_factory("brats2020", 4)
     out = tmp_path / "shards"

@@ -274,10 +274,10 @@ def test_patient_k_does_not_depend_on_patient_count(tmp_path, generated):
 
 def test_no_part_files_and_failed_write_leaves_nothing(tmp_path, generated):
     for root, _ in generated.values():
-        assert not [p for p in root.rglob("*") if p.name.endswith(".part")]
+        assert not [p for p in root.rglob("*") if p.name.endswith((".part", ".partial"))]
     target = tmp_path / "x.nii"
     with pytest.raises(TypeError):
-        layouts.atomic_write(target, None)  # fails inside the write
+        layouts.write_atomic(target, None)  # fails inside the write
     assert list(tmp_path.iterdir()) == []
 
 
