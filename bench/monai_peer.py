@@ -109,7 +109,7 @@ def train(shards: str, out: Path, budget: float, patience: int | None, cap_epoch
             if time.monotonic() - started >= budget:
                 out_of_time = True
                 break
-        validation = engine.validate(model, val_loader, loss_fn, device, None, Dist())
+        validation = engine.validate(model, val_loader, loss_fn, device, None, Dist(), "classes")
         score = validation.mean_dice()
         row = {"epoch": epoch + 1, "steps": steps, "seconds": round(time.monotonic() - started, 3),
                "mean_dice": score, "val_loss": validation.loss}

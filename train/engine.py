@@ -129,9 +129,13 @@ class Validation:
 
 
 def validate(model: Any, loader: Any, loss_fn: Any, device: Any, amp_dtype: Any, dist: distributed.Dist,
-             stop: StopSignal | None = None) -> Validation:
-    """Loss (mean over validation slices) and per-channel TP/FP/FN of `loader` (sigmoid > 0.5,
-    i.e. logit > 0), all-reduced over ranks.
+             target: str, stop: StopSignal | None = None) -> Validation:
+    """Loss (mean over validation slices) and per-channel TP/FP/FN of `loader`, all-reduced over ranks.
+
+    The counts score the label maps users get: the sigmoid probabilities decided by the one label
+    rule (`train.metrics.probs_to_labels`, the rule of `predict` and `evaluate`), zero where the
+    shards store background (every channel 0), then expanded to the target's three channels. So
+    the best checkpoint is the best by what a user's segmentation scores.
 
     The loss is computed slice by slice: the training Dice is taken over the batch, so a batched
     value would depend on how slices fall into batches (batch size, loader workers, ranks)."""
@@ -148,10 +152,9 @@ def validate(model: Any, loader: Any, loss_fn: Any, device: Any, amp_dtype: Any,
             image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
                 logits = model(image)
-                per_slice = torch.stack([loss_fn(logits[i:i + 1], mask[i:i + 1]) for i in range(image.shape[0])])
-            loss_sum += per_slice.double().sum()
+            loss_sum += slice_losses(loss_fn, logits, mask).double().sum()
             seen += image.shape[0]
-            counts += torch.stack(confusion_counts(logits.float() > 0, mask > 0.5))
+            counts += torch.stack(confusion_counts(predicted_channels(logits, image, target), mask > 0.5))
             if stop is not None and stop.requested and not dist.enabled:
                 raise StopRequested(stop.signum or 15)
     for tensor in (counts, loss_sum, seen):
@@ -161,5 +164,24 @@ def validate(model: Any, loader: Any, loss_fn: Any, device: Any, amp_dtype: Any,
     return Validation(counts=counts.cpu(), loss_sum=float(loss_sum.item()), slices=int(seen.item()))
 
 
+def slice_losses(loss_fn: Any, logits: Any, mask: Any) -> Any:
+    """The loss of each slice on its own (B,): one definition for training and validation curves."""
+    import torch
+
+    return torch.stack([loss_fn(logits[i:i + 1], mask[i:i + 1]) for i in range(logits.shape[0])])
+
+
+def predicted_channels(logits: Any, image: Any, target: str) -> Any:
+    """bool (B, 3, H, W): the label map the label rule gives, as the target's channels, 0 on background."""
+    import torch
+
+    from .metrics import expand_labels, probs_to_labels
+    from .inference import THRESHOLD
+
+    labels = probs_to_labels(torch.sigmoid(logits.float()), target, threshold=THRESHOLD, channel_axis=1)
+    labels = torch.where((image != 0).any(dim=1), labels, torch.zeros_like(labels))
+    return expand_labels(labels, target)
+
+
 __all__ = ["AMP_DTYPES", "Validation", "autocast", "autocast_dtype", "batches", "close_loader", "loader_worker_init",
-           "make_loader", "mix_seed", "validate"]
+           "make_loader", "mix_seed", "predicted_channels", "slice_losses", "validate"]

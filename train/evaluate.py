@@ -6,8 +6,9 @@
 Three levels, top to bottom, from the fastest to the headline:
 
 1. **slice level, dataset counts** (exactly the trainer's validation: `train.engine.validate`, the
-   same dataset, loss and autocast as the run): TP/FP/FN of each output channel (sigmoid > 0.5,
-   channel by channel) summed over every slice of the split on the shard grid, then one Dice,
+   same dataset, loss and autocast as the run): TP/FP/FN of each output channel of the label
+   map the label rule gives (`train.metrics.probs_to_labels`, as `predict` decides labels) summed
+   over every slice of the split on the shard grid, then one Dice,
    precision and recall per channel. A channel with no voxel in prediction or truth over the
    whole split is NaN and left out of the mean Dice.
 2. **patient level on the shard grid** (fast): each patient's shard slices gathered back into a
@@ -69,8 +70,8 @@ def native_metric_names() -> tuple[str, ...]:
     return (*count_metric_names(), "hd95")
 
 AVERAGES = {
-    "slice_level": ("dataset-level: TP/FP/FN of each output channel (sigmoid > 0.5 per channel, as the trainer "
-                    "validates) summed over every slice of the split on the shard grid, then one score per channel; "
+    "slice_level": ("dataset-level: TP/FP/FN of each output channel of the label map (the label rule of predict, as "
+                    "the trainer validates) summed over every slice of the split on the shard grid, then one score per channel; "
                     "NaN (null) for a channel with no voxel in prediction or truth, left out of mean_dice"),
     "shard_grid": ("per patient on the shard grid (slices gathered into a volume, labels by the checkpoint's rule, "
                    "zero where the shards store background), then mean/median/sample std over patients; "
@@ -178,7 +179,8 @@ def slice_level(loaded: inference.LoadedModel, store: Any, split: str, batch_siz
     loss_name = str(config.get("loss", "dice"))
     try:
         with engine.batches(loader) as batches:
-            validation = engine.validate(loaded.model, batches, build_loss(loss_name), loaded.device, amp, Dist())
+            validation = engine.validate(loaded.model, batches, build_loss(loss_name), loaded.device, amp, Dist(),
+                                         loaded.target)
     except ValueError as exc:  # e.g. a grid the model cannot take (H, W not divisible by 2**depth)
         raise EvaluateError(f"the model cannot be applied to these shards' slices ({exc})") from None
     names = list(loaded.channel_names)

@@ -305,7 +305,8 @@ class Trainer:
         """The validation pass with rank 0's BatchNorm statistics (the model rank 0 saves)."""
         distributed.broadcast_buffers(self.dist, self.model)
         with engine.batches(self.val_loader) as batches:
-            return engine.validate(self.model, batches, self.loss_fn, self.device, self.amp_dtype, self.dist, self.stop)
+            return engine.validate(self.model, batches, self.loss_fn, self.device, self.amp_dtype, self.dist,
+                                   self.config.target, self.stop)
 
     def end_epoch(self, epoch: int, started: float, train_loss: float, validation: engine.Validation) -> None:
         """Scheduler, then the checkpoint, then the CSV row, the summary line and the callbacks."""

@@ -23,6 +23,7 @@ import torch
 from etl.sources import scan_source
 from shards_spec.labels import encode_labels
 from train import evaluate, fit, predict
+from train import metrics
 from train.metrics import PATIENT_KEYS
 
 from .test_predict import (
@@ -80,8 +81,8 @@ def test_patient_aggregation_matches_numpy():
             truth[truth == 3], pred[pred == 3] = 0, 0  # ET empty in both: Dice 1
         if i == 2:
             truth[truth == 1] = 0  # NEC/NET predicted, absent in truth: Dice 0
-        counts = evaluate.patient_counts(pred, truth)
-        scores = {k: evaluate.scores_of_counts(**c) for k, c in counts.items()}
+        counts = metrics.patient_counts(pred, truth)
+        scores = {k: metrics.scores_of(c, metrics.BRATS) for k, c in counts.items()}
         per_patient.append({"patient": f"p{i}", "scores": scores})
         p, t = numpy_masks(pred), numpy_masks(truth)
         for k in PATIENT_KEYS:
@@ -94,7 +95,7 @@ def test_patient_aggregation_matches_numpy():
             if t[k].sum():
                 assert scores[k]["recall"] == pytest.approx(inter / t[k].sum())
     assert expected["ET"][1] == 1.0 and expected["NEC/NET"][2] == 0.0
-    summary = evaluate.summarise(per_patient, ("dice",))
+    summary = metrics.summarize_patients(per_patient, ("dice",))
     for k in PATIENT_KEYS:
         values = np.asarray(expected[k])
         assert summary[k]["dice"]["mean"] == pytest.approx(values.mean())

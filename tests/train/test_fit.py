@@ -267,7 +267,8 @@ def test_ddp_two_ranks_on_gloo_match_a_single_process_evaluation(shards, tmp_pat
     config = resolve({}, payload["config"])
     val = fit.open_dataset(config, ShardStore(shards), ["val"], training=False, dist=distributed.Dist())
     loader = torch.utils.data.DataLoader(val, batch_size=3)
-    single = engine.validate(model, loader, build_loss(config.loss), torch.device("cpu"), None, distributed.Dist())
+    single = engine.validate(model, loader, build_loss(config.loss), torch.device("cpu"), None, distributed.Dist(),
+                             config.target)
     scores = single.scores()
     row = payload["history"][0]
     for kind, key in (("dice", "dice"), ("prec", "precision"), ("recall", "recall")):

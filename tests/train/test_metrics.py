@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from monai.metrics import DiceMetric, compute_hausdorff_distance
 from scipy import ndimage
 
+from train import metrics
 from train.metrics import distance
 from train.metrics import (
     BRATS_MAX_HD95,
@@ -123,14 +124,24 @@ def test_single_sample_dice_from_counts_matches_monai():
 
 
 def test_probs_to_labels_classes_by_hand():
-    # voxels: background, NEC/NET, ED, ET, argmax over two above threshold, all below threshold
+    # rows NEC/NET, ED, ET. Voxels: background; NEC/NET; ED; ET; NEC/NET although ED is the strongest
+    # class (p(TC) = 0.6 + 0.2 > 0.5: the core is decided before the whole tumour); NEC/NET where no
+    # class reaches 0.5 but the core does (0.4 + 0.3); ED where only the whole tumour does (0.2 + 0.2 + 0.2);
+    # ET beside a stronger ED.
     probs = np.array([
-        [0.1, 0.9, 0.2, 0.1, 0.6, 0.4],
-        [0.2, 0.3, 0.8, 0.2, 0.7, 0.5],
-        [0.1, 0.1, 0.3, 0.6, 0.2, 0.3],
+        [0.1, 0.9, 0.2, 0.1, 0.6, 0.4, 0.2, 0.0],
+        [0.2, 0.3, 0.8, 0.2, 0.7, 0.5, 0.2, 0.9],
+        [0.1, 0.1, 0.3, 0.6, 0.2, 0.3, 0.2, 0.55],
     ])
-    assert probs_to_labels(probs, "classes").tolist() == [0, 1, 2, 3, 2, 0]
+    assert probs_to_labels(probs, "classes").tolist() == [0, 1, 2, 3, 1, 1, 2, 3]
     assert probs_to_labels(probs, "classes").dtype == np.uint8
+
+
+def test_expand_labels_matches_the_numpy_expansion():
+    labels = random_label_map(np.random.default_rng(2), (12, 12, 5))
+    for target, expand in (("classes", labels_to_classes), ("regions", labels_to_regions)):
+        got = metrics.expand_labels(torch.from_numpy(np.moveaxis(labels, -1, 0)), target)  # (5, 3, 12, 12)
+        assert np.array_equal(np.moveaxis(got.numpy(), 0, -1), expand(labels))
 
 
 def test_probs_to_labels_regions_by_hand():

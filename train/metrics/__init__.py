@@ -33,7 +33,7 @@ from .counts import (
     scores_from_counts,
     scores_of,
 )
-from .label_rule import probs_to_labels
+from .label_rule import expand_labels, probs_to_labels
 from .patient import binary_scores, patient_scores, summarize, summarize_patients
 from .distance import BRATS_MAX_HD95, hd95, surface
 
@@ -47,6 +47,7 @@ __all__ = [
     "UNDEFINED",
     "binary_scores",
     "confusion_counts",
+    "expand_labels",
     "hd95",
     "label_masks",
     "labels_to_classes",
