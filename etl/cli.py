@@ -132,7 +132,7 @@ def build_shards(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: its scheduler's address tcp://HOST:PORT (or set DASK_SCHEDULER_ADDRESS); --src and --out must be on a file system its workers share."),
     norm: str = typer.Option("slice", "--norm", help="z-score per slice | volume."),
     patients_per_shard: int = typer.Option(1, "--patients-per-shard", help="Patients (records) per shard."),
-    layout: Optional[str] = typer.Option(None, "--layout", help="Source layout (default: detected)."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="Source layout: brats2020 | brats2021 | brats2023 | kaggle-h5 (default: detected)."),
     kaggle_channel_order: Optional[str] = typer.Option(None, "--kaggle-channel-order", help="Channel order of the Kaggle .h5 images (default: the Kaggle layout's, see README)."),
     keep_empty: bool = typer.Option(False, "--keep-empty", help="Keep slices without brain voxels."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Build the readable patients and list the others in the manifest."),
