@@ -110,8 +110,9 @@ def _extra_files(root: Path, content: dict) -> list[str]:
 
 def refuse_unfinished(root: str | Path) -> None:
     """A local folder with a plan but no manifest is a build that has not finished: say so."""
-    from shards_spec.read import is_url
+    from shards_spec.read import is_url, shard_root
 
+    root = shard_root(root)
     if is_url(root):
         return
     folder = Path(root)
@@ -160,8 +161,8 @@ def verify(root: str | Path, *, progress=None, storage_options: dict | None = No
             report.problems += shard_problems
         if progress is not None:
             progress(shard)
-    if not is_url(root):
-        report.problems += _extra_files(Path(root), content)
+    if not is_url(store.root):
+        report.problems += _extra_files(Path(store.root), content)
     return report
 
 
@@ -174,7 +175,8 @@ def describe(root: str | Path, *, storage_options: dict | None = None) -> dict:
     from shards_spec.read import ShardStore
 
     refuse_unfinished(root)
-    manifest = ShardStore(root, storage_options=storage_options).manifest
+    store = ShardStore(root, storage_options=storage_options)
+    manifest = store.manifest
     content, provenance = manifest.content, manifest.provenance
     total_bytes = sum(s["bytes"] for s in content["shards"])
     total_slices = sum(s["slices"] for s in content["shards"])
@@ -195,7 +197,7 @@ def describe(root: str | Path, *, storage_options: dict | None = None) -> dict:
             "grades": split.get("grades"),
         }
     return {
-        "root": str(root),
+        "root": store.root,
         "digest": manifest.digest,
         "spec_version": content["spec_version"],
         "format": content["format"],

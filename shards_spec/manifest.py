@@ -253,8 +253,7 @@ def _patient(pid: str, info: Any, where: str, slice_bytes: int) -> None:
         raise _fail(f"{where}.affine", "must be a 4 x 4 matrix")
     for r, row in enumerate(affine):
         _numbers(row, 4, f"{where}.affine[{r}]")
-    if "class_voxels" in info:
-        _counts(info["class_voxels"], 4, f"{where}.class_voxels")
+    _counts(_get(info, "class_voxels", list, where), 4, f"{where}.class_voxels")  # the trainer's class priors
     _count(info, "brain_voxels", where, optional=True)
     _strings(info, ("source_dtype",), where)
     _strings(info, ("grade",), where, nullable=True)

@@ -77,7 +77,7 @@ def open_regular(path: str | Path) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
             raise SpecError(f"is {kind}, not a regular file: refused", path)
         if flags & getattr(os, "O_NONBLOCK", 0):
             import fcntl
@@ -269,14 +269,15 @@ class ShardStore:
             self._fs_pid = os.getpid()
         return self._fs
 
-    def _open_raw(self, rel_path: str) -> BinaryIO:
+    def _open_raw(self, rel_path: str, size: int | None = None) -> BinaryIO:
         if self._base is None:
             return open_regular(Path(self.root) / rel_path)
         fs = self._filesystem()
         path = f"{self._fs_root.rstrip('/')}/{rel_path}"
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         if protocol in ("http", "https"):
-            return fs.open(path, "rb", block_size=0)  # a plain streamed GET; no Range needed
+            # A plain streamed GET, no Range needed; a known size spares fsspec's HEAD request.
+            return fs.open(path, "rb", block_size=0, size=size or None)
         return fs.open(path, "rb")
 
     def open_file(self, rel_path: str, *, verify: bool = False) -> BinaryIO:
@@ -328,7 +329,7 @@ class ShardStore:
     def _stream(self, entry: dict, *, verify: bool) -> _CheckedReader:
         """The file of `entry` from the source, bounded by its size, sha256-checked with `verify`."""
         name = self.location(entry["path"])
-        reopen = None if self._base is None else (lambda: self._open_raw(entry["path"]))
+        reopen = None if self._base is None else (lambda: self._open_raw(entry["path"], entry["bytes"]))
         try:
             raw = self._open_raw(entry["path"]) if reopen is None else remote.with_retries(reopen, name)
         except (OSError, ValueError) as exc:

@@ -92,6 +92,8 @@ def transient(exc: BaseException) -> bool:
 
 
 def describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not _first_line(exc):  # aiohttp's and fsspec's say nothing
+        return f"{type(exc).__name__}: timed out (connect {limits.get('CONNECT_TIMEOUT'):g} s, read {limits.get('READ_TIMEOUT'):g} s)"
     return f"{type(exc).__name__}: {_first_line(exc) or 'no detail'}"
 
 

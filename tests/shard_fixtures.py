@@ -103,6 +103,9 @@ def make_shards(
                 entry = {
                     "split": split, "shard": path, "key": pid, "slices": patients[pid],
                     "tumour_slices": sum(1 for s in range(patients[pid]) if s % tumour_every == 0),
+                    "class_voxels": [sum(c[i] for c in data[pid].class_voxels) for i in range(4)],
+                    "class_voxels": [int(v) for v in np.sum(data[pid].class_voxels, axis=0)],
+                    "brain_voxels": int(sum(data[pid].brain_voxels)),
                     "source_shape": [size, size, 64], "spacing": [1.0, 1.0, 1.0], "affine": IDENTITY,
                 }
                 if fmt == "zarr":

@@ -2,13 +2,18 @@
 
 A shard's files are exactly those the manifest lists (HTTP cannot list folders, and a file that
 vanished must be an error, not an array of fill values): they are fetched whole and verified,
-then opened with plain `zarr` from memory at the array paths the manifest gives, each array's
-metadata (dtype, shape, chunks) checked before its data is decoded. Arrays are read whole, since
-single-slice reads of a sharded array re-read the shard index each time (~400 reads/s).
+then opened with plain `zarr` from memory at the array paths the manifest gives. Before any data
+is decoded, each array's metadata (dtype, shape, chunks, codecs) is checked, and so is the
+content size declared by each inner chunk's zstd frame: zstd allocates what its frame header
+declares (a 65 KB chunk declaring 2 GiB took a reader to 2.1 GB), or, when the frame declares
+none, grows without bound; a frame must declare exactly its chunk's bytes. Arrays are read
+whole, since single-slice reads of a sharded array re-read the shard index each time (~400
+reads/s).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
@@ -60,7 +65,7 @@ def records(store, shard: dict, expected: dict[str, str], name: str) -> Iterator
             path = arrays.get(array_name) if isinstance(arrays, dict) else None
             if not isinstance(path, str) or f"{path}/zarr.json" not in files:
                 raise SpecError(f"patient {pid!r}: array {array_name!r} ({path!r}) is not among the shard's files", name)
-            data[array_name] = read_array(zarr, memory, path, shape, dtypes, f"patient {pid!r} array {path}")
+            data[array_name] = read_array(zarr, memory, path, shape, dtypes, f"patient {pid!r} array {path}", files)
         meta = {
             "patient": pid,
             "slice_index": data["slice_index"].tolist(),
@@ -70,8 +75,8 @@ def records(store, shard: dict, expected: dict[str, str], name: str) -> Iterator
         yield build_record(key, data["image"], data["mask"], meta, channels=channels, size=size)
 
 
-def read_array(zarr, store, path: str, shape: tuple, dtypes: tuple | None, what: str) -> np.ndarray:
-    """Open one array, check its metadata against the manifest, then read it whole."""
+def read_array(zarr, store, path: str, shape: tuple, dtypes: tuple | None, what: str, files: dict) -> np.ndarray:
+    """Open one array, check its metadata and chunk headers against the manifest, then read it whole."""
     try:
         array = zarr.open_array(store=store, path=path, mode="r", zarr_format=3)
     except Exception as exc:  # zarr raises many types on bad metadata
@@ -93,7 +98,66 @@ def read_array(zarr, store, path: str, shape: tuple, dtypes: tuple | None, what:
     for label, found in (("chunks", chunks), ("shards", array.shards)):
         if found is not None and any(c > n for c, n in zip(found, limits[label])):
             raise SpecError(f"{what}: {label} {tuple(found)} exceed the shape {shape}")
+    _check_codecs(array, what)
+    shard = files.get(f"{path}/c/" + "/".join("0" * len(shape)))
+    if shard is not None:
+        _check_frames(shard.to_bytes(), array, what)
     try:
         return np.asarray(array[...])
     except Exception as exc:
         raise SpecError(f"{what}: data cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+
+CODECS = {"name": "sharding_indexed", "codecs": ["bytes", "zstd"], "index_codecs": ["bytes", "crc32c"],
+          "index_location": "end"}
+"""The codec chain SPEC.md section 7 writes, the only one read: other codecs are other bombs."""
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+EMPTY = 2**64 - 1
+
+
+def _check_codecs(array, what: str) -> None:
+    codecs = array.metadata.to_dict().get("codecs") or []
+    config = codecs[0].get("configuration", {}) if len(codecs) == 1 and isinstance(codecs[0], dict) else {}
+    found = {
+        "name": codecs[0].get("name") if config else None,
+        "codecs": [c.get("name") for c in config.get("codecs", [])],
+        "index_codecs": [c.get("name") for c in config.get("index_codecs", [])],
+        "index_location": config.get("index_location"),
+    }
+    if found != CODECS:
+        raise SpecError(f"{what}: codecs {found}, this spec reads {CODECS} only")
+
+
+def _check_frames(data: bytes, array, what: str) -> None:
+    """Every inner chunk of the shard is one zstd frame declaring exactly the chunk's bytes."""
+    inner = tuple(array.chunks)
+    outer = tuple(array.shards)
+    count = math.prod(-(-o // c) for o, c in zip(outer, inner))
+    index_bytes = 16 * count + 4  # (offset, nbytes) little-endian uint64 pairs, then crc32c
+    if len(data) < index_bytes:
+        raise SpecError(f"{what}: its shard file is smaller than its chunk index")
+    index = np.frombuffer(data, dtype="<u8", count=2 * count, offset=len(data) - index_bytes).reshape(count, 2)
+    chunk_bytes = math.prod(inner) * np.dtype(array.dtype).itemsize
+    for offset, nbytes in index.tolist():
+        if offset == EMPTY and nbytes == EMPTY:
+            continue  # an empty chunk: the fill value
+        if offset + nbytes > len(data) - index_bytes:
+            raise SpecError(f"{what}: its chunk index points past the end of its shard file")
+        declared = _zstd_content_size(data[offset:offset + nbytes])
+        if declared != chunk_bytes:
+            shown = "no size" if declared is None else f"{declared} bytes"
+            raise SpecError(f"{what}: a chunk's zstd frame declares {shown}, the chunk holds {chunk_bytes} bytes")
+
+
+def _zstd_content_size(frame: bytes) -> int | None:
+    """The content size a zstd frame header declares (RFC 8878 3.1.1.1), None when it declares none."""
+    if len(frame) < 6 or frame[:4] != ZSTD_MAGIC:
+        return None
+    descriptor = frame[4]
+    size_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    pos = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    width = (1 if single_segment else 0, 2, 4, 8)[size_flag]
+    if width == 0 or len(frame) < pos + width:
+        return None
+    value = int.from_bytes(frame[pos:pos + width], "little")
+    return value + 256 if width == 2 else value

@@ -23,7 +23,8 @@ def _content():
         "shards": [{"path": "train/train-000000.tar", "split": "train", "patients": ["p1"], "records": 1,
                     "slices": 3, "bytes": 10, "files": [{"path": "train/train-000000.tar", "bytes": 10, "sha256": SHA}]}],
         "patients": {"p1": {"split": "train", "shard": "train/train-000000.tar", "key": "p1", "slices": 3,
-                            "tumour_slices": 1, "source_shape": [8, 8, 4], "spacing": [1, 1, 1],
+                            "tumour_slices": 1, "class_voxels": [180, 1, 10, 1], "source_shape": [8, 8, 4],
+                            "spacing": [1, 1, 1],
                             "affine": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]}},
         "skipped": [],
     }
