@@ -85,14 +85,28 @@ def run_command(
     weight_decay: Optional[float] = typer.Option(None, help="Adam weight decay (default 0)."),
     report: Optional[bool] = typer.Option(None, "--report/--no-report", help="Write the report at the end (default on)."),
     on_bad_shard: Optional[str] = typer.Option(None, help="fail: stop at the first bad shard (default); skip: leave bad shards out, count them and print the count after each epoch."),
+    logger: str = typer.Option("csv", help="Also log to tensorboard (RUN/tensorboard/) or mlflow (--tracking-uri); csv: metrics.csv only. Not saved with the run."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default)."),
+    log_images_every: int = typer.Option(5, help="With --logger: a validation overlay picture every N epochs and after the last (0: none)."),
 ) -> None:
     from . import fit
     from .config import FIELDS
 
     overrides = {name: value for name, value in locals().items() if name in FIELDS}
-    result = fit.run(overrides, resume=resume, force=force, storage_options=_storage_options(storage_option))
+    tracking = _tracking_hooks(logger, tracking_uri, log_images_every)
+    result = fit.run(overrides, resume=resume, force=force, storage_options=_storage_options(storage_option),
+                     **({"hooks": tracking} if tracking is not None else {}))
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+def _tracking_hooks(logger: str, tracking_uri: str | None, images_every: int) -> object:
+    """Trainer hooks carrying the `--logger` tracker (None for plain metrics.csv)."""
+    from .tracking import make_tracker
+    from .trainer import Hooks
+
+    tracker = make_tracker(logger, tracking_uri, images_every)
+    return None if tracker is None else Hooks(callbacks=[tracker])
 
 
 @app.command("evaluate", no_args_is_help=True)
