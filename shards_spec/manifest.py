@@ -29,6 +29,7 @@ SPEC_VERSION = "brats-slices/1"
 MANIFEST_NAME = "manifest.json"
 PLAN_NAME = "plan.json"
 SHA256_LENGTH = 64
+FLOAT16_MAX = 65504.0
 SPLIT_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
@@ -181,8 +182,8 @@ def _preprocessing(pre: dict, where: str) -> int:
     _strings(pre, ("brain_mask", "compression", "image_dtype", "image_resize", "mask_dtype", "mask_resize",
                    "numpy_version", "torch_version", "zscore"), where)
     clip = _get(pre, "image_clip", (int, float), where, optional=True)
-    if clip is not None and not (math.isfinite(clip) and clip > 0):
-        raise _fail(f"{where}.image_clip", f"must be a finite positive number, got {_short(clip)}")
+    if clip is not None and not 0 < clip <= FLOAT16_MAX:
+        raise _fail(f"{where}.image_clip", f"must be in (0, {FLOAT16_MAX}], got {_short(clip)}")
     return size
 
 

@@ -482,3 +482,21 @@ def json_content(root: Path) -> bytes:
 
     content = json.loads((root / "manifest.json").read_text())["content"]
     return json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def test_manifest_and_record_sizes_have_limits_that_an_option_changes(shards_copy, monkeypatch, capsys):
+    """The manifest's own size and the decoded bytes it may ask of a record are bounded too; the
+    environment variables the README documents move the bounds."""
+    root = shards_copy("webdataset")
+    size = (root / "manifest.json").stat().st_size
+    monkeypatch.setenv("BRATS_SHARDS_MAX_MANIFEST_MB", str((size - 1) / MB))
+    code, _, err = run_cli_inprocess("etl", ["inspect", root], capsys)
+    assert_one_line(code, err, "manifest.json: is larger than", "BRATS_SHARDS_MAX_MANIFEST_MB")
+    monkeypatch.setenv("BRATS_SHARDS_MAX_MANIFEST_MB", str(size / MB))
+    record = 4 * (4 * 16 * 16 * 2 + 16 * 16)  # p2: 4 slices of 4 channels, 16 x 16, float16 image + uint8 mask
+    monkeypatch.setenv("BRATS_SHARDS_MAX_RECORD_MB", str((record - 1) / MB))
+    code, _, err = run_cli_inprocess("etl", ["inspect", root], capsys)
+    assert_one_line(code, err, "content.patients['p2'].slices", "exceed the record limit", "BRATS_SHARDS_MAX_RECORD_MB")
+    monkeypatch.setenv("BRATS_SHARDS_MAX_RECORD_MB", str(record / MB))
+    code, _, err = run_cli_inprocess("etl", ["inspect", root], capsys)
+    assert code == 0, err
