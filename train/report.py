@@ -18,7 +18,9 @@ What it writes (matplotlib, Agg backend, so it runs without a display):
                 `config.json`; left out, with the reason in `report.md`, when the checkpoint or
                 the shards cannot be read;
 - `report.md`   the pictures, the final and best epochs' metrics table, and the patient-level
-                numbers behind the slice choice, each with the average it is.
+                numbers behind the slice choice, each with the average it is;
+- `report.html` the same as one self-contained page (`train.report_html`: pictures inlined as
+                base64 PNG), to open in a browser or send on.
 
 Slices are shown as stored (first array axis to the right, second axis up); no reorientation.
 `train run` calls `main(run_dir)` at the end of training.
@@ -100,7 +102,11 @@ def main(run_dir: Path | str, device: str = "auto", batch_size: int = 32, consol
         console.print(f"report: no slice pictures ({slices_note})")
     markdown = render_markdown(run_dir, rows, names, list(pictures), slices_note, patient_summary)
     write_atomic(out / "report.md", markdown)
-    console.print(f"report: {out / 'report.md'} ({', '.join(pictures)})")
+    from .report_html import render_html  # the same report as one self-contained page
+
+    inlined = {name: (out / name).read_bytes() for name in pictures}
+    write_atomic(out / "report.html", render_html(run_dir, rows, names, inlined, slices_note, patient_summary))
+    console.print(f"report: {out / 'report.md'}, {out / 'report.html'} ({', '.join(pictures)})")
     return out / "report.md"
 
 
@@ -243,24 +249,32 @@ def plot_slices(shown: list[ShownSlice]) -> Any:
 # ---------------------------------------------------------------- output
 
 
-def render_markdown(run_dir: Path, rows: list[dict], names: list[str], pictures: list[str], slices_note: str | None,
-                    patient_summary: dict | None) -> str:
+def epoch_table(rows: list[dict], names: list[str]) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
+    """The last and best epochs' per-class numbers, for report.md and report.html alike:
+    (column titles, [(epoch, "last" / "best" / "last, best", formatted cells)])."""
     best = max(rows, key=lambda r: -math.inf if math.isnan(r["mean_dice"]) else r["mean_dice"])
     last = rows[-1]
-    lines = [f"# Run report: {run_dir.name}", "",
-             f"{len(rows)} epoch(s). Validation numbers per epoch are dataset-level: TP/FP/FN summed over every "
-             "validation slice on the shard grid, then one score per channel (–: NaN, no voxel in prediction or "
-             "truth, left out of the mean Dice).", "",
-             "| epoch | | train loss | val loss | mean Dice | "
-             + " | ".join(f"Dice {n}" for n in names) + " | "
-             + " | ".join(f"precision {n}" for n in names) + " | "
-             + " | ".join(f"recall {n}" for n in names) + " |",
-             "|---|---|" + "---:|" * (3 + 3 * len(names))]
+    columns = ["train loss", "val loss", "mean Dice", *(f"Dice {n}" for n in names),
+               *(f"precision {n}" for n in names), *(f"recall {n}" for n in names)]
+    body = []
     for label, row in (("last", last), ("best", best)) if best is not last else (("last, best", last),):
         cells = [_md(row["train_loss"], 4), _md(row["val_loss"], 4), _md(row["mean_dice"])]
         for prefix in ("dice", "prec", "recall"):
             cells += [_md(row.get(f"{prefix}_{n}", math.nan)) for n in names]
-        lines.append(f"| {int(row['epoch'])} | {label} | " + " | ".join(cells) + " |")
+        body.append((int(row["epoch"]), label, cells))
+    return columns, body
+
+
+def render_markdown(run_dir: Path, rows: list[dict], names: list[str], pictures: list[str], slices_note: str | None,
+                    patient_summary: dict | None) -> str:
+    columns, body = epoch_table(rows, names)
+    lines = [f"# Run report: {run_dir.name}", "",
+             f"{len(rows)} epoch(s). Validation numbers per epoch are dataset-level: TP/FP/FN summed over every "
+             "validation slice on the shard grid, then one score per channel (–: NaN, no voxel in prediction or "
+             "truth, left out of the mean Dice).", "",
+             "| epoch | | " + " | ".join(columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
+    lines += [f"| {epoch} | {label} | " + " | ".join(cells) + " |" for epoch, label, cells in body]
     lines += ["", "## Curves", "", "![loss](loss.png)", "", "![scores](scores.png)", "", "![learning rate](lr.png)", ""]
     lines += ["## Validation slices", ""]
     if "slices.png" in pictures and patient_summary:
