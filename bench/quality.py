@@ -156,9 +156,9 @@ def read_curve(c: Contender) -> None:
         c.curve.append((elapsed, float(r["mean_dice"])))
     last = c.run_dir / "checkpoints" / "last.pt"
     if last.exists():
-        import torch
+        from train import checkpoint as ckpt
 
-        c.steps = torch.load(last, map_location="cpu", weights_only=True).get("steps")
+        c.steps = ckpt.load(last).get("steps")
 
 
 # ---------------------------------------------------------------- 3. scoring

@@ -14,8 +14,9 @@ Presets (README "train run"):
     v1: unet,           t1ce + flair,            loss dice,     augmentation none
     v2: attention_unet, t1 + t1ce + t2 + flair,  loss dice_bce, augmentation light
 
-Both: Adam, ReduceLROnPlateau(mode="max") on the validation mean Dice, checkpoint every epoch,
-best by mean Dice.
+Both: Adam, a warm-up then cosine decay per step (or `--schedule plateau`: ReduceLROnPlateau on
+the validation mean Dice), checkpoint every epoch, best by mean Dice. Sizes (width, batch, loader
+workers) default per device (`DEVICE_DEFAULTS`).
 
 Every problem is a `ConfigError` naming the command-line option (`--epochs: must be >= 1, got
 0`), so the CLI prints one line.
@@ -34,6 +35,16 @@ from shards_spec.labels import CHANNELS, TARGETS
 from .budget import parse_duration
 
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("cosine", "poly", "plateau")
+HEAD_BIASES = ("prior", "zero")
+
+DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cpu": {"base": 16, "batch_size": 16, "workers": 1},
+    "cuda": {"base": 32, "batch_size": 32, "workers": 2},
+}
+"""Sizes that fit the device, under the preset and the options given: on a CPU what reaches a
+good model in minutes, on a CUDA GPU (a T4) the seed's size with AMP. `bench/quality.py`
+measured them (README "Quality")."""
 VAL_SPLIT = re.compile(r"^(val|fold\d+)$")
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -42,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 RESUME_MAY_CHANGE = frozenset({"epochs", "time_budget", "workers", "device", "cache_dir", "shards", "out", "report",
-                               "on_bad_shard"})
+                               "on_bad_shard", "early_stop"})
 """Options a resumed run may change without `--force`: where and how long, not what is trained.
 `shards` is the location only; the data themselves are compared by manifest digest."""
 
@@ -89,6 +100,10 @@ class Config:
     amp_dtype: str = "auto"
     report: bool = True
     on_bad_shard: str = "fail"
+    schedule: str = "cosine"
+    warmup: int = 100
+    early_stop: int | None = None
+    head_bias: str = "prior"
 
     # ------------------------------------------------------------ derived values
 
@@ -117,11 +132,12 @@ def _defaults() -> dict[str, Any]:
     }
 
 
-def resolve(overrides: dict[str, Any], saved: dict[str, Any] | None = None) -> Config:
+def resolve(overrides: dict[str, Any], saved: dict[str, Any] | None = None, device_kind: str = "cpu") -> Config:
     """Preset (or the saved config when resuming) + overrides -> a validated `Config`.
 
     `overrides` holds only the options the user gave (None values are ignored), keyed by field
-    name. Unknown keys are refused, naming the option.
+    name. Unknown keys are refused, naming the option. A new run takes the sizes of
+    `DEVICE_DEFAULTS[device_kind]` ("cpu" or "cuda") between the common defaults and the preset.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
     for key in given:
@@ -136,7 +152,9 @@ def resolve(overrides: dict[str, Any], saved: dict[str, Any] | None = None) -> C
             raise ConfigError("--variant: required for a new run (v1 or v2)")
         if variant not in PRESETS:
             raise ConfigError(f"--variant: must be one of {sorted(PRESETS)}, got {variant!r}")
-        values = {**_defaults(), **PRESETS[variant], **given}
+        if device_kind not in DEVICE_DEFAULTS:
+            raise ValueError(f"device_kind must be one of {list(DEVICE_DEFAULTS)}, got {device_kind!r}")
+        values = {**_defaults(), **DEVICE_DEFAULTS[device_kind], **PRESETS[variant], **given}
     values.setdefault("out", None)
     if values.get("shards") is None:
         raise ConfigError("--shards: required (a shard folder or URL holding manifest.json)")
@@ -184,6 +202,8 @@ def validate(config: Config) -> None:
     _choice(config, "target", TARGETS)
     _choice(config, "amp_dtype", AMP_DTYPES)
     _choice(config, "on_bad_shard", POLICIES)
+    _choice(config, "schedule", SCHEDULES)
+    _choice(config, "head_bias", HEAD_BIASES)
     channels = list(config.channels)
     if not channels or len(set(channels)) != len(channels) or any(c not in CHANNELS for c in channels):
         raise ConfigError(f"--channels: must be distinct names from {list(CHANNELS)}, got {channels}")
@@ -193,6 +213,9 @@ def validate(config: Config) -> None:
                  "plateau_patience"):
         _at_least(config, name, 1 if name != "plateau_patience" else 0)
     _at_least(config, "workers", 0)
+    _at_least(config, "warmup", 0)
+    if config.early_stop is not None:
+        _at_least(config, "early_stop", 1)
     _at_least(config, "seed", 0)
     _at_least(config, "lr", 0.0, float)
     if not config.lr > 0:

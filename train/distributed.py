@@ -92,6 +92,19 @@ def agree(dist: Dist, flag: bool, device: Any = "cpu") -> bool:
     return bool(value.item())
 
 
+def agree_level(dist: Dist, level: int, device: Any = "cpu") -> int:
+    """The largest of every rank's `level` (0 = go on; higher = a stronger reason to stop), so all
+    ranks take the same decision in one all-reduce per step."""
+    if not dist.enabled:
+        return level
+    import torch
+    import torch.distributed as td
+
+    value = torch.tensor([int(level)], dtype=torch.int32, device=device)
+    td.all_reduce(value, op=td.ReduceOp.MAX)
+    return int(value.item())
+
+
 def broadcast_buffers(dist: Dist, module: Any) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every rank, in place.
 

@@ -59,7 +59,7 @@ def resolve_run(overrides: dict[str, Any], resume: bool, force: bool) -> tuple[C
     """The configuration, its preset name, and the checkpoint to resume from (None for a new run)."""
     if not resume:
         overrides.setdefault("out", default_out(str(overrides.get("variant", "run"))))
-        config = resolve(overrides)
+        config = resolve(overrides, device_kind=device_kind(overrides.get("device", "auto")))
         return config, config.variant, None
     if "out" not in overrides:
         raise ConfigError("--out: --resume needs the run folder to continue (--out runs/NAME)")
@@ -82,6 +82,17 @@ def resolve_run(overrides: dict[str, Any], resume: bool, force: bool) -> tuple[C
         raise ConfigError(f"--epochs: {config.out} has already trained {restored['epoch']} epochs, "
                           f"more than --epochs {config.epochs}")
     return config, restored["variant"], restored
+
+
+def device_kind(device: str) -> str:
+    """"cuda" or "cpu": which `DEVICE_DEFAULTS` a new run takes (`auto` is cuda when torch sees one)."""
+    if device == "cuda":
+        return "cuda"
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
 
 
 def start_processes(config: Config) -> tuple[distributed.Dist, Any]:

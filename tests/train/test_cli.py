@@ -71,7 +71,7 @@ def test_run_passes_options_and_exit_code(monkeypatch, capsys):
 
     calls = []
 
-    def fake_run(overrides, *, resume, force, storage_options=None):
+    def fake_run(overrides, *, resume, force, storage_options=None, **_):
         calls.append((overrides, resume, force, storage_options))
         return fit.Result(Path("runs/x"), 1, 143, "stopped by SIGTERM")
 

@@ -28,7 +28,19 @@ def test_presets(variant, model, channels, loss, augment):
     assert (config.model, config.channels, config.loss, config.augment) == (model, channels, loss, augment)
     # shared by both variants
     assert (config.epochs, config.val_split, config.target, config.amp) == (50, "val", "classes", True)
-    assert config.model_kwargs == {"base": 32, "depth": 4, "batch_norm": True}
+    assert config.model_kwargs == {"base": 16, "depth": 4, "batch_norm": True}  # the CPU defaults
+    assert (config.batch_size, config.workers) == (16, 1)
+
+
+def test_device_defaults_size_a_new_run_and_options_still_win():
+    gpu = resolve({**REQUIRED, "variant": "v2"}, device_kind="cuda")
+    assert (gpu.base, gpu.batch_size, gpu.workers) == (32, 32, 2)  # the seed's size on a GPU
+    given = resolve({**REQUIRED, "variant": "v2", "base": 8, "batch_size": 4}, device_kind="cuda")
+    assert (given.base, given.batch_size) == (8, 4)
+    saved = resolve({"epochs": 3}, saved=gpu.to_dict())  # a resumed run keeps its own sizes on any device
+    assert (saved.base, saved.batch_size, saved.epochs) == (32, 32, 3)
+    with pytest.raises(ValueError, match="device_kind"):
+        resolve({**REQUIRED, "variant": "v2"}, device_kind="tpu")
 
 
 def test_overrides_apply_and_none_is_not_given():
@@ -37,7 +49,7 @@ def test_overrides_apply_and_none_is_not_given():
                       "target": "regions", "val_split": "fold2", "batch_size": None})
     assert config.model == "attention_unet" and config.channels == ("t1", "flair")
     assert (config.epochs, config.lr, config.augment, config.base) == (3, 0.01, "light", 8)
-    assert config.time_budget_seconds == 5400 and config.batch_size == 32
+    assert config.time_budget_seconds == 5400 and config.batch_size == 16  # the CPU default
     assert config.loss == "dice"  # untouched preset value
     assert PRESETS["v1"]["channels"] == ["t1ce", "flair"]  # presets are not mutated
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 
@@ -107,31 +108,63 @@ def test_tiny_run_learns_and_writes_outputs(shards, tmp_path):
     model.load_state_dict(last["model_state"])
 
 
-def test_two_epochs_equal_one_plus_resume(shards, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    # v2: attention U-Net, four channels, Dice+BCE and augmentation, so the augmenter is covered
-    fit.run(options(shards, straight, variant="v2", epochs=2), hooks=quiet())
-    first = fit.run(options(shards, split, variant="v2", epochs=1), hooks=quiet())
-    assert first.epochs_done == 1
-    resumed = fit.run({"out": str(split), "epochs": 2}, resume=True, hooks=quiet())
-    assert resumed.exit_code == 0 and resumed.epochs_done == 2
-
-    a = torch.load(straight / "checkpoints" / ckpt.LAST, weights_only=True)
-    b = torch.load(split / "checkpoints" / ckpt.LAST, weights_only=True)
+def assert_same_weights(a_dir, b_dir):
+    a = torch.load(a_dir / "checkpoints" / ckpt.LAST, weights_only=True)
+    b = torch.load(b_dir / "checkpoints" / ckpt.LAST, weights_only=True)
     assert a["model_state"].keys() == b["model_state"].keys()
     for key in a["model_state"]:
         assert torch.equal(a["model_state"][key], b["model_state"][key]), key
+
+
+def test_resume_after_a_signal_equals_the_uninterrupted_run(shards, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    # v2: attention U-Net, four channels, Dice+BCE and augmentation, so the augmenter is covered;
+    # the cosine schedule spans both epochs in both runs
+    fit.run(options(shards, straight, variant="v2", epochs=2), hooks=quiet())
+
+    def stop_in_epoch_2(epoch, step, stop):
+        if (epoch, step) == (1, 1):
+            stop.request()
+
+    first = fit.run(options(shards, split, variant="v2", epochs=2), hooks=fit.Hooks(after_step=stop_in_epoch_2,
+                                                                                   console=quiet().console))
+    assert first.exit_code == 143 and first.epochs_done == 1
+    resumed = fit.run({"out": str(split)}, resume=True, hooks=quiet())
+    assert resumed.exit_code == 0 and resumed.epochs_done == 2
+    assert_same_weights(straight, split)
     rows_a, rows_b = rows(straight), rows(split)
     assert len(rows_a) == len(rows_b) == 3
     for ra, rb in zip(rows_a, rows_b):
         assert ra[:-1] == rb[:-1]  # every column but `seconds`
-    # the resumed run kept its configuration and recorded the new epoch count
-    assert json.loads((split / "config.json").read_text())["config"]["epochs"] == 2
+
+
+def test_budget_stop_in_the_middle_of_an_epoch_resumes_exactly(shards, tmp_path):
+    """A budget that ends inside epoch 2 leaves a mid-epoch checkpoint; resuming it finishes with
+    the weights of a run never stopped (plateau schedule: a budget would re-plan a cosine one)."""
+    now = [0.0]
+
+    def tick(epoch, step, stop):
+        now[0] += 10.0
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    fit.run(options(shards, straight, variant="v2", epochs=2, schedule="plateau"), hooks=quiet())
+    hooks = fit.Hooks(clock=lambda: now[0], after_step=tick, console=quiet().console)
+    stopped = fit.run(options(shards, split, variant="v2", epochs=2, schedule="plateau", time_budget="80s"),
+                      hooks=hooks)
+    assert stopped.exit_code == 0 and "into epoch 2" in stopped.message
+    last = torch.load(split / "checkpoints" / ckpt.LAST, weights_only=True)
+    assert last["epoch"] == 1 and 0 < last["epoch_step"] < 5 and last["state"] == "running"
+    assert [float(r[0]) for r in rows(split)[1:]] == [1.0, 1 + last["epoch_step"] / 5]  # a fractional row
+    resumed = fit.run({"out": str(split), "time_budget": "10h"}, resume=True, hooks=hooks)
+    assert resumed.exit_code == 0 and resumed.epochs_done == 2
+    assert_same_weights(straight, split)
+    final_a, final_b = rows(straight)[-1], rows(split)[-1]
+    assert final_a[:-1] == final_b[:-1]  # epoch 2: same training loss (restored sums), same validation
 
 
 def test_resume_refuses_other_shards_or_options_unless_forced(shards, other_shards, tmp_path):
     out = tmp_path / "run"
-    fit.run(options(shards, out, epochs=1), hooks=quiet())
+    fit.run(options(shards, out, epochs=1, schedule="plateau"), hooks=quiet())
 
     with pytest.raises(ConfigError, match="--shards") as info:
         fit.run({"out": str(out), "shards": str(other_shards), "epochs": 2}, resume=True, hooks=quiet())
@@ -153,26 +186,44 @@ def test_resume_refuses_other_shards_or_options_unless_forced(shards, other_shar
         fit.run(options(shards, out, epochs=1), hooks=quiet())
 
 
-def test_time_budget_stops_on_an_epoch_checkpoint(shards, tmp_path):
+def test_time_budget_holds_within_one_step_and_the_final_validation(shards, tmp_path):
     now = [1000.0]
 
     def tick(epoch, step, stop):
-        now[0] += 10.0  # every training step "takes" 10 s of the fake clock
+        now[0] += 10.0  # every training step "takes" 10 s of the fake clock; validation takes none
 
     hooks = fit.Hooks(clock=lambda: now[0], after_step=tick, console=quiet().console)
     out = tmp_path / "run"
-    # 18 training slices / batch 4 -> 5 steps = 50 s an epoch; the next one is projected at
-    # 50 * 1.05 + 5 = 57.5 s, so a 130 s budget runs 2 epochs (100 s) and refuses the third.
+    # 18 training slices / batch 4 -> 5 steps (50 s) an epoch: a 130 s budget ends inside epoch 3
     result = fit.run(options(shards, out, epochs=5, time_budget="130s"), hooks=hooks)
-    assert result.exit_code == 0 and result.epochs_done == 2
-    assert "time budget" in result.message and "--resume" in result.message
+    used = now[0] - 1000.0
+    assert result.exit_code == 0 and "time budget" in result.message and "--resume" in result.message
+    assert used <= 130.0  # the budget held
+    assert used >= 130.0 - 10.0 - 25.0  # and was not left unused by more than a step and a validation's reserve
     last = torch.load(out / "checkpoints" / ckpt.LAST, weights_only=True)
-    assert last["epoch"] == 2 and last["state"] == "running"
-    assert len(rows(out)) == 3
+    steps_in = last["epoch_step"]
+    assert last["epoch"] == 2 and steps_in == used / 10.0 - 10 and last["state"] == "running"
+    assert [float(r[0]) for r in rows(out)[1:]] == [1.0, 2.0, 2 + steps_in / 5]
+    assert last["steps"] == 10 + steps_in
 
     resumed = fit.run({"out": str(out), "time_budget": "10h"}, resume=True, hooks=hooks)
     assert resumed.epochs_done == 5
     assert torch.load(out / "checkpoints" / ckpt.LAST, weights_only=True)["state"] == "finished"
+    assert [float(r[0]) for r in rows(out)[1:]][-3:] == [3.0, 4.0, 5.0]
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine_per_step(shards, tmp_path):
+    out = tmp_path / "run"
+    fit.run(options(shards, out, epochs=3, warmup=2, lr=0.01), hooks=quiet())
+    lrs = [float(r[13]) for r in rows(out)[1:]]  # the rate of each epoch's last step
+    steps = 3 * 5
+    expected = []
+    for epoch in range(3):
+        s = 5 * epoch + 4  # 0-based step index of the epoch's last step; warm-up = min(2, 15 // 10) = 1 step
+        t = (s - 1) / (steps - 1)
+        expected.append(0.01 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))))
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert torch.load(out / "checkpoints" / ckpt.LAST, weights_only=True)["steps"] == steps
 
 
 def test_sigterm_stops_at_once_and_keeps_the_last_epoch(shards, tmp_path):
@@ -254,7 +305,8 @@ def test_ddp_two_ranks_on_gloo_match_a_single_process_evaluation(shards, tmp_pat
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
                str(script), "run", "--shards", str(shards), "--variant", "v1", "--out", str(out), "--epochs", "1",
-               "--batch-size", "2", "--lr", "0.01", "--workers", "0", "--base", "4", "--depth", "2", "--no-report"]
+               "--batch-size", "2", "--lr", "0.01", "--workers", "0", "--base", "4", "--depth", "2", "--no-report",
+               "--head-bias", "zero", "--schedule", "plateau"]  # as the seed trained: a tiny run that predicts tumour
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
