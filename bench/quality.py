@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import shlex
 import shutil
 import subprocess
@@ -108,35 +107,60 @@ def parse_contender(text: str) -> Contender:
     return Contender(name, shlex.split(options))
 
 
-def train_contender(c: Contender, shards: Path, work: Path, args: argparse.Namespace) -> None:
-    """Train one contender in a subprocess; record wall and CPU seconds (the whole process tree)."""
-    c.run_dir = work / "runs" / f"{args.label}-{c.name}"
-    shutil.rmtree(c.run_dir, ignore_errors=True)
+def contender_argv(c: Contender, shards: Path, args: argparse.Namespace) -> list[str]:
+    """The command that trains `c` (ours: `train run` as a user types it; the peer: bench/monai_peer.py)."""
     budget = args.budget if args.mode == "budget" else args.cap
     if c.options is None:
         argv = [sys.executable, str(BENCH / "monai_peer.py"), "--shards", str(shards), "--out", str(c.run_dir),
                 "--budget", str(budget), "--workers", str(args.peer_workers)]
         if args.mode == "converge":
             argv += ["--patience", str(args.patience)]
-    else:
-        argv = [*common.cli("train"), "run", "--shards", str(shards), "--out", str(c.run_dir), *c.options,
-                "--time-budget", f"{budget}s", "--device", "cpu", "--no-report"]
-        if "--epochs" not in c.options:
-            argv += ["--epochs", str(args.cap_epochs)]
-        if args.mode == "converge":
-            argv += ["--early-stop", str(args.patience)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=common.REPO)
-    c.wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    c.cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    c.load_after = common.load()
-    (c.run_dir / "train.log").parent.mkdir(parents=True, exist_ok=True)
-    (c.run_dir / "train.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        sys.exit(f"{c.name} failed (exit {done.returncode}): {' '.join(argv)}\n{done.stderr[-3000:]}")
-    read_curve(c)
+        return argv
+    argv = [*common.cli("train"), "run", "--shards", str(shards), "--out", str(c.run_dir), *c.options,
+            "--time-budget", f"{budget}s", "--device", "cpu", "--no-report"]
+    if "--epochs" not in c.options:
+        argv += ["--epochs", str(args.cap_epochs)]
+    if args.mode == "converge":
+        argv += ["--early-stop", str(args.patience)]
+    return argv
+
+
+def train_contenders(contenders: list[Contender], shards: Path, work: Path, args: argparse.Namespace) -> None:
+    """Train every contender: one after the other on all cores, or (`--parallel`) side by side,
+    each pinned to its own `--cores-per-run` cores with as many torch threads. Wall and CPU
+    seconds are measured per process tree (CPU: `os.wait4`'s rusage, children included)."""
+    for c in contenders:
+        c.run_dir = work / "runs" / f"{args.label}-{c.name}"
+        shutil.rmtree(c.run_dir, ignore_errors=True)
+        c.run_dir.mkdir(parents=True)
+    batches = [contenders] if args.parallel else [[c] for c in contenders]
+    cores = sorted(os.sched_getaffinity(0))
+    for batch in batches:
+        running = []
+        for i, c in enumerate(batch):
+            env = dict(os.environ)
+            pin = None
+            if args.parallel:
+                pin = set(cores[i * args.cores_per_run:(i + 1) * args.cores_per_run])
+                if len(pin) < args.cores_per_run:
+                    sys.exit(f"--parallel: {len(batch)} contenders x {args.cores_per_run} cores > {len(cores)} cores")
+                env["OMP_NUM_THREADS"] = str(args.cores_per_run)
+            print(f"training {c.name} ...", file=sys.stderr, flush=True)
+            log = open(c.run_dir / "train.log", "w")
+            proc = subprocess.Popen(contender_argv(c, shards, args), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    cwd=common.REPO, preexec_fn=(lambda p=pin: os.sched_setaffinity(0, p)) if pin else None)
+            running.append((c, proc, time.perf_counter(), log))
+        for c, proc, started, log in running:
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            c.wall = time.perf_counter() - started
+            c.cpu = usage.ru_utime + usage.ru_stime
+            c.load_after = common.load()
+            log.close()
+            if proc.returncode != 0:
+                tail = (c.run_dir / "train.log").read_text()[-3000:]
+                sys.exit(f"{c.name} failed (exit {proc.returncode}): {' '.join(contender_argv(c, shards, args))}\n{tail}")
+            read_curve(c)
 
 
 def read_curve(c: Contender) -> None:
@@ -183,8 +207,9 @@ def model_cost(c: Contender, size: int) -> None:
     c.gflop = counter.get_total_flops() / 1e9
 
 
-def score(c: Contender, shards: Path, source: Path, work: Path) -> None:
-    """`train evaluate --src` on the validation split, in this process (the peer's model is registered)."""
+def score(c: Contender, shards: Path, source: Path | None, work: Path) -> None:
+    """`train evaluate --src` on the validation split, in this process (the peer's model is
+    registered); without a source, the shard grid only (`--shards` given without `--src`)."""
     from rich.console import Console
 
     from train import evaluate
@@ -192,12 +217,14 @@ def score(c: Contender, shards: Path, source: Path, work: Path) -> None:
     results = evaluate.main(checkpoint=c.run_dir / "checkpoints" / "best.pt", shards=str(shards), split="val",
                             src=source, json_path=work / "eval" / f"{c.run_dir.name}.json", device="cpu",
                             batch_size=32, workers=0, console=Console(quiet=True))
-    native, grid = results["native_grid"]["summary"], results["shard_grid"]["summary"]
+    keys = (*CLASSES, "WT", "TC")
+    grid = results["shard_grid"]["summary"]
+    native = (results.get("native_grid") or {}).get("summary")
     c.scores = {
-        "native_dice": {k: native[k]["dice"]["mean"] for k in (*CLASSES, "WT", "TC")},
-        "native_hd95": {k: native[k]["hd95"]["mean"] for k in (*CLASSES, "WT", "TC")},
-        "grid_dice": {k: grid[k]["dice"]["mean"] for k in CLASSES},
-        "patients": results["native_grid"]["patients"],
+        "grid_dice": {k: grid[k]["dice"]["mean"] for k in keys},
+        "native_dice": {k: native[k]["dice"]["mean"] for k in keys} if native else None,
+        "native_hd95": {k: native[k]["hd95"]["mean"] for k in keys} if native else None,
+        "patients": results["shard_grid"]["patients"],
     }
 
 
@@ -271,7 +298,7 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 def render(contenders: list[Contender], check: dict | None, args: argparse.Namespace, info: dict,
-           png: Path | None) -> str:
+           png: Path | None, source: Path | None) -> str:
     mode = (f"equal budget: {args.budget:.0f} s of training each" if args.mode == "budget" else
             f"to convergence: until {args.patience} validations without gain, capped at {args.cap:.0f} s")
     command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -280,14 +307,19 @@ def render(contenders: list[Contender], check: dict | None, args: argparse.Names
              f"- data: {args.patients} synthetic BraTS 2020 patients (`etl synth`, shape {args.shape}, seed "
              f"{args.seed}), shards at {args.size}², split train 0.8 / val 0.2 (seed {args.seed}); scored on the "
              f"{contenders[0].scores.get('patients', '?')} validation patients",
-             "- every number is `train evaluate --src` of the contender's best checkpoint (best validation mean "
-             "Dice): per patient, then the mean over patients; native grid unless said", ""]
+             "- every number is `train evaluate " + ("--src" if source else "") + "` of the contender's best checkpoint "
+             "(best validation mean Dice): per patient, then the mean over patients; "
+             + ("native grid unless said" if source else "**shard grid** (no source given: no native grid, no HD95)"),
+             f"- {'side by side, each pinned to ' + str(args.cores_per_run) + ' cores' if args.parallel else 'one after the other, on all cores'}",
+             ""]
     header = ["contender", "options", "params", "GFLOP/slice", "steps", "epochs", "train s", "CPU s",
               "NEC/NET", "ED", "ET", "mean class", "WT", "TC", "ET", "mean region", "HD95 WT/TC/ET (mm)",
               "shard grid NEC/ED/ET", "load after"]
     rows = []
+    nan = {k: math.nan for k in (*CLASSES, "WT", "TC")}
     for c in contenders:
-        d, h, g = c.scores["native_dice"], c.scores["native_hd95"], c.scores["grid_dice"]
+        g = c.scores["grid_dice"]
+        d, h = c.scores["native_dice"] or g, c.scores["native_hd95"] or nan
         classes = [d[k] for k in CLASSES]
         regions = [d["WT"], d["TC"], d["ET"]]
         rows.append([c.name, " ".join(c.options) if c.options is not None else "MONAI UNet, DiceLoss, Adam, b16",
@@ -303,11 +335,12 @@ def render(contenders: list[Contender], check: dict | None, args: argparse.Names
         for c in contenders:
             if c is peer:
                 continue
-            gaps = [c.scores["native_dice"][k] - peer.scores["native_dice"][k] for k in CLASSES]
-            mean_gap = sum(gaps) / 3
-            lines.append(f"- {c.name} − peer: mean class Dice {mean_gap:+.3f} (NEC/NET {gaps[0]:+.3f}, ED "
-                         f"{gaps[1]:+.3f}, ET {gaps[2]:+.3f}); mean region Dice "
-                         f"{sum(c.scores['native_dice'][k] - peer.scores['native_dice'][k] for k in ('WT', 'TC', 'ET')) / 3:+.3f}")
+            ours_d = c.scores["native_dice"] or c.scores["grid_dice"]
+            peer_d = peer.scores["native_dice"] or peer.scores["grid_dice"]
+            gaps = [ours_d[k] - peer_d[k] for k in CLASSES]
+            region_gap = sum(ours_d[k] - peer_d[k] for k in ("WT", "TC", "ET")) / 3
+            lines.append(f"- {c.name} − peer: mean class Dice {sum(gaps) / 3:+.3f} (NEC/NET {gaps[0]:+.3f}, ED "
+                         f"{gaps[1]:+.3f}, ET {gaps[2]:+.3f}); mean region Dice {region_gap:+.3f}")
     if check is not None:
         lines += ["", f"Loader check ({contenders[0].name}'s recipe, batch {check['batch_size']}, {check['workers']} "
                       f"loader worker(s), {check['steps']} steps): {check['fed']:.2f} steps/s fed from the shards, "
@@ -354,6 +387,10 @@ def main() -> None:
     parser.add_argument("--cap", type=float, default=3600.0, help="seconds per contender at most (mode converge)")
     parser.add_argument("--cap-epochs", type=int, default=1000, help="--epochs for ours unless its options say")
     parser.add_argument("--peer-workers", type=int, default=1)
+    parser.add_argument("--shards", type=Path, default=None, help="use these shards instead of synthesising data")
+    parser.add_argument("--src", type=Path, default=None, help="with --shards: their source, for the native grid")
+    parser.add_argument("--parallel", action="store_true", help="train the contenders side by side (a big machine)")
+    parser.add_argument("--cores-per-run", type=int, default=2, help="with --parallel: cores (and threads) each")
     parser.add_argument("--starvation-steps", type=int, default=40, help="0 skips the loader check")
     parser.add_argument("--label", default=None, help="names the BENCHMARKS.md section (default: the mode)")
     parser.add_argument("--write", action="store_true", help="update bench/BENCHMARKS.md and the curves PNG")
@@ -369,10 +406,11 @@ def main() -> None:
     contenders = [parse_contender(t) for t in (args.contender or ["v1", "v2", PEER])]
     info = common.machine()
     args.work.mkdir(parents=True, exist_ok=True)
-    source, shards = prepare(args.work, args.patients, args.shape, args.size, args.seed)
-    for c in contenders:
-        print(f"training {c.name} ...", file=sys.stderr, flush=True)
-        train_contender(c, shards, args.work, args)
+    if args.shards is not None:
+        source, shards = args.src, args.shards
+    else:
+        source, shards = prepare(args.work, args.patients, args.shape, args.size, args.seed)
+    train_contenders(contenders, shards, args.work, args)
     check = None
     ours = [c for c in contenders if c.options is not None]
     if args.starvation_steps and ours:
@@ -389,7 +427,7 @@ def main() -> None:
     png = args.markdown.parent / f"quality-{args.label}.png" if args.write else None
     if png is not None:
         plot(contenders, png)
-    text = render(contenders, check, args, info, png)
+    text = render(contenders, check, args, info, png, source)
     print(text)
     if args.write:
         common.write_section(f"quality-{args.label}", text, args.markdown)
