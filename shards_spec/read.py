@@ -28,10 +28,7 @@ fsspec and zarr are imported inside the functions that need them, so `shards_spe
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
-import stat
 import uuid
 import warnings
 from pathlib import Path
@@ -40,11 +37,11 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 from . import formats, limits, remote
+from .checked_io import CHUNK, CheckedReader, check_local, open_regular
 from .codec import Record, member_limits
 from .errors import SpecError
 from .manifest import MANIFEST_NAME, Manifest, parse
 
-CHUNK = 1 << 20
 FILE_OVERHEAD_BYTES = 64 << 10
 """Allowance per listed file over the raw array bytes (tar headers, zarr metadata, codec framing)."""
 
@@ -64,29 +61,6 @@ def shard_root(root: str | Path) -> str:
     if path.name == MANIFEST_NAME and not path.is_dir():
         return str(path.parent)
     return text
-
-
-def open_regular(path: str | Path) -> BinaryIO:
-    """Open a local file for reading only if it is a regular file.
-
-    Opening a FIFO blocks until a writer appears, and a device can stream forever: opened
-    non-blocking and checked with `fstat` on the open descriptor (no window for a swap).
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
-            raise SpecError(f"is {kind}, not a regular file: refused", path)
-        if flags & getattr(os, "O_NONBLOCK", 0):
-            import fcntl
-
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def parse_storage_options(pairs: list[str] | tuple[str, ...] | None) -> dict:
@@ -113,88 +87,6 @@ def parse_storage_options(pairs: list[str] | tuple[str, ...] | None) -> dict:
         except ValueError:
             options[key] = value
     return options
-
-
-class _CheckedReader(io.RawIOBase):
-    """A read-only stream that refuses more than `size` bytes and checks size and sha256 at EOF.
-
-    With `reopen` (remote files), a transient read error reopens the file and skips what was
-    already read, checking that those bytes are unchanged, within the file's retry budget.
-    """
-
-    def __init__(self, raw: BinaryIO, *, size: int, sha256: str | None, name: str, reopen=None) -> None:
-        self._raw, self._size, self._sha256, self._name = raw, size, sha256, name
-        self._reopen = reopen
-        self._attempts = remote.Attempts(name) if reopen is not None else None
-        self._digest = hashlib.sha256()
-        self._seen = 0
-        self._checked = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        # Ask for one byte past the listed size at most, so an over-long file is noticed early.
-        want = min(len(view), self._size + 1 - self._seen)
-        data = self._read(want) if want > 0 else b""
-        if self._seen + len(data) > self._size:
-            raise SpecError(f"holds more than the {self._size} bytes the manifest lists", self._name)
-        view[: len(data)] = data
-        self._digest.update(data)
-        self._seen += len(data)
-        if not data and len(view):
-            self._finish()
-        return len(data)
-
-    def _read(self, want: int) -> bytes:
-        while True:
-            try:
-                return self._raw.read(want)
-            except Exception as exc:  # OSError, or a network library's own error type (aiohttp, botocore)
-                if self._attempts is None:
-                    raise SpecError(f"cannot be read ({remote.describe(exc)})", self._name) from None
-                self._attempts.failed(exc)
-                self._resume()
-
-    def _resume(self) -> None:
-        """Reopen after a failed read and skip the bytes already read, which must not have changed."""
-        try:
-            self._raw.close()
-        except Exception:  # noqa: BLE001 - the old connection is broken anyway
-            pass
-        self._raw = self._reopen()
-        again = hashlib.sha256()
-        left = self._seen
-        while left:
-            chunk = self._raw.read(min(CHUNK, left))
-            if not chunk:
-                raise OSError("the file ended early on a retry")
-            again.update(chunk)
-            left -= len(chunk)
-        if again.digest() != self._digest.copy().digest():
-            raise SpecError("changed while it was being read (its first bytes differ on a retry)", self._name)
-
-    def _finish(self) -> None:
-        if self._checked:
-            return
-        self._checked = True
-        if self._seen != self._size:
-            raise SpecError(f"holds {self._seen} bytes, the manifest lists {self._size}", self._name)
-        if self._sha256 is not None and self._digest.hexdigest() != self._sha256:
-            raise SpecError("sha256 differs from the manifest (corrupt or changed file)", self._name)
-
-    def drain(self) -> None:
-        """Read to the end, so the size and sha256 checks run."""
-        while self.read(CHUNK):
-            pass
-        self._finish()
-
-    def close(self) -> None:
-        try:
-            self._raw.close()
-        finally:
-            super().close()
 
 
 class ShardStore:
@@ -308,7 +200,7 @@ class ShardStore:
         digest = entry["sha256"]
         target = self.cache_dir / digest[:2] / digest
         if target.exists():
-            problem = _check_local(target, entry)
+            problem = check_local(target, entry)
             if problem is None:
                 return target
             warnings.warn(f"cached copy {target} of {entry['path']} {problem}: fetching it again", stacklevel=3)
@@ -326,7 +218,7 @@ class ShardStore:
             tmp.unlink(missing_ok=True)
         return target
 
-    def _stream(self, entry: dict, *, verify: bool) -> _CheckedReader:
+    def _stream(self, entry: dict, *, verify: bool) -> CheckedReader:
         """The file of `entry` from the source, bounded by its size, sha256-checked with `verify`."""
         name = self.location(entry["path"])
         reopen = None if self._base is None else (lambda: self._open_raw(entry["path"], entry["bytes"]))
@@ -334,14 +226,14 @@ class ShardStore:
             raw = self._open_raw(entry["path"]) if reopen is None else remote.with_retries(reopen, name)
         except (OSError, ValueError) as exc:
             raise SpecError(f"cannot be read ({remote.describe(exc)})", name) from None
-        return _CheckedReader(raw, size=entry["bytes"], sha256=entry["sha256"] if verify else None, name=name,
+        return CheckedReader(raw, size=entry["bytes"], sha256=entry["sha256"] if verify else None, name=name,
                               reopen=reopen)
 
     def read_file(self, entry: dict) -> bytes:
         """The whole verified content of one listed file."""
         with self.open_file(entry["path"], verify=True) as handle:
             data = handle.read()
-            if isinstance(handle, _CheckedReader):
+            if isinstance(handle, CheckedReader):
                 handle.drain()
         return data
 
@@ -441,16 +333,3 @@ class ShardStore:
             limits = member_limits(patients[pid]["slices"], channels, size)
             total += sum(limits.values()) + 3 * 512 + 64 * patients[pid]["slices"]
         return total + FILE_OVERHEAD_BYTES * len(shard["files"])
-
-
-def _check_local(path: Path, entry: dict) -> str | None:
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        return f"holds {size} bytes, the manifest lists {entry['bytes']}"
-    digest = hashlib.sha256()
-    with open_regular(path) as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    if digest.hexdigest() != entry["sha256"]:
-        return "has a sha256 other than the manifest's"
-    return None
