@@ -23,6 +23,7 @@ Nothing here depends on the shard format or the source layout: those are the reg
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from shards_spec.manifest import MANIFEST_NAME, content_digest, to_bytes
 from . import faults
 from . import plan as planlib
 from .assemble import assemble_content, make_provenance
-from .guard import OutputGuard, remove_partials
+from .guard import OutputGuard, recover_stash, refuse_foreign_files, remove_partials
 from .options import BuildOptions
 from .resume import append_journal, recover
 from .runner import Runner
@@ -46,17 +47,26 @@ __all__ = ["BuildOptions", "BuildSummary", "Reporter", "build_shards"]
 
 def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildSummary:
     """Run `etl build-shards` (see the module docstring for the recipe)."""
+    from shards_spec.lock import FolderLock
+
+    reporter = reporter or Reporter()
+    spec = opts.validate()
+    src = _source_folder(opts.src)  # absolute source paths: workers may run elsewhere
+    planlib.refuse_file(opts.out)
+    with _locked(FolderLock(opts.out, "etl build-shards"), reporter):  # one writer per out folder
+        return _build(opts, spec, src, reporter)
+
+
+def _build(opts: BuildOptions, spec: SplitSpec, src: Path, reporter: Reporter) -> BuildSummary:
     from .sources import source_fingerprint
     from .writers import writer
 
-    reporter = reporter or Reporter()
     started = time.time()
-    spec = opts.validate()
-    src, out = _source_folder(opts.src), opts.out  # absolute source paths: workers may run elsewhere
+    out = opts.out
     planlib.refuse_foreign(out)  # cheap, before the scan
 
     # 1. scan
-    found = scan_patients(src, opts.layout, opts.skip_bad, reporter.log)
+    found = scan_patients(src, opts.layout, opts.skip_bad, reporter.log, opts.max_patient_bytes)
     scan, refs, layout = found.scan, found.refs, found.scan.layout
 
     # 2. split and 3. plan, checked against the out folder
@@ -68,6 +78,7 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
                                  opts.compression, opts.patients_per_shard)
     plan = planlib.make_plan(options=opts.plan_options(layout, split_info), fingerprint=source_fingerprint(scan),
                              shards=shards, skipped=found.skipped)
+    adopted = recover_stash(out, plan, reporter.log)  # an interrupted --overwrite is put right first
     state = _out_state(out, plan, opts.overwrite)
     done, complete = recover(out, plan, state, writer(opts.format).root_key)
     if complete is not None:
@@ -78,20 +89,25 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
         remove_partials(out)
 
     # 4. the plan, then the missing shards; a data error puts the folder back as it was
-    guard = OutputGuard(out)
+    guard = OutputGuard(out, stashed=adopted)
     if state is planlib.OutState.OTHER:
         reporter.log(f"--overwrite: replacing the shards in {out} (kept aside until this build succeeds)")
         guard.stash()
-    root_files = _start_out(out, plan, state, opts.format, spec, guard)
-    tasks = make_tasks(plan, done, refs, opts, src, out, layout)
-    built, execution = run_shards(tasks, opts, out, done, len(plan["shards"]), reporter, guard)
+    try:
+        root_files = _start_out(out, plan, state, opts.format, spec, guard)
+        tasks = make_tasks(plan, done, refs, opts, src, out, layout)
+        built, execution = run_shards(tasks, opts, out, done, len(plan["shards"]), reporter, guard)
 
-    # 5. the manifest, last
-    content = assemble_content(plan, done, opts, layout, split_info, root_files)
-    for s in content["skipped"]:
-        reporter.log(f"skipped {s['patient']}: {s.get('file') or ''}: {s['problem']}")
-    provenance = make_provenance(opts, src, layout, plan, scan, execution, built, started)
-    _write_manifest(out, content, provenance, guard)
+        # 5. the manifest, last
+        content = assemble_content(plan, done, opts, layout, split_info, root_files)
+        for s in content["skipped"]:
+            reporter.log(f"skipped {s['patient']}: {s.get('file') or ''}: {s['problem']}")
+        provenance = make_provenance(opts, src, layout, plan, scan, execution, built, started)
+        _write_manifest(out, content, provenance, guard)
+    except KeyboardInterrupt:  # Ctrl-C: complete shards stay for a resume, but an --overwrite puts the old build back
+        if guard.stashed:
+            guard.rollback()
+        raise
     action = {planlib.OutState.PARTIAL: "resumed", planlib.OutState.COMPLETE: "repaired"}.get(state, "built")
     warnings = [f"{p}: {w}" for p, i in content["patients"].items() for w in i["warnings"]]
     return BuildSummary(out, action, content, provenance, shards_built=built, shards_kept=len(plan["shards"]) - built,
@@ -119,7 +135,24 @@ def _out_state(out: Path, plan: dict, overwrite: bool) -> planlib.OutState:
     if info.state is planlib.OutState.OTHER and not overwrite:
         shown = "; ".join(info.differences[:4]) + ("; ..." if len(info.differences) > 4 else "")
         raise planlib.OutputError(f"holds shards built with other options ({shown}); add --overwrite to replace them", out)
+    if info.state is planlib.OutState.OTHER:
+        refuse_foreign_files(out)  # --overwrite replaces a previous build, never the user's files
     return info.state
+
+
+@contextlib.contextmanager
+def _locked(lock, reporter: Reporter):
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise planlib.OutputError(f"cannot be written ({exc.strerror or exc})", exc.filename or lock.folder) from None
+    try:
+        if lock.stale:
+            reporter.log(f"{lock.folder}: taking over the lock of a build that is no longer running "
+                         f"(pid {lock.stale.get('pid')} on {lock.stale.get('host')})")
+        yield lock
+    finally:
+        lock.release()
 
 
 def _start_out(out: Path, plan: dict, state: planlib.OutState, fmt: str, spec: SplitSpec,
@@ -144,7 +177,8 @@ def make_tasks(plan: dict, done: dict, refs: dict, opts: BuildOptions, src: Path
         ShardTask(root=str(out.resolve()), path=s["path"], split=s["split"], format=opts.format,
                   refs=tuple(refs[p] for p in s["patients"]), size=opts.size, channels=tuple(opts.channels),
                   norm=opts.norm, keep_empty=opts.keep_empty, compression=opts.compression,
-                  source_options=options, skip_bad=opts.skip_bad, src=str(src), stop_file=planlib.STOP_NAME)
+                  source_options=options, skip_bad=opts.skip_bad, max_patient_bytes=opts.max_patient_bytes,
+                  src=str(src), stop_file=planlib.STOP_NAME)
         for s in plan["shards"] if s["path"] not in done
     ]
 

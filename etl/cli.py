@@ -53,6 +53,23 @@ def _shape(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
+          "t": 1 << 40, "tib": 1 << 40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def _bytes(flag: str, text: str) -> int:
+    """`4GiB`, `500MiB`, `2.5G`, `1000000` -> bytes."""
+    import re
+
+    from shards_spec.errors import ToolError
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ToolError(f"{flag} must be a size like 4GiB, 500MiB or 1000000 (bytes), got {text!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 def _command_line(ctx: typer.Context) -> tuple[str, ...]:
     """The running command as `etl <command> --option value ...` (options left at their default omitted)."""
     words = ["etl", ctx.info_name or ""]
@@ -95,19 +112,27 @@ def synth(
 
     from shards_spec.errors import ToolError
 
-    from .synth import LAYOUTS, synthesize
+    from .synth import LAYOUTS, check_arguments, synthesize
+    from .synth.folder import prepare
 
     if layout not in LAYOUTS:
         raise ToolError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if patients < 1:
         raise ToolError(f"--patients must be at least 1, got {patients}")
     dims = _shape(shape)
+    try:
+        check_arguments(patients, layout, dims, seed)
+    except ValueError as exc:  # e.g. a shape below the phantom's minimum
+        raise ToolError(f"--{str(exc).split()[0]}: {exc}") from None
     started = time.time()
-    with _progress("synthesising", patients) as advance:
-        written = synthesize(out, patients=patients, layout=layout, shape=dims, seed=seed,
-                             progress=lambda *_a, **_k: advance())
-    typer.echo(f"wrote {len(written)} patient(s) in the {layout} layout, shape {dims}, to {out} "
-               f"in {time.time() - started:.1f} s")
+    total, had = prepare(out, layout=layout, shape=dims, seed=seed, patients=patients)
+    if total == had:
+        typer.echo(f"{out} already holds {had} synthetic patient(s) with these options; nothing to add")
+        return
+    with _progress("synthesising", total) as advance:
+        synthesize(out, patients=total, layout=layout, shape=dims, seed=seed, progress=lambda *_a, **_k: advance())
+    added = f"added {total - had} patient(s) ({total} in all)" if had else f"wrote {total} patient(s)"
+    typer.echo(f"{added} in the {layout} layout, shape {dims}, to {out} in {time.time() - started:.1f} s")
 
 
 def _progress(title: str, total: int | None, console=None):
@@ -138,6 +163,7 @@ def build_shards(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Build the readable patients and list the others in the manifest."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a shard folder built with other options."),
     compress: str = typer.Option("none", "--compress", help="none | gz (WebDataset tars)."),
+    max_patient_memory: str = typer.Option("4GiB", "--max-patient-memory", help="Refuse a patient whose declared volume size needs more memory than this to load (about 28 bytes per voxel; BraTS needs 0.25 GiB), e.g. 8GiB or 500MiB."),
 ) -> None:
     """Turn a BraTS source folder into slice shards and a manifest.
 
@@ -157,7 +183,8 @@ def build_shards(
         src=src, out=out, format=format, size=size, channels=_csv(modalities) or (), split=split, folds=folds,
         seed=seed, workers=workers, scheduler=scheduler, norm=norm, patients_per_shard=patients_per_shard,
         layout=layout, source_options={"kaggle_channel_order": _csv(kaggle_channel_order)}, keep_empty=keep_empty,
-        skip_bad=skip_bad, overwrite=overwrite, compression=compress, command=_command_line(ctx),
+        skip_bad=skip_bad, overwrite=overwrite, compression=compress,
+        max_patient_bytes=_bytes("--max-patient-memory", max_patient_memory), command=_command_line(ctx),
     )
     summary = run_build(options, _RichReporter())
     _print_build_summary(summary)

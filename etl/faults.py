@@ -7,7 +7,8 @@ subprocess) and do nothing when unset:
 * `ETL_FAULT_AFTER_SHARDS=N`: the orchestrator stops as if it crashed after N shards of a run
   (raises `InjectedFault`: no roll-back runs, as after a crash);
 * `ETL_FAULT_KILL=1`, with the above: it SIGKILLs itself there instead (nothing of Python's
-  clean-up runs, as after `kill -9` or the OOM killer);
+  clean-up runs, as after `kill -9` or the OOM killer); `ETL_FAULT_KILL=INT` (or `TERM`, any
+  signal name) sends itself that signal instead, as a Ctrl-C (or `kill`) at that moment would;
 * `ETL_FAULT_KILL_WORKER=PATH`: the first task to create PATH (O_EXCL) SIGKILLs its own process
   after writing its shard and before returning, so a Dask worker dies mid-run with its output
   on disk.
@@ -32,8 +33,10 @@ def after_shard(built: int, done: int, total: int) -> None:
     value = os.environ.get(AFTER_SHARDS_ENV)
     if not value or built < int(value) or done >= total:
         return
-    if os.environ.get(KILL_ENV) == "1":
-        os.kill(os.getpid(), signal.SIGKILL)
+    kill = os.environ.get(KILL_ENV)
+    if kill:
+        os.kill(os.getpid(), signal.SIGKILL if kill == "1" else signal.Signals["SIG" + kill.upper()])
+        return  # a handled signal (SIGINT: KeyboardInterrupt) has been raised by now
     raise InjectedFault(f"{AFTER_SHARDS_ENV}={value}: stopping after {built} shard(s)")
 
 

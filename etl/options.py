@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards_spec.errors import ToolError
-from shards_spec.labels import CHANNELS, check_channels
+from shards_spec.labels import CHANNELS
 
+from .sources.base import MAX_PATIENT_BYTES, channel_problem
 from .split import SplitSpec, parse_split
 
 MAX_SIZE = 4096
@@ -46,6 +47,7 @@ class BuildOptions:
     skip_bad: bool = False
     overwrite: bool = False
     compression: str = "none"
+    max_patient_bytes: int = MAX_PATIENT_BYTES
     command: tuple[str, ...] = ()
 
     def validate(self) -> SplitSpec:
@@ -59,12 +61,13 @@ class BuildOptions:
             raise ToolError(f"--size must be between 1 and {MAX_SIZE}, got {self.size}")
         if self.patients_per_shard < 1:
             raise ToolError(f"--patients-per-shard must be at least 1, got {self.patients_per_shard}")
+        if self.max_patient_bytes < 1:
+            raise ToolError(f"--max-patient-memory must be positive, got {self.max_patient_bytes} bytes")
         if self.workers is not None and self.workers < 0:
             raise ToolError(f"--workers must be 0 (in this process) or more, got {self.workers}")
-        try:
-            check_channels(self.channels)
-        except ValueError as exc:
-            raise ToolError(f"--modalities: {exc}") from None
+        problem = channel_problem(self.channels)
+        if problem:
+            raise ToolError(f"--modalities: {problem}")
         self.resolved_source_options()
         _check_folders(self.src, self.out)
         return parse_split(self.split, self.folds, self.seed)

@@ -30,6 +30,7 @@ from enum import Enum
 from pathlib import Path
 
 from shards_spec.errors import SpecError, ToolError
+from shards_spec.lock import LOCK_NAME
 from shards_spec.manifest import MANIFEST_NAME, PLAN_NAME, SPEC_VERSION
 
 from .writers.files import write_atomic
@@ -40,6 +41,10 @@ STOP_NAME = ".build-stop"
 """Created by the orchestrator when a task failed: tasks that have not started return at once."""
 STASH_NAME = ".build-previous"
 """Where `--overwrite` sets the old content aside until the new build has succeeded."""
+DISCARD_NAME = ".build-discarded"
+"""The stash, renamed once the new build is committed, while it is being deleted."""
+BOOKKEEPING = (PLAN_NAME, MANIFEST_NAME, JOURNAL_NAME, STOP_NAME, STASH_NAME, DISCARD_NAME, LOCK_NAME)
+"""Names a build keeps at the top of the out folder, besides the shards."""
 
 
 class OutputError(ToolError):
@@ -116,11 +121,21 @@ def plan_differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
-def refuse_foreign(out: Path) -> None:
-    """Refuse a non-empty folder that no build made (the FOREIGN state), whatever the options."""
+def entries(out: Path) -> list[Path]:
+    """What `out` holds at its top, but the lock of the build that is looking."""
+    return [p for p in out.iterdir() if p.name != LOCK_NAME]
+
+
+def refuse_file(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a folder", out)
-    if out.is_dir() and any(out.iterdir()) and not (out / PLAN_NAME).exists() and not (out / MANIFEST_NAME).exists():
+
+
+def refuse_foreign(out: Path) -> None:
+    """Refuse a non-empty folder that no build made (the FOREIGN state), whatever the options."""
+    refuse_file(out)
+    ours = [name for name in (PLAN_NAME, MANIFEST_NAME, STASH_NAME) if (out / name).exists()]
+    if out.is_dir() and entries(out) and not ours:
         raise OutputError("is not empty and was not made by build-shards (no plan.json); choose an empty folder", out)
 
 
@@ -136,8 +151,7 @@ def inspect_out(out: Path, plan: dict) -> OutInfo:
         return OutInfo(OutState.EMPTY)
     if not out.is_dir():
         raise OutputError("exists and is not a folder", out)
-    entries = [p for p in out.iterdir()]
-    if not entries:
+    if not entries(out):
         return OutInfo(OutState.EMPTY)
     try:
         old = read_json(out / PLAN_NAME)

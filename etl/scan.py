@@ -25,13 +25,13 @@ class SourcePatients:
     skipped: list[dict]  # scan problems left out with --skip-bad: {patient, file, problem}
 
 
-def scan_patients(src: Path, layout: str | None, skip_bad: bool, log) -> SourcePatients:
+def scan_patients(src: Path, layout: str | None, skip_bad: bool, log, max_patient_bytes: int) -> SourcePatients:
     """Scan `src`; raise one SourceError listing the problems unless `skip_bad`."""
     from shards_spec.codec import KEY_PATTERN
 
     from .sources import scan_source, source
 
-    scan = scan_source(src, layout, require_labels=True, check_headers=True)
+    scan = scan_source(src, layout, require_labels=True, check_headers=True, max_patient_bytes=max_patient_bytes)
     for note in scan.notes:
         log(note)
     problems = list(scan.problems)

@@ -32,6 +32,7 @@ class ShardTask:
     compression: str
     source_options: tuple  # (name, value) pairs: the layout's options (etl.sources.SourceLayout)
     skip_bad: bool
+    max_patient_bytes: int
     src: str = ""
     stop_file: str = ""
 
@@ -82,7 +83,8 @@ def _load_and_preprocess(task: ShardTask, ref):
 
     from .sources import load_patient
 
-    volume = load_patient(ref, channels=task.channels, require_labels=True, **dict(task.source_options))
+    volume = load_patient(ref, channels=task.channels, require_labels=True, max_patient_bytes=task.max_patient_bytes,
+                          **dict(task.source_options))
     slices = preprocess_volume(volume.volume, volume.brain, volume.labels, size=task.size, norm=task.norm,
                                keep_empty=task.keep_empty)
     return volume, slices

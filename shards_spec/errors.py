@@ -8,6 +8,7 @@ and exit non-zero; other exceptions are bugs and keep their traceback.
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import Callable
 
 
@@ -42,7 +43,8 @@ def one_line(exc: ToolError) -> str:
 
 
 def run_cli(app: Callable[[], object], argv: list[str] | None = None) -> None:
-    """Run a typer app, turning `ToolError` into one line on stderr unless `--debug` is given."""
+    """Run a typer app, turning `ToolError` into one line on stderr and its exit code (2);
+    `--debug` prints the traceback before that line, with the same exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     if debug:
@@ -50,12 +52,12 @@ def run_cli(app: Callable[[], object], argv: list[str] | None = None) -> None:
     try:
         app(args=args, standalone_mode=True)  # type: ignore[call-arg]
     except ToolError as exc:
-        if debug:
-            raise
+        if debug:  # the traceback, and still the exit code a script checks
+            traceback.print_exc()
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         if debug:
-            raise
+            traceback.print_exc()
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Sequence
 
 from shards_spec.errors import SourceError
-from shards_spec.labels import CHANNELS, check_channels
+from shards_spec.labels import CHANNELS
 
 from . import kaggle, nifti
-from .base import PatientRef, PatientVolume, Scan, SourceLayout, relative_posix, require_folder
+from .base import (MAX_PATIENT_BYTES, PatientRef, PatientVolume, Scan, SourceLayout, channel_problem, relative_posix,
+                   require_folder)
 from .discover import MAX_DEPTH, MAX_FOLDERS, choose_layout, discover
 from .kaggle import KAGGLE_CHANNEL_ORDER, KAGGLE_ORDERS, check_kaggle_channel_order
 
@@ -52,6 +53,7 @@ __all__ = [
     "KAGGLE_ORDERS",
     "CHANNELS",
     "MAX_DEPTH",
+    "MAX_PATIENT_BYTES",
     "MAX_FOLDERS",
     "PatientRef",
     "PatientVolume",
@@ -80,7 +82,8 @@ def source(layout: str) -> SourceLayout:
 def detect_layout(root: Path | str) -> str:
     """The layout of the data under `root`; SourceError naming root if none or several."""
     root = require_folder(Path(root))
-    return choose_layout(root, discover(root, SOURCES), None, SOURCES)
+    found, problems = discover(root, SOURCES)
+    return choose_layout(root, found, None, SOURCES, problems)
 
 
 def scan_source(
@@ -89,18 +92,23 @@ def scan_source(
     *,
     require_labels: bool = True,
     check_headers: bool = True,
+    max_patient_bytes: int = MAX_PATIENT_BYTES,
 ) -> Scan:
     """Find and validate every patient under `root` (cheap: names, sizes and headers only).
 
     Patients with a problem are left out of `patients` and reported in `problems`, one
-    SourceError per problem; the caller decides whether to stop. Folders without a
+    SourceError per problem (also every entry under `root` the walk could not look at); the
+    caller decides whether to stop. Folders without a
     segmentation are listed in `unlabelled` and left out, unless `require_labels=False`, which
     keeps them as patients without 'seg'. A malformed CSV or an unusable root is raised.
     """
     root = require_folder(Path(root))
-    found = discover(root, SOURCES)
-    layout = choose_layout(root, found, layout, SOURCES)
-    return SOURCES[layout].scan(root, found[layout], require_labels=require_labels, check_headers=check_headers)
+    found, problems = discover(root, SOURCES)
+    layout = choose_layout(root, found, layout, SOURCES, problems)
+    scan = SOURCES[layout].scan(root, found[layout], require_labels=require_labels, check_headers=check_headers,
+                                max_patient_bytes=max_patient_bytes)
+    scan.problems[:0] = problems  # entries the walk could not look at: reported like bad patients
+    return scan
 
 
 def load_patient(
@@ -108,6 +116,7 @@ def load_patient(
     channels: Sequence[str] = CHANNELS,
     *,
     require_labels: bool = True,
+    max_patient_bytes: int = MAX_PATIENT_BYTES,
     **options,
 ) -> PatientVolume:
     """Read and validate one patient (the per-patient task of the ETL, and `predict`'s reader).
@@ -115,13 +124,14 @@ def load_patient(
     Returns the images in `channels` order, float32, background 0, as stored (no reorientation).
     Labels are loaded whenever the patient has a segmentation; `require_labels` makes a missing
     one an error. Bad data (non-finite values, labels outside the release's set, truncated
-    files, disagreeing shapes) raise SourceError naming the file. `options` are layout options
+    files, disagreeing shapes, a declared size needing more than `max_patient_bytes`) raise
+    SourceError naming the file. `options` are layout options
     (`kaggle_channel_order=`); each layout takes those it declares and ignores the others'.
     """
-    try:
-        channels = check_channels(list(channels))
-    except ValueError as exc:
-        raise SourceError(str(exc)) from None
+    problem = channel_problem(channels)
+    if problem:
+        raise SourceError(f"channels: {problem}")
+    channels = list(channels)
     unknown = sorted(set(options) - {name for s in SOURCES.values() for name in s.options})
     if unknown:
         raise TypeError(f"load_patient: no layout takes the option(s) {unknown}")
@@ -129,7 +139,7 @@ def load_patient(
         raise SourceError(f"patient {ref.id} has unknown layout {ref.layout!r}: expected one of {', '.join(LAYOUTS)}")
     layout = SOURCES[ref.layout]
     own = {name: value for name, value in options.items() if name in layout.options}
-    return layout.load(ref, channels, require_labels=require_labels, **own)
+    return layout.load(ref, channels, require_labels=require_labels, max_patient_bytes=max_patient_bytes, **own)
 
 
 def patient_from_folder(path: Path | str) -> PatientRef:

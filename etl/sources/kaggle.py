@@ -28,9 +28,10 @@ from typing import Sequence
 import numpy as np
 
 from shards_spec.errors import SourceError, ToolError
-from shards_spec.labels import CHANNELS, CONVENTION_OF_LAYOUT, check_channels, encode_onehot
+from shards_spec.labels import CHANNELS, CONVENTION_OF_LAYOUT, encode_onehot
 
-from .base import PatientRef, PatientVolume, Scan, SourceLayout, geometry_warnings, skull_strip_warning
+from .base import (MAX_PATIENT_BYTES, PatientRef, PatientVolume, Scan, SourceLayout, channel_problem,
+                   geometry_warnings, patient_size_problem, skull_strip_warning)
 from .kaggle_order import KAGGLE_CHANNEL_ORDER, KAGGLE_ORDERS, check_kaggle_channel_order, parse_order
 
 SLICE_NAME = re.compile(r"^volume_(\d+)_slice_(\d+)\.h5$")
@@ -57,28 +58,29 @@ class KaggleLayout(SourceLayout):
     def is_data_file(self, name: str) -> bool:
         return bool(SLICE_NAME.match(name))
 
-    def scan(self, root: Path, folders: list[Path], *, require_labels: bool, check_headers: bool) -> Scan:
+    def scan(self, root: Path, folders: list[Path], *, require_labels: bool, check_headers: bool,
+             max_patient_bytes: int = MAX_PATIENT_BYTES) -> Scan:
         if len(folders) > 1:
             shown = ", ".join(str(f) for f in folders[:4])
             raise SourceError(f"several folders hold volume_V_slice_S.h5 files ({shown}): point the source at one", root)
-        patients, problems, notes, inputs = scan_kaggle_folder(folders[0], root, check_headers)
+        patients, problems, notes, inputs = scan_kaggle_folder(folders[0], root, check_headers, max_patient_bytes)
         patients.sort(key=lambda p: p.id)
         notes.append(f"kaggle-h5: {len(patients)} volume(s) ready, {len(problems)} problem(s)")
         return Scan(layout=self.name, root=root, patients=patients, unlabelled=[], problems=problems, notes=notes,
                     inputs=inputs)
 
     def load(self, ref: PatientRef, channels: list[str], *, require_labels: bool,
+             max_patient_bytes: int = MAX_PATIENT_BYTES,
              kaggle_channel_order: Sequence[str] | str | None = None) -> PatientVolume:
         order = KAGGLE_CHANNEL_ORDER if kaggle_channel_order is None else kaggle_channel_order
-        return load_kaggle_patient(ref, channels, order, require_labels)
+        return load_kaggle_patient(ref, channels, order, require_labels, max_patient_bytes)
 
     def resolve_options(self, given: dict) -> dict:
         order = given.get(ORDER_OPTION)
         order = KAGGLE_CHANNEL_ORDER if order is None else tuple(order)
-        try:
-            check_channels(order)
-        except ValueError as exc:
-            raise ToolError(f"--kaggle-channel-order: {exc}") from None
+        problem = channel_problem(order)
+        if problem:
+            raise ToolError(f"--kaggle-channel-order: {problem}")
         if sorted(order) != sorted(CHANNELS):
             raise ToolError(f"--kaggle-channel-order must name all of {', '.join(CHANNELS)} once")
         return {ORDER_OPTION: order}
@@ -99,17 +101,13 @@ __all__ = ["KAGGLE_CHANNEL_ORDER", "KAGGLE_ORDERS", "SOURCE", "check_kaggle_chan
 # --------------------------------------------------------------------------------------- scan
 
 
-def scan_kaggle_folder(data_dir: Path, root: Path, check_headers: bool):
+def scan_kaggle_folder(data_dir: Path, root: Path, check_headers: bool, max_patient_bytes: int = MAX_PATIENT_BYTES):
     """(patients, problems, notes, inputs) of one folder of volume_V_slice_S.h5 files."""
-    slices: dict[int, dict[int, int]] = {}
-    with os.scandir(data_dir) as it:
-        for entry in it:
-            m = SLICE_NAME.match(entry.name)
-            if m and entry.is_file():
-                slices.setdefault(int(m.group(1)), {})[int(m.group(2))] = entry.stat().st_size
-    problems: list[SourceError] = []
+    slices, problems = _list_slices(data_dir)
     notes: list[str] = []
     inputs: list[tuple[str, int]] = []
+    if not slices:
+        return [], problems, notes, inputs
     depth = Counter(max(s) + 1 for s in slices.values()).most_common(1)[0][0]
     metadata = _metadata_csv(data_dir, root)
     if metadata is not None:
@@ -139,7 +137,11 @@ def scan_kaggle_folder(data_dir: Path, root: Path, check_headers: bool):
         first = data_dir / f"{name}_slice_0.h5"
         if check_headers:
             try:
-                _slice_shapes(first, None)
+                handle, image, _ = _slice_shapes(first, None)
+                with handle:
+                    too_big = patient_size_problem((*image.shape[:2], depth), first, max_patient_bytes)
+                if too_big:
+                    raise too_big
             except SourceError as exc:
                 problems.append(exc)
                 continue
@@ -155,6 +157,28 @@ def scan_kaggle_folder(data_dir: Path, root: Path, check_headers: bool):
         inputs.extend((f"{name}_slice_{s}.h5", have[s]) for s in sorted(have))
     notes.append(GEOMETRY_NOTE)
     return patients, problems, notes, inputs
+
+
+def _list_slices(data_dir: Path) -> tuple[dict[int, dict[int, int]], list[SourceError]]:
+    """(volume -> slice -> file size, slice entries whose type or size cannot be read)."""
+    slices: dict[int, dict[int, int]] = {}
+    problems: list[SourceError] = []
+    try:
+        with os.scandir(data_dir) as it:
+            for entry in it:
+                m = SLICE_NAME.match(entry.name)
+                if not m:
+                    continue
+                try:
+                    if entry.is_file():
+                        slices.setdefault(int(m.group(1)), {})[int(m.group(2))] = entry.stat().st_size
+                    elif not entry.is_dir():
+                        problems.append(SourceError("is a symbolic link to nothing", entry.path))
+                except OSError as exc:
+                    problems.append(SourceError(f"cannot be read ({exc.strerror or exc})", entry.path))
+    except OSError as exc:
+        problems.append(SourceError(f"cannot be listed ({exc.strerror or exc})", data_dir))
+    return slices, problems
 
 
 def _metadata_csv(data_dir: Path, root: Path) -> tuple[Path, int] | None:
@@ -191,10 +215,10 @@ def _slice_shapes(path: Path, expect: tuple[int, int] | None):
     except OSError as exc:
         raise SourceError(f"not a readable HDF5 file ({exc})", path) from None
     try:
-        missing = [k for k in ("image", "mask") if k not in handle]
+        missing = [k for k in ("image", "mask") if handle.get(k, getlink=True) is None]
         if missing:
             raise SourceError(f"has no {' or '.join(repr(k) for k in missing)} dataset (keys: {list(handle)})", path)
-        image, mask = handle["image"], handle["mask"]
+        image, mask = _stored_dataset(handle, "image", path), _stored_dataset(handle, "mask", path)
         if image.ndim != 3 or image.shape[2] != 4:
             raise SourceError(f"image has shape {image.shape}, expected (H, W, 4)", path)
         if mask.ndim != 3 or mask.shape[2] != 3 or mask.shape[:2] != image.shape[:2]:
@@ -207,15 +231,50 @@ def _slice_shapes(path: Path, expect: tuple[int, int] | None):
     return handle, image, mask
 
 
+def _stored_dataset(handle, key: str, path: Path):
+    """`handle[key]` if it is a dataset whose data lie inside this file, else a SourceError.
+
+    HDF5 can point a dataset at other files: an external link (`/image` -> another .h5), a
+    virtual dataset (mapped from other files), or external storage (raw bytes of any file, by
+    path and offset). Followed, any of them reads a file the user never meant to put into shards
+    (`/etc/passwd`, a key), so only hard links to contiguous, chunked or compact datasets (all
+    stored in the file itself) are read, checked before a byte of data is."""
+    import h5py
+
+    link = handle.get(key, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        raise SourceError(f"{key!r} is an HDF5 external link to {link.filename}:{link.path}; only data stored "
+                          "inside the file are read", path)
+    if not isinstance(link, h5py.HardLink):
+        raise SourceError(f"{key!r} is an HDF5 {type(link).__name__}; only datasets stored inside the file are read",
+                          path)
+    dataset = handle[key]
+    if not isinstance(dataset, h5py.Dataset):
+        raise SourceError(f"{key!r} is not a dataset", path)
+    if dataset.is_virtual:
+        raise SourceError(f"{key!r} is an HDF5 virtual dataset (its data lie in other files); only data stored "
+                          "inside the file are read", path)
+    external = dataset.external
+    if external:
+        raise SourceError(f"{key!r} uses HDF5 external storage ({os.fsdecode(external[0][0])}); only data stored inside the "
+                          "file are read", path)
+    layout = dataset.id.get_create_plist().get_layout()
+    if layout not in (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED, h5py.h5d.COMPACT):
+        raise SourceError(f"{key!r} has an HDF5 storage layout ({layout}) other than contiguous, chunked or compact",
+                          path)
+    return dataset
+
+
 # --------------------------------------------------------------------------------------- load
 
 
 def load_kaggle_patient(
-    ref: PatientRef, channels: list[str], order: Sequence[str] | str, require_labels: bool
+    ref: PatientRef, channels: list[str], order: Sequence[str] | str, require_labels: bool,
+    max_patient_bytes: int = MAX_PATIENT_BYTES,
 ) -> PatientVolume:
     """Read one volume's slices, find and zero its background, check the channel order."""
     order = parse_order(order)
-    raw, labels, dtype = _read_volume(ref)
+    raw, labels, dtype = _read_volume(ref, max_patient_bytes)
     brain, warnings, notes = _zero_background(raw, order, ref.id)
     shape = tuple(int(s) for s in raw.shape[1:])
     warnings += geometry_warnings(shape, None)
@@ -240,7 +299,7 @@ def load_kaggle_patient(
     )
 
 
-def _read_volume(ref: PatientRef) -> tuple[np.ndarray, np.ndarray, str]:
+def _read_volume(ref: PatientRef, max_patient_bytes: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(stored channels (4, H, W, D) float32, label map (H, W, D), image dtype) of one volume."""
     data_dir = Path(ref.files["slices"])
     volume_no, depth = int(ref.meta["volume"]), int(ref.meta["slices"])
@@ -256,6 +315,10 @@ def _read_volume(ref: PatientRef) -> tuple[np.ndarray, np.ndarray, str]:
         path = slice_path(s)
         handle, image_ds, mask_ds = _slice_shapes(path, None if planes is None else planes.shape[2:])
         with handle:
+            too_big = None if planes is not None else \
+                patient_size_problem((*image_ds.shape[:2], depth), path, max_patient_bytes)
+            if too_big:  # from the declared shape, before a voxel is read
+                raise too_big
             try:
                 image, mask = image_ds[()], mask_ds[()]
             except (OSError, ValueError, TypeError) as exc:

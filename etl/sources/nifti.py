@@ -21,7 +21,7 @@ from pathlib import Path
 from shards_spec.errors import SourceError
 from shards_spec.labels import CHANNELS, CONVENTION_OF_LAYOUT
 
-from .base import PatientRef, PatientVolume, Scan, SourceLayout, relative_posix, safe_id
+from .base import MAX_PATIENT_BYTES, PatientRef, PatientVolume, Scan, SourceLayout, relative_posix, safe_id
 from .csvmeta import read_csv_metadata
 from .nifti_volume import check_headers, load_nifti_patient
 
@@ -45,11 +45,13 @@ class NiftiLayout(SourceLayout):
     def is_patient_folder(self, name: str) -> bool:
         return bool(self.pattern.match(name))
 
-    def scan(self, root: Path, folders: list[Path], *, require_labels: bool, check_headers: bool) -> Scan:
-        return scan_nifti(root, self.name, folders, require_labels, check_headers)
+    def scan(self, root: Path, folders: list[Path], *, require_labels: bool, check_headers: bool,
+             max_patient_bytes: int = MAX_PATIENT_BYTES) -> Scan:
+        return scan_nifti(root, self.name, folders, require_labels, check_headers, max_patient_bytes)
 
-    def load(self, ref: PatientRef, channels: list[str], *, require_labels: bool, **options) -> PatientVolume:
-        return load_nifti_patient(ref, channels, require_labels, self.label_convention)
+    def load(self, ref: PatientRef, channels: list[str], *, require_labels: bool,
+             max_patient_bytes: int = MAX_PATIENT_BYTES, **options) -> PatientVolume:
+        return load_nifti_patient(ref, channels, require_labels, self.label_convention, max_patient_bytes)
 
 
 BRATS2020 = NiftiLayout("brats2020", r"^BraTS20_(Training|Validation|Testing)_\d{3,}$", "_",
@@ -143,7 +145,8 @@ def match_files(
     return files, problems, notes
 
 
-def scan_nifti(root: Path, layout: str, folders: list[Path], require_labels: bool, headers: bool) -> Scan:
+def scan_nifti(root: Path, layout: str, folders: list[Path], require_labels: bool, headers: bool,
+               max_patient_bytes: int = MAX_PATIENT_BYTES) -> Scan:
     """Every patient folder of `layout` under `root`, with the CSV metadata beside them."""
     scan = Scan(layout=layout, root=root, patients=[], unlabelled=[], problems=[], notes=[])
     csv_meta = _csv_metadata(scan, folders)
@@ -155,13 +158,16 @@ def scan_nifti(root: Path, layout: str, folders: list[Path], require_labels: boo
             continue
         seen[pid] = folder
         try:
-            entries = folder_entries(folder)
+            entries, unread = list_files(folder)
         except OSError as exc:
             scan.problems.append(SourceError(f"cannot be listed ({exc.strerror or exc})", folder))
             continue
+        if unread:
+            scan.problems += unread
+            continue
         files, problems, notes = match_files(folder, pid, layout, entries)
         if headers:
-            problems += check_headers({k: v for k, v in files.items() if entries.get(Path(v).name)})
+            problems += check_headers({k: v for k, v in files.items() if entries.get(Path(v).name)}, max_patient_bytes)
         scan.notes += notes
         if problems:
             scan.problems += problems
@@ -205,13 +211,30 @@ def _csv_metadata(scan: Scan, folders: list[Path]) -> dict[str, dict]:
 
 
 def folder_entries(folder: Path) -> dict[str, int]:
-    """File name -> size for the plain files of a folder (one directory listing)."""
-    entries = {}
+    """File name -> size for the plain files of a folder; the first unreadable entry is raised."""
+    entries, problems = list_files(folder)
+    if problems:
+        raise problems[0]
+    return entries
+
+
+def list_files(folder: Path) -> tuple[dict[str, int], list[SourceError]]:
+    """(file name -> size of the plain files of a folder, entries whose type or size cannot be read).
+
+    A link to nothing is such an entry: it may be the modality the folder should hold. Raises
+    OSError when the folder itself cannot be listed."""
+    entries: dict[str, int] = {}
+    problems: list[SourceError] = []
     with os.scandir(folder) as it:
         for entry in it:
-            if entry.is_file():
-                entries[entry.name] = entry.stat().st_size
-    return entries
+            try:
+                if entry.is_file():
+                    entries[entry.name] = entry.stat().st_size
+                elif entry.is_symlink() and not entry.is_dir():
+                    problems.append(SourceError("is a symbolic link to nothing", entry.path))
+            except OSError as exc:
+                problems.append(SourceError(f"cannot be read ({exc.strerror or exc})", entry.path))
+    return entries, problems
 
 
 def infer_folder_layout(folder: Path, entries: dict[str, int]) -> tuple[str, str] | None:

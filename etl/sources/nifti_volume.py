@@ -9,6 +9,7 @@ the header zooms and the affine from the image.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import zlib
@@ -20,16 +21,20 @@ from shards_spec.errors import SourceError
 from shards_spec.labels import CHANNELS, encode_labels
 from shards_spec.preprocess import brain_mask
 
-from .base import PatientRef, PatientVolume, geometry_warnings, skull_strip_warning
+from .base import (MAX_PATIENT_BYTES, PatientRef, PatientVolume, geometry_warnings, patient_size_problem,
+                   skull_strip_warning)
 
 AFFINE_TOLERANCE = 1e-3
+GZIP_SLACK_BYTES = 1 << 16
+"""Bytes a .nii.gz may hold beyond what its header declares (padding) before it is refused."""
 
 # What a damaged file raises while nibabel reads it (truncated gzip, short .nii, bad header).
 _READ_ERRORS = (OSError, EOFError, ValueError, TypeError, zlib.error, struct.error, IndexError)
 
 
-def check_headers(files: dict[str, str]) -> list[SourceError]:
-    """Header-level checks: readable NIfTI, 3D, same shape everywhere, uncompressed length."""
+def check_headers(files: dict[str, str], max_patient_bytes: int = MAX_PATIENT_BYTES) -> list[SourceError]:
+    """Header-level checks: readable NIfTI, 3D, a size within `max_patient_bytes`, same shape
+    everywhere, uncompressed length."""
     problems: list[SourceError] = []
     reference: tuple[str, tuple[int, ...]] | None = None
     for key in (*CHANNELS, "seg"):
@@ -52,9 +57,13 @@ def check_headers(files: dict[str, str]) -> list[SourceError]:
         if isinstance(shape, SourceError):
             problems.append(shape)
             continue
+        too_big = patient_size_problem(shape, path, max_patient_bytes)
+        if too_big:
+            problems.append(too_big)
+            continue
         if path.lower().endswith(".nii"):
             header = img.header
-            needed = int(header.get("vox_offset", 0)) + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
+            needed = int(header.get("vox_offset", 0)) + math.prod(shape) * header.get_data_dtype().itemsize
             if size < needed:
                 problems.append(
                     SourceError(f"truncated file: {size} bytes, its header needs {needed}", path)
@@ -110,8 +119,15 @@ def _whole_gzip(img, path: str, what: str):
         return img
     import gzip
 
+    header = img.header
+    cap = int(header.get("vox_offset", 0)) + math.prod(int(n) for n in img.shape) * header.get_data_dtype().itemsize \
+        + GZIP_SLACK_BYTES
     try:
-        raw = gzip.decompress(Path(path).read_bytes())
+        with gzip.open(path, "rb") as stream:
+            raw = stream.read(cap + 1)  # a shorter read is the stream's end: its CRC has been checked
+        if len(raw) > cap:
+            raise SourceError(f"its gzip stream holds more than the {cap} bytes its header declares (a gzip bomb?)",
+                              path)
         return type(img).from_bytes(raw)
     except _READ_ERRORS as exc:
         raise SourceError(
@@ -139,7 +155,8 @@ def _read_into(out: np.ndarray, img, path: str) -> None:
 
 
 def load_nifti_patient(
-    ref: PatientRef, channels: list[str], require_labels: bool, convention: str
+    ref: PatientRef, channels: list[str], require_labels: bool, convention: str,
+    max_patient_bytes: int = MAX_PATIENT_BYTES,
 ) -> PatientVolume:
     """Read one NIfTI patient.
 
@@ -165,6 +182,9 @@ def load_nifti_patient(
     for m, s in zip(order, shapes):
         if s != shape:
             raise SourceError(f"shape {_fmt(s)} differs from the {order[0]} image's {_fmt(shape)}", ref.files[m])
+    too_big = patient_size_problem(shape, ref.files[order[0]], max_patient_bytes)
+    if too_big:
+        raise too_big
 
     # Each channel Fortran-ordered, as NIfTI stores it: reading is then one straight copy (a C-order
     # target costs a transpose per channel), and an axial slice [..., d] is contiguous.

@@ -87,7 +87,7 @@ from etl.sources import LAYOUTS, KAGGLE_CHANNEL_ORDER
 from etl.synth import layouts
 from etl.synth.anatomy import MODALITIES, draw_patient, render
 
-__all__ = ["LAYOUTS", "synthesize"]
+__all__ = ["LAYOUTS", "check_arguments", "synthesize"]
 MIN_SHAPE = (16, 16, 8)
 MAX_SIDE = 1024
 MAX_PATIENTS = {"brats2020": 999, "brats2021": 60000, "brats2023": 60000, "kaggle-h5": 60000}
@@ -121,7 +121,7 @@ def synthesize(
 
     Raises ValueError on a bad argument, naming it and the allowed values.
     """
-    _check(patients, layout, shape, seed, quirk_355_at, kaggle_channel_order, kaggle_background)
+    check_arguments(patients, layout, shape, seed, quirk_355_at, kaggle_channel_order, kaggle_background)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shape = tuple(int(v) for v in shape)
@@ -168,7 +168,9 @@ def _as_int(value, name: str) -> int:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
-def _check(patients, layout, shape, seed, quirk_355_at, channel_order, background) -> None:
+def check_arguments(patients, layout, shape, seed, quirk_355_at=None, channel_order=KAGGLE_CHANNEL_ORDER,
+                    background=None) -> None:
+    """Raise ValueError naming the first bad argument of `synthesize` (before anything is written)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     if layout not in MAX_PATIENTS:

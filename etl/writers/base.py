@@ -10,6 +10,8 @@ registry) for the few things that differ between formats:
 * `write_root` / `root_key`  files written once per build outside any shard, and the content
                 key that lists them (zarr's group metadata: `zarr_groups`);
 * `storage`  the text the manifest records under `preprocessing.compression`;
+* `owned_paths`  what a plan's build writes (files, or folders written whole), so that
+                `--overwrite` can tell a previous build's files from the user's;
 * `compressions`  the `--compress` values the format accepts.
 
 Every file is written under a temporary name and renamed when whole (`shards_spec.fileio`), so
@@ -58,6 +60,10 @@ class Writer:
 
     def storage(self, compression: str) -> str:
         return compression
+
+    def owned_paths(self, shards: list[dict], splits: list[str]) -> set[str]:
+        """Paths (files, or folders with everything in them) that building `shards` writes."""
+        return {shard["path"] for shard in shards}
 
 
 __all__ = ["ShardOutput", "Writer"]

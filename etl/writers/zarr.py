@@ -108,5 +108,9 @@ class ZarrWriter(Writer):
     def storage(self, compression: str) -> str:
         return STORAGE
 
+    def owned_paths(self, shards: list[dict], splits: list[str]) -> set[str]:
+        groups = {f"{shard['split']}/{pid}" for shard in shards for pid in shard["patients"]}
+        return groups | {"zarr.json"} | {f"{split}/zarr.json" for split in splits}
+
 
 WRITER = ZarrWriter()

@@ -89,13 +89,15 @@ def test_bad_input_is_one_line_and_leaves_the_output_as_it_was(source_factory, t
     assert snapshot(out) == before
 
 
-def test_debug_shows_the_traceback(source_factory, tmp_path, capsys):
-    from shards_spec.errors import SourceError
-
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(source_factory, tmp_path, capsys):
     src = source_factory("brats2020", 4)
     missing_modality(src)
-    with pytest.raises(SourceError):
-        run_etl(["build-shards", "--src", src, "--out", tmp_path / "o", "--workers", "0", "--debug"], capsys)
+    args = ["build-shards", "--src", src, "--out", tmp_path / "o", "--workers", "0"]
+    plain, _, plain_err = run_etl(args, capsys)
+    code, _, err = run_etl([*args, "--debug"], capsys)
+    assert plain == code == 2
+    assert "Traceback (most recent call last)" in err and "shards_spec.errors.SourceError" in err
+    assert "Traceback" not in plain_err and error_line(err) == error_line(plain_err)
 
 
 def test_empty_source_and_missing_source(tmp_path, capsys):

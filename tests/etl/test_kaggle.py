@@ -112,7 +112,7 @@ def test_channel_order_option_is_validated(make_brats):
     assert load_patient(ref, ["flair"], kaggle_channel_order="flair,t1,t1ce,t2").volume.shape == (1, *SHAPE)
     with pytest.raises(SourceError, match="channel order must name each"):
         load_patient(ref, kaggle_channel_order=("flair", "t1", "t1", "t2"))
-    with pytest.raises(SourceError, match="channels must be distinct"):
+    with pytest.raises(SourceError, match="unknown modality 'pd'"):
         load_patient(ref, ["t1", "pd"])
 
 

@@ -102,14 +102,14 @@ class ToyLayout(SourceLayout):
     def is_data_file(self, name: str) -> bool:
         return bool(self.files.match(name))
 
-    def scan(self, root, folders, *, require_labels, check_headers) -> Scan:
+    def scan(self, root, folders, *, require_labels, check_headers, max_patient_bytes) -> Scan:
         (folder,) = folders
         patients = [PatientRef(id=f"toy{self.files.match(p.name).group(1)}", layout=self.name, files={"npz": str(p)})
                     for p in sorted(folder.iterdir()) if self.is_data_file(p.name)]
         return Scan(layout=self.name, root=root, patients=patients, unlabelled=[], problems=[], notes=[],
                     inputs=[(Path(r.files["npz"]).name, Path(r.files["npz"]).stat().st_size) for r in patients])
 
-    def load(self, ref, channels, *, require_labels, toy_reverse=False) -> PatientVolume:
+    def load(self, ref, channels, *, require_labels, max_patient_bytes, toy_reverse=False) -> PatientVolume:
         with np.load(ref.files["npz"]) as data:
             image, labels = data["image"].astype(np.float32), data["labels"]
         if toy_reverse:

@@ -1,0 +1,60 @@
+"""`etl synth --out` into a folder that already holds something: add only what stays consistent.
+
+A synthetic patient i is a function of (seed, i, layout, shape) alone, so a dataset can grow: the
+same layout, shape and seed with more patients rewrites patients 1..N byte for byte, adds the
+new ones and rewrites the CSVs to list all of them. Anything else would mix two datasets (a
+build would then take them as one), so it is refused, as is a folder `etl synth` did not make.
+The marker file says what a folder was made with; it is written before the first patient, so a
+run that was interrupted can be repeated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shards_spec.errors import ToolError
+from shards_spec.fileio import write_atomic
+
+MARKER = ".etl-synth.json"
+
+
+def prepare(out: Path, *, layout: str, shape: tuple[int, int, int], seed: int, patients: int) -> tuple[int, int]:
+    """Check `out` for a synthetic dataset of `patients` patients; (patients to write, already there).
+
+    Raises ToolError naming `out` when it holds files `etl synth` did not write, or a dataset
+    made with another layout, shape or seed. Writes the marker for the run that follows."""
+    made = {"layout": layout, "shape": list(shape), "seed": seed}
+    before = _existing(out)
+    if before is not None:
+        old = {k: before.get(k) for k in made}
+        if old != made:
+            shown = ", ".join(f"{k} {_text(old[k])}" for k in made if old[k] != made[k])
+            raise ToolError(f"holds a synthetic dataset made with {shown}; etl synth adds patients to it only "
+                            "with the same --layout, --shape and --seed (or choose another --out)", out)
+    had = int(before.get("patients", 0)) if before else 0
+    total = max(had, patients)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / MARKER, json.dumps({"tool": "etl synth", **made, "patients": total}, sort_keys=True) + "\n")
+    return total, had
+
+
+def _existing(out: Path) -> dict | None:
+    """What a previous `etl synth` recorded in `out`; None for a missing or empty folder."""
+    if out.exists() and not out.is_dir():
+        raise ToolError("exists and is not a folder", out)
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    try:
+        recorded = json.loads((out / MARKER).read_text())
+    except FileNotFoundError:
+        raise ToolError("is not empty and was not made by etl synth; choose a new or empty folder", out) from None
+    except (OSError, ValueError):
+        raise ToolError(f"holds an unreadable {MARKER}; choose a new or empty folder", out) from None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("patients"), int):
+        raise ToolError(f"holds an unreadable {MARKER}; choose a new or empty folder", out)
+    return recorded
+
+
+def _text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
