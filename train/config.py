@@ -104,12 +104,16 @@ class Config:
     warmup: int = 100
     early_stop: int | None = None
     head_bias: str = "prior"
+    stem: int = 1
 
     # ------------------------------------------------------------ derived values
 
     @property
     def model_kwargs(self) -> dict[str, Any]:
-        return {"base": self.base, "depth": self.depth, "batch_norm": self.batch_norm}
+        kwargs: dict[str, Any] = {"base": self.base, "depth": self.depth, "batch_norm": self.batch_norm}
+        if self.stem != 1:  # only when used, so checkpoints of models without the option still load
+            kwargs["stem"] = self.stem
+        return kwargs
 
     @property
     def time_budget_seconds(self) -> float | None:
@@ -204,6 +208,8 @@ def validate(config: Config) -> None:
     _choice(config, "on_bad_shard", POLICIES)
     _choice(config, "schedule", SCHEDULES)
     _choice(config, "head_bias", HEAD_BIASES)
+    if config.stem not in (1, 2) or isinstance(config.stem, bool):
+        raise ConfigError(f"--stem: must be 1 (none) or 2 (a stride-2 first convolution), got {config.stem!r}")
     channels = list(config.channels)
     if not channels or len(set(channels)) != len(channels) or any(c not in CHANNELS for c in channels):
         raise ConfigError(f"--channels: must be distinct names from {list(CHANNELS)}, got {channels}")

@@ -112,3 +112,24 @@ def test_attention_gate_is_a_multiplicative_mask():
     ratio = gated / skip
     assert ((ratio > 0) & (ratio < 1)).all()  # sigmoid weights in (0, 1)
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), atol=1e-5)  # one map for all channels
+
+
+@pytest.mark.parametrize("cls", [UNet, AttentionUNet])
+def test_stem_halves_every_level_and_adds_exactly_its_two_layers(cls):
+    plain, stemmed = cls(4, 3, base=8, depth=2), cls(4, 3, base=8, depth=2, stem=2)
+    # the stem: a 3x3 conv 4 -> 8 without bias + BN(8); the encoder's first conv then takes 8 channels,
+    # not 4; the un-stem: a 2x2 transposed conv 8 -> 8 with bias
+    stem = conv(4, 8, 3, False) + 2 * 8
+    first_conv_change = conv(8, 8, 3, False) - conv(4, 8, 3, False)
+    unstem = conv(8, 8, 2)
+    assert count_parameters(stemmed) == count_parameters(plain) + stem + first_conv_change + unstem
+    x = torch.randn(2, 4, 32, 32)
+    assert stemmed(x).shape == (2, 3, 32, 32)
+    feature_sizes = []
+    stemmed.encoder[0].register_forward_hook(lambda m, i, o: feature_sizes.append(o.shape[-1]))
+    stemmed(x)
+    assert feature_sizes == [16]  # the first level works at half resolution
+    with pytest.raises(ValueError, match="divisible by 2\\*\\*depth = 8"):
+        stemmed(torch.randn(1, 4, 20, 20))  # 20 is divisible by 4 = 2**depth but not by 8
+    with pytest.raises(ValueError, match="stem must be 1"):
+        cls(4, 3, stem=3)

@@ -29,8 +29,9 @@ class AttentionUNet(UNet):
         base: int = 32,
         depth: int = 4,
         batch_norm: bool = True,
+        stem: int = 1,
     ) -> None:
-        super().__init__(in_channels, out_channels, base, depth, batch_norm)
+        super().__init__(in_channels, out_channels, base, depth, batch_norm, stem)
         widths = [base * 2**i for i in range(depth)]
         self.gates = nn.ModuleList(
             AttentionGate(widths[i], widths[i], max(1, widths[i] // 2), batch_norm)
