@@ -186,7 +186,16 @@ def build_shards(
         skip_bad=skip_bad, overwrite=overwrite, compression=compress,
         max_patient_bytes=_bytes("--max-patient-memory", max_patient_memory), command=_command_line(ctx),
     )
-    summary = run_build(options, _RichReporter())
+    try:
+        summary = run_build(options, _RichReporter())
+    except KeyboardInterrupt:  # typer would exit 130 without a word
+        from shards_spec.errors import ToolError
+
+        kept = "the previous build is in place" if overwrite else \
+            "its complete shards are kept; the same command finishes the build"
+        error = ToolError(f"interrupted; {kept}", out)
+        error.exit_code = 130
+        raise error from None
     _print_build_summary(summary)
 
 

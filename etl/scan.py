@@ -72,11 +72,13 @@ def problem_patient(exc: SourceError, layout) -> str:
 
 
 def relative(path: str | None, src: Path) -> str | None:
-    """A source file path relative to the source root (content must not hold machine paths)."""
+    """A source file path relative to the source root (content must not hold machine paths); a
+    link is named where it lies, not where it points (it may point nowhere, or at itself)."""
     if path is None:
         return None
     try:
-        return Path(path).resolve().relative_to(src.resolve()).as_posix()
+        full = Path(path).parent.resolve() / Path(path).name
+        return full.relative_to(src.resolve()).as_posix()
     except ValueError:
         return Path(path).name
 

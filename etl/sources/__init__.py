@@ -35,7 +35,8 @@ from shards_spec.labels import CHANNELS
 from . import kaggle, nifti
 from .base import (MAX_PATIENT_BYTES, PatientRef, PatientVolume, Scan, SourceLayout, channel_problem, relative_posix,
                    require_folder)
-from .discover import MAX_DEPTH, MAX_FOLDERS, choose_layout, discover
+from . import discover as discovery
+from .discover import MAX_DEPTH, MAX_FOLDERS, choose_layout
 from .kaggle import KAGGLE_CHANNEL_ORDER, KAGGLE_ORDERS, check_kaggle_channel_order
 
 SOURCES: dict[str, SourceLayout] = {
@@ -82,7 +83,7 @@ def source(layout: str) -> SourceLayout:
 def detect_layout(root: Path | str) -> str:
     """The layout of the data under `root`; SourceError naming root if none or several."""
     root = require_folder(Path(root))
-    found, problems = discover(root, SOURCES)
+    found, problems = discovery.discover(root, SOURCES)
     return choose_layout(root, found, None, SOURCES, problems)
 
 
@@ -103,7 +104,7 @@ def scan_source(
     keeps them as patients without 'seg'. A malformed CSV or an unusable root is raised.
     """
     root = require_folder(Path(root))
-    found, problems = discover(root, SOURCES)
+    found, problems = discovery.discover(root, SOURCES)
     layout = choose_layout(root, found, layout, SOURCES, problems)
     scan = SOURCES[layout].scan(root, found[layout], require_labels=require_labels, check_headers=check_headers,
                                 max_patient_bytes=max_patient_bytes)

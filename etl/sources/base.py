@@ -103,7 +103,7 @@ def patient_size_problem(shape, path, max_bytes: int) -> "SourceError | None":
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 class SourceLayout:

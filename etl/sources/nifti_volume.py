@@ -57,9 +57,11 @@ def check_headers(files: dict[str, str], max_patient_bytes: int = MAX_PATIENT_BY
         if isinstance(shape, SourceError):
             problems.append(shape)
             continue
-        too_big = patient_size_problem(shape, path, max_patient_bytes)
+        too_big = None if reference is not None and shape == reference[1] else \
+            patient_size_problem(shape, path, max_patient_bytes)  # once per patient, and for an odd file
         if too_big:
             problems.append(too_big)
+            reference = reference or (key, shape)
             continue
         if path.lower().endswith(".nii"):
             header = img.header
