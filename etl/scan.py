@@ -30,6 +30,7 @@ def scan_patients(src: Path, layout: str | None, skip_bad: bool, log, max_patien
     from shards_spec.codec import KEY_PATTERN
 
     from .sources import scan_source, source
+    from .task import portable
 
     scan = scan_source(src, layout, require_labels=True, check_headers=True, max_patient_bytes=max_patient_bytes)
     for note in scan.notes:
@@ -47,7 +48,8 @@ def scan_patients(src: Path, layout: str | None, skip_bad: bool, log, max_patien
     if not refs:
         raise SourceError("holds no usable labelled patient" + (f" ({len(problems)} bad)" if problems else ""), src)
     skipped = sorted(
-        ({"patient": problem_patient(p, owner), "file": relative(p.path, src), "problem": p.problem} for p in problems),
+        ({"patient": problem_patient(p, owner), "file": relative(p.path, src), "problem": portable(p.problem, str(src))}
+         for p in problems),
         key=lambda s: (s["patient"], s["file"] or ""),
     )
     return SourcePatients(scan, refs, skipped)

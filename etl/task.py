@@ -63,9 +63,9 @@ def build_shard(task: ShardTask) -> dict:
                 problem = {"patient": ref.id, "file": portable(exc.path, task.src), "problem": exc.problem,
                            "path": exc.path}
                 if not task.skip_bad:
-                    result["failed"] = problem
+                    result["failed"] = problem  # said to the user as it is
                     return result
-                result["skipped"].append(problem)
+                result["skipped"].append({**problem, "problem": portable(exc.problem, task.src)})  # the manifest's
                 continue
             result["patients"][ref.id] = patient_entry(task, ref, volume, slices)
             del volume

@@ -288,3 +288,17 @@ def test_inspect_and_verify_name_what_the_user_typed(built_shards, tmp_path, cap
         code, _, err = run_cli_inprocess("etl", [command, missing], capsys)
         line = assert_one_line(code, err, str(missing), "does not exist")
         assert "FileNotFoundError" not in line and "manifest.json/manifest.json" not in line
+
+
+def test_skipped_problems_in_the_manifest_hold_no_machine_path(fresh_src, tmp_path, capsys):
+    """nibabel names the file by its absolute path in its message; the content must not (its digest
+    would then depend on where the source lies)."""
+    flair = next(fresh_src.rglob(f"{PATIENTS[0]}_flair.nii"))
+    flair.write_text("this is not an image\n" * 40)
+    out = tmp_path / "out"
+    code, _, err = run_cli_inprocess("etl", _args(fresh_src, out, "--skip-bad"), capsys)
+    assert code == 0, err
+    (skipped,) = _content(out)["skipped"]
+    assert skipped["file"] == f"{MICCAI}/{PATIENTS[0]}/{flair.name}"
+    assert flair.name in skipped["problem"] and str(fresh_src) not in skipped["problem"]
+    assert str(tmp_path) not in json.dumps(_content(out))
