@@ -41,4 +41,4 @@ def atomic_folder(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["TMP_SUFFIX", "atomic_folder", "atomic_path", "file_entry", "sha256_file", "write_atomic"]
+__all__ = ["TMP_SUFFIX", "atomic_folder", "atomic_path", "file_entry", "sha256_file", "temporary_name", "write_atomic"]

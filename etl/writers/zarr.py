@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import ShardOutput, Writer
-from .files import atomic_folder, file_entry
+from .files import atomic_folder, file_entry, temporary_name, write_atomic
 
 ZSTD_LEVEL = 3
 CHUNK_SLICES = 16
@@ -43,14 +43,25 @@ def _array(group, name: str, data, chunk_rows: int = CHUNK_SLICES) -> None:
 
 
 def write_root(root: Path, splits: list[str]) -> list[dict]:
-    """Group metadata of the root and of each split (written once, by the orchestrator)."""
+    """Group metadata of the root and of each split (written once, by the orchestrator).
+
+    zarr writes them in a temporary folder; each `zarr.json` is then written into place
+    atomically, so a crash never leaves a torn one that a resumed build could not open."""
+    import shutil
+
     import zarr
 
-    zarr.open_group(str(root), mode="a")
-    for split in splits:
-        zarr.open_group(str(root / split), mode="a")
-    files = [root / "zarr.json"] + [root / split / "zarr.json" for split in splits]
-    return [file_entry(root, f) for f in files]
+    scratch = temporary_name(root / "groups")
+    try:
+        zarr.open_group(str(scratch), mode="w")
+        for split in splits:
+            zarr.open_group(str(scratch / split), mode="w")
+        names = ["zarr.json"] + [f"{split}/zarr.json" for split in splits]
+        for name in names:
+            write_atomic(root / name, (scratch / name).read_bytes())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return [file_entry(root, root / name) for name in names]
 
 
 def write_patient(root: Path, split: str, key: str, slices) -> list[dict]:
