@@ -27,14 +27,15 @@ def test_presets(variant, model, channels, loss, augment):
     config = resolve({**REQUIRED, "variant": variant})
     assert (config.model, config.channels, config.loss, config.augment) == (model, channels, loss, augment)
     # shared by both variants
-    assert (config.epochs, config.val_split, config.target, config.amp) == (50, "val", "classes", True)
-    assert config.model_kwargs == {"base": 16, "depth": 4, "batch_norm": True}  # the CPU defaults
+    assert (config.epochs, config.val_split, config.target, config.amp) == (50, "val", "regions", True)
+    assert config.oversample_tumour == 2 and config.schedule == "cosine" and config.head_bias == "prior"
+    assert config.model_kwargs == {"base": 32, "depth": 4, "batch_norm": True, "stem": 2}  # the CPU defaults
     assert (config.batch_size, config.workers) == (16, 1)
 
 
 def test_device_defaults_size_a_new_run_and_options_still_win():
     gpu = resolve({**REQUIRED, "variant": "v2"}, device_kind="cuda")
-    assert (gpu.base, gpu.batch_size, gpu.workers) == (32, 32, 2)  # the seed's size on a GPU
+    assert (gpu.base, gpu.stem, gpu.batch_size, gpu.workers) == (32, 1, 32, 2)  # the seed's size on a GPU
     given = resolve({**REQUIRED, "variant": "v2", "base": 8, "batch_size": 4}, device_kind="cuda")
     assert (given.base, given.batch_size) == (8, 4)
     saved = resolve({"epochs": 3}, saved=gpu.to_dict())  # a resumed run keeps its own sizes on any device

@@ -59,7 +59,7 @@ def trained(data, tmp_path_factory):
     _, shards = data
     out = tmp_path_factory.mktemp("run") / "run"
     # the seed's zero output bias and plateau schedule: two tiny epochs that already predict some tumour
-    fit.run(dict(shards=str(shards), variant="v1", out=str(out), epochs=2, batch_size=8, workers=0, base=4, depth=2,
+    fit.run(dict(shards=str(shards), variant="v1", target="classes", stem=1, out=str(out), epochs=2, batch_size=8, workers=0, base=4, depth=2,
                  lr=0.01, seed=1, report=False, head_bias="zero", schedule="plateau"),
             hooks=fit.Hooks(console=quiet_console()))
     return out

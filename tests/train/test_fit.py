@@ -47,8 +47,9 @@ def other_shards(tmp_path_factory):
 
 
 def options(shards, out, **kw):
+    # the seed's classes target and one pass per slice: these tests count steps and read NEC/NET, ED, ET
     base = dict(shards=str(shards), variant="v1", out=str(out), epochs=2, batch_size=4, workers=0, base=4,
-                depth=2, lr=0.01, seed=3, report=False)
+                depth=2, lr=0.01, seed=3, report=False, target="classes", oversample_tumour=1, stem=1)
     base.update(kw)
     return base
 
@@ -306,7 +307,8 @@ def test_ddp_two_ranks_on_gloo_match_a_single_process_evaluation(shards, tmp_pat
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
                str(script), "run", "--shards", str(shards), "--variant", "v1", "--out", str(out), "--epochs", "1",
                "--batch-size", "2", "--lr", "0.01", "--workers", "0", "--base", "4", "--depth", "2", "--no-report",
-               "--head-bias", "zero", "--schedule", "plateau"]  # as the seed trained: a tiny run that predicts tumour
+               "--head-bias", "zero", "--schedule", "plateau", "--target", "classes", "--oversample-tumour", "1",
+               "--stem", "1"]  # as the seed trained: a tiny run that predicts tumour
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

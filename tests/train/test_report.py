@@ -38,7 +38,7 @@ def run_dir(tmp_path_factory):
     shards = make_shards(src, root / "shards", size=32, split="train=0.2,val=0.8")
     assert len(manifest_of(shards).patients_of("val")) == 3
     out = root / "run"
-    fit.run(dict(shards=str(shards), variant="v1", out=str(out), epochs=2, batch_size=8, workers=0, base=4, depth=2,
+    fit.run(dict(shards=str(shards), variant="v1", target="classes", stem=1, out=str(out), epochs=2, batch_size=8, workers=0, base=4, depth=2,
                  lr=0.01, seed=0, report=True), hooks=fit.Hooks(console=quiet_console()))
     return out
 

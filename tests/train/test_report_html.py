@@ -69,7 +69,7 @@ def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("html")
     shards = make_shards(make_source(root / "src", "brats2020", patients=4), root / "shards", size=32)
     out = root / "run"
-    fit.run(dict(shards=str(shards), variant="v1", out=str(out), epochs=3, batch_size=8, workers=0, base=4, depth=2,
+    fit.run(dict(shards=str(shards), variant="v1", target="classes", stem=1, out=str(out), epochs=3, batch_size=8, workers=0, base=4, depth=2,
                  lr=0.01, seed=0, report=False), hooks=fit.Hooks(console=Console(quiet=True)))
     report.main(out, device="cpu", console=Console(quiet=True))
     return out
