@@ -117,9 +117,16 @@ def _tracking_hooks(logger: str, tracking_uri: str | None, images_every: int) ->
     return None if tracker is None else Hooks(callbacks=[tracker])
 
 
+ENSEMBLE_HELP = ("A checkpoint (runs/NAME/checkpoints/best.pt); repeat it to ensemble several (their probabilities "
+                 "averaged), e.g. the folds of --val-split foldK.")
+TTA_HELP = "Average the predictions of each slice and its three mirror images (4x the inference time)."
+MIN_ET_HELP = ("BraTS post-processing: a patient whose predicted ET has fewer native voxels than this gets it "
+               "relabelled NEC/NET (0: off).")
+
+
 @app.command("evaluate", no_args_is_help=True)
 def evaluate_command(
-    checkpoint: Path = typer.Option(..., help="A checkpoint (runs/NAME/checkpoints/best.pt)."),
+    checkpoint: List[Path] = typer.Option(..., help=ENSEMBLE_HELP),
     shards: str = typer.Option(..., help="Shard folder or URL."),
     split: str = typer.Option("val", help="Split to evaluate."),
     src: Optional[Path] = typer.Option(None, help="BraTS source folder: also score on the native grid (the headline number)."),
@@ -131,6 +138,8 @@ def evaluate_command(
     cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here, re-verified by sha256 on every use."),
     storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", help=STORAGE_OPTION_HELP),
     lesion_wise: bool = typer.Option(False, "--lesion-wise", help="With --src: also the official BraTS lesion-wise Dice and HD95 per region (WT, TC, ET)."),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help=TTA_HELP),
+    min_et_voxels: int = typer.Option(0, help=MIN_ET_HELP),
 ) -> None:
     """Slice-level and patient-level (3D) Dice, precision, recall and HD95 of a checkpoint.
 
@@ -141,19 +150,22 @@ def evaluate_command(
     """
     from . import evaluate
 
-    evaluate.main(checkpoint=checkpoint, shards=shards, split=split, src=src, json_path=json_path, csv_path=csv_path,
+    evaluate.main(checkpoint=list(checkpoint), shards=shards, split=split, src=src, json_path=json_path, csv_path=csv_path,
                   device=device, batch_size=batch_size, workers=workers, cache_dir=cache_dir,
-                  storage_options=_storage_options(storage_option), lesion_wise=lesion_wise)
+                  storage_options=_storage_options(storage_option), lesion_wise=lesion_wise, tta=tta,
+                  min_et_voxels=min_et_voxels)
 
 
 @app.command("predict", no_args_is_help=True)
 def predict_command(
-    checkpoint: Path = typer.Option(..., help="A checkpoint (runs/NAME/checkpoints/best.pt)."),
+    checkpoint: List[Path] = typer.Option(..., help=ENSEMBLE_HELP + " An .onnx from `train export` runs under onnxruntime."),
     input: List[str] = typer.Option(..., "--input", help="A patient folder, a folder of patients, or one NAME=PATH per modality (repeat --input)."),
     out: Path = typer.Option(..., help="Segmentation to write (SEG.nii.gz; a folder for a folder of patients), in the input's geometry and labels."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(32, help="Slices per batch."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write the three sigmoid channels beside each segmentation."),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help=TTA_HELP),
+    min_et_voxels: int = typer.Option(0, help=MIN_ET_HELP),
 ) -> None:
     """Segment NIfTI volumes with a checkpoint.
 
@@ -164,8 +176,8 @@ def predict_command(
     """
     from . import predict
 
-    predict.main(checkpoint=checkpoint, inputs=list(input), out=out, device=device, batch_size=batch_size,
-                 probabilities=probabilities)
+    predict.main(checkpoint=list(checkpoint), inputs=list(input), out=out, device=device, batch_size=batch_size,
+                 probabilities=probabilities, tta=tta, min_et_voxels=min_et_voxels)
 
 
 @app.command("report", no_args_is_help=True)

@@ -46,7 +46,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -87,11 +87,14 @@ class EvaluateError(ToolError):
     """Shards or a source that this checkpoint cannot be evaluated on."""
 
 
-def main(checkpoint: Path, shards: str, split: str = "val", src: Path | None = None, json_path: Path | None = None,
-         device: str = "auto", batch_size: int = 32, workers: int = 2, cache_dir: str | None = None,
-         csv_path: Path | None = None, console: Any = None, storage_options: dict | None = None,
-         lesion_wise: bool = False) -> dict:
-    """Evaluate `checkpoint` on `split` of `shards` (and on `src`); print, write and return the results."""
+def main(checkpoint: Path | Sequence[Path], shards: str, split: str = "val", src: Path | None = None,
+         json_path: Path | None = None, device: str = "auto", batch_size: int = 32, workers: int = 2,
+         cache_dir: str | None = None, csv_path: Path | None = None, console: Any = None,
+         storage_options: dict | None = None, lesion_wise: bool = False, tta: bool = False,
+         min_et_voxels: int = 0) -> dict:
+    """Evaluate `checkpoint` (or an ensemble of several) on `split` of `shards` (and on `src`); print,
+    write and return the results. `tta` and `min_et_voxels` (`inference.InferenceOptions`) apply
+    to the patient levels; the slice level stays the trainer's validation of the first checkpoint."""
     from rich.console import Console
 
     from shards_spec.read import ShardStore
@@ -103,7 +106,11 @@ def main(checkpoint: Path, shards: str, split: str = "val", src: Path | None = N
         raise EvaluateError(f"--workers: must be >= 0, got {workers}")
     if lesion_wise and src is None:
         raise EvaluateError("--lesion-wise: needs --src (lesion-wise scores are taken on the native grid)")
-    loaded = inference.load_model(checkpoint, device)
+    if min_et_voxels < 0:
+        raise EvaluateError(f"--min-et-voxels: must be >= 0, got {min_et_voxels}")
+    paths = inference.checkpoint_paths(checkpoint)
+    options = inference.InferenceOptions(tta=tta, min_et_voxels=min_et_voxels)
+    loaded = inference.load_ensemble(paths, device, options=options)
     store = ShardStore(shards, cache_dir=cache_dir, storage_options=storage_options)
     manifest = store.manifest
     manifest.require_split(split)
@@ -113,7 +120,7 @@ def main(checkpoint: Path, shards: str, split: str = "val", src: Path | None = N
         console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
 
     results: dict[str, Any] = {
-        "checkpoint": {"path": str(checkpoint), "epoch": loaded.epoch, "variant": loaded.variant,
+        "checkpoint": {"path": str(paths[0]), "ensemble": [str(p) for p in paths], "epoch": loaded.epoch, "variant": loaded.variant,
                        "model": loaded.config.get("model"), "channels": loaded.channels, "target": loaded.target,
                        "best_mean_dice": loaded.best_mean_dice},
         "shards": str(shards),
@@ -121,6 +128,8 @@ def main(checkpoint: Path, shards: str, split: str = "val", src: Path | None = N
         "manifest_digest": {"checkpoint": loaded.manifest_digest, "shards": manifest.digest,
                             "match": loaded.manifest_digest == manifest.digest},
         "threshold": inference.THRESHOLD,
+        "inference": {"tta": tta, "min_et_voxels": min_et_voxels, "models": len(paths),
+                      "applies_to": "shard_grid and native_grid (slice_level is the first checkpoint's validation)"},
         "warnings": warnings,
     }
     results["slice_level"] = slice_level(loaded, store, split, batch_size, workers)
@@ -224,6 +233,7 @@ def shard_grid_patients(loaded: inference.LoadedModel, store: Any, split: str, b
     selects what the patient's image holds (default: the model's inputs, in its order)."""
     from .data import iter_patients
     from .metrics import probs_to_labels
+    from .postprocess import relabel_small_et, scaled_threshold
 
     wanted = channels or loaded.channels
     index = [wanted.index(c) for c in loaded.channels]
@@ -231,6 +241,9 @@ def shard_grid_patients(loaded: inference.LoadedModel, store: Any, split: str, b
         probs = inference.predict_slices(loaded, patient.image[:, index], batch_size)
         pred = probs_to_labels(probs, loaded.target, threshold=inference.THRESHOLD, channel_axis=1)
         pred[np.all(patient.image == 0, axis=1)] = 0  # background as the shards store it
+        if loaded.options.min_et_voxels:
+            threshold = scaled_threshold(loaded.options.min_et_voxels, patient.info.get("source_shape"), loaded.size)
+            pred = relabel_small_et(pred, threshold)
         yield ShardPatient(patient, pred, patient_counts(pred, patient.mask))
 
 

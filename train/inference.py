@@ -14,8 +14,16 @@ A volume goes through the very recipe the ETL cut the shards with, then back, in
    bilinear) — labels are decided after resizing, never resized themselves, so the label rule
    sees smooth probabilities on the grid it is scored on;
 5. decide labels by the checkpoint's target (`train.metrics.probs_to_labels`, threshold 0.5:
-   classes -> argmax channel above the threshold, regions -> ET, else NEC/NET where TC, else ED
-   where WT) and zero everything outside the native brain mask.
+   the nested regions, innermost first: ET, else NEC/NET where TC, else ED where WT; for
+   `classes` the regions' probabilities are sums of the classes') and zero everything outside the
+   native brain mask;
+6. optionally, the BraTS post-processing (`train.postprocess`): a patient whose predicted ET is
+   smaller than `min_et_voxels` gets it relabelled NEC/NET.
+
+Two options change step 3 (`InferenceOptions`; both measured in README "Quality"): `tta`
+averages the probabilities of the slice and its three mirror images (W, H, both), flipped back;
+an ensemble (`load_ensemble`: several checkpoints of the same channels, target and
+preprocessing, such as the folds of `--val-split foldK`) averages its members' probabilities.
 
 An ONNX file from `train export` can stand in for the checkpoint in `predict` (`load_model(...,
 onnx=True)`): step 1 then reads the same settings from the config stored in the file and runs
@@ -43,11 +51,24 @@ from . import checkpoint as ckpt
 
 DEVICES = ("auto", "cpu", "cuda")
 THRESHOLD = 0.5
-"""Probability above which a channel counts as present (DESIGN "The two variants")."""
+"""Probability above which a channel (or a region's summed class probabilities) counts as present."""
 
 
 class InferenceError(ToolError):
     """A checkpoint that cannot be applied to this input (channels, shapes, settings)."""
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How probabilities are made and labels decided beyond the checkpoint itself."""
+
+    tta: bool = False  # average the four mirrorings (none, W, H, both)
+    min_et_voxels: int = 0  # BraTS post-processing: ET below this many native voxels becomes NEC/NET
+
+    def describe(self) -> str:
+        parts = ["mirroring TTA" if self.tta else "no TTA"]
+        parts.append(f"ET below {self.min_et_voxels} voxels -> NEC/NET" if self.min_et_voxels else "no post-processing")
+        return ", ".join(parts)
 
 
 @dataclass
@@ -68,6 +89,8 @@ class LoadedModel:
     config: dict
     best_mean_dice: float | None = None
     warnings: list[str] = field(default_factory=list)
+    members: list = field(default_factory=list)  # every model whose probabilities are averaged (`model` first)
+    options: InferenceOptions = InferenceOptions()
 
     @property
     def channel_names(self) -> tuple[str, ...]:
@@ -120,7 +143,39 @@ def load_model(path: str | Path, device: str = "auto", *, onnx: bool = False) ->
         raise InferenceError(f"checkpoint weights do not fit its model {spec.get('name')!r} ({reason[:160]})",
                              path) from None
     loaded.model, loaded.device = model.to(torch_device).eval(), torch_device
+    loaded.members = [loaded.model]
     return loaded
+
+
+ENSEMBLE_KEYS = ("channels", "target", "size", "norm")
+
+
+def checkpoint_paths(checkpoint: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One `--checkpoint` or several (an ensemble) as a list of paths."""
+    if isinstance(checkpoint, (str, Path)):
+        return [Path(checkpoint)]
+    return [Path(p) for p in checkpoint]
+
+
+def load_ensemble(paths: Sequence[str | Path], device: str = "auto", *, onnx: bool = False,
+                  options: InferenceOptions = InferenceOptions()) -> LoadedModel:
+    """One model, or several averaged: the first checkpoint describes the inputs; every other must
+    take the same channels, target and preprocessing (refused in one line otherwise)."""
+    paths = list(paths)
+    if not paths:
+        raise InferenceError("--checkpoint: give at least one")
+    loaded = [load_model(p, device, onnx=onnx) for p in paths]
+    first = loaded[0]
+    for other in loaded[1:]:
+        differs = [k for k in ENSEMBLE_KEYS if getattr(other, k) != getattr(first, k)]
+        if other.preprocessing.get("brain_mask") != first.preprocessing.get("brain_mask"):
+            differs.append("brain mask")
+        if differs:
+            raise InferenceError(f"cannot be ensembled with {first.path}: its {', '.join(differs)} differ", other.path)
+        first.members.append(other.model)
+        first.warnings += [w for w in other.warnings if w not in first.warnings]
+    first.options = options
+    return first
 
 
 def _describe(payload: dict, path: Path) -> LoadedModel:
@@ -200,6 +255,7 @@ def load_onnx(path: Path, device: str = "auto") -> LoadedModel:
     except Exception as exc:  # onnxruntime's own error types (InvalidGraph, Fail, ...)
         raise ExportError(f"onnxruntime cannot load it ({str(exc).strip().splitlines()[0][:160]})", path) from None
     loaded.model = OnnxModel(session)
+    loaded.members = [loaded.model]
     loaded.device = torch.device("cuda" if use_cuda else "cpu")
     return loaded
 
@@ -212,25 +268,40 @@ def apply_model(model: Any, batch: Any) -> Any:
         return torch.sigmoid(model(batch).float())
 
 
-def predict_slices(loaded: LoadedModel, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Probabilities float32 (S, 3, size, size) of preprocessed slices (S, C, size, size)."""
-    import torch
+MIRRORS = ((), (-1,), (-2,), (-2, -1))
+"""Axes flipped by test-time augmentation: none, W, H, both."""
 
+
+def predict_slices(loaded: LoadedModel, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Probabilities float32 (S, 3, size, size) of preprocessed slices (S, C, size, size): the mean
+    over the ensemble's members and, with `options.tta`, over the mirrorings (each flipped back)."""
     if batch_size < 1:
         raise InferenceError(f"--batch-size: must be >= 1, got {batch_size}")
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[1] != len(loaded.channels):
         raise InferenceError(f"slices of shape {images.shape} do not fit a model of {len(loaded.channels)} "
                              f"channels ({','.join(loaded.channels)})")
+    members = loaded.members or [loaded.model]
+    mirrors = MIRRORS if loaded.options.tta else MIRRORS[:1]
     out = np.empty((images.shape[0], 3, *images.shape[2:]), dtype=np.float32)
-    if isinstance(loaded.model, OnnxModel):
-        for start in range(0, images.shape[0], batch_size):
-            out[start:start + batch_size] = loaded.model.probabilities(images[start:start + batch_size])
-        return out
     for start in range(0, images.shape[0], batch_size):
-        batch = torch.from_numpy(images[start:start + batch_size].astype(np.float32)).to(loaded.device)
-        out[start:start + batch_size] = apply_model(loaded.model, batch).cpu().numpy()
+        batch = images[start:start + batch_size].astype(np.float32)
+        total = np.zeros((batch.shape[0], 3, *batch.shape[2:]), dtype=np.float64)
+        for model in members:
+            for axes in mirrors:
+                view = np.flip(batch, axes) if axes else batch
+                probs = _probabilities(model, loaded.device, np.ascontiguousarray(view))
+                total += np.flip(probs, axes) if axes else probs
+        out[start:start + batch_size] = total / (len(members) * len(mirrors))
     return out
+
+
+def _probabilities(model: Any, device: Any, batch: np.ndarray) -> np.ndarray:
+    if isinstance(model, OnnxModel):
+        return model.probabilities(batch)
+    import torch
+
+    return apply_model(model, torch.from_numpy(batch).to(device)).cpu().numpy()
 
 
 def check_input_channels(loaded: LoadedModel, available: Sequence[str], where: object = None) -> None:
@@ -269,6 +340,10 @@ def predict_volume(loaded: LoadedModel, volume: np.ndarray, brain: np.ndarray, *
         if probs_out is not None:
             probs_out[..., start:stop] = np.moveaxis(native, 0, -1)
     labels[~brain] = 0
+    if loaded.options.min_et_voxels:
+        from .postprocess import relabel_small_et
+
+        labels = relabel_small_et(labels, loaded.options.min_et_voxels)
     if probs_out is not None:
         probs_out[:, ~brain] = 0.0
     return VolumePrediction(labels=labels, probabilities=probs_out, channel_names=loaded.channel_names)
@@ -276,12 +351,15 @@ def predict_volume(loaded: LoadedModel, volume: np.ndarray, brain: np.ndarray, *
 
 __all__ = [
     "InferenceError",
+    "InferenceOptions",
     "LoadedModel",
     "OnnxModel",
     "THRESHOLD",
     "VolumePrediction",
     "apply_model",
     "check_input_channels",
+    "checkpoint_paths",
+    "load_ensemble",
     "load_model",
     "load_onnx",
     "predict_slices",

@@ -78,15 +78,20 @@ class Written:
     warnings: list[str]
 
 
-def main(checkpoint: Path, inputs: Sequence[Path | str], out: Path, device: str = "auto", batch_size: int = 32,
-         probabilities: bool = False, console: Any = None) -> list[Written]:
-    """Predict every patient `inputs` names (see the module docstring) and write the NIfTI files."""
+def main(checkpoint: Path | Sequence[Path], inputs: Sequence[Path | str], out: Path, device: str = "auto",
+         batch_size: int = 32, probabilities: bool = False, console: Any = None, tta: bool = False,
+         min_et_voxels: int = 0) -> list[Written]:
+    """Predict every patient `inputs` names (see the module docstring) and write the NIfTI files;
+    several checkpoints are an ensemble (their probabilities averaged)."""
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
     if batch_size < 1:
         raise PredictError(f"--batch-size: must be >= 1, got {batch_size}")
-    loaded = inference.load_model(checkpoint, device, onnx=True)
+    if min_et_voxels < 0:
+        raise PredictError(f"--min-et-voxels: must be >= 0, got {min_et_voxels}")
+    options = inference.InferenceOptions(tta=tta, min_et_voxels=min_et_voxels)
+    loaded = inference.load_ensemble(inference.checkpoint_paths(checkpoint), device, onnx=True, options=options)
     for line in loaded.warnings:
         console.print(f"warning: {line}")
     jobs, batch, skipped = plan_jobs(inputs, Path(out))
@@ -94,7 +99,8 @@ def main(checkpoint: Path, inputs: Sequence[Path | str], out: Path, device: str 
         console.print(f"warning: skipped: {problem}")
     console.print(f"{loaded.path}: {loaded.config.get('model', '?')} epoch {loaded.epoch}, channels "
                   f"{','.join(loaded.channels)}, target {loaded.target}, grid {loaded.size}x{loaded.size}, "
-                  f"norm {loaded.norm}, device {loaded.device}; {len(jobs)} patient(s)")
+                  f"norm {loaded.norm}, device {loaded.device}, {len(loaded.members)} model(s), "
+                  f"{loaded.options.describe()}; {len(jobs)} patient(s)")
     if not batch:
         written = [predict_patient(loaded, jobs[0], batch_size, probabilities, console)]
     else:

@@ -89,10 +89,10 @@ def test_run_passes_options_and_exit_code(monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv,name,expected", [
     (["evaluate", "--checkpoint", "c.pt", "--shards", "s", "--json", "e.json", "--csv", "p.csv"], "evaluate",
-     {"checkpoint": Path("c.pt"), "shards": "s", "split": "val", "src": None, "json_path": Path("e.json"),
+     {"checkpoint": [Path("c.pt")], "shards": "s", "split": "val", "src": None, "json_path": Path("e.json"),
       "csv_path": Path("p.csv")}),
     (["predict", "--checkpoint", "c.pt", "--input", "t1ce=a.nii.gz", "--input", "flair=b.nii.gz", "--out", "seg.nii.gz"],
-     "predict", {"checkpoint": Path("c.pt"), "inputs": ["t1ce=a.nii.gz", "flair=b.nii.gz"], "out": Path("seg.nii.gz"),
+     "predict", {"checkpoint": [Path("c.pt")], "inputs": ["t1ce=a.nii.gz", "flair=b.nii.gz"], "out": Path("seg.nii.gz"),
                  "device": "auto", "probabilities": False}),
 ])
 def test_commands_call_their_modules(monkeypatch, capsys, argv, name, expected):
