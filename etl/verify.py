@@ -20,9 +20,10 @@ import numpy as np
 
 from shards_spec.errors import SpecError
 from shards_spec.labels import LABEL_NAMES, class_voxels
+from shards_spec.lock import LOCK_NAME
 from shards_spec.manifest import MANIFEST_NAME, PLAN_NAME
 
-EXPECTED_EXTRA = (MANIFEST_NAME, PLAN_NAME)
+EXPECTED_EXTRA = (MANIFEST_NAME, PLAN_NAME, LOCK_NAME)  # the lock a killed build may leave
 
 
 class VerifyError(SpecError):

@@ -276,7 +276,7 @@ def shard_grid(loaded: inference.LoadedModel, store: Any, split: str, batch_size
 def native_grid(loaded: inference.LoadedModel, manifest: Any, split: str, src: Path, batch_size: int,
                 console: Any, lesion_wise: bool = False) -> dict:
     """Patient-level scores on the native grid from the source volumes (level 3, the headline)."""
-    from etl.sources import load_patient, scan_source
+    from etl.sources import SOURCES, load_patient, scan_source
 
     from .metrics import patient_scores
 
@@ -293,14 +293,16 @@ def native_grid(loaded: inference.LoadedModel, manifest: Any, split: str, src: P
         console.print(f"[yellow]warning:[/yellow] {len(missing)} of {len(wanted)} patient(s) of {split!r} not found "
                       f"(or unreadable) in --src, left out: {', '.join(missing[:5])}"
                       + (f" ... ({'; '.join(reasons[:2])})" if reasons else ""), highlight=False)
-    order = source.get("kaggle_channel_order") or ("flair", "t1", "t1ce", "t2")
+    layout = SOURCES.get(scan.layout)
+    # the layout's own options as the ETL recorded them (e.g. the Kaggle channel order), else its defaults
+    layout_options = layout.resolve_options(source) if layout is not None else {}
     empty = {k: {"both_empty": 0, "truth_empty_pred_not": 0, "pred_empty_truth_not": 0} for k in PATIENT_KEYS}
     per_patient, warnings = [], []
     present = [p for p in wanted if p in by_id]
     with Progress(console, f"patients of {split} (native grid, --src)", len(present)) as advance:
         for pid in present:
             ref = by_id[pid]
-            volume = load_patient(ref, channels=loaded.channels, kaggle_channel_order=order, require_labels=True)
+            volume = load_patient(ref, channels=loaded.channels, require_labels=True, **layout_options)
             expected = manifest.content["patients"][pid].get("source_shape")
             if expected is not None and list(volume.shape) != list(expected):
                 warnings.append(f"{pid}: source shape {'x'.join(map(str, volume.shape))} differs from the "
