@@ -110,14 +110,17 @@ class Config:
     early_stop: int | None = None
     head_bias: str = "prior"
     stem: int = 1
+    deep_supervision: bool = False
 
     # ------------------------------------------------------------ derived values
 
     @property
     def model_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"base": self.base, "depth": self.depth, "batch_norm": self.batch_norm}
-        if self.stem != 1:  # only when used, so checkpoints of models without the option still load
+        if self.stem != 1:  # only when used, so checkpoints of models without the options still load
             kwargs["stem"] = self.stem
+        if self.deep_supervision:
+            kwargs["deep_supervision"] = True
         return kwargs
 
     @property
@@ -235,7 +238,7 @@ def validate(config: Config) -> None:
     _at_least(config, "plateau_factor", 0.0, float)
     if not 0 < config.plateau_factor < 1:
         raise ConfigError(f"--plateau-factor: must be in (0, 1), got {config.plateau_factor}")
-    for name in ("batch_norm", "amp", "report"):
+    for name in ("batch_norm", "amp", "report", "deep_supervision"):
         if not isinstance(getattr(config, name), bool):
             raise ConfigError(f"{option_name(name)}: must be true or false, got {getattr(config, name)!r}")
     if config.time_budget is not None:

@@ -29,7 +29,7 @@ from .config import ConfigError, Config, check_against_manifest, differences, op
 from .rundir import default_out, metric_columns
 from .trainer import Hooks, Result, Setup, Trainer
 
-ARCHITECTURE = ("variant", "model", "channels", "base", "depth", "batch_norm", "stem")
+ARCHITECTURE = ("variant", "model", "channels", "base", "depth", "batch_norm", "stem", "deep_supervision")
 """Options a resumed run cannot change even with --force: the weights would not fit (or, for
 the variant, the run would claim a preset its model does not follow)."""
 

@@ -74,6 +74,25 @@ register_loss("dice", dice_loss)
 register_loss("dice_bce", dice_bce_loss)
 
 
+DEEP_SUPERVISION_WEIGHTS = (4.0, 2.0, 1.0)
+"""Weights of the output and the auxiliary outputs at 1/2 and 1/4 resolution (nnU-Net's 1, 1/2,
+1/4), normalised to sum to 1."""
+
+
+def deep_supervision_loss(loss: Callable[[Tensor, Tensor], Tensor], outputs: tuple[Tensor, ...],
+                          target: Tensor) -> Tensor:
+    """The weighted sum of `loss` over a deeply supervised model's outputs, each against the
+    target downsampled to its size by nearest neighbour (`nearest-exact`, as the shards' labels)."""
+    weights = DEEP_SUPERVISION_WEIGHTS[:len(outputs)]
+    total = sum(weights)
+    value = 0.0
+    for weight, logits in zip(weights, outputs):
+        scaled = target if logits.shape[-2:] == target.shape[-2:] else F.interpolate(
+            target.float(), size=logits.shape[-2:], mode="nearest-exact")
+        value = value + (weight / total) * loss(logits, scaled)
+    return value
+
+
 def build_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     """The loss registered as `name` ('dice' for v1, 'dice_bce' for v2)."""
     if name not in LOSSES:

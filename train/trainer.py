@@ -391,10 +391,16 @@ class Trainer:
         self.scaler.update()
         import torch
 
+        main = logits[0] if isinstance(logits, tuple) else logits
         with torch.no_grad():
-            return engine.slice_losses(self.compute_loss, logits.detach().float(), mask)
+            return engine.slice_losses(self.compute_loss, main.detach().float(), mask)
 
     def compute_loss(self, logits: Any, mask: Any) -> Any:
+        """The configured loss; over every output of a deeply supervised model (a tuple)."""
+        if isinstance(logits, tuple):
+            from .losses import deep_supervision_loss
+
+            return deep_supervision_loss(self.loss_fn, logits, mask)
         return self.loss_fn(logits, mask)
 
     def set_learning_rate(self) -> None:

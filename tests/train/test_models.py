@@ -133,3 +133,28 @@ def test_stem_halves_every_level_and_adds_exactly_its_two_layers(cls):
         stemmed(torch.randn(1, 4, 20, 20))  # 20 is divisible by 4 = 2**depth but not by 8
     with pytest.raises(ValueError, match="stem must be 1"):
         cls(4, 3, stem=3)
+
+
+def test_deep_supervision_adds_outputs_in_training_only_and_weights_their_losses():
+    from train.losses import deep_supervision_loss
+
+    model = AttentionUNet(4, 3, base=4, depth=3, deep_supervision=True)
+    x = torch.randn(2, 4, 32, 32)
+    out, half, quarter = model.train()(x)
+    assert out.shape == (2, 3, 32, 32) and half.shape == (2, 3, 16, 16) and quarter.shape == (2, 3, 8, 8)
+    assert model.eval()(x).shape == (2, 3, 32, 32)  # inference sees one output
+    plain = AttentionUNet(4, 3, base=4, depth=3)
+    assert count_parameters(model) == count_parameters(plain) + conv(8, 3, 1) + conv(16, 3, 1)
+    # the loss: 4:2:1 over the outputs, each against the target downsampled by nearest neighbour
+    target = (torch.rand(2, 3, 32, 32) > 0.5).float()
+    seen = []
+
+    def record(logits, t):
+        seen.append((tuple(logits.shape), t[0, 0].clone()))
+        return torch.tensor(float(len(seen)))  # 1, 2, 3: easy to weigh by hand
+
+    value = deep_supervision_loss(record, (out, half, quarter), target)
+    assert value.item() == pytest.approx((4 * 1 + 2 * 2 + 1 * 3) / 7)
+    assert [s for s, _ in seen] == [(2, 3, 32, 32), (2, 3, 16, 16), (2, 3, 8, 8)]
+    # nearest-exact at a factor of 2 takes the pixel at floor((i + 0.5) * 2) = 2i + 1 (the shards' label rule)
+    assert torch.equal(seen[1][1], target[0, 0, 1::2, 1::2])

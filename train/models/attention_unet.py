@@ -30,8 +30,9 @@ class AttentionUNet(UNet):
         depth: int = 4,
         batch_norm: bool = True,
         stem: int = 1,
+        deep_supervision: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, base, depth, batch_norm, stem)
+        super().__init__(in_channels, out_channels, base, depth, batch_norm, stem, deep_supervision)
         widths = [base * 2**i for i in range(depth)]
         self.gates = nn.ModuleList(
             AttentionGate(widths[i], widths[i], max(1, widths[i] // 2), batch_norm)

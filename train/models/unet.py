@@ -15,6 +15,12 @@ transposed convolution before the head, as MONAI's `UNet` with a strided first l
 level then works at half the resolution, which cuts the FLOPs per slice about 4x at the same
 widths (bench/quality.py measures what that buys on a CPU). H and W must then be divisible by
 2**(depth + 1).
+
+`deep_supervision=True` adds 1x1 output heads on the decoder's levels at 1/2 and 1/4 of the
+output resolution (nnU-Net's deep supervision, without its two lowest scales): in training mode
+`forward` then returns a tuple (output, aux at 1/2, aux at 1/4), and `deep_supervision_loss`
+weighs their losses 4:2:1 against targets downsampled by nearest neighbour. In eval mode (and so
+in `predict`, `evaluate` and exported models) it returns the output alone.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class UNet(nn.Module):
         depth: int = 4,
         batch_norm: bool = True,
         stem: int = 1,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
@@ -69,12 +76,16 @@ class UNet(nn.Module):
             DoubleConv(2 * widths[i], widths[i], batch_norm) for i in reversed(range(depth))
         )
         self.head = nn.Conv2d(widths[0], out_channels, kernel_size=1)
+        # decoder step -> its auxiliary head: the last steps before the output (1/2, then 1/4)
+        self.aux_steps = [s for s in (depth - 2, depth - 3) if s >= 0] if deep_supervision else []
+        self.aux_heads = nn.ModuleList(nn.Conv2d(widths[depth - 1 - s], out_channels, kernel_size=1)
+                                       for s in self.aux_steps)
 
     def gate_skip(self, step: int, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """What decoder step `step` concatenates: the plain skip here; gated in `AttentionUNet`."""
         return skip
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         check_spatial(x, self.depth + (self.stem_stride == 2))
         if self.stem is not None:
             x = self.stem(x)
@@ -84,10 +95,16 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
+        aux = {}
         for step, (up, level) in enumerate(zip(self.up, self.decoder)):
             x = up(x)
             skip = self.gate_skip(step, skips.pop(), x)
             x = level(torch.cat([skip, x], dim=1))
+            if self.training and step in self.aux_steps:
+                aux[step] = x
         if self.unstem is not None:
             x = self.unstem(x)
-        return self.head(x)
+        out = self.head(x)
+        if not aux:
+            return out
+        return (out, *(head(aux[s]) for s, head in zip(self.aux_steps, self.aux_heads)))
