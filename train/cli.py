@@ -94,6 +94,7 @@ def run_command(
     batch_norm: Optional[bool] = typer.Option(None, "--batch-norm/--no-batch-norm", help="Batch norm after every convolution (default on)."),
     stem: Optional[int] = typer.Option(None, help="1: none; 2: a stride-2 first convolution, every level at half resolution (~4x fewer FLOPs)."),
     deep_supervision: Optional[bool] = typer.Option(None, "--deep-supervision/--no-deep-supervision", help="Also train outputs at 1/2 and 1/4 resolution (nnU-Net's deep supervision) (default off)."),
+    context: Optional[int] = typer.Option(None, help="2.5D input: each slice with its N neighbours on each side as extra channels (0..3; default 0)."),
     logger: str = typer.Option("csv", help="Also log to tensorboard (RUN/tensorboard/) or mlflow (--tracking-uri); csv: metrics.csv only. Not saved with the run."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default)."),
     log_images_every: int = typer.Option(5, help="With --logger: a validation overlay picture every N epochs and after the last (0: none)."),

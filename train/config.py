@@ -111,6 +111,7 @@ class Config:
     head_bias: str = "prior"
     stem: int = 1
     deep_supervision: bool = False
+    context: int = 0
 
     # ------------------------------------------------------------ derived values
 
@@ -122,6 +123,11 @@ class Config:
         if self.deep_supervision:
             kwargs["deep_supervision"] = True
         return kwargs
+
+    @property
+    def in_channels(self) -> int:
+        """The model's input channels: each channel of the slice and of its 2K neighbours (2.5D)."""
+        return len(self.channels) * (2 * self.context + 1)
 
     @property
     def time_budget_seconds(self) -> float | None:
@@ -228,6 +234,9 @@ def validate(config: Config) -> None:
         _at_least(config, name, 1 if name != "plateau_patience" else 0)
     _at_least(config, "workers", 0)
     _at_least(config, "warmup", 0)
+    _at_least(config, "context", 0)
+    if config.context > 3:
+        raise ConfigError(f"--context: must be in 0..3 (neighbours on each side), got {config.context}")
     if config.early_stop is not None:
         _at_least(config, "early_stop", 1)
     _at_least(config, "seed", 0)

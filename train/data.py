@@ -17,8 +17,9 @@ nothing is exchanged between processes):
    (`torch.utils.data.get_worker_info()`);
 3. each worker decodes its shards one at a time (`shards_spec.read.ShardStore.records`: checked
    against the manifest and its sha256 before any of its slices is used), selects the requested
-   channels by name, and emits each slice once, slices with any tumour label `oversample_tumour`
-   times;
+   channels by name (with `context` K > 0, followed by the same channels of the slices K above and
+   below, `stack_context`: 2.5D input), and emits each slice once, slices with any tumour label
+   `oversample_tumour` times;
 4. with `shuffle`, slices pass through a shuffle buffer of `shuffle_buffer` slices per worker,
    seeded by (seed, epoch, rank, worker) — never by pid or time, so an epoch is reproducible;
 5. each slice leaves as float32 tensors: the image (C, H, W) and the label map expanded to three
@@ -65,7 +66,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -79,6 +80,8 @@ from shards_spec.read import ShardStore
 log = logging.getLogger(__name__)
 
 POLICIES = ("fail", "skip")
+MAX_CONTEXT = 3
+"""At most this many neighbours on each side as 2.5D input."""
 SKIP_ROWS = 1 + 64
 """Rows of the shared skip counter: this process, then one per loader worker (ids beyond 63 share
 rows, where simultaneous skips could be lost from the count)."""
@@ -139,6 +142,8 @@ class ShardDataset(IterableDataset):
         rank, world_size: this process's place in DDP (default: torch.distributed's, or 0 of 1).
         batch_size: the loader's batch size, so the DDP cut keeps whole batches (see module doc).
         storage_options: passed to fsspec for URLs (credentials, endpoint).
+        context: 2.5D input: each slice's channels followed by those of its K neighbours on each
+            side (`stack_context`), (2K + 1) x C channels in all.
     """
 
     def __init__(
@@ -157,6 +162,7 @@ class ShardDataset(IterableDataset):
         world_size: int | None = None,
         batch_size: int | None = None,
         storage_options: dict | None = None,
+        context: int = 0,
     ) -> None:
         super().__init__()
         if target not in TARGETS:
@@ -165,6 +171,9 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
         if shuffle_buffer < 0 or oversample_tumour < 1 or (batch_size is not None and batch_size < 1):
             raise ValueError("shuffle_buffer must be >= 0, oversample_tumour >= 1 and batch_size >= 1")
+        if not 0 <= context <= MAX_CONTEXT:
+            raise ValueError(f"context must be in 0..{MAX_CONTEXT}, got {context}")
+        self.context = int(context)
         self.store = shards if isinstance(shards, ShardStore) else ShardStore(
             shards, cache_dir=cache_dir, storage_options=storage_options
         )
@@ -258,7 +267,8 @@ class ShardDataset(IterableDataset):
     def memory_bound(self, num_workers: int = 0, prefetch_factor: int = 2, batch_size: int | None = None) -> int:
         """Upper bound in bytes of the host memory that data in flight can take.
 
-        With C selected channels of the manifest's Ca, size H = W, b = batch size:
+        With C selected channels (x (2K + 1) with `context` K) of the manifest's Ca, size H = W,
+        b = batch size:
 
         - a buffered slice: C·H·W·2 (float16 image) + H·W (uint8 label map);
         - a decoded shard: the largest shard's samples × (Ca·H·W·2 + H·W), counted twice (its raw
@@ -273,7 +283,7 @@ class ShardDataset(IterableDataset):
         """
         b = batch_size or self.batch_size or 1
         hw = self.store.manifest.size ** 2
-        c, c_all = len(self.channel_index), len(self.store.manifest.channels)
+        c, c_all = len(self.channel_index) * (2 * self.context + 1), len(self.store.manifest.channels)
         patients = self.store.manifest.content["patients"]
         largest = max((sum(patients[p]["slices"] for p in s["patients"]) for s in self.shards), default=0)
         buffered = c * hw * IMAGE_DTYPE.itemsize + hw * MASK_DTYPE.itemsize
@@ -327,8 +337,11 @@ class ShardDataset(IterableDataset):
                 continue
             good.append(i)
             for record in records:
+                positions = {int(z): j for j, z in enumerate(record.slice_index)}
                 for s in range(record.slices):
-                    image = record.image[s, self.channel_index]  # fancy indexing copies: no view keeps the record alive
+                    # fancy indexing copies: no view keeps the record alive
+                    image = stack_context(record.image, record.slice_index, positions, s, self.channel_index,
+                                          self.context)
                     mask = record.mask[s].copy()
                     for _ in range(self.oversample_tumour if mask.any() else 1):
                         yield image, mask
@@ -375,6 +388,34 @@ class ShardDataset(IterableDataset):
             torch.from_numpy(image).float(),  # 9x faster than numpy's float16 -> float32 cast
             torch.from_numpy(expand(mask, self.target).astype(np.float32)),
         )
+
+
+def stack_context(image: np.ndarray, slice_index: Sequence[int], positions: dict[int, int], s: int,
+                  channels: Sequence[int], context: int) -> np.ndarray:
+    """Slice `s`'s `channels` (C, H, W), then with `context` K > 0 the same channels of the slices
+    at source index z - 1, z + 1, ..., z - K, z + K (z = `slice_index[s]`), nearest first: (2K + 1) C
+    channels. A neighbour that is not stored is zeros: the ETL drops slices without brain, so a
+    missing neighbour is background, as it is in a whole volume at `predict` time."""
+    centre = image[s, channels]
+    if context == 0:
+        return centre
+    out = np.zeros(((2 * context + 1) * len(channels), *image.shape[2:]), dtype=image.dtype)
+    out[: len(channels)] = centre
+    z = int(slice_index[s])
+    for k, offset in enumerate(o for d in range(1, context + 1) for o in (-d, d)):
+        j = positions.get(z + offset)
+        if j is not None:
+            out[(k + 1) * len(channels):(k + 2) * len(channels)] = image[j, channels]
+    return out
+
+
+def stack_volume(image: np.ndarray, slice_index: Sequence[int], context: int) -> np.ndarray:
+    """`stack_context` of every slice of a patient (S, C, H, W) -> (S, (2K + 1) C, H, W)."""
+    if context == 0:
+        return image
+    positions = {int(z): j for j, z in enumerate(slice_index)}
+    channels = list(range(image.shape[1]))
+    return np.stack([stack_context(image, slice_index, positions, s, channels, context) for s in range(len(image))])
 
 
 @dataclass

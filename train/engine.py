@@ -129,12 +129,13 @@ class Validation:
 
 
 def validate(model: Any, loader: Any, loss_fn: Any, device: Any, amp_dtype: Any, dist: distributed.Dist,
-             target: str, stop: StopSignal | None = None) -> Validation:
+             target: str, stop: StopSignal | None = None, brain_channels: int | None = None) -> Validation:
     """Loss (mean over validation slices) and per-channel TP/FP/FN of `loader`, all-reduced over ranks.
 
     The counts score the label maps users get: the sigmoid probabilities decided by the one label
     rule (`train.metrics.probs_to_labels`, the rule of `predict` and `evaluate`), zero where the
-    shards store background (every channel 0), then expanded to the target's three channels. So
+    shards store background (every channel 0; with 2.5D input, of the first `brain_channels`: the
+    slice's own), then expanded to the target's three channels. So
     the best checkpoint is the best by what a user's segmentation scores.
 
     The loss is computed slice by slice: the training Dice is taken over the batch, so a batched
@@ -154,7 +155,8 @@ def validate(model: Any, loader: Any, loss_fn: Any, device: Any, amp_dtype: Any,
                 logits = model(image)
             loss_sum += slice_losses(loss_fn, logits, mask).double().sum()
             seen += image.shape[0]
-            counts += torch.stack(confusion_counts(predicted_channels(logits, image, target), mask > 0.5))
+            centre = image if brain_channels is None else image[:, :brain_channels]
+            counts += torch.stack(confusion_counts(predicted_channels(logits, centre, target), mask > 0.5))
             if stop is not None and stop.requested and not dist.enabled:
                 raise StopRequested(stop.signum or 15)
     for tensor in (counts, loss_sum, seen):

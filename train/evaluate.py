@@ -181,7 +181,8 @@ def slice_level(loaded: inference.LoadedModel, store: Any, split: str, batch_siz
     from .distributed import Dist
     from .losses import build_loss
 
-    dataset = ShardDataset(store, split=split, channels=loaded.channels, target=loaded.target, shuffle=False)
+    dataset = ShardDataset(store, split=split, channels=loaded.channels, target=loaded.target, shuffle=False,
+                           context=loaded.context)
     loader = engine.make_loader(dataset, batch_size, workers, loaded.device, seed=0)
     config = loaded.config
     amp = engine.autocast_dtype(bool(config.get("amp", True)), config.get("amp_dtype", "auto"), loaded.device)
@@ -189,7 +190,7 @@ def slice_level(loaded: inference.LoadedModel, store: Any, split: str, batch_siz
     try:
         with engine.batches(loader) as batches:
             validation = engine.validate(loaded.model, batches, build_loss(loss_name), loaded.device, amp, Dist(),
-                                         loaded.target)
+                                         loaded.target, brain_channels=len(loaded.channels))
     except ValueError as exc:  # e.g. a grid the model cannot take (H, W not divisible by 2**depth)
         raise EvaluateError(f"the model cannot be applied to these shards' slices ({exc})") from None
     names = list(loaded.channel_names)
@@ -231,14 +232,15 @@ def shard_grid_patients(loaded: inference.LoadedModel, store: Any, split: str, b
     """Each patient of `split` predicted on the shard grid and counted against its mask; the
     one loop behind `evaluate`'s shard-grid level and the report's slice pictures. `channels`
     selects what the patient's image holds (default: the model's inputs, in its order)."""
-    from .data import iter_patients
+    from .data import iter_patients, stack_volume
     from .metrics import probs_to_labels
     from .postprocess import relabel_small_et, scaled_threshold
 
     wanted = channels or loaded.channels
     index = [wanted.index(c) for c in loaded.channels]
     for patient in iter_patients(store, split, wanted):
-        probs = inference.predict_slices(loaded, patient.image[:, index], batch_size)
+        images = stack_volume(patient.image[:, index], patient.slice_index, loaded.context)
+        probs = inference.predict_slices(loaded, images, batch_size)
         pred = probs_to_labels(probs, loaded.target, threshold=inference.THRESHOLD, channel_axis=1)
         pred[np.all(patient.image == 0, axis=1)] = 0  # background as the shards store it
         if loaded.options.min_et_voxels:

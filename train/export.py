@@ -127,15 +127,17 @@ def export_config(payload: dict, checkpoint: Path) -> dict:
     spec = dict(payload["model"])
     target = str(payload["target"])
     best = payload.get("best_mean_dice")
-    depth = int(dict(spec.get("kwargs") or {}).get("depth", 4))
+    kwargs = dict(spec.get("kwargs") or {})
+    depth = int(kwargs.get("depth", 4)) + (int(kwargs.get("stem", 1)) == 2)  # a stride-2 stem halves once more
+    in_channels = int(spec.get("in_channels", len(payload["channels"])))  # with 2.5D: (2K + 1) x channels
     return {
         "format": FORMAT,
         "model": {"name": str(spec["name"]), "kwargs": dict(spec.get("kwargs") or {}),
-                  "in_channels": int(spec.get("in_channels", len(payload["channels"]))),
+                  "in_channels": in_channels,
                   "out_channels": int(spec.get("out_channels", 3))},
         "channels": [str(c) for c in payload["channels"]],
         "target": target,
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", len(payload["channels"]), "H", "W"],
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", in_channels, "H", "W"],
                   "spatial_multiple": 2**depth},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 3, "H", "W"], "activation": "sigmoid",
                    "channel_names": list(CLASS_NAMES if target == "classes" else REGION_NAMES),

@@ -29,7 +29,7 @@ from .config import ConfigError, Config, check_against_manifest, differences, op
 from .rundir import default_out, metric_columns
 from .trainer import Hooks, Result, Setup, Trainer
 
-ARCHITECTURE = ("variant", "model", "channels", "base", "depth", "batch_norm", "stem", "deep_supervision")
+ARCHITECTURE = ("variant", "model", "channels", "base", "depth", "batch_norm", "stem", "deep_supervision", "context")
 """Options a resumed run cannot change even with --force: the weights would not fit (or, for
 the variant, the run would claim a preset its model does not follow)."""
 
@@ -155,6 +155,7 @@ def open_dataset(config: Config, store: Any, splits: list[str], *, training: boo
             rank=dist.rank if dist.enabled else None,
             world_size=dist.world_size if dist.enabled else None,
             batch_size=config.batch_size if (training and dist.enabled) else None,
+            context=config.context,
         )
     except ValueError as exc:  # e.g. fewer shards than ranks
         raise ConfigError(f"--shards: {exc}") from None

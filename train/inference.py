@@ -91,6 +91,11 @@ class LoadedModel:
     warnings: list[str] = field(default_factory=list)
     members: list = field(default_factory=list)  # every model whose probabilities are averaged (`model` first)
     options: InferenceOptions = InferenceOptions()
+    context: int = 0  # 2.5D: neighbours on each side stacked after the slice's own channels
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.channels) * (2 * self.context + 1)
 
     @property
     def channel_names(self) -> tuple[str, ...]:
@@ -135,7 +140,7 @@ def load_model(path: str | Path, device: str = "auto", *, onnx: bool = False) ->
     spec = payload["model"]
     torch_device = resolve_device(device)
     try:
-        model = build_model(str(spec["name"]), in_channels=len(loaded.channels),
+        model = build_model(str(spec["name"]), in_channels=loaded.in_channels,
                             out_channels=int(spec.get("out_channels", 3)), **dict(spec.get("kwargs") or {}))
         model.load_state_dict(payload["model_state"])
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
@@ -147,7 +152,7 @@ def load_model(path: str | Path, device: str = "auto", *, onnx: bool = False) ->
     return loaded
 
 
-ENSEMBLE_KEYS = ("channels", "target", "size", "norm")
+ENSEMBLE_KEYS = ("channels", "target", "size", "norm", "context")
 
 
 def checkpoint_paths(checkpoint: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -191,10 +196,13 @@ def _describe(payload: dict, path: Path) -> LoadedModel:
         raise InferenceError(f"checkpoint target {target!r} is not one of {list(TARGETS)}", path)
     if not isinstance(spec, dict) or "name" not in spec:
         raise InferenceError("checkpoint holds no model description ('model': {name, kwargs})", path)
+    context = (payload.get("config") or {}).get("context", 0)
+    if not isinstance(context, int) or isinstance(context, bool) or not 0 <= context <= 3:
+        raise InferenceError(f"checkpoint context {context!r} is not 0..3 neighbours", path)
     in_channels = int(spec.get("in_channels", len(channels)))
-    if in_channels != len(channels):
+    if in_channels != len(channels) * (2 * context + 1):
         raise InferenceError(f"checkpoint model takes {in_channels} input channels but lists {len(channels)} "
-                             f"channel names ({','.join(channels)})", path)
+                             f"channel names ({','.join(channels)}) with {context} neighbour(s) each side", path)
     size, norm = preprocessing.get("size"), preprocessing.get("norm")
     if not isinstance(size, int) or size < 1 or norm not in NORMS:
         raise InferenceError(f"checkpoint preprocessing lacks a valid size and norm (got size={size!r}, "
@@ -209,7 +217,7 @@ def _describe(payload: dict, path: Path) -> LoadedModel:
         norm=str(norm), preprocessing=preprocessing, manifest_digest=str(payload["manifest_digest"]),
         epoch=int(payload["epoch"]), variant=payload.get("variant"), config=dict(payload["config"]),
         best_mean_dice=None if best is None or (isinstance(best, float) and math.isinf(best)) else float(best),
-        warnings=warnings,
+        warnings=warnings, context=context,
     )
 
 
@@ -273,14 +281,15 @@ MIRRORS = ((), (-1,), (-2,), (-2, -1))
 
 
 def predict_slices(loaded: LoadedModel, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Probabilities float32 (S, 3, size, size) of preprocessed slices (S, C, size, size): the mean
-    over the ensemble's members and, with `options.tta`, over the mirrorings (each flipped back)."""
+    """Probabilities float32 (S, 3, size, size) of preprocessed slices (S, C', size, size), C' the
+    model's input channels (2.5D stacks included: `train.data.stack_volume`): the mean over the
+    ensemble's members and, with `options.tta`, over the mirrorings (each flipped back)."""
     if batch_size < 1:
         raise InferenceError(f"--batch-size: must be >= 1, got {batch_size}")
     images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1] != len(loaded.channels):
-        raise InferenceError(f"slices of shape {images.shape} do not fit a model of {len(loaded.channels)} "
-                             f"channels ({','.join(loaded.channels)})")
+    if images.ndim != 4 or images.shape[1] != loaded.in_channels:
+        raise InferenceError(f"slices of shape {images.shape} do not fit a model of {loaded.in_channels} "
+                             f"channels ({','.join(loaded.channels)}, {loaded.context} neighbour(s) each side)")
     members = loaded.members or [loaded.model]
     mirrors = MIRRORS if loaded.options.tta else MIRRORS[:1]
     out = np.empty((images.shape[0], 3, *images.shape[2:]), dtype=np.float32)
@@ -302,6 +311,18 @@ def _probabilities(model: Any, device: Any, batch: np.ndarray) -> np.ndarray:
     import torch
 
     return apply_model(model, torch.from_numpy(batch).to(device)).cpu().numpy()
+
+
+def context_window(image: np.ndarray, start: int, stop: int, context: int) -> np.ndarray:
+    """Slices `start:stop` of a whole volume's preprocessed slices (D, C, H, W), each with its
+    `context` neighbours on each side stacked after it (zeros beyond the volume), as training saw them."""
+    if context == 0:
+        return image[start:stop]
+    from .data import stack_volume
+
+    low, high = max(0, start - context), min(len(image), stop + context)
+    stacked = stack_volume(image[low:high], range(low, high), context)
+    return stacked[start - low:stop - low]
 
 
 def check_input_channels(loaded: LoadedModel, available: Sequence[str], where: object = None) -> None:
@@ -332,7 +353,7 @@ def predict_volume(loaded: LoadedModel, volume: np.ndarray, brain: np.ndarray, *
     chunk = max(1, batch_size)
     for start in range(0, depth, chunk):
         stop = min(depth, start + chunk)
-        probs = predict_slices(loaded, slices.image[start:stop], batch_size)  # (s, 3, size, size)
+        probs = predict_slices(loaded, context_window(slices.image, start, stop, loaded.context), batch_size)
         native = resize_back(probs, (height, width))  # (s, 3, H, W)
         native = np.clip(native, 0.0, 1.0)  # antialiased bilinear can overshoot by rounding
         decided = probs_to_labels(native, loaded.target, threshold=threshold, channel_axis=1)  # (s, H, W)

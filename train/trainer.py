@@ -182,7 +182,7 @@ class Trainer:
     def build_model(self) -> Any:
         from .models import build_model
 
-        return build_model(self.config.model, in_channels=len(self.config.channels), out_channels=3,
+        return build_model(self.config.model, in_channels=self.config.in_channels, out_channels=3,
                            **self.config.model_kwargs)
 
     def build_loss(self) -> Callable:
@@ -435,7 +435,8 @@ class Trainer:
         started = self.hooks.clock()
         with engine.batches(self.val_loader) as batches:
             validation = engine.validate(self.model, batches, self.compute_loss, self.device, self.amp_dtype,
-                                         self.dist, self.config.target, self.stop)
+                                         self.dist, self.config.target, self.stop,
+                                         brain_channels=len(self.config.channels))
         self.state.val_seconds = max(self.state.val_seconds, self.hooks.clock() - started)
         return validation
 
@@ -503,7 +504,7 @@ class Trainer:
             "epoch": state.epoch,
             "state": (ckpt.RunState.FINISHED if finished else ckpt.RunState.RUNNING).value,
             "variant": self.setup.preset,
-            "model": {"name": config.model, "kwargs": config.model_kwargs, "in_channels": len(config.channels),
+            "model": {"name": config.model, "kwargs": config.model_kwargs, "in_channels": config.in_channels,
                       "out_channels": 3},
             "model_state": self.model.state_dict(),
             "channels": list(config.channels),
