@@ -207,16 +207,19 @@ def model_cost(c: Contender, size: int) -> None:
     c.gflop = counter.get_total_flops() / 1e9
 
 
-def score(c: Contender, shards: Path, source: Path | None, work: Path) -> None:
+def score(c: Contender, shards: Path, source: Path | None, work: Path, extra: list[Path] = (), tta: bool = False,
+          min_et_voxels: int = 0) -> None:
     """`train evaluate --src` on the validation split, in this process (the peer's model is
-    registered); without a source, the shard grid only (`--shards` given without `--src`)."""
+    registered); without a source, the shard grid only (`--shards` given without `--src`).
+    `extra` checkpoints make an ensemble; `tta` and `min_et_voxels` are evaluate's options."""
     from rich.console import Console
 
     from train import evaluate
 
-    results = evaluate.main(checkpoint=c.run_dir / "checkpoints" / "best.pt", shards=str(shards), split="val",
-                            src=source, json_path=work / "eval" / f"{c.run_dir.name}.json", device="cpu",
-                            batch_size=32, workers=0, console=Console(quiet=True))
+    results = evaluate.main(checkpoint=[c.run_dir / "checkpoints" / "best.pt", *extra], shards=str(shards), split="val",
+                            src=source, json_path=work / "eval" / f"{c.name}.json", device="cpu",
+                            batch_size=32, workers=0, console=Console(quiet=True), tta=tta,
+                            min_et_voxels=min_et_voxels)
     keys = (*CLASSES, "WT", "TC")
     grid = results["shard_grid"]["summary"]
     native = (results.get("native_grid") or {}).get("summary")
@@ -226,6 +229,29 @@ def score(c: Contender, shards: Path, source: Path | None, work: Path) -> None:
         "native_hd95": {k: native[k]["hd95"]["mean"] for k in keys} if native else None,
         "patients": results["shard_grid"]["patients"],
     }
+
+
+def score_variants(contenders: list[Contender], texts: list[str], shards: Path, source: Path | None,
+                   work: Path) -> list[Contender]:
+    """Rows for inference options (TTA, post-processing, ensembles) of the first of our contenders:
+    the same checkpoint scored again, so each row's difference is the option's alone."""
+    base = next((c for c in contenders if c.options is not None), None)
+    rows = []
+    for text in texts:
+        name, _, options = text.partition("=")
+        parser = argparse.ArgumentParser(prog=f"--score-variant {name}")
+        parser.add_argument("--tta", action="store_true")
+        parser.add_argument("--min-et-voxels", type=int, default=0)
+        parser.add_argument("--ensemble", action="append", default=[])
+        opts = parser.parse_args(shlex.split(options))
+        others = [next(c for c in contenders if c.name == n) for n in opts.ensemble]
+        row = Contender(f"{base.name} {name}", [*base.options, f"[evaluate {options}]"], run_dir=base.run_dir,
+                        wall=base.wall, cpu=base.cpu, load_after=base.load_after, steps=base.steps, epochs=base.epochs,
+                        params=base.params, gflop=base.gflop, curve=[])
+        score(row, shards, source, work, extra=[o.run_dir / "checkpoints" / "best.pt" for o in others], tta=opts.tta,
+              min_et_voxels=opts.min_et_voxels)
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------- 4. the loader check
@@ -395,6 +421,9 @@ def main() -> None:
     parser.add_argument("--label", default=None, help="names the BENCHMARKS.md section (default: the mode)")
     parser.add_argument("--write", action="store_true", help="update bench/BENCHMARKS.md and the curves PNG")
     parser.add_argument("--markdown", type=Path, default=common.BENCHMARKS_MD)
+    parser.add_argument("--score-variant", action="append", default=None,
+                        help="NAME=OPTIONS scored from the first of our contenders' best checkpoint without training "
+                             "again: --tta, --min-et-voxels N, --ensemble CONTENDER (repeatable)")
     parser.add_argument("--starvation-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=40, help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -422,6 +451,7 @@ def main() -> None:
     for c in contenders:
         model_cost(c, args.size)
         score(c, shards, source, args.work)
+    contenders += score_variants(contenders, args.score_variant or [], shards, source, args.work)
     info["load_at_end"] = common.load()
     info["shared"] = True
     png = args.markdown.parent / f"quality-{args.label}.png" if args.write else None
