@@ -19,13 +19,13 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(
-    name="etl",
-    help="BraTS MRI -> 2D slice shards (WebDataset or Zarr), in parallel with Dask.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+from shards_spec.cli import make_app
+
+app = make_app(
+    "etl",
+    help="BraTS MRI -> 2D slice shards (WebDataset or Zarr), in parallel with Dask.\n\n"
+         "Add --debug to any command for the traceback of an error.",
+    libraries=("numpy", "dask", "zarr", "webdataset", "nibabel"),
 )
 
 
@@ -106,7 +106,7 @@ def synth(
 
     \b
     Example:
-        etl synth --out data/synth --patients 6 --layout brats2021 --shape 48,48,24
+      etl synth --out data/synth --patients 6 --layout brats2021 --shape 48,48,24
     """
     import time
 
@@ -159,23 +159,26 @@ def build_shards(
     patients_per_shard: int = typer.Option(1, "--patients-per-shard", help="Patients (records) per shard."),
     layout: Optional[str] = typer.Option(None, "--layout", help="Source layout: brats2020 | brats2021 | brats2023 | kaggle-h5 (default: detected)."),
     kaggle_channel_order: Optional[str] = typer.Option(None, "--kaggle-channel-order", help="Channel order of the Kaggle .h5 images (default: the Kaggle layout's, see README)."),
-    keep_empty: bool = typer.Option(False, "--keep-empty", help="Keep slices without brain voxels."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Build the readable patients and list the others in the manifest."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a shard folder built with other options."),
+    keep_empty: bool = typer.Option(False, "--keep-empty/--no-keep-empty", show_default=False, help="Keep slices without brain voxels.  [default: off]"),
+    skip_bad: bool = typer.Option(False, "--skip-bad/--no-skip-bad", show_default=False, help="Build the readable patients and list the others in the manifest.  [default: off]"),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", show_default=False, help="Replace a shard folder built with other options.  [default: off]"),
     compress: str = typer.Option("none", "--compress", help="none | gz (WebDataset tars)."),
     max_patient_memory: str = typer.Option("4GiB", "--max-patient-memory", help="Refuse a patient whose declared volume size needs more memory than this to load (about 28 bytes per voxel; BraTS needs 0.25 GiB), e.g. 8GiB or 500MiB."),
 ) -> None:
     """Turn a BraTS source folder into slice shards and a manifest.
 
-    One Dask task per output shard (one patient per shard by default). Re-running the same
-    command after a crash keeps the complete shards and builds the rest.
+    One Dask task per output shard (one patient per shard by default). The same command run
+    again after a crash keeps the complete shards and builds the rest.
 
     \b
     Examples:
-        etl build-shards --src data/MICCAI_BraTS2020_TrainingData --out shards/
-        etl build-shards --src data/BraTS2021 --out shards-zarr/ --format zarr --folds 5 --workers 8
-        etl build-shards --src data/kaggle --out shards/ --size 240 --modalities t1ce,flair --skip-bad
-        etl build-shards --src /shared/BraTS2021 --out /shared/shards --scheduler tcp://10.0.0.5:8786
+      etl build-shards --src data/MICCAI_BraTS2020_TrainingData --out shards/
+      etl build-shards --src data/BraTS2021 --out shards-zarr/ --format zarr \\
+          --folds 5 --workers 8
+      etl build-shards --src data/kaggle --out shards/ --size 240 \\
+          --modalities t1ce,flair --skip-bad
+      etl build-shards --src /shared/BraTS2021 --out /shared/shards \\
+          --scheduler tcp://10.0.0.5:8786
     """
     from .build import BuildOptions, build_shards as run_build
 
@@ -233,6 +236,8 @@ def _print_build_summary(summary) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from shards_spec.cli import print_table
+
     content = summary.content
     console = Console()
     table = Table(title=f"{summary.out} ({content['format']}, {summary.action})", title_justify="left")
@@ -241,7 +246,7 @@ def _print_build_summary(summary) -> None:
     for name, split in content["splits"].items():
         table.add_row(name, str(split["records"]), str(split.get("shards", "")), str(split["slices"]),
                       str(split.get("tumour_slices", "")))
-    console.print(table)
+    print_table(console, table)
     total = sum(s["bytes"] for s in content["shards"])
     slices = sum(s["slices"] for s in content["shards"])
     console.print(f"{len(content['patients'])} patients, {slices} slices, {len(content['shards'])} shards "
@@ -268,7 +273,7 @@ STORAGE_OPTION_HELP = ("fsspec option for a URL, KEY=VALUE (repeatable; VALUE ma
 @app.command()
 def verify(
     shards: str = typer.Argument(..., help="Shard folder (path or URL: http(s)://, s3://, any fsspec URL)."),
-    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", help=STORAGE_OPTION_HELP),
+    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", metavar="<key=value>", help=STORAGE_OPTION_HELP),
 ) -> None:
     """Check a shard folder against its manifest: checksums, decoding, counts, spec.
 
@@ -276,9 +281,10 @@ def verify(
 
     \b
     Examples:
-        etl verify shards/
-        etl verify https://lab.example.org/brats-shards/
-        etl verify s3://lab-bucket/brats-shards --storage-option endpoint_url=http://minio.lab:9000
+      etl verify shards/
+      etl verify https://lab.example.org/brats-shards/
+      etl verify s3://lab-bucket/brats-shards \\
+          --storage-option endpoint_url=http://minio.lab:9000
     """
     from shards_spec.read import ShardStore, parse_storage_options
 
@@ -301,7 +307,7 @@ def verify(
 @app.command()
 def inspect(
     shards: str = typer.Argument(..., help="Shard folder (path or URL: http(s)://, s3://, any fsspec URL)."),
-    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", help=STORAGE_OPTION_HELP),
+    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", metavar="<key=value>", help=STORAGE_OPTION_HELP),
 ) -> None:
     """Show what a shard folder holds: splits, patients, slices, class balance, provenance.
 
@@ -309,12 +315,13 @@ def inspect(
 
     \b
     Examples:
-        etl inspect shards/
-        etl inspect https://lab.example.org/brats-shards/
+      etl inspect shards/
+      etl inspect https://lab.example.org/brats-shards/
     """
     from rich.console import Console
     from rich.table import Table
 
+    from shards_spec.cli import print_table
     from shards_spec.read import parse_storage_options
 
     from .verify import describe
@@ -331,14 +338,14 @@ def inspect(
         per_slice = split["bytes"] / split["slices"] if split["slices"] else 0
         table.add_row(name, str(split["patients"]), str(split["shards"]), str(split["slices"]),
                       str(split["tumour_slices"]), _size(split["bytes"]), _size(per_slice))
-    console.print(table)
+    print_table(console, table)
     balance = Table(title="class balance (% of voxels on the shard grid | % of tumour voxels)", title_justify="left")
     for column in ("split", "background", "NEC/NET", "ED", "ET", "| NEC/NET", "ED", "ET"):
         balance.add_column(column, justify="left" if column == "split" else "right", no_wrap=True)
     for name, split in info["splits"].items():
         balance.add_row(name, *(f"{100 * v:.2f}" for v in split["voxel_fraction"].values()),
                         *(f"{100 * v:.1f}" for v in split["tumour_fraction"].values()))
-    console.print(balance)
+    print_table(console, balance)
     split = info["split"]
     how = f"folds {split.get('folds')}" if split.get("method") == "folds" else f"ratios {split.get('ratios')}"
     console.print(f"split: {split.get('method')}, {how}, seed {split.get('seed')}, stratify {split.get('stratify')}",

@@ -12,13 +12,14 @@ from typing import List, Optional
 
 import typer
 
+from shards_spec.cli import make_app
 from shards_spec.errors import ToolError, run_cli
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Train, evaluate and apply 2D U-Nets on BraTS slice shards (see `train COMMAND --help`).",
+app = make_app(
+    "train",
+    help="Train, evaluate and apply 2D U-Nets on BraTS slice shards (see `train COMMAND --help`).\n\n"
+         "Add --debug to any command for the traceback of an error.",
+    libraries=("torch", "numpy"),
 )
 
 RUN_HELP = """Train v1 (U-Net, t1ce+flair, Dice) or v2 (attention U-Net, 4 channels, Dice+BCE,
@@ -26,26 +27,37 @@ light augmentation) on slice shards, streaming them with bounded memory.
 
 Writes OUT/config.json (resolved options + the shards' content digest), OUT/metrics.csv (one
 row per epoch), OUT/checkpoints/last.pt (every epoch) and best.pt (best validation mean Dice).
-Options not given come from the variant's preset, or, with --resume, from the run itself.
+
+Options not given come from --config FILE, then from the variant's preset (the defaults shown;
+"on CPU" / "on CUDA": the device's sizes), or, with --resume, from the run itself.
 
 \b
 Examples:
-  train run --shards shards/ --variant v1 --out runs/v1 --epochs 50 --time-budget 11h30m
+  train run --shards shards/ --variant v1 --out runs/v1 --epochs 50 \\
+      --time-budget 11h30m
   train run --out runs/v1 --resume --epochs 80
-  train run --shards https://host/shards/ --variant v2 --val-split fold0 --target regions --cache-dir ~/.cache/brats
-  train run --shards s3://lab-bucket/shards --storage-option endpoint_url=http://minio.lab:9000 --variant v1
-  torchrun --standalone --nproc-per-node 2 --no-python train run --shards shards/ --variant v2 --out runs/v2-ddp
+  train run --config run.toml --lr 3e-4
+  train run --config runs/v1/config.json --out runs/v1-seed1 --seed 1
+  train run --shards https://host/shards/ --variant v2 --val-split fold0 \\
+      --cache-dir ~/.cache/brats
+  train run --shards s3://lab-bucket/shards --variant v1 \\
+      --storage-option endpoint_url=http://minio.lab:9000
+  torchrun --standalone --nproc-per-node 2 --no-python \\
+      train run --shards shards/ --variant v2 --out runs/v2-ddp
 
-\b
-Exit codes: 0 done (also when --time-budget stopped the run on an epoch checkpoint),
-2 bad input (one line), 130 / 143 stopped by SIGINT / SIGTERM (the partial epoch is lost,
-the last completed epoch's checkpoint is kept; continue with --resume).
+Exit codes: 0 done (also when --time-budget stopped the run on an epoch checkpoint), 2 bad input
+(one line), 130 / 143 stopped by SIGINT / SIGTERM (the partial epoch is lost, the last completed
+epoch's checkpoint is kept; continue with --resume).
 """
 
 
 STORAGE_OPTION_HELP = ("fsspec option for a shard URL, KEY=VALUE (repeatable; VALUE may be JSON), e.g. "
                        "endpoint_url=http://minio.lab:9000 or anon=true; not saved with the run (give it again "
                        "on --resume); credentials: AWS_* variables or ~/.aws/.")
+DEVICE_HELP = ("auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda (GPU 0; under torchrun each "
+               "rank's GPU LOCAL_RANK), cuda:N (GPU N) or mps (Apple silicon).")
+CONFIG_HELP = ("Options from a TOML file (epochs = 80, batch-size = 16, channels = [\"t1ce\", \"flair\"]) "
+               "or a run's config.json (all but its out); options given here override the file's.")
 
 
 def _storage_options(pairs: list[str] | None) -> dict:
@@ -54,60 +66,78 @@ def _storage_options(pairs: list[str] | None) -> dict:
     return parse_storage_options(pairs)
 
 
+def _default(text: str, shown: object) -> str:
+    """Help text ending with its default in click's words (`[default: 50]`): `train run`'s
+    options default to None (= not given, so --config and --resume can fill them), and on/off
+    options say on or off rather than typer's `no-NAME`."""
+    return f"{text}  [default: {shown}]"
+
+
 @app.command("run", help=RUN_HELP, no_args_is_help=True)
 def run_command(
     shards: Optional[str] = typer.Option(None, help="Shard folder or URL (holding manifest.json); required for a new run."),
     variant: Optional[str] = typer.Option(None, help="Preset: v1 or v2; required for a new run."),
-    out: Optional[str] = typer.Option(None, help="Run folder (default runs/<variant>-<timestamp>)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs in total (also when resuming) (default 50)."),
-    batch_size: Optional[int] = typer.Option(None, help="Slices per batch (per rank under torchrun) (default 32)."),
-    lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 1e-3)."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default 2)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of weights, data order and augmentation (default 0)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default auto)."),
-    val_split: Optional[str] = typer.Option(None, help="val (train on 'train') or foldK (train on the other folds) (default val)."),
-    target: Optional[str] = typer.Option(None, help="classes (NEC/NET, ED, ET) or regions (WT, TC, ET) (default classes)."),
-    oversample_tumour: Optional[int] = typer.Option(None, help="Repeat slices with tumour N times per epoch (default 1)."),
-    base: Optional[int] = typer.Option(None, help="Channels of the first U-Net level (default 32)."),
-    depth: Optional[int] = typer.Option(None, help="Down-sampling levels (default 4)."),
-    shuffle_buffer: Optional[int] = typer.Option(None, help="Slices in the streaming shuffle buffer (host memory) (default 2000)."),
+    out: Optional[str] = typer.Option(None, help=_default("Run folder.", "runs/<variant>-<timestamp>")),
+    config: Optional[Path] = typer.Option(None, "--config", metavar="<file>", help=CONFIG_HELP),
+    resume: bool = typer.Option(False, "--resume/--no-resume", show_default=False, help=_default("Continue OUT from checkpoints/last.pt, exactly.", "off")),
+    force: bool = typer.Option(False, "--force/--no-force", show_default=False, help=_default("Overwrite an existing run; on --resume accept other shards or options.", "off")),
+    epochs: Optional[int] = typer.Option(None, help=_default("Epochs in total (also when resuming).", 50)),
     time_budget: Optional[str] = typer.Option(None, help="Wall-clock limit: 12h, 90m, 600s, 1h30m; no epoch is started that would not finish."),
-    resume: bool = typer.Option(False, "--resume", help="Continue OUT from checkpoints/last.pt, exactly."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing run; on --resume accept other shards or options."),
+    early_stop: Optional[int] = typer.Option(None, help="Stop when the validation mean Dice has not improved for N validations.  [default: off]"),
+    batch_size: Optional[int] = typer.Option(None, help=_default("Slices per batch (per rank under torchrun).", "16 on CPU, 32 on CUDA")),
+    lr: Optional[float] = typer.Option(None, help=_default("Adam learning rate.", 0.001)),
+    weight_decay: Optional[float] = typer.Option(None, help=_default("Adam weight decay.", 0)),
+    schedule: Optional[str] = typer.Option(None, help=_default("Learning rate: cosine (warm-up then cosine decay per step), poly (nnU-Net's) or plateau (ReduceLROnPlateau on validation Dice).", "cosine")),
+    warmup: Optional[int] = typer.Option(None, help=_default("Linear warm-up steps of cosine/poly (at most a tenth of the schedule).", 100)),
+    plateau_factor: Optional[float] = typer.Option(None, help=_default("--schedule plateau: factor the rate is cut by.", 0.5)),
+    plateau_patience: Optional[int] = typer.Option(None, help=_default("--schedule plateau: epochs without gain before a cut.", 5)),
+    seed: Optional[int] = typer.Option(None, help=_default("Seed of weights, data order and augmentation.", 0)),
+    val_split: Optional[str] = typer.Option(None, help=_default("val (train on 'train') or foldK (train on the other folds).", "val")),
+    target: Optional[str] = typer.Option(None, help=_default("classes (NEC/NET, ED, ET) or regions (WT, TC, ET).", "regions")),
+    channels: Optional[str] = typer.Option(None, help=_default("Input channels, e.g. t1ce,flair.", "the preset's")),
+    context: Optional[int] = typer.Option(None, help=_default("2.5D input: each slice with its N neighbours on each side as extra channels (0..3).", 0)),
+    oversample_tumour: Optional[int] = typer.Option(None, help=_default("Repeat slices with tumour N times per epoch.", 2)),
+    augment: Optional[str] = typer.Option(None, help=_default("Augmentation: none or light.", "the preset's")),
+    shuffle_buffer: Optional[int] = typer.Option(None, help=_default("Slices in the streaming shuffle buffer (host memory).", 2000)),
+    workers: Optional[int] = typer.Option(None, help=_default("DataLoader worker processes.", "1 on CPU, 2 on CUDA")),
+    model: Optional[str] = typer.Option(None, help=_default("unet or attention_unet.", "the preset's")),
+    loss: Optional[str] = typer.Option(None, help=_default("dice or dice_bce.", "the preset's")),
+    base: Optional[int] = typer.Option(None, help=_default("Channels of the first U-Net level.", 32)),
+    depth: Optional[int] = typer.Option(None, help=_default("Down-sampling levels.", 4)),
+    stem: Optional[int] = typer.Option(None, help=_default("1: none; 2: a stride-2 first convolution, every level at half resolution (~4x fewer FLOPs).", "2 on CPU, 1 on CUDA")),
+    batch_norm: Optional[bool] = typer.Option(None, "--batch-norm/--no-batch-norm", help=_default("Batch norm after every convolution.", "on")),
+    deep_supervision: Optional[bool] = typer.Option(None, "--deep-supervision/--no-deep-supervision", help=_default("Also train outputs at 1/2 and 1/4 resolution (nnU-Net's deep supervision).", "off")),
+    head_bias: Optional[str] = typer.Option(None, help=_default("prior: start each output at its class frequency; zero: PyTorch's default.", "prior")),
+    device: Optional[str] = typer.Option(None, help=_default(DEVICE_HELP, "auto")),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=_default("Mixed precision on CUDA (fp16 autocast + GradScaler).", "on")),
+    amp_dtype: Optional[str] = typer.Option(None, help=_default("auto (fp16 on CUDA, off on CPU), float16 or bfloat16 (also on CPU).", "auto")),
     cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here (remote shards), re-verified by sha256 on every use."),
-    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", help=STORAGE_OPTION_HELP),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA (fp16 autocast + GradScaler) (default on)."),
-    amp_dtype: Optional[str] = typer.Option(None, help="auto (fp16 on CUDA, off on CPU), float16 or bfloat16 (also on CPU)."),
-    model: Optional[str] = typer.Option(None, help="Override the preset's model: unet or attention_unet."),
-    channels: Optional[str] = typer.Option(None, help="Override the preset's channels, e.g. t1ce,flair."),
-    loss: Optional[str] = typer.Option(None, help="Override the preset's loss: dice or dice_bce."),
-    augment: Optional[str] = typer.Option(None, help="Override the preset's augmentation: none or light."),
-    weight_decay: Optional[float] = typer.Option(None, help="Adam weight decay (default 0)."),
-    report: Optional[bool] = typer.Option(None, "--report/--no-report", help="Write the report at the end (default on)."),
-    on_bad_shard: Optional[str] = typer.Option(None, help="fail: stop at the first bad shard (default); skip: leave bad shards out, count them and print the count after each epoch."),
-    schedule: Optional[str] = typer.Option(None, help="Learning rate: cosine (warm-up then cosine decay per step; default), poly (nnU-Net's) or plateau (ReduceLROnPlateau on validation Dice)."),
-    warmup: Optional[int] = typer.Option(None, help="Linear warm-up steps of cosine/poly (default 100, at most a tenth of the schedule)."),
-    early_stop: Optional[int] = typer.Option(None, help="Stop when the validation mean Dice has not improved for N validations (default off)."),
-    head_bias: Optional[str] = typer.Option(None, help="prior: start each output at its class frequency (default); zero: PyTorch's default."),
-    plateau_factor: Optional[float] = typer.Option(None, help="--schedule plateau: factor the rate is cut by (default 0.5)."),
-    plateau_patience: Optional[int] = typer.Option(None, help="--schedule plateau: epochs without gain before a cut (default 5)."),
-    batch_norm: Optional[bool] = typer.Option(None, "--batch-norm/--no-batch-norm", help="Batch norm after every convolution (default on)."),
-    stem: Optional[int] = typer.Option(None, help="1: none; 2: a stride-2 first convolution, every level at half resolution (~4x fewer FLOPs)."),
-    deep_supervision: Optional[bool] = typer.Option(None, "--deep-supervision/--no-deep-supervision", help="Also train outputs at 1/2 and 1/4 resolution (nnU-Net's deep supervision) (default off)."),
-    context: Optional[int] = typer.Option(None, help="2.5D input: each slice with its N neighbours on each side as extra channels (0..3; default 0)."),
+    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", metavar="<key=value>", help=STORAGE_OPTION_HELP),
+    on_bad_shard: Optional[str] = typer.Option(None, help=_default("fail: stop at the first bad shard; skip: leave bad shards out, count them and print the count after each epoch.", "fail")),
+    report: Optional[bool] = typer.Option(None, "--report/--no-report", help=_default("Write the report at the end.", "on")),
     logger: str = typer.Option("csv", help="Also log to tensorboard (RUN/tensorboard/) or mlflow (--tracking-uri); csv: metrics.csv only. Not saved with the run."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default)."),
     log_images_every: int = typer.Option(5, help="With --logger: a validation overlay picture every N epochs and after the last (0: none)."),
 ) -> None:
     from . import fit
-    from .config import FIELDS
 
-    overrides = {name: value for name, value in locals().items() if name in FIELDS}
+    overrides = _run_options(locals())
     tracking = _tracking_hooks(logger, tracking_uri, log_images_every)
     result = fit.run(overrides, resume=resume, force=force, storage_options=_storage_options(storage_option),
                      **({"hooks": tracking} if tracking is not None else {}))
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+def _run_options(params: dict) -> dict:
+    """The `Config` options of a `train run`: those of `--config FILE` (if given), overridden by
+    those given on the command line (the others are None)."""
+    from .config import FIELDS
+    from .config_file import read_options
+
+    given = {name: value for name, value in params.items() if name in FIELDS and value is not None}
+    from_file = read_options(params["config"]) if params.get("config") is not None else {}
+    return {**from_file, **given}
 
 
 def _tracking_hooks(logger: str, tracking_uri: str | None, images_every: int) -> object:
@@ -128,27 +158,31 @@ MIN_ET_HELP = ("BraTS post-processing: a patient whose predicted ET has fewer na
 
 @app.command("evaluate", no_args_is_help=True)
 def evaluate_command(
-    checkpoint: List[Path] = typer.Option(..., help=ENSEMBLE_HELP),
+    checkpoint: List[Path] = typer.Option(..., metavar="<path>", help=ENSEMBLE_HELP),
     shards: str = typer.Option(..., help="Shard folder or URL."),
     split: str = typer.Option("val", help="Split to evaluate."),
     src: Optional[Path] = typer.Option(None, help="BraTS source folder: also score on the native grid (the headline number)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write all scores to this JSON file."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the per-patient scores to this CSV file."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     batch_size: int = typer.Option(32, help="Slices per batch."),
     workers: int = typer.Option(2, help="DataLoader worker processes."),
     cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here, re-verified by sha256 on every use."),
-    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", help=STORAGE_OPTION_HELP),
-    lesion_wise: bool = typer.Option(False, "--lesion-wise", help="With --src: also the official BraTS lesion-wise Dice and HD95 per region (WT, TC, ET)."),
-    tta: bool = typer.Option(False, "--tta/--no-tta", help=TTA_HELP),
+    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", metavar="<key=value>", help=STORAGE_OPTION_HELP),
+    lesion_wise: bool = typer.Option(False, "--lesion-wise/--no-lesion-wise", show_default=False, help=_default("With --src: also the official BraTS lesion-wise Dice and HD95 per region (WT, TC, ET).", "off")),
+    tta: bool = typer.Option(False, "--tta/--no-tta", show_default=False, help=_default(TTA_HELP, "off")),
     min_et_voxels: int = typer.Option(0, help=MIN_ET_HELP),
 ) -> None:
     """Slice-level and patient-level (3D) Dice, precision, recall and HD95 of a checkpoint.
 
     \b
     Examples:
-      train evaluate --checkpoint runs/v1/checkpoints/best.pt --shards shards/ --json runs/v1/eval.json
-      train evaluate --checkpoint best.pt --shards https://lab.example.org/brats-shards/ --cache-dir ~/.cache/brats
+      train evaluate --checkpoint runs/v1/checkpoints/best.pt --shards shards/ \\
+          --json runs/v1/eval.json
+      train evaluate --checkpoint runs/v1/checkpoints/best.pt --shards shards/ \\
+          --src data/MICCAI_BraTS2020_TrainingData --lesion-wise --tta
+      train evaluate --checkpoint best.pt --cache-dir ~/.cache/brats \\
+          --shards https://lab.example.org/brats-shards/
     """
     from . import evaluate
 
@@ -160,21 +194,25 @@ def evaluate_command(
 
 @app.command("predict", no_args_is_help=True)
 def predict_command(
-    checkpoint: List[Path] = typer.Option(..., help=ENSEMBLE_HELP + " An .onnx from `train export` runs under onnxruntime."),
-    input: List[str] = typer.Option(..., "--input", help="A patient folder, a folder of patients, or one NAME=PATH per modality (repeat --input)."),
+    checkpoint: List[Path] = typer.Option(..., metavar="<path>", help=ENSEMBLE_HELP + " An .onnx from `train export` runs under onnxruntime."),
+    input: List[str] = typer.Option(..., "--input", metavar="<path>", help="A patient folder, a folder of patients, or one NAME=PATH per modality (repeat --input)."),
     out: Path = typer.Option(..., help="Segmentation to write (SEG.nii.gz; a folder for a folder of patients), in the input's geometry and labels."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     batch_size: int = typer.Option(32, help="Slices per batch."),
-    probabilities: bool = typer.Option(False, "--probabilities", help="Also write the three sigmoid channels beside each segmentation."),
-    tta: bool = typer.Option(False, "--tta/--no-tta", help=TTA_HELP),
+    probabilities: bool = typer.Option(False, "--probabilities/--no-probabilities", show_default=False, help=_default("Also write the three sigmoid channels beside each segmentation.", "off")),
+    tta: bool = typer.Option(False, "--tta/--no-tta", show_default=False, help=_default(TTA_HELP, "off")),
     min_et_voxels: int = typer.Option(0, help=MIN_ET_HELP),
 ) -> None:
     """Segment NIfTI volumes with a checkpoint.
 
     \b
     Examples:
-      train predict --checkpoint runs/v1/checkpoints/best.pt --input BraTS20_Training_001/ --out 001_seg.nii.gz
-      train predict --checkpoint best.pt --input t1ce=a_t1ce.nii.gz --input flair=a_flair.nii.gz --out a_seg.nii.gz
+      train predict --checkpoint runs/v1/checkpoints/best.pt \\
+          --input BraTS20_Training_001/ --out 001_seg.nii.gz
+      train predict --checkpoint best.pt --input t1ce=a_t1ce.nii.gz \\
+          --input flair=a_flair.nii.gz --out a_seg.nii.gz
+      train predict --checkpoint fold0.pt --checkpoint fold1.pt --tta \\
+          --input patients/ --out segs/ --device cuda:1
     """
     from . import predict
 
@@ -185,7 +223,7 @@ def predict_command(
 @app.command("report", no_args_is_help=True)
 def report_command(
     run_dir: Path = typer.Argument(..., help="A run folder (runs/NAME)."),
-    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", help=STORAGE_OPTION_HELP),
+    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", metavar="<key=value>", help=STORAGE_OPTION_HELP),
 ) -> None:
     """Curves and overlay pictures of a run, into RUN_DIR/report/.
 
@@ -205,13 +243,15 @@ def report_command(
 def export_command(
     checkpoint: Path = typer.Option(..., help="A checkpoint (runs/NAME/checkpoints/best.pt)."),
     out: Path = typer.Option(..., help="Folder to write NAME.onnx, NAME.pt2, NAME.safetensors and NAME.json into."),
-    format: Optional[List[str]] = typer.Option(None, "--format", help="onnx, pt2 or safetensors (repeatable; default all three)."),
+    format: Optional[List[str]] = typer.Option(None, "--format", metavar="<str>", help="onnx, pt2 or safetensors (repeatable).  [default: all three]"),
     name: str = typer.Option("model", help="Base name of the written files."),
     opset: int = typer.Option(18, help="ONNX opset (>= 17)."),
 ) -> None:
     """Export a checkpoint to ONNX, a torch.export program and safetensors, with its config as JSON.
 
-    ONNX and safetensors need the optional extra: pip install 'brats-shards\\[export]'.
+    \b
+    ONNX and safetensors need the optional extra:
+      pip install 'brats-shards[export]'
 
     \b
     Examples:
@@ -224,15 +264,13 @@ def export_command(
 
 
 def overrides_from_argv(argv: list[str]) -> dict:
-    """The `Config` overrides that `train run ARGV` would train with (for tools that start runs
-    in-process: the quality harness)."""
+    """The `Config` overrides that `train run ARGV` would train with, `--config FILE` included
+    (for tools that start runs in-process: the quality harness)."""
     import typer.main
-
-    from .config import FIELDS
 
     command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
     context = command.make_context("run", list(argv))
-    return {name: value for name, value in context.params.items() if name in FIELDS}
+    return _run_options(context.params)
 
 
 def main(argv: list[str] | None = None) -> None:

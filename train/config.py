@@ -37,7 +37,6 @@ from shards_spec.labels import CHANNELS, TARGETS
 
 from .budget import parse_duration
 
-DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "poly", "plateau")
 HEAD_BIASES = ("prior", "zero")
 
@@ -204,6 +203,17 @@ def _at_least(config: Config, name: str, low: float, kind: type = int) -> None:
         raise ConfigError(f"{option_name(name)}: must be >= {low}, got {value}")
 
 
+def _check_device(device: object) -> None:
+    """`--device` spelling (auto, cpu, cuda, cuda:N, mps; `train.devices`): whether it is there is
+    asked when the run starts."""
+    from .devices import DeviceError, check
+
+    try:
+        check(device)
+    except DeviceError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def validate(config: Config) -> None:
     """Check every field; raise `ConfigError` naming the first bad option."""
     from .augment import AUGMENTATIONS
@@ -216,7 +226,7 @@ def validate(config: Config) -> None:
     _choice(config, "model", sorted(MODELS))
     _choice(config, "loss", sorted(LOSSES))
     _choice(config, "augment", list(AUGMENTATIONS))
-    _choice(config, "device", DEVICES)
+    _check_device(config.device)
     _choice(config, "target", TARGETS)
     _choice(config, "amp_dtype", AMP_DTYPES)
     _choice(config, "on_bad_shard", POLICIES)

@@ -348,8 +348,11 @@ def native_grid(loaded: inference.LoadedModel, manifest: Any, split: str, src: P
 
 
 def print_tables(results: dict, console: Any) -> None:
-    """The terminal summary: one table per level, each titled with its average."""
+    """The terminal summary: one table per level, each titled with its average (cells never
+    wrapped: `shards_spec.cli.print_table`)."""
     from rich.table import Table
+
+    from shards_spec.cli import print_table
 
     ck = results["checkpoint"]
     digest = results["manifest_digest"]
@@ -365,15 +368,15 @@ def print_tables(results: dict, console: Any) -> None:
     for name in sl["channels"]:
         table.add_row(name, *(_fmt(sl[m][name]) for m in count_metric_names()))
     table.add_row("mean", _fmt(sl["mean_dice"]), *[""] * (len(count_metric_names()) - 1), end_section=True)
-    console.print(table)
+    print_table(console, table)
     if sl["undefined"]:
         console.print(f"{', '.join(sl['undefined'])}: no voxel in prediction or truth: NaN, left out of the mean")
     grid = results["shard_grid"]
-    console.print(_patient_table(grid, count_metric_names(), f"patient level, shard grid: mean ± std (median) over "
+    print_table(console, _patient_table(grid, count_metric_names(), f"patient level, shard grid: mean ± std (median) over "
                                                 f"{grid['patients']} patients"))
     native = results.get("native_grid")
     if native:
-        console.print(_patient_table(native, native_metric_names(), f"patient level, native grid (--src, headline): "
+        print_table(console, _patient_table(native, native_metric_names(), f"patient level, native grid (--src, headline): "
                                                              f"mean ± std (median) over {native['patients']} patients",
                                      native.get("lesion_wise")))
         if native.get("lesion_wise"):

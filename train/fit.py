@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
-from . import distributed, rundir
+from . import devices, distributed, rundir
 from .config import ConfigError, Config, check_against_manifest, differences, option_name, resolve, train_splits_of
 from .rundir import default_out, metric_columns
 from .trainer import Hooks, Result, Setup, Trainer
@@ -85,26 +85,16 @@ def resolve_run(overrides: dict[str, Any], resume: bool, force: bool) -> tuple[C
 
 
 def device_kind(device: str) -> str:
-    """"cuda" or "cpu": which `DEVICE_DEFAULTS` a new run takes (`auto` is cuda when torch sees one)."""
-    if device == "cuda":
-        return "cuda"
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cpu"
+    """"cuda" or "cpu": which `DEVICE_DEFAULTS` a new run takes (`train.devices.defaults_kind`)."""
+    return devices.defaults_kind(device)
 
 
 def start_processes(config: Config) -> tuple[distributed.Dist, Any]:
-    """Join torchrun's process group if any; the device this rank trains on."""
-    import torch
-
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device: cuda was asked for, but torch sees no CUDA device (use --device cpu or auto)")
-    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    device_type = "cuda" if cuda else "cpu"
-    dist = distributed.init(device_type)
-    device = torch.device(device_type, dist.local_rank) if cuda else torch.device("cpu")
+    """Join torchrun's process group if any; the device this rank trains on (`train.devices`:
+    under torchrun, cuda and auto mean GPU LOCAL_RANK)."""
+    launched = distributed.from_env()
+    device = devices.resolve(config.device, launched.local_rank if launched.enabled else None)
+    dist = distributed.init(device.type)
     return dist, device
 
 

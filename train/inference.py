@@ -49,7 +49,6 @@ from shards_spec.preprocess import NORMS, preprocess_volume, resize_back
 
 from . import checkpoint as ckpt
 
-DEVICES = ("auto", "cpu", "cuda")
 THRESHOLD = 0.5
 """Probability above which a channel (or a region's summed class probabilities) counts as present."""
 
@@ -113,16 +112,11 @@ class VolumePrediction:
 
 
 def resolve_device(device: str) -> Any:
-    """`auto` -> cuda when torch sees one, else cpu; `cuda` without a GPU is one clear line."""
-    import torch
+    """The torch device of `--device` (auto, cpu, cuda, cuda:N, mps: `train.devices.resolve`);
+    one clear line when it is misspelt or not on this machine."""
+    from .devices import resolve
 
-    if device not in DEVICES:
-        raise InferenceError(f"--device: must be one of {list(DEVICES)}, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InferenceError("--device: cuda was asked for, but torch sees no CUDA device (use --device cpu or auto)")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    return resolve(device)
 
 
 def load_model(path: str | Path, device: str = "auto", *, onnx: bool = False) -> LoadedModel:
@@ -241,6 +235,7 @@ def load_onnx(path: Path, device: str = "auto") -> LoadedModel:
     """An exported `.onnx` file and the config `train export` stored in it (or beside it)."""
     import torch
 
+    from .devices import check as check_device
     from .export import ExportError, onnx_config
     from .extras import require
 
@@ -250,21 +245,24 @@ def load_onnx(path: Path, device: str = "auto") -> LoadedModel:
         loaded = _describe(config, path)
     except (KeyError, TypeError, ValueError) as exc:
         raise ExportError(f"the exported config lacks or garbles {exc}", path) from None
-    if device not in DEVICES:
-        raise InferenceError(f"--device: must be one of {list(DEVICES)}, got {device!r}")
+    check_device(device)
+    if device == "mps":
+        raise InferenceError("--device: mps runs torch checkpoints; onnxruntime runs on cpu or cuda")
     cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    if device == "cuda" and not cuda:
-        raise InferenceError("--device: cuda was asked for, but onnxruntime has no CUDA provider "
+    if device.startswith("cuda") and not cuda:
+        raise InferenceError(f"--device: {device} was asked for, but onnxruntime has no CUDA provider "
                              "(install onnxruntime-gpu, or use --device cpu or auto)")
-    use_cuda = cuda and device in ("cuda", "auto")
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+    use_cuda = cuda and device != "cpu"
+    gpu = int(device.partition(":")[2] or 0)
+    providers = [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"] if use_cuda \
+        else ["CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(path), providers=providers)
     except Exception as exc:  # onnxruntime's own error types (InvalidGraph, Fail, ...)
         raise ExportError(f"onnxruntime cannot load it ({str(exc).strip().splitlines()[0][:160]})", path) from None
     loaded.model = OnnxModel(session)
     loaded.members = [loaded.model]
-    loaded.device = torch.device("cuda" if use_cuda else "cpu")
+    loaded.device = torch.device("cuda", gpu) if use_cuda else torch.device("cpu")
     return loaded
 
 

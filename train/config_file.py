@@ -1,0 +1,94 @@
+"""`train run --config FILE`: options kept in a file, under the command line's.
+
+    # run.toml
+    variant = "v2"
+    shards = "shards/"
+    epochs = 80
+    batch-size = 16            # or batch_size
+    channels = ["t1ce", "flair"]
+    schedule = "plateau"
+
+Keys are `train run`'s options (the `Config` fields, `-` or `_`), values of the option's type.
+A run's own `config.json` is read too: its `config` block, less `out` (the folder of that run,
+which a new run must not write into; give `--out`), so `--config runs/a/config.json --seed 1`
+repeats run a with another seed. Options given on the command line override the file's; the
+file's override the preset (or, with `--resume`, the run's saved options, with the same rules as
+flags). An unknown key or a value of the wrong type is one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import FIELDS, ConfigError
+
+_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+          "tuple[str, ...]": "a list of names", "None": "null"}
+NOT_FROM_A_RUN = ("out",)
+"""Keys of a saved run's config that a new run does not take from it."""
+
+
+def read_options(path: str | Path) -> dict[str, Any]:
+    """The options in `path` (TOML, or JSON such as a run's config.json), keyed by field name."""
+    path = Path(path)
+    table = _load(path)
+    if path.suffix.lower() == ".json" and isinstance(table.get("config"), dict):  # a run's config.json
+        table = {k: v for k, v in table["config"].items() if k not in NOT_FROM_A_RUN}
+    options: dict[str, Any] = {}
+    for key, value in table.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"unknown key {key!r} (not an option of train run; see train run --help)", path)
+        options[name] = _typed(path, key, value, str(FIELDS[name].type))
+    return options
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """The file's top-level table; one line for a missing, unreadable or malformed file."""
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise ConfigError("--config: must be a .toml file or a .json file such as a run's config.json", path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("does not exist", path) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot be read ({exc.strerror or exc})", path) from None
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            table = tomllib.loads(raw.decode("utf-8"))
+        else:
+            table = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ConfigError("is not UTF-8 text", path) from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise ConfigError(f"not valid {suffix[1:].upper()} ({exc})", path) from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"must hold a table of options, not {type(table).__name__}", path)
+    return table
+
+
+def _typed(path: Path, key: str, value: Any, annotation: str) -> Any:
+    """`value` if it has the field's type (an integer for a float field becomes a float)."""
+    kinds = [part.strip() for part in annotation.split("|")]
+    plain_int = isinstance(value, int) and not isinstance(value, bool)
+    if value is None and "None" in kinds:
+        return None
+    if isinstance(value, bool) and "bool" in kinds:
+        return value
+    if plain_int and "int" in kinds:
+        return value
+    if (plain_int or isinstance(value, float)) and "float" in kinds:
+        return float(value)
+    if isinstance(value, str) and ("str" in kinds or kinds[0].startswith("tuple")):
+        return value
+    if isinstance(value, list) and kinds[0].startswith("tuple") and all(isinstance(v, str) for v in value):
+        return list(value)
+    wanted = " or ".join(_WORDS.get(kind, kind) for kind in kinds)
+    raise ConfigError(f"{key}: must be {wanted}, got {value!r}", path)
