@@ -202,6 +202,7 @@ def predict_command(
     probabilities: bool = typer.Option(False, "--probabilities/--no-probabilities", show_default=False, help=_default("Also write the three sigmoid channels beside each segmentation.", "off")),
     tta: bool = typer.Option(False, "--tta/--no-tta", show_default=False, help=_default(TTA_HELP, "off")),
     min_et_voxels: int = typer.Option(0, help=MIN_ET_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", show_default=False, help=_default("Replace outputs that exist already (only those files; an input never).", "off")),
 ) -> None:
     """Segment NIfTI volumes with a checkpoint.
 
@@ -217,7 +218,7 @@ def predict_command(
     from . import predict
 
     predict.main(checkpoint=list(checkpoint), inputs=list(input), out=out, device=device, batch_size=batch_size,
-                 probabilities=probabilities, tta=tta, min_et_voxels=min_et_voxels)
+                 probabilities=probabilities, tta=tta, min_et_voxels=min_et_voxels, overwrite=overwrite)
 
 
 @app.command("report", no_args_is_help=True)

@@ -34,6 +34,13 @@ p(ET) for a `regions` one (named in the header's `descrip`), 0 outside the brain
 
 Files are written under a temporary name in the output folder and renamed into place, so an
 interrupted run leaves no half-written segmentation.
+
+Outputs never cost the user a file: before anything is loaded, an output that is one of the
+inputs (a modality, the seg, a checkpoint) once symbolic links, `..` and letter case are
+resolved (compared as the same file on disk, so also a hard link, or another spelling on a
+case-insensitive file system) is refused, and so is an output that exists already unless
+`--overwrite` is given; with a folder of patients `--overwrite` replaces each patient's file
+(and `_probabilities` file) and nothing else in the folder.
 """
 
 from __future__ import annotations
@@ -80,9 +87,10 @@ class Written:
 
 def main(checkpoint: Path | Sequence[Path], inputs: Sequence[Path | str], out: Path, device: str = "auto",
          batch_size: int = 32, probabilities: bool = False, console: Any = None, tta: bool = False,
-         min_et_voxels: int = 0) -> list[Written]:
+         min_et_voxels: int = 0, overwrite: bool = False) -> list[Written]:
     """Predict every patient `inputs` names (see the module docstring) and write the NIfTI files;
-    several checkpoints are an ensemble (their probabilities averaged)."""
+    several checkpoints are an ensemble (their probabilities averaged). The inputs and outputs
+    are checked before any checkpoint is loaded (`check_outputs`)."""
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -91,10 +99,12 @@ def main(checkpoint: Path | Sequence[Path], inputs: Sequence[Path | str], out: P
     if min_et_voxels < 0:
         raise PredictError(f"--min-et-voxels: must be >= 0, got {min_et_voxels}")
     options = inference.InferenceOptions(tta=tta, min_et_voxels=min_et_voxels)
-    loaded = inference.load_ensemble(inference.checkpoint_paths(checkpoint), device, onnx=True, options=options)
+    paths = inference.checkpoint_paths(checkpoint)
+    jobs, batch, skipped = plan_jobs(inputs, Path(out))
+    check_outputs(jobs, inputs, paths, probabilities, overwrite, Path(out))
+    loaded = inference.load_ensemble(paths, device, onnx=True, options=options)
     for line in loaded.warnings:
         console.print(f"warning: {line}")
-    jobs, batch, skipped = plan_jobs(inputs, Path(out))
     for problem in skipped:
         console.print(f"warning: skipped: {problem}")
     console.print(f"{loaded.path}: {loaded.config.get('model', '?')} epoch {loaded.epoch}, channels "
@@ -102,9 +112,9 @@ def main(checkpoint: Path | Sequence[Path], inputs: Sequence[Path | str], out: P
                   f"norm {loaded.norm}, device {loaded.device}, {len(loaded.members)} model(s), "
                   f"{loaded.options.describe()}; {len(jobs)} patient(s)")
     if not batch:
-        written = [predict_patient(loaded, jobs[0], batch_size, probabilities, console)]
+        written = [predict_patient(loaded, jobs[0], batch_size, probabilities, console, overwrite)]
     else:
-        written, failures = _predict_many(loaded, jobs, batch_size, probabilities, console)
+        written, failures = _predict_many(loaded, jobs, batch_size, probabilities, console, overwrite)
         if failures:
             for failure in failures:
                 console.print(f"failed: {failure}")
@@ -158,6 +168,49 @@ def plan_jobs(inputs: Sequence[Path | str], out: Path) -> tuple[list[Job], bool,
     return [Job(ref, _single_out(out, ref.id), convention)], False, []
 
 
+def _outputs(job: Job, probabilities: bool) -> list[Path]:
+    return [job.out, *([_probabilities_path(job.out)] if probabilities else [])]
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of the file `path` reaches (links followed, `..` and case as the file
+    system resolves them); None when nothing is there."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def check_outputs(jobs: list[Job], inputs: Sequence[Path | str], checkpoints: Sequence[Path], probabilities: bool,
+                  overwrite: bool, out: Path) -> None:
+    """Refuse an output that is an input (always) or that exists already (unless `overwrite`),
+    in one line, before anything is loaded."""
+    protected: dict[tuple[int, int], str] = {}
+    given = [str(i).split("=", 1)[1] if "=" in str(i) and not Path(str(i)).exists() else str(i) for i in inputs]
+    for path in [*given, *map(str, checkpoints), *(f for job in jobs for f in job.ref.files.values())]:
+        identity = _identity(path)
+        if identity is not None and Path(path).is_file():
+            protected.setdefault(identity, str(path))
+    existing = []
+    for job in jobs:
+        for path in _outputs(job, probabilities):
+            identity = _identity(path)
+            if identity in protected:
+                raise PredictError(f"is the input {protected[identity]}: predict never writes over its inputs; "
+                                   "give another --out", path)
+            if os.path.isdir(path):
+                raise PredictError("is a folder; the segmentation is written as a file of that name", path)
+            if os.path.lexists(path) and not overwrite:
+                existing.append(path)
+    if len(existing) == 1:
+        raise PredictError("exists already; pass --overwrite to replace it", existing[0])
+    if existing:
+        shown = ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise PredictError(f"holds {len(existing)} of the outputs already ({shown}); pass --overwrite to replace "
+                           "those files (nothing else in the folder is touched)", out)
+
+
 def _holds_nifti(folder: Path) -> bool:
     try:
         return any(p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES) for p in folder.iterdir())
@@ -173,8 +226,10 @@ def _modality_item(item: str) -> tuple[str, str]:
         if key not in (*CHANNELS, *MODALITY_2023, "seg"):
             raise PredictError(f"--input {item}: unknown modality {key!r}; use NAME=PATH with NAME one of "
                                f"{', '.join((*CHANNELS, *MODALITY_2023))}")
+        _must_exist(Path(path))
         return key, path
     path = Path(item)
+    _must_exist(path)
     if path.is_dir():
         raise PredictError("--input: a folder must be given alone (a patient folder or a folder of patients)", path)
     match = _BARE_TAIL.search(path.name)
@@ -182,6 +237,14 @@ def _modality_item(item: str) -> tuple[str, str]:
         raise PredictError("--input: cannot tell the modality from the file name; give it as NAME=PATH "
                            "(e.g. --input t1ce=PATH)", path)
     return match.group(1).lower(), str(path)
+
+
+def _must_exist(path: Path) -> None:
+    """An input path that is not there is said so (not read as a file name to guess from)."""
+    if os.path.lexists(path) and not path.exists():
+        raise PredictError(f"--input: is a link to {os.readlink(path)}, which does not exist", path)
+    if not path.exists():
+        raise PredictError("--input: does not exist", path)
 
 
 def _single_out(out: Path, patient: str) -> Path:
@@ -196,8 +259,8 @@ def _single_out(out: Path, patient: str) -> Path:
 
 
 def predict_patient(loaded: inference.LoadedModel, job: Job, batch_size: int, probabilities: bool,
-                    console: Any) -> Written:
-    """Load, predict and write one patient."""
+                    console: Any, overwrite: bool = False) -> Written:
+    """Load, predict and write one patient (replacing an existing output only with `overwrite`)."""
     from etl.sources import load_patient
 
     ref = job.ref
@@ -217,13 +280,13 @@ def predict_patient(loaded: inference.LoadedModel, job: Job, batch_size: int, pr
     outputs = [(seg_path, _label_image(labels, reference, loaded))]
     if prob_path is not None:
         outputs.append((prob_path, _probability_image(prediction.probabilities, reference, prediction.channel_names)))
-    write_atomic(outputs)
+    write_atomic(outputs, overwrite=overwrite)
     values, counts = np.unique(labels, return_counts=True)
     return Written(ref.id, seg_path, prob_path, {int(v): int(c) for v, c in zip(values, counts)}, warnings)
 
 
 def _predict_many(loaded: inference.LoadedModel, jobs: list[Job], batch_size: int, probabilities: bool,
-                  console: Any) -> tuple[list[Written], list[str]]:
+                  console: Any, overwrite: bool) -> tuple[list[Written], list[str]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     written, failures = [], []
@@ -233,7 +296,7 @@ def _predict_many(loaded: inference.LoadedModel, jobs: list[Job], batch_size: in
         for job in jobs:
             progress.update(task, description=f"predict {job.ref.id}")
             try:
-                written.append(predict_patient(loaded, job, batch_size, probabilities, console))
+                written.append(predict_patient(loaded, job, batch_size, probabilities, console, overwrite))
             except ToolError as exc:
                 failures.append(str(exc))
             progress.advance(task)
@@ -298,26 +361,27 @@ def _copy_codes(ref: Any, img: Any) -> None:
         img.header.set_sform(ref.affine, 0)
 
 
-def write_atomic(outputs: list[tuple[Path, Any]]) -> None:
-    """Write every image under a temporary name in its folder, then rename them all into place."""
+def write_atomic(outputs: list[tuple[Path, Any]], overwrite: bool = False) -> None:
+    """Write every image under a temporary name in its folder (`shards_spec.fileio.atomic_path`),
+    then rename them all into place; an output that exists by then is replaced only with
+    `overwrite` (checked again here: another process may have written it since the start)."""
+    import contextlib
+
     import nibabel as nib
 
-    temps: list[tuple[Path, Path]] = []
+    from shards_spec.fileio import atomic_path
+
     try:
-        for path, img in outputs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
-            temps.append((tmp, path))
-            nib.save(img, str(tmp))
-        for tmp, path in temps:
-            os.replace(tmp, path)
+        with contextlib.ExitStack() as stack:
+            for path, img in outputs:
+                suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
+                nib.save(img, str(stack.enter_context(atomic_path(path, suffix=suffix))))
+            taken = [path for path, _ in outputs if os.path.lexists(path)]
+            if taken and not overwrite:
+                raise PredictError("was written by someone else while predicting; pass --overwrite to replace it",
+                                   taken[0])
     except OSError as exc:
-        raise PredictError(f"cannot write the output ({exc.strerror or exc})", outputs[0][0]) from None
-    finally:
-        for tmp, _ in temps:
-            if tmp.exists():
-                tmp.unlink()
+        raise PredictError(f"cannot write the output ({exc.strerror or exc})", exc.filename or outputs[0][0]) from None
 
 
 __all__ = ["Job", "PredictError", "Written", "main", "plan_jobs", "predict_patient", "write_atomic"]
