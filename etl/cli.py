@@ -98,7 +98,7 @@ def _size(n: float) -> str:
 def synth(
     out: Path = typer.Option(..., "--out", help="Folder to create the synthetic dataset in."),
     patients: int = typer.Option(10, "--patients", help="Number of patients."),
-    layout: str = typer.Option("brats2020", "--layout", help="brats2020 | brats2021 | brats2023 | kaggle-h5"),
+    layout: str = typer.Option("brats2020", "--layout", help="brats2020 | brats2021 | brats2023 | kaggle-h5 | msd"),
     shape: str = typer.Option("240,240,155", "--shape", help="Volume shape H,W,D."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
 ) -> None:
@@ -157,7 +157,7 @@ def build_shards(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: its scheduler's address tcp://HOST:PORT (or set DASK_SCHEDULER_ADDRESS); --src and --out must be on a file system its workers share."),
     norm: str = typer.Option("slice", "--norm", help="z-score per slice | volume."),
     patients_per_shard: int = typer.Option(1, "--patients-per-shard", help="Patients (records) per shard."),
-    layout: Optional[str] = typer.Option(None, "--layout", help="Source layout: brats2020 | brats2021 | brats2023 | kaggle-h5 (default: detected)."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="Source layout: brats2020 | brats2021 | brats2023 | kaggle-h5 | msd (default: detected)."),
     kaggle_channel_order: Optional[str] = typer.Option(None, "--kaggle-channel-order", help="Channel order of the Kaggle .h5 images (default: the Kaggle layout's, see README)."),
     keep_empty: bool = typer.Option(False, "--keep-empty/--no-keep-empty", show_default=False, help="Keep slices without brain voxels.  [default: off]"),
     skip_bad: bool = typer.Option(False, "--skip-bad/--no-skip-bad", show_default=False, help="Build the readable patients and list the others in the manifest.  [default: off]"),

@@ -54,7 +54,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from shards_spec.errors import ToolError
-from shards_spec.labels import CHANNELS, CONVENTION_OF_LAYOUT, decode_labels
+from shards_spec.labels import CHANNELS, Convention, decode_labels
 
 from . import inference
 
@@ -73,7 +73,7 @@ class Job:
 
     ref: Any  # etl.sources.PatientRef
     out: Path
-    convention: str
+    convention: Convention  # etl.sources.label_convention: a release's, or the values an MSD dataset.json names
 
 
 @dataclass
@@ -133,7 +133,7 @@ def main(checkpoint: Path | Sequence[Path], inputs: Sequence[Path | str], out: P
 def plan_jobs(inputs: Sequence[Path | str], out: Path) -> tuple[list[Job], bool, list[str]]:
     """The patients to predict and their output paths; whether `inputs` is a folder of patients;
     the patients a scan of such a folder left out, one line each."""
-    from etl.sources import patient_from_files, patient_from_folder, scan_source
+    from etl.sources import label_convention, patient_from_files, patient_from_folder, scan_source
 
     items = [str(i) for i in inputs]
     if not items:
@@ -142,9 +142,9 @@ def plan_jobs(inputs: Sequence[Path | str], out: Path) -> tuple[list[Job], bool,
         folder = Path(items[0])
         if _holds_nifti(folder):
             ref = patient_from_folder(folder)
-            return [Job(ref, _single_out(out, ref.id), CONVENTION_OF_LAYOUT[ref.layout])], False, []
+            return [Job(ref, _single_out(out, ref.id), label_convention(ref))], False, []
         scan = scan_source(folder, require_labels=False)
-        if scan.layout not in ("brats2020", "brats2021", "brats2023"):
+        if scan.layout not in ("brats2020", "brats2021", "brats2023", "msd"):
             raise PredictError(f"holds {scan.layout} data; predict reads NIfTI patients", folder)
         skipped = [str(problem) for problem in scan.problems]
         if not scan.patients:
@@ -152,7 +152,7 @@ def plan_jobs(inputs: Sequence[Path | str], out: Path) -> tuple[list[Job], bool,
             raise PredictError(f"holds no patient that can be read{first}", folder)
         if out.suffix in (".nii", ".gz"):
             raise PredictError("--input is a folder of patients, so --out must be a folder, not a NIfTI file", out)
-        jobs = [Job(ref, out / f"{ref.id}.nii.gz", CONVENTION_OF_LAYOUT[ref.layout]) for ref in scan.patients]
+        jobs = [Job(ref, out / f"{ref.id}.nii.gz", label_convention(ref)) for ref in scan.patients]
         return jobs, True, skipped
     files: dict[str, str] = {}
     for item in items:
@@ -162,7 +162,7 @@ def plan_jobs(inputs: Sequence[Path | str], out: Path) -> tuple[list[Job], bool,
         files[key] = path
     files.pop("seg", None)  # predict never needs the segmentation
     ref = patient_from_files(files)
-    convention = CONVENTION_OF_LAYOUT[ref.layout]
+    convention = label_convention(ref)
     if files and all(k.lower() in MODALITY_2023 for k in files):
         convention = "brats2023"
     return [Job(ref, _single_out(out, ref.id), convention)], False, []

@@ -12,6 +12,9 @@ Layouts (detected from folder and file names; pass `layout=` to force one):
 * ``brats2021``  ``BraTS2021_NNNNN/BraTS2021_NNNNN_{...}.nii.gz``
 * ``brats2023``  ``BraTS-GLI-NNNNN-NNN/BraTS-GLI-NNNNN-NNN-{t1n,t1c,t2w,t2f,seg}.nii.gz``
 * ``kaggle-h5``  ``.../data/volume_V_slice_S.h5`` (the 2D export; a patient is a volume)
+* ``msd``        the Medical Segmentation Decathlon's ``Task01_BrainTumour/``: ``dataset.json``
+  (modality order and label values, read from it), 4D ``imagesTr/BRATS_NNN.nii.gz``,
+  ``labelsTr/``, and ``imagesTs/`` without labels
 
 `scan_source` is cheap (names, sizes, headers) and runs once; `load_patient` is the per-patient
 task. Everything a user's data can get wrong is a `SourceError` naming the file and the problem:
@@ -32,7 +35,7 @@ from typing import Sequence
 from shards_spec.errors import SourceError
 from shards_spec.labels import CHANNELS
 
-from . import kaggle, nifti
+from . import kaggle, msd, nifti
 from .base import (MAX_PATIENT_BYTES, PatientRef, PatientVolume, Scan, SourceLayout, channel_problem, relative_posix,
                    require_folder)
 from . import discover as discovery
@@ -44,6 +47,7 @@ SOURCES: dict[str, SourceLayout] = {
     "brats2021": nifti.BRATS2021,
     "brats2023": nifti.BRATS2023,
     "kaggle-h5": kaggle.SOURCE,
+    "msd": msd.SOURCE,
 }
 LAYOUTS: tuple[str, ...] = tuple(SOURCES)
 
@@ -62,6 +66,7 @@ __all__ = [
     "SourceError",
     "SourceLayout",
     "detect_layout",
+    "label_convention",
     "scan_source",
     "load_patient",
     "patient_from_folder",
@@ -141,6 +146,15 @@ def load_patient(
     layout = SOURCES[ref.layout]
     own = {name: value for name, value in options.items() if name in layout.options}
     return layout.load(ref, channels, require_labels=require_labels, max_patient_bytes=max_patient_bytes, **own)
+
+
+def label_convention(ref: PatientRef):
+    """How `ref`'s segmentation values map to shard labels (`shards_spec.labels.Convention`), for
+    reading its labels and writing predictions back in them: its release's convention, or the
+    values an MSD dataset.json names."""
+    if ref.layout not in SOURCES:
+        raise SourceError(f"patient {ref.id} has unknown layout {ref.layout!r}: expected one of {', '.join(LAYOUTS)}")
+    return SOURCES[ref.layout].convention_of(ref)
 
 
 def patient_from_folder(path: Path | str) -> PatientRef:

@@ -85,16 +85,18 @@ the brain mask and preprocessing temporaries): measured 26.5 on a 240x240x155 Br
 patient (peak RSS of load_patient + preprocess_volume), rounded up."""
 
 
-def patient_size_problem(shape, path, max_bytes: int) -> "SourceError | None":
+def patient_size_problem(shape, path, max_bytes: int, bytes_per_voxel: int = BYTES_PER_VOXEL) -> "SourceError | None":
     """A SourceError when a volume of `shape` needs more than `max_bytes` to load, else None.
 
-    Dimensions are multiplied as Python integers (no overflow), so any declared shape is safe."""
+    Dimensions are multiplied as Python integers (no overflow), so any declared shape is safe.
+    `bytes_per_voxel` is what loading needs per voxel of `shape` (a layout that holds more while
+    reading says so)."""
     import math
 
     dims = [int(n) for n in shape]
     if any(n < 1 for n in dims):
         return SourceError(f"declares a volume of {'x'.join(map(str, dims))} voxels: every dimension must be positive", path)
-    need = math.prod(dims) * BYTES_PER_VOXEL
+    need = math.prod(dims) * bytes_per_voxel
     if need > max_bytes:
         return SourceError(f"declares a volume of {'x'.join(map(str, dims))} voxels, which needs about {_gib(need)} "
                            f"of memory to load, more than the limit of {_gib(max_bytes)} "
@@ -158,6 +160,11 @@ class SourceLayout:
     def patient_of(self, name: str) -> str | None:
         """The patient a path component names (a patient folder, a per-slice file), else None."""
         return safe_id(name) if self.is_patient_folder(name) else None
+
+    def convention_of(self, ref: "PatientRef"):
+        """How `ref`'s segmentation values map to shard labels (`shards_spec.labels.Convention`):
+        the release's `label_convention`, unless the dataset describes its own (MSD)."""
+        return self.label_convention
 
 
 def channel_problem(names) -> str | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from shards_spec.errors import SourceError
-from shards_spec.labels import CHANNELS, encode_labels
+from shards_spec.labels import CHANNELS, Convention, encode_labels
 from shards_spec.preprocess import brain_mask
 
 from .base import (MAX_PATIENT_BYTES, PatientRef, PatientVolume, geometry_warnings, patient_size_problem,
@@ -29,7 +29,7 @@ GZIP_SLACK_BYTES = 1 << 16
 """Bytes a .nii.gz may hold beyond what its header declares (padding) before it is refused."""
 
 # What a damaged file raises while nibabel reads it (truncated gzip, short .nii, bad header).
-_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, zlib.error, struct.error, IndexError)
+READ_ERRORS = (OSError, EOFError, ValueError, TypeError, zlib.error, struct.error, IndexError)
 
 
 def check_headers(files: dict[str, str], max_patient_bytes: int = MAX_PATIENT_BYTES) -> list[SourceError]:
@@ -49,11 +49,11 @@ def check_headers(files: dict[str, str], max_patient_bytes: int = MAX_PATIENT_BY
         if size == 0:
             continue  # reported by match_files
         try:
-            img = _load_header(path)
+            img = load_header(path)
         except SourceError as exc:
             problems.append(exc)
             continue
-        shape = _spatial_shape(img.shape, path)
+        shape = spatial_shape(img.shape, path)
         if isinstance(shape, SourceError):
             problems.append(shape)
             continue
@@ -76,17 +76,17 @@ def check_headers(files: dict[str, str], max_patient_bytes: int = MAX_PATIENT_BY
         elif shape != reference[1]:
             problems.append(
                 SourceError(
-                    f"shape {_fmt(shape)} differs from the {reference[0]} image's {_fmt(reference[1])}", path
+                    f"shape {fmt_shape(shape)} differs from the {reference[0]} image's {fmt_shape(reference[1])}", path
                 )
             )
     return problems
 
 
-def _fmt(shape: tuple[int, ...]) -> str:
+def fmt_shape(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
 
-def _load_header(path: str):
+def load_header(path: str):
     import nibabel as nib
 
     try:
@@ -100,17 +100,17 @@ def _load_header(path: str):
     return img
 
 
-def _spatial_shape(shape: tuple[int, ...], path: str) -> tuple[int, int, int] | SourceError:
+def spatial_shape(shape: tuple[int, ...], path: str) -> tuple[int, int, int] | SourceError:
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) == 4:
-        return SourceError(f"4D image of shape {_fmt(shape)}: expected one 3D volume per file", path)
+        return SourceError(f"4D image of shape {fmt_shape(shape)}: expected one 3D volume per file", path)
     if len(shape) != 3:
-        return SourceError(f"{len(shape)}D image of shape {_fmt(shape)}: expected a 3D volume", path)
+        return SourceError(f"{len(shape)}D image of shape {fmt_shape(shape)}: expected a 3D volume", path)
     return tuple(int(s) for s in shape)  # type: ignore[return-value]
 
 
-def _whole_gzip(img, path: str, what: str):
+def whole_gzip(img, path: str, what: str):
     """`img` read back from its whole gzip stream, CRC and length checked (a .nii.gz only).
 
     nibabel decompresses only as far as the voxels reach, so the gzip trailer is never checked
@@ -131,7 +131,7 @@ def _whole_gzip(img, path: str, what: str):
             raise SourceError(f"its gzip stream holds more than the {cap} bytes its header declares (a gzip bomb?)",
                               path)
         return type(img).from_bytes(raw)
-    except _READ_ERRORS as exc:
+    except READ_ERRORS as exc:
         raise SourceError(
             f"cannot read the {what} data, the file may be truncated or corrupt ({type(exc).__name__}: {exc})",
             path,
@@ -140,13 +140,13 @@ def _whole_gzip(img, path: str, what: str):
 
 def _read_into(out: np.ndarray, img, path: str) -> None:
     """Copy the image data (scaled by scl_slope/inter) into float32 `out`, reading it once."""
-    img = _whole_gzip(img, path, "image")
+    img = whole_gzip(img, path, "image")
     try:
         data = np.asanyarray(img.dataobj)
         if data.ndim == 4:
             data = data[..., 0]
         np.copyto(out, data, casting="unsafe")
-    except _READ_ERRORS as exc:
+    except READ_ERRORS as exc:
         raise SourceError(
             f"cannot read the image data, the file may be truncated or corrupt ({type(exc).__name__}: {exc})",
             path,
@@ -157,7 +157,7 @@ def _read_into(out: np.ndarray, img, path: str) -> None:
 
 
 def load_nifti_patient(
-    ref: PatientRef, channels: list[str], require_labels: bool, convention: str,
+    ref: PatientRef, channels: list[str], require_labels: bool, convention: Convention,
     max_patient_bytes: int = MAX_PATIENT_BYTES,
 ) -> PatientVolume:
     """Read one NIfTI patient.
@@ -173,17 +173,17 @@ def load_nifti_patient(
 
     extra = [m for m in CHANNELS if m in ref.files and m not in channels]
     order = list(channels) + extra
-    images = [_load_header(ref.files[m]) for m in order]
+    images = [load_header(ref.files[m]) for m in order]
     shapes = []
     for m, img in zip(order, images):
-        shape = _spatial_shape(img.shape, ref.files[m])
+        shape = spatial_shape(img.shape, ref.files[m])
         if isinstance(shape, SourceError):
             raise shape
         shapes.append(shape)
     shape = shapes[0]
     for m, s in zip(order, shapes):
         if s != shape:
-            raise SourceError(f"shape {_fmt(s)} differs from the {order[0]} image's {_fmt(shape)}", ref.files[m])
+            raise SourceError(f"shape {fmt_shape(s)} differs from the {order[0]} image's {fmt_shape(shape)}", ref.files[m])
     too_big = patient_size_problem(shape, ref.files[order[0]], max_patient_bytes)
     if too_big:
         raise too_big
@@ -209,7 +209,7 @@ def load_nifti_patient(
 
     labels = None
     if "seg" in ref.files:
-        labels = _read_labels(ref.files["seg"], convention, shape)
+        labels = read_labels(ref.files["seg"], convention, shape)
     dtypes = sorted({str(img.get_data_dtype()) for img in images})
     return PatientVolume(
         volume=volume,
@@ -223,19 +223,20 @@ def load_nifti_patient(
     )
 
 
-def _read_labels(path: str, convention: str, shape: tuple[int, int, int]) -> np.ndarray:
-    img = _load_header(path)
-    seg_shape = _spatial_shape(img.shape, path)
+def read_labels(path: str, convention: Convention, shape: tuple[int, int, int]) -> np.ndarray:
+    """The segmentation at `path` as a 0..3 label map, checked against the images' `shape`."""
+    img = load_header(path)
+    seg_shape = spatial_shape(img.shape, path)
     if isinstance(seg_shape, SourceError):
         raise seg_shape
     if seg_shape != shape:
-        raise SourceError(f"segmentation shape {_fmt(seg_shape)} differs from the images' {_fmt(shape)}", path)
-    img = _whole_gzip(img, path, "segmentation")
+        raise SourceError(f"segmentation shape {fmt_shape(seg_shape)} differs from the images' {fmt_shape(shape)}", path)
+    img = whole_gzip(img, path, "segmentation")
     try:
         # dataobj applies scl_slope/inter when the header sets them (then the values are float and
         # encode_labels checks they are whole numbers); otherwise it is the stored integer array.
         seg = np.asanyarray(img.dataobj)
-    except _READ_ERRORS as exc:
+    except READ_ERRORS as exc:
         raise SourceError(
             f"cannot read the segmentation data, the file may be truncated or corrupt ({type(exc).__name__}: {exc})",
             path,
@@ -245,7 +246,7 @@ def _read_labels(path: str, convention: str, shape: tuple[int, int, int]) -> np.
     return encode_label_volume(seg, convention, path)
 
 
-def encode_label_volume(seg: np.ndarray, convention: str, path: object) -> np.ndarray:
+def encode_label_volume(seg: np.ndarray, convention: Convention, path: object) -> np.ndarray:
     """`encode_labels` for a whole volume, fast: it maps the distinct values, a table does the rest.
 
     Calling `encode_labels` on 9M voxels costs ~0.5 s (int64 copies and a sort); here byte-range

@@ -38,6 +38,14 @@ Layouts (``out`` is the folder given):
     ``target`` 1 when the slice has any tumour, ``labelK_pxl_cnt`` the pixels of mask channel
     K, ``background_ratio`` the fraction of the slice's pixels with no tumour label (our
     reading of the real column; its exact definition is not documented).
+``msd``
+    The Medical Segmentation Decathlon's ``Task01_BrainTumour/``: ``imagesTr/BRATS_NNN.nii.gz``
+    (NNN = 001...), one 4D float32 file per case with the modalities FLAIR, T1w, t1gd, T2w on its
+    last axis, ``labelsTr/BRATS_NNN.nii.gz`` in the MSD's values (0 background, 1 edema,
+    2 non-enhancing tumour, 3 enhancing tumour), every fourth case in ``imagesTs/`` without
+    labels, and a ``dataset.json`` with the release's "modality" and "labels" maps and case
+    lists (its name, licence and release fields copied from the public release's; the float32
+    images are our reading of the release, not checked against its files).
 
 NIfTI files: int16 images, uint8 segmentations, shape ``shape`` (240x240x155 by default), 1 mm
 voxels, qform = sform (code 1) = the BraTS/SRI24 affine as nibabel reports it,
@@ -90,7 +98,7 @@ from etl.synth.anatomy import MODALITIES, draw_patient, render
 __all__ = ["LAYOUTS", "check_arguments", "synthesize"]
 MIN_SHAPE = (16, 16, 8)
 MAX_SIDE = 1024
-MAX_PATIENTS = {"brats2020": 999, "brats2021": 60000, "brats2023": 60000, "kaggle-h5": 60000}
+MAX_PATIENTS = {"brats2020": 999, "brats2021": 60000, "brats2023": 60000, "kaggle-h5": 60000, "msd": 999}
 """The layouts synth writes (of `etl.sources.LAYOUTS`), with the most patients each numbering allows."""
 QUIRK_PATIENT = 355
 
@@ -110,7 +118,7 @@ def synthesize(
     """Writes ``patients`` synthetic patients under ``out`` in ``layout``; returns patient ids.
 
     The ids are the release's own: ``BraTS20_Training_001``, ``BraTS2021_00000``,
-    ``BraTS-GLI-00000-000`` or, for ``kaggle-h5``, ``volume_1``.  ``shape`` is (H, W, D) of
+    ``BraTS-GLI-00000-000``, ``BRATS_001`` (msd) or, for ``kaggle-h5``, ``volume_1``.  ``shape`` is (H, W, D) of
     every volume.  ``progress``, if given, is called after each patient with the number of
     patients written so far (1, 2, ..., patients).  ``quirk_355_at`` names the patient number
     (1-based) whose segmentation gets the odd name ``W39_1998.09.19_Segm.nii`` instead of 355
@@ -142,6 +150,8 @@ def synthesize(
             ids.append(layouts.write_brats2021(out, index, patient))
         elif layout == "brats2023":
             ids.append(layouts.write_brats2023(out, index, patient))
+        elif layout == "msd":
+            ids.append(layouts.write_msd(out, index, patient))
         else:
             pid, rows = layouts.write_kaggle(
                 out, index, patient, channel_order=tuple(kaggle_channel_order), background=kaggle_background
@@ -156,6 +166,8 @@ def synthesize(
         layouts.write_csv(root / "survival_info.csv", layouts.SURVIVAL_HEADER, survival_rows)
     elif layout == "kaggle-h5":
         layouts.write_csv(out / layouts.KAGGLE_DIR / "meta_data.csv", layouts.KAGGLE_META_HEADER, meta_rows)
+    elif layout == "msd":
+        layouts.write_msd_description(out, ids)
     return ids
 
 

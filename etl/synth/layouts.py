@@ -26,6 +26,7 @@ QUIRK_355_SEG = "W39_1998.09.19_Segm.nii"
 BRATS2020_DIR = "MICCAI_BraTS2020_TrainingData"
 BRATS2021_DIR = "BraTS2021_Training_Data"
 BRATS2023_DIR = "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData"
+MSD_DIR = "Task01_BrainTumour"
 KAGGLE_DIR = Path("BraTS2020_training_data", "content", "data")
 
 NAME_MAPPING_HEADER = (
@@ -51,7 +52,7 @@ def nifti_bytes(data: np.ndarray) -> bytes:
     hdr = img.header
     hdr.set_data_dtype(data.dtype)
     hdr.set_xyzt_units("mm", "sec")
-    hdr.set_zooms((1.0, 1.0, 1.0))
+    hdr.set_zooms((1.0,) * data.ndim)
     hdr["descrip"] = b""
     hdr["aux_file"] = b""
     hdr["db_name"] = b""
@@ -161,6 +162,68 @@ def write_kaggle(
         tumour = sum(counts)
         rows.append([f"/content/data/{name}", int(tumour > 0), volume, s, *counts, repr(1.0 - tumour / pixels)])
     return f"volume_{volume}", rows
+
+
+MSD_MODALITIES = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
+MSD_LABELS = {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
+"""The release's dataset.json maps, word for word (their capitals and spellings included)."""
+
+
+def _msd_order() -> tuple[str, ...]:
+    from etl.sources.msd import MODALITY_NAMES
+
+    return tuple(MODALITY_NAMES[name.lower()] for name in MSD_MODALITIES.values())
+
+
+MSD_ORDER = _msd_order()
+"""Our names of `MSD_MODALITIES`, in its order (read through the layout's own name table)."""
+
+
+def msd_is_test(index: int) -> bool:
+    """Whether patient ``index`` goes to imagesTs (every fourth; the release holds 266 of 750 there).
+    A function of the index alone, so a grown dataset keeps every patient where it was."""
+    return index % 4 == 3
+
+
+def write_msd(root: Path, index: int, patient: Rendered) -> str:
+    """One case of Task01_BrainTumour: a 4D float32 image (modalities in `MSD_ORDER` on the last
+    axis) in imagesTr/ or imagesTs/, and for imagesTr its labels in the MSD's values."""
+    from shards_spec.labels import decode_labels, encode_labels
+
+    pid = f"BRATS_{index + 1:03d}"
+    task = root / MSD_DIR
+    images = np.stack([patient.images[m].astype(np.float32) for m in MSD_ORDER], axis=-1)
+    folder = task / ("imagesTs" if msd_is_test(index) else "imagesTr")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_nifti(folder / f"{pid}.nii.gz", images)
+    if not msd_is_test(index):
+        (task / "labelsTr").mkdir(parents=True, exist_ok=True)
+        seg = decode_labels(encode_labels(patient.seg, "brats2020"), "msd")
+        write_nifti(task / "labelsTr" / f"{pid}.nii.gz", seg)
+    return pid
+
+
+def write_msd_description(root: Path, ids: list[str]) -> None:
+    """The task's dataset.json, listing every case as the release's does."""
+    import json
+
+    train = [pid for i, pid in enumerate(ids) if not msd_is_test(i)]
+    test = [pid for i, pid in enumerate(ids) if msd_is_test(i)]
+    description = {
+        "name": "BRATS",
+        "description": "Gliomas segmentation tumour and oedema in brain images (synthetic: etl synth)",
+        "reference": "https://www.med.upenn.edu/sbia/brats2017.html",
+        "licence": "CC-BY-SA 4.0",
+        "release": "2.0 04/05/2018",
+        "tensorImageSize": "4D",
+        "modality": MSD_MODALITIES,
+        "labels": MSD_LABELS,
+        "numTraining": len(train),
+        "numTest": len(test),
+        "training": [{"image": f"./imagesTr/{pid}.nii.gz", "label": f"./labelsTr/{pid}.nii.gz"} for pid in train],
+        "test": [f"./imagesTs/{pid}.nii.gz" for pid in test],
+    }
+    write_atomic(root / MSD_DIR / "dataset.json", (json.dumps(description, indent=4) + "\n").encode("utf-8"))
 
 
 # ------------------------------------------------------------------------ clinical side files

@@ -184,7 +184,7 @@ def test_forced_and_mixed_layouts(make_brats, tmp_path):
         scan_source(tmp_path, "brats2020")
     with pytest.raises(SourceError, match="unknown layout"):
         scan_source(tmp_path, "brats1999")
-    assert set(LAYOUTS) == {"brats2020", "brats2021", "brats2023", "kaggle-h5"}
+    assert set(LAYOUTS) == {"brats2020", "brats2021", "brats2023", "kaggle-h5", "msd"}
 
 
 def test_fingerprint_tracks_file_sizes(make_brats):

@@ -374,5 +374,5 @@ def test_patients_vary_and_scale_with_the_grid(phantoms):
 
 
 def test_module_constants_match_layouts():
-    assert LAYOUTS == ("brats2020", "brats2021", "brats2023", "kaggle-h5")
+    assert LAYOUTS == ("brats2020", "brats2021", "brats2023", "kaggle-h5", "msd")
     assert anatomy.REF_SHAPE == (240, 240, 155)
