@@ -203,7 +203,8 @@ def model_cost(c: Contender, size: int) -> None:
     x = torch.randn(1, spec["in_channels"], size, size)
     counter = FlopCounterMode(display=False)
     with counter:
-        model(x).sum().backward()
+        out = model(x)  # a deeply supervised model returns a tuple in training mode
+        sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
     c.gflop = counter.get_total_flops() / 1e9
 
 
@@ -424,6 +425,7 @@ def main() -> None:
     parser.add_argument("--score-variant", action="append", default=None,
                         help="NAME=OPTIONS scored from the first of our contenders' best checkpoint without training "
                              "again: --tta, --min-et-voxels N, --ensemble CONTENDER (repeatable)")
+    parser.add_argument("--rescore", action="store_true", help="score the runs an earlier call trained, again")
     parser.add_argument("--starvation-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=40, help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -439,7 +441,12 @@ def main() -> None:
         source, shards = args.src, args.shards
     else:
         source, shards = prepare(args.work, args.patients, args.shape, args.size, args.seed)
-    train_contenders(contenders, shards, args.work, args)
+    if args.rescore:  # score runs trained by an earlier call (same --work, --label and contenders)
+        for c in contenders:
+            c.run_dir = args.work / "runs" / f"{args.label}-{c.name}"
+            read_curve(c)
+    else:
+        train_contenders(contenders, shards, args.work, args)
     check = None
     ours = [c for c in contenders if c.options is not None]
     if args.starvation_steps and ours:
