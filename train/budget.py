@@ -93,6 +93,36 @@ class Budget:
         return projected is None or projected <= self.remaining()
 
 
+class Pace:
+    """What this process measured of its own speed, for `--time-budget` decisions inside an epoch:
+    training steps and their seconds (hooks included), against a validation's measured seconds."""
+
+    def __init__(self, batch_size: int, val_slices: int) -> None:
+        self.batch_size, self.val_slices = batch_size, val_slices
+        self.steps, self.train_seconds = 0, 0.0
+
+    def step_seconds(self) -> float:
+        return self.train_seconds / self.steps if self.steps else 0.0
+
+    def reserve(self, val_seconds: float) -> float:
+        """What must still fit after the next step: a validation and a checkpoint (the longest
+        measured validation, or before the first one an estimate from the training speed: a
+        forward pass is about a third of a training step), with a margin."""
+        validation = val_seconds
+        if not validation and self.steps and self.train_seconds > 0:
+            validation = 0.5 * self.step_seconds() / self.batch_size * self.val_slices
+        return validation * 1.2 + SAFETY_SECONDS
+
+    def out_of_time(self, budget: Budget, val_seconds: float) -> bool:
+        """Whether one more step, then a validation and a checkpoint, would pass the budget."""
+        return budget.limit is not None and budget.remaining() < self.step_seconds() + self.reserve(val_seconds)
+
+    def steps_that_fit(self, budget: Budget, val_seconds: float, steps_per_epoch: int) -> int:
+        """Training steps the rest of the budget holds, each epoch also paying a validation."""
+        epoch_seconds = self.step_seconds() * steps_per_epoch + self.reserve(val_seconds)
+        return int(budget.remaining() / epoch_seconds * steps_per_epoch) if epoch_seconds > 0 else 0
+
+
 def projection_line(steps: int, seconds: float, steps_per_epoch: int, epochs_left: int,
                     budget: Budget | None = None) -> str:
     """'12.3 steps/s; 40 epochs x 500 steps ~ 27m 06s (training steps only)' after the first steps."""

@@ -53,11 +53,14 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import checkpoint as ckpt
-from . import distributed, engine, faults, rundir
-from .budget import Budget, StopRequested, StopSignal, format_duration, projection_line
+from . import distributed, engine, faults, messages, rundir
+from .recipe import class_priors, init_head_bias, schedule_rate
+from .budget import Budget, Pace, StopRequested, StopSignal, format_duration
 
 PROJECTION_STEPS = 5
 """Steps timed before the speed and the projected run time are printed."""
+STOP_BUDGET, STOP_SIGNAL = 1, 2
+"""Levels of `check_stop`, agreed across ranks by their maximum: a signal outranks the budget."""
 
 
 class Callback(Protocol):
@@ -169,7 +172,7 @@ class Trainer:
         self.budget = Budget(self.config.time_budget_seconds, clock=self.hooks.clock)
         self.after_step = self.hooks.after_step or faults.sigterm_hook(self.dist.rank)
         self.session_seconds: list[float] = []
-        self.session_steps, self.session_train_seconds = 0, 0.0
+        self.pace = Pace(self.config.batch_size, setup.val_ds.num_slices)  # this process's measured speed
         self.steps_per_epoch = max(1, setup.train_ds.batches_per_epoch(self.config.batch_size, self.config.workers))
         # The schedule spans --epochs (also after a resume that asks for more); a budget re-plans it.
         self.state.schedule_steps, self.state.planned = self.config.epochs * self.steps_per_epoch, False
@@ -287,24 +290,9 @@ class Trainer:
         self.print_plan()
         return None
 
-    def reserve_seconds(self) -> float:
-        """What must still fit after the next step: a validation and a checkpoint (measured, or
-        before the first validation estimated from the training speed: a forward pass is ~1/3 of a
-        training step, with a margin)."""
-        from .budget import SAFETY_SECONDS
-
-        validation = self.state.val_seconds
-        if not validation and self.session_steps and self.session_train_seconds > 0:
-            per_slice = self.session_train_seconds / (self.session_steps * self.config.batch_size)
-            validation = 0.5 * per_slice * self.setup.val_ds.num_slices
-        return validation * 1.2 + SAFETY_SECONDS
-
     def out_of_time(self) -> bool:
         """Whether one more step, then a validation and a checkpoint, would pass the budget."""
-        if self.budget.limit is None:
-            return False
-        step = self.session_train_seconds / self.session_steps if self.session_steps else 0.0
-        return self.budget.remaining() < step + self.reserve_seconds()
+        return self.pace.out_of_time(self.budget, self.state.val_seconds)
 
     def budget_stop(self, epoch: int, started: float) -> str:
         """The budget ends the run in the middle of epoch `epoch`: validate and checkpoint what was
@@ -322,11 +310,9 @@ class Trainer:
 
     def plan_schedule(self) -> None:
         """With a time budget, fit the schedule's length to it, once (see the module doc)."""
-        if self.state.planned or self.budget.limit is None or self.scheduler is not None or not self.session_steps:
+        if self.state.planned or self.budget.limit is None or self.scheduler is not None or not self.pace.steps:
             return
-        step = self.session_train_seconds / self.session_steps
-        epoch_seconds = step * self.steps_per_epoch + self.reserve_seconds()
-        fit = int(self.budget.remaining() / epoch_seconds * self.steps_per_epoch) if epoch_seconds > 0 else 0
+        fit = self.pace.steps_that_fit(self.budget, self.state.val_seconds, self.steps_per_epoch)
         planned = min(self.state.schedule_steps, self.state.steps + max(fit, 1))
         self.state.schedule_steps = int(distributed.broadcast_object(self.dist, planned))
         self.state.planned = True
@@ -365,7 +351,7 @@ class Trainer:
                 seen += losses.numel()
                 state.steps += 1
                 state.epoch_step = step + 1
-                self.session_steps += 1
+                self.pace.steps += 1
                 advance()
                 self.after_train_step(epoch, step, started)
         distributed.all_reduce_sum(self.dist, loss_sum)
@@ -422,11 +408,10 @@ class Trainer:
         epoch is longer than the budget, the budget's schedule plan)."""
         if self.after_step is not None:
             self.after_step(epoch, step, self.stop)
-        self.session_train_seconds += self.hooks.clock() - started
-        if not self.projected and self.session_steps == PROJECTION_STEPS:
+        self.pace.train_seconds += self.hooks.clock() - started
+        if not self.projected and self.pace.steps == PROJECTION_STEPS:
             self.print_projection(epoch)
-            seconds_per_epoch = self.steps_per_epoch * self.session_train_seconds / self.session_steps
-            if self.budget.limit is not None and seconds_per_epoch > self.budget.remaining():
+            if self.budget.limit is not None and self.steps_per_epoch * self.pace.step_seconds() > self.budget.remaining():
                 self.plan_schedule()
 
     def validate_epoch(self, epoch: int) -> engine.Validation:
@@ -570,31 +555,19 @@ class Trainer:
     def print_plan(self) -> None:
         from .models import count_parameters
 
-        config, dist = self.config, self.dist
-        amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
-        self.console.print(
-            f"{config.variant}: {config.model} ({count_parameters(self.model):,} parameters), channels "
-            f"{','.join(config.channels)}, loss {config.loss}, augmentation {config.augment}, target {config.target}, "
-            f"device {self.device}, autocast {amp}, ranks {dist.world_size}")
-        per_rank = " per rank" if dist.enabled else ""
-        self.console.print(
-            f"train on {'+'.join(self.setup.train_splits)} ({self.setup.train_ds.num_slices} slices{per_rank}), "
-            f"validate on {config.val_split} ({self.setup.val_ds.num_slices} slices{per_rank}); epochs "
-            f"{self.state.epoch + 1}..{config.epochs} -> {self.run_dir}")
+        setup = self.setup
+        for line in messages.plan_lines(self.config, count_parameters(self.model), self.device, self.amp_dtype,
+                                        self.dist, setup.train_splits, setup.train_ds.num_slices,
+                                        setup.val_ds.num_slices, self.state.epoch, self.run_dir):
+            self.console.print(line)
 
     def print_projection(self, epoch: int) -> None:
-        import torch
-
         self.projected = True
-        epochs_left = self.config.epochs - epoch
-        steps, seconds = max(self.session_steps, 1), self.session_train_seconds
-        self.console.print(projection_line(steps, seconds, self.steps_per_epoch, epochs_left, self.budget))
         workers = self.config.workers
         bound = self.setup.train_ds.memory_bound(workers, 2 if workers > 0 else 0, self.config.batch_size)
-        line = f"host memory bound of the training stream: {bound / 2**20:.0f} MiB"
-        if self.device.type == "cuda":
-            line += f"; peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
-        self.console.print(line)
+        for line in messages.projection_lines(max(self.pace.steps, 1), self.pace.train_seconds, self.steps_per_epoch,
+                                              self.config.epochs - epoch, self.budget, bound, self.device):
+            self.console.print(line)
 
     def _skip_counts(self) -> dict:
         return {"train": self.setup.train_ds.skip_counts(), "val": self.setup.val_ds.skip_counts()}
@@ -609,72 +582,10 @@ class Trainer:
         counts = torch.tensor([[now[name][k] - before[name][k] for k in ("shards", "slices")]
                                for name in ("train", "val")], dtype=torch.int64, device=self.device)
         distributed.all_reduce_sum(self.dist, counts)
-        (train_shards, train_slices), (val_shards, val_slices) = counts.tolist()
-        return (f"epoch {epoch}: skipped {train_shards + val_shards} bad shard(s) ({train_slices + val_slices} "
-                f"slices): train {train_shards} ({train_slices} slices), validation {val_shards} ({val_slices} slices)"
-                + ("; the warnings above name them" if train_shards + val_shards else ""))
+        return messages.skipped_line(epoch, counts.tolist())
 
     def summary(self, row: dict, improved: bool) -> str:
-        names = self.channel_names
-        per_class = " ".join(f"{n} {row['dice_' + n]:.3f}" for n in names)
-        empty = [n for n in names if math.isnan(row["dice_" + n])]
-        note = f" ({', '.join(empty)}: empty in prediction and truth, left out of the mean)" if empty else ""
-        return (f"epoch {row['epoch']:g}/{self.config.epochs}  train {row['train_loss']:.4f}  val {row['val_loss']:.4f}  "
-                f"dice {row['mean_dice']:.4f} [{per_class}]{note}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
-                + ("  *best" if improved else ""))
-
-
-STOP_BUDGET, STOP_SIGNAL = 1, 2
-"""Levels of `check_stop`, agreed across ranks by their maximum: a signal outranks the budget."""
-MIN_LR_FRACTION = 0.01
-"""The cosine schedule ends at this fraction of --lr."""
-
-
-def schedule_rate(schedule: str, lr: float, step: int, total: int, warmup: int) -> float:
-    """Learning rate of global step `step` (0-based) of `total`: a linear warm-up over `warmup`
-    steps (at most a tenth of the schedule), then cosine to `MIN_LR_FRACTION` x lr or poly (1 - t)^0.9."""
-    total = max(int(total), 1)
-    warmup = min(int(warmup), total // 10)
-    if step < warmup:
-        return lr * (step + 1) / (warmup + 1)
-    t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
-    if schedule == "poly":
-        return lr * (1.0 - t) ** 0.9
-    return lr * (MIN_LR_FRACTION + (1.0 - MIN_LR_FRACTION) * 0.5 * (1.0 + math.cos(math.pi * t)))
-
-
-def class_priors(manifest: Any, splits: list[str], target: str) -> list[float] | None:
-    """Fraction of the training slices' pixels in each output channel (from the manifest's per-patient
-    label counts on the shard grid): NEC/NET, ED, ET or WT, TC, ET; None when the manifest lacks them."""
-    counts = [0, 0, 0, 0]
-    for pid in (p for split in splits for p in manifest.patients_of(split)):
-        voxels = manifest.content["patients"][pid].get("class_voxels")
-        if voxels is None:
-            return None
-        for label, n in enumerate(voxels):
-            counts[label] += int(n)
-    total = max(sum(counts), 1)
-    nec, ed, et = counts[1], counts[2], counts[3]
-    channels = (nec, ed, et) if target == "classes" else (nec + ed + et, nec + et, et)
-    return [c / total for c in channels]
-
-
-def init_head_bias(model: Any, priors: list[float] | None) -> None:
-    """Start every output channel at its class prior, bias log(p / (1 - p)) (RetinaNet's and
-    nnU-Net-style practice for rare classes): with a zero bias every pixel starts at p = 0.5, and
-    the loss on the overwhelming background first drives the rare channels (NEC/NET, ~0.1 % of
-    pixels) to zero, where measured runs stayed for hundreds of steps. Models without a `head`
-    convolution are left as they are."""
-    import torch
-
-    head = getattr(model, "head", None)
-    bias = getattr(head, "bias", None)
-    if priors is None or bias is None or bias.numel() != len(priors):
-        return
-    with torch.no_grad():
-        for i, p in enumerate(priors):
-            p = min(max(p, 1e-6), 0.5)
-            bias[i] = math.log(p / (1 - p))
+        return messages.summary_line(row, self.channel_names, self.config.epochs, improved)
 
 
 def _call(callback: Any, name: str, *args: Any) -> None:
