@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo demo-clean bench clean
 
 setup: $(STAMP)
 
@@ -22,29 +22,35 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
-# The demo: 16 synthetic full-size BraTS 2020 patients -> shards (64 x 64) -> v1 on the CPU for a
-# few minutes -> evaluation on the native grid -> one prediction -> the report.
-DEMO_EPOCHS ?= 8
+# The demo: 16 synthetic full-size BraTS 2020 patients -> shards (128 x 128) -> v2 with its CPU
+# defaults for at most DEMO_BUDGET of training -> evaluation on the native grid -> one prediction
+# -> the report; the last line is the headline score. A second `make demo` finds the data and the
+# shards up to date and trains a new run beside the earlier ones: nothing of a previous demo is
+# deleted (`make demo-clean` removes the demo folder).
+DEMO_BUDGET ?= 10m
 demo: $(STAMP)
-	rm -rf $(DEMO)
 	$(BIN)/etl synth --out $(DEMO)/BraTS2020 --patients 16 --seed 0
-	$(BIN)/etl build-shards --src $(DEMO)/BraTS2020 --out $(DEMO)/shards --size 64 --workers 2
+	$(BIN)/etl build-shards --src $(DEMO)/BraTS2020 --out $(DEMO)/shards --workers 2
 	$(BIN)/etl verify $(DEMO)/shards
-	$(BIN)/train run --shards $(DEMO)/shards --variant v1 --out $(DEMO)/runs/v1 --epochs $(DEMO_EPOCHS) \
-		--base 16 --batch-size 16 --workers 1 --device cpu
-	$(BIN)/train evaluate --checkpoint $(DEMO)/runs/v1/checkpoints/best.pt --shards $(DEMO)/shards \
-		--src $(DEMO)/BraTS2020 --json $(DEMO)/evaluation.json --device cpu
+	@set -e; run=$(DEMO)/runs/v2-$$(date +%Y%m%d-%H%M%S); \
+	echo "train run -> $$run"; \
+	$(BIN)/train run --shards $(DEMO)/shards --variant v2 --out $$run --time-budget $(DEMO_BUDGET) --device cpu; \
+	$(BIN)/train evaluate --checkpoint $$run/checkpoints/best.pt --shards $(DEMO)/shards \
+		--src $(DEMO)/BraTS2020 --json $$run/evaluation.json --device cpu; \
 	patient=$$($(BIN)/python -c "import json; print(json.load(open('$(DEMO)/shards/manifest.json'))['content']['splits']['val']['patients'][0])"); \
-	$(BIN)/train predict --checkpoint $(DEMO)/runs/v1/checkpoints/best.pt --device cpu \
-		--input $(DEMO)/BraTS2020/MICCAI_BraTS2020_TrainingData/$$patient --out $(DEMO)/predictions/$${patient}_seg.nii.gz
-	@echo
-	@echo "demo done:"
-	@echo "  source data      $(DEMO)/BraTS2020"
-	@echo "  shards           $(DEMO)/shards (etl inspect $(DEMO)/shards)"
-	@echo "  run              $(DEMO)/runs/v1 (config.json, metrics.csv, checkpoints/)"
-	@echo "  report           $(DEMO)/runs/v1/report/report.md"
-	@echo "  evaluation       $(DEMO)/evaluation.json"
-	@echo "  prediction       $(DEMO)/predictions/"
+	$(BIN)/train predict --checkpoint $$run/checkpoints/best.pt --device cpu \
+		--input $(DEMO)/BraTS2020/MICCAI_BraTS2020_TrainingData/$$patient --out $$run/predictions/$${patient}_seg.nii.gz; \
+	echo; echo "demo done:"; \
+	echo "  source data      $(DEMO)/BraTS2020"; \
+	echo "  shards           $(DEMO)/shards (etl inspect $(DEMO)/shards)"; \
+	echo "  run              $$run (config.json, metrics.csv, checkpoints/)"; \
+	echo "  report           $$run/report/report.html"; \
+	echo "  evaluation       $$run/evaluation.json"; \
+	echo "  prediction       $$run/predictions/"; \
+	$(BIN)/python -c "import json, sys; print(json.load(open(sys.argv[1]))['headline'])" $$run/evaluation.json
+
+demo-clean:
+	rm -rf $(DEMO)
 
 bench: $(STAMP)
 	$(BIN)/python bench/etl.py

@@ -138,6 +138,7 @@ def main(checkpoint: Path | Sequence[Path], shards: str, split: str = "val", src
     if src is not None:
         results["native_grid"] = native_grid(loaded, manifest, split, Path(src), batch_size, console, lesion_wise)
 
+    results["headline"] = headline(results)
     print_tables(results, console)
     if csv_path is None and json_path is not None:
         csv_path = Path(json_path).with_name(Path(json_path).stem + "_patients.csv")
@@ -390,6 +391,19 @@ def print_tables(results: dict, console: Any) -> None:
             console.print("empty cases (both empty -> Dice 1, HD95 0 / truth empty, prediction not -> Dice 0, HD95 "
                           f"{BRATS_MAX_HD95} / prediction empty, truth not -> Dice 0, HD95 {BRATS_MAX_HD95}): "
                           + "; ".join(cases), highlight=False)
+    console.print(results["headline"], highlight=False)
+
+
+def headline(results: dict) -> str:
+    """One line: the mean Dice over the BraTS regions WT, TC, ET, per patient then averaged, on the
+    native grid when `--src` was given (the number comparable with published results), else on the
+    shard grid, and said which."""
+    block = results.get("native_grid") or results["shard_grid"]
+    grid = "native grid" if results.get("native_grid") else "shard grid (no --src)"
+    dice = {k: block["summary"][k]["dice"]["mean"] for k in ("WT", "TC", "ET")}
+    mean = float(np.mean(list(dice.values())))
+    return (f"mean Dice over WT/TC/ET: {mean:.3f} (WT {dice['WT']:.3f}, TC {dice['TC']:.3f}, ET {dice['ET']:.3f}; "
+            f"per patient on the {grid}, mean over {block['patients']} patients)")
 
 
 def _patient_table(block: dict, metrics: Iterable[str], title: str, lesion_wise: dict | None = None) -> Any:
