@@ -212,3 +212,26 @@ def test_http_with_loader_workers_gives_the_local_samples(tmp_path, fmt):
     if fmt == "webdataset":  # same process, same plan: the same order and values
         assert [c for c, _ in got] == [c for c, _ in expected]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected))
+
+
+def test_shuffle_buffer_starts_at_an_eighth_and_never_holds_more_than_its_length():
+    class Buffer:  # the attributes `_mixed` reads
+        shuffle, shuffle_buffer = True, 64
+
+    consumed = []
+
+    def source():
+        for i in range(1000):
+            consumed.append(i)
+            yield i
+
+    out, first_after, most_in_flight = [], None, 0
+    for item in ShardDataset._mixed(Buffer(), source(), np.random.default_rng(5)):
+        if first_after is None:
+            first_after = len(consumed)
+        out.append(item)
+        most_in_flight = max(most_in_flight, len(consumed) - len(out))
+    assert sorted(out) == list(range(1000))  # every sample exactly once
+    assert first_after == 64 // 8  # the first batch does not wait for a full buffer
+    assert most_in_flight <= 64  # the memory bound's buffer length holds
+    assert out != list(range(1000))
