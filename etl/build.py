@@ -39,7 +39,7 @@ from .options import BuildOptions
 from .resume import append_journal, recover
 from .runner import Runner
 from .scan import scan_patients
-from .split import SplitSpec, assign
+from .split import SplitSpec, assign, over_patients
 from .task import ShardTask
 
 __all__ = ["BuildOptions", "BuildSummary", "Reporter", "build_shards"]
@@ -70,6 +70,7 @@ def _build(opts: BuildOptions, spec: SplitSpec, src: Path, reporter: Reporter) -
     scan, refs, layout = found.scan, found.refs, found.scan.layout
 
     # 2. split and 3. plan, checked against the out folder
+    spec = over_patients(spec, set(refs) | {s["patient"] for s in found.skipped}, set(refs))  # a --split-file's
     assignment = assign({pid: ref.grade for pid, ref in refs.items()}, spec)
     for warning in assignment.warnings:
         reporter.log(f"warning: {warning}")

@@ -1,9 +1,10 @@
-"""The `etl` command line: synth, build-shards, verify, inspect.
+"""The `etl` command line: synth, build-shards, export-nnunet, verify, inspect.
 
     etl synth --out data/synth --patients 10
     etl build-shards --src data/MICCAI_BraTS2020_TrainingData --out shards/ --workers 4
     etl build-shards --src data/BraTS2021 --out shards-zarr/ --format zarr --folds 5
     DASK_SCHEDULER_ADDRESS=tcp://10.0.0.5:8786 etl build-shards --src /shared/brats --out /shared/shards
+    etl export-nnunet --src data/BraTS2021 --out nnUNet_raw/Dataset137_BraTS2021 --folds 5
     etl verify shards/
     etl inspect https://lab.example.org/shards/
 
@@ -152,6 +153,7 @@ def build_shards(
     modalities: str = typer.Option("t1,t1ce,t2,flair", "--modalities", help="Channels to store, in this order."),
     split: Optional[str] = typer.Option(None, "--split", help="Shares per split, e.g. train=0.8,val=0.2 (default) or train=0.7,val=0.15,test=0.15."),
     folds: Optional[int] = typer.Option(None, "--folds", help="K cross-validation folds fold0..fold{K-1} instead of --split."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="nnU-Net's splits_final.json instead of --split: one fold gives train and val, K folds give fold0..fold{K-1}; patients it does not list go to test."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split assignment."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Dask worker processes (default: one per core; 0: no Dask, in this process)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: its scheduler's address tcp://HOST:PORT (or set DASK_SCHEDULER_ADDRESS); --src and --out must be on a file system its workers share."),
@@ -184,7 +186,8 @@ def build_shards(
 
     options = BuildOptions(
         src=src, out=out, format=format, size=size, channels=_csv(modalities) or (), split=split, folds=folds,
-        seed=seed, workers=workers, scheduler=scheduler, norm=norm, patients_per_shard=patients_per_shard,
+        split_file=split_file, seed=seed, workers=workers, scheduler=scheduler, norm=norm,
+        patients_per_shard=patients_per_shard,
         layout=layout, source_options={"kaggle_channel_order": _csv(kaggle_channel_order)}, keep_empty=keep_empty,
         skip_bad=skip_bad, overwrite=overwrite, compression=compress,
         max_patient_bytes=_bytes("--max-patient-memory", max_patient_memory), command=_command_line(ctx),
@@ -208,8 +211,9 @@ class _RichReporter:
     The bar counts the shards this run builds (kept ones are said in a line), so its rate and
     time left are those of the work still to do."""
 
-    def __init__(self) -> None:
+    def __init__(self, title: str = "shards") -> None:
         self.console = _err_console()
+        self.title = title
         self.bar = None
         self.step = None
 
@@ -219,7 +223,7 @@ class _RichReporter:
     def start(self, total: int, kept: int) -> None:
         if kept:
             self.log(f"keeping {kept} complete shard(s) of {total}")
-        self.bar = _progress("shards", total - kept, self.console)
+        self.bar = _progress(self.title, total - kept, self.console)
         self.step = self.bar.__enter__()
 
     def advance(self, result: dict) -> None:
@@ -264,6 +268,52 @@ def _print_build_summary(summary) -> None:
     if summary.warnings:
         console.print(f"{len(summary.warnings)} warning(s), e.g. {summary.warnings[0]} (all are in the manifest)",
                       highlight=False)
+
+
+@app.command("export-nnunet")
+def export_nnunet(
+    src: Path = typer.Option(..., "--src", help="BraTS source folder (any layout build-shards reads)."),
+    out: Path = typer.Option(..., "--out", help="nnU-Net raw dataset folder to write, named DatasetNNN_Name (new, empty, or an interrupted export to finish)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Shares per split, as build-shards: train and val become nnU-Net's one fold, other splits (test) are held out in imagesTs/labelsTs."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="K folds, as build-shards --folds: nnU-Net's fold k validates on our foldk."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="An nnU-Net splits_final.json to keep (its unlisted patients are held out)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split assignment (the same as build-shards')."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="Source layout: brats2020 | brats2021 | brats2023 | kaggle-h5 | msd (default: detected)."),
+    kaggle_channel_order: Optional[str] = typer.Option(None, "--kaggle-channel-order", help="Channel order of the Kaggle .h5 images (default: the Kaggle layout's, see README)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad/--no-skip-bad", show_default=False, help="Export the readable patients and name the others.  [default: off]"),
+    workers: int = typer.Option(0, "--workers", help="Dask worker processes (0: in this process)."),
+    max_patient_memory: str = typer.Option("4GiB", "--max-patient-memory", help="Refuse a patient whose declared volume size needs more memory than this to load, e.g. 8GiB."),
+) -> None:
+    """Write a source folder as an nnU-Net v2 raw dataset, with our split as its folds.
+
+    imagesTr/<case>_0000..0003.nii.gz (T1, T1ce, T2, Flair), labelsTr/ in nnU-Net's BraTS labels
+    (1 edema, 2 necrosis/non-enhancing, 3 enhancing), dataset.json with the BraTS regions, and
+    splits_final.json, which nnU-Net's planner copies to nnUNet_preprocessed/: nnU-Net then trains
+    on the folds `etl build-shards` makes with the same --split/--folds/--seed (or --split-file).
+
+    \b
+    Examples:
+      etl export-nnunet --src data/BraTS2021 \\
+          --out nnUNet_raw/Dataset137_BraTS2021 --folds 5
+      etl export-nnunet --src data/Task01_BrainTumour \\
+          --out nnUNet_raw/Dataset001_BrainTumour --split train=0.8,val=0.2
+    """
+    from .export_nnunet import ExportOptions, export_nnunet as run_export
+
+    options = ExportOptions(
+        src=src, out=out, split=split, folds=folds, split_file=split_file, seed=seed, layout=layout,
+        source_options={"kaggle_channel_order": _csv(kaggle_channel_order)}, skip_bad=skip_bad, workers=workers,
+        max_patient_bytes=_bytes("--max-patient-memory", max_patient_memory),
+    )
+    summary = run_export(options, _RichReporter("cases"))
+    kept = f", {summary.kept} kept from an earlier run" if summary.kept else ""
+    typer.echo(f"{summary.out}: {summary.training} training case(s) in {summary.folds} fold(s), {summary.held_out} "
+               f"held out and {summary.unlabelled} without labels in imagesTs ({summary.written} written{kept}), "
+               f"{summary.seconds:.1f} s")
+    for line in summary.skipped:
+        typer.echo(f"skipped {line}")
+    typer.echo(f"nnU-Net's planner (nnUNetv2_plan_and_preprocess, 2.8) copies {summary.out / 'splits_final.json'} "
+               f"to nnUNet_preprocessed/{summary.out.name}/; with a version that does not, copy it there yourself")
 
 
 STORAGE_OPTION_HELP = ("fsspec option for a URL, KEY=VALUE (repeatable; VALUE may be JSON), e.g. "
@@ -348,6 +398,8 @@ def inspect(
     print_table(console, balance)
     split = info["split"]
     how = f"folds {split.get('folds')}" if split.get("method") == "folds" else f"ratios {split.get('ratios')}"
+    if split.get("method") == "file":
+        how = f"{split.get('file')} (sha256 {str(split.get('sha256'))[:12]}...)"
     console.print(f"split: {split.get('method')}, {how}, seed {split.get('seed')}, stratify {split.get('stratify')}",
                   highlight=False)
     pre = info["preprocessing"]

@@ -36,6 +36,7 @@ class BuildOptions:
     channels: tuple[str, ...] = CHANNELS
     split: str | None = None
     folds: int | None = None
+    split_file: Path | None = None  # nnU-Net's splits_final.json (etl.splits_file)
     seed: int = 0
     workers: int | None = None  # None: one per core; 0: in this process, without Dask
     scheduler: str | None = None
@@ -69,19 +70,12 @@ class BuildOptions:
         if problem:
             raise ToolError(f"--modalities: {problem}")
         self.resolved_source_options()
-        _check_folders(self.src, self.out)
-        return parse_split(self.split, self.folds, self.seed)
+        check_folders(self.src, self.out)
+        return parse_split(self.split, self.folds, self.seed, self.split_file)
 
     def resolved_source_options(self, layout: str | None = None) -> dict:
         """Every layout's options with defaults filled in (validated), or those of `layout` only."""
-        from .sources import SOURCES
-
-        known = {name for s in SOURCES.values() for name in s.options}
-        unknown = sorted(set(self.source_options) - known)
-        if unknown:
-            raise ToolError(f"no source layout takes the option(s) {', '.join(unknown)}")
-        resolved = {name: s.resolve_options(self.source_options) for name, s in SOURCES.items()}
-        return resolved[layout] if layout is not None else {k: v for r in resolved.values() for k, v in r.items()}
+        return resolve_source_options(self.source_options, layout)
 
     def plan_options(self, layout: str, split: dict) -> dict:
         """The options `plan.json` records: a re-run with other values may not keep the shards."""
@@ -102,6 +96,19 @@ class BuildOptions:
         return options
 
 
+def resolve_source_options(given: dict, layout: str | None = None) -> dict:
+    """Layout options (`etl.sources.SourceLayout.options`) from `given` (None = default), validated:
+    every layout's, or those of `layout` only."""
+    from .sources import SOURCES
+
+    known = {name for s in SOURCES.values() for name in s.options}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ToolError(f"no source layout takes the option(s) {', '.join(unknown)}")
+    resolved = {name: s.resolve_options(given) for name, s in SOURCES.items()}
+    return resolved[layout] if layout is not None else {k: v for r in resolved.values() for k, v in r.items()}
+
+
 def _check_format(fmt: str, compression: str) -> None:
     from .writers import compressions, writer
 
@@ -113,7 +120,7 @@ def _check_format(fmt: str, compression: str) -> None:
         raise ToolError(chosen.compression_refused or f"--compress {compression} does not apply to {fmt} shards")
 
 
-def _check_folders(src: Path, out: Path) -> None:
+def check_folders(src: Path, out: Path) -> None:
     for flag, folder in (("--src", src), ("--out", out)):
         url = as_url(folder)
         if url:

@@ -1,7 +1,7 @@
 """Running shard tasks: in this process, on a Dask `LocalCluster`, or on an existing scheduler.
 
-The runner knows nothing of shards: it maps `etl.task.build_shard` over tasks and yields results
-as they finish. Which cluster is used: `--scheduler ADDRESS` (or `DASK_SCHEDULER_ADDRESS`) for an
+The runner knows nothing of shards: it maps a task function (`etl.task.build_shard` by default;
+`etl export-nnunet` maps its per-case export) over tasks and yields results as they finish. Which cluster is used: `--scheduler ADDRESS` (or `DASK_SCHEDULER_ADDRESS`) for an
 existing one, else a `LocalCluster` of single-threaded worker processes, or none at all with
 `--workers 0`.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from .task import ShardTask, build_shard
 
@@ -74,14 +74,15 @@ class Runner:
             return {"scheduler": "external", "workers": workers}
         return {"scheduler": "LocalCluster", "workers": self.workers}
 
-    def run(self, tasks: list[ShardTask]) -> Iterator[dict]:
+    def run(self, tasks: list[ShardTask] | list[Any], fn: Callable[[Any], dict] = build_shard) -> Iterator[dict]:
+        """`fn(task)` for every task (a module-level function, so spawned workers can import it)."""
         if self.in_process:
             for task in tasks:
-                yield build_shard(task)
+                yield fn(task)
             return
         from distributed import as_completed
 
-        self.futures = self.client.map(build_shard, tasks, pure=False)
+        self.futures = self.client.map(fn, tasks, pure=False)
         for future in as_completed(self.futures):
             yield future.result()
 

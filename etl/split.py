@@ -9,6 +9,9 @@ and falls into the split whose interval of fixed, cumulative thresholds holds u
 patient's u depends on nothing but its own id and the seed, adding patients to the source never
 moves an existing one, and all slices of a patient land in one split (no leak between splits).
 
+A split may also be given: `--split-file splits_final.json` (nnU-Net's folds, `etl.splits_file`)
+names each patient's split, so shards and nnU-Net train on the same folds.
+
 Stratification by grade (HGG/LGG) when the source gives one: each grade is assigned on its own,
 with the same thresholds, and the manifest records how many patients of each grade every split
 received. With fixed thresholds the proportions hold per grade *in expectation* (each grade's
@@ -23,6 +26,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shards_spec.errors import ToolError
 
@@ -38,12 +42,15 @@ class SplitError(ToolError):
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """How patients are split: named shares in order (ratios) or K folds, and the seed."""
+    """How patients are split: named shares in order (ratios) or K folds, and the seed; or (method
+    "file") the patients of each split as a split file gives them."""
 
-    method: str  # "ratio" or "folds"
+    method: str  # "ratio", "folds" or "file"
     shares: tuple[tuple[str, float], ...]
     seed: int = 0
     folds: int | None = None
+    given: tuple[tuple[str, tuple[str, ...]], ...] = ()  # "file": (split, its patients), in order
+    file: tuple[str, str] | None = None  # "file": (path, sha256 of its bytes)
 
     @property
     def names(self) -> list[str]:
@@ -59,6 +66,10 @@ class SplitSpec:
 
     def describe(self, stratify: str | None) -> dict:
         """The manifest's `split` entry."""
+        if self.method == "file":
+            out = {"method": "file", "file": Path(self.file[0]).name, "sha256": self.file[1], "stratify": None,
+                   "order": self.names}
+            return {**out, "folds": self.folds} if self.folds else out
         out: dict = {"method": self.method, "seed": self.seed, "stratify": stratify, "hash": HASH,
                      "order": self.names}
         if self.method == "folds":
@@ -68,8 +79,12 @@ class SplitSpec:
         return out
 
 
-def parse_split(text: str | None, folds: int | None, seed: int) -> SplitSpec:
-    """Parse `--split name=share,...` or `--folds K` (not both) into a `SplitSpec`."""
+def parse_split(text: str | None, folds: int | None, seed: int, split_file: Path | None = None) -> SplitSpec:
+    """Parse `--split name=share,...`, `--folds K` or `--split-file FILE` (one of them) into a `SplitSpec`."""
+    if split_file is not None:
+        if folds is not None or text is not None:
+            raise SplitError("give one of --split, --folds and --split-file")
+        return from_file(Path(split_file))
     if folds is not None and text is not None:
         raise SplitError("give either --split or --folds, not both")
     if folds is not None:
@@ -98,6 +113,28 @@ def parse_split(text: str | None, folds: int | None, seed: int) -> SplitSpec:
     if abs(total - 1.0) > SHARE_TOLERANCE:
         raise SplitError(f"--split {text!r}: shares sum to {total:g}, they must sum to 1")
     return SplitSpec("ratio", tuple(shares), seed)
+
+
+def from_file(path: Path) -> SplitSpec:
+    """The splits nnU-Net's `splits_final.json` at `path` gives (`etl.splits_file`)."""
+    from .splits_file import read_split_file
+
+    given, digest = read_split_file(path)
+    folds = len(given) if given[0][0] == "fold0" else None
+    return SplitSpec("file", tuple((name, 0.0) for name, _ in given), folds=folds,
+                     given=tuple((name, tuple(members)) for name, members in given), file=(str(path), digest))
+
+
+def over_patients(spec: SplitSpec, source: set[str], usable: set[str]) -> SplitSpec:
+    """`spec` for these patients: a split file's splits over the usable ones, with `test` for those it
+    lists nowhere (`etl.splits_file.resolve`); other methods are unchanged."""
+    if spec.method != "file":
+        return spec
+    from .splits_file import resolve
+
+    given = resolve([(name, list(members)) for name, members in spec.given], source, usable, spec.file[0])
+    return SplitSpec("file", tuple((name, 0.0) for name, _ in given), folds=spec.folds,
+                     given=tuple((name, tuple(members)) for name, members in given), file=spec.file)
 
 
 def unit_hash(seed: int, patient_id: str) -> float:
@@ -132,8 +169,11 @@ UNKNOWN_GRADE = "unknown"
 def assign(patients: dict[str, str | None], spec: SplitSpec) -> Assignment:
     """Assign each patient (id -> grade or None) to a split; stratify when any grade is known.
 
-    Raises `SplitError` when a split with a non-zero share receives no patient.
+    Raises `SplitError` when a split with a non-zero share receives no patient. A split file's
+    assignment (`over_patients` first) is taken as given.
     """
+    if spec.method == "file":
+        return _given(patients, spec)
     stratify = "grade" if any(g is not None for g in patients.values()) else None
     strata: dict[str, list[str]] = {}
     for pid in sorted(patients):
@@ -164,3 +204,19 @@ def assign(patients: dict[str, str | None], spec: SplitSpec) -> Assignment:
                 if expected >= 3 and grades[name].get(grade, 0) == 0:
                     warnings.append(f"split {name} received no {grade} patient (about {expected:.0f} expected)")
     return Assignment(split_of, stratify, grades if stratify else {}, warnings)
+
+
+def _given(patients: dict[str, str | None], spec: SplitSpec) -> Assignment:
+    split_of = {pid: name for name, members in spec.given for pid in members if pid in patients}
+    missing = sorted(set(patients) - set(split_of))
+    if missing:
+        raise SplitError(f"patient {missing[0]} is in no split of {Path(spec.file[0]).name}")
+    empty = [name for name, _ in spec.shares if name not in split_of.values()]
+    if empty:
+        raise SplitError(f"split(s) {', '.join(empty)} of {spec.file[0]} hold no usable patient of the source")
+    from .splits_file import UNLISTED
+
+    unlisted = sum(1 for name in split_of.values() if name == UNLISTED)
+    notes = [f"{unlisted} patient(s) that {Path(spec.file[0]).name} does not list are in the split {UNLISTED}"] \
+        if unlisted else []
+    return Assignment(split_of, None, warnings=notes)

@@ -67,7 +67,9 @@ def check_channels(names: list[str] | tuple[str, ...]) -> list[str]:
 
 def convention_mapping(convention: Convention) -> dict[int, int]:
     """Source value -> shard label of a convention name or of a mapping (returned as a dict)."""
-    return dict(CONVENTIONS[convention]) if isinstance(convention, str) else {int(k): int(v) for k, v in convention.items()}
+    if isinstance(convention, str):
+        return dict(CONVENTIONS[convention])
+    return {int(k): int(v) for k, v in convention.items()}
 
 
 def convention_from_names(names: Mapping[str, str]) -> dict[int, int]:
