@@ -78,3 +78,24 @@ def test_build_loss_and_shape_errors():
         build_loss("focal")
     with pytest.raises(ValueError, match="same shape"):
         dice_loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4))
+
+
+@pytest.mark.parametrize("loss", ["dice", "dice_bce"])
+def test_an_all_empty_batch_and_a_batch_missing_a_class_against_monai(loss):
+    """The hand-built cases of the quality issue: an all-empty target batch (no tumour in any
+    slice), and a class that no slice of the batch has, each against MONAI's batch Dice (+ BCE)."""
+    g = torch.Generator().manual_seed(7)
+    logits = 2 * torch.randn(4, 3, 8, 8, generator=g)
+    empty = torch.zeros(4, 3, 8, 8)
+    missing = (torch.rand(4, 3, 8, 8, generator=g) < 0.3).float()
+    missing[:, 0] = 0  # NEC/NET (or WT) absent from the whole batch
+    for target in (empty, missing):
+        reference = DiceLoss(sigmoid=True, batch=True)(logits, target)
+        if loss == "dice_bce":
+            reference = reference + torch.nn.BCEWithLogitsLoss()(logits, target)
+        assert torch.allclose(build_loss(loss)(logits, target), reference, atol=1e-5)
+    # by hand: an absent class costs 1 - s / (sum p + s) with s = 1e-5, so even a confident "absent"
+    # (p = sigmoid(-12) on 256 pixels: sum p = 0.0016) costs ~0.994, the batch Dice's known trait
+    confident_absent = torch.full((4, 3, 8, 8), -12.0)
+    sum_p = 256 * torch.sigmoid(torch.tensor(-12.0)).item()
+    assert dice_loss(confident_absent, empty).item() == pytest.approx(1 - 1e-5 / (sum_p + 1e-5), rel=1e-4)
