@@ -146,14 +146,14 @@ def validate(model: Any, loader: Any, loss_fn: Any, device: Any, amp_dtype: Any,
 
     model.eval()
     counts = torch.zeros(3, 3, dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    seen = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=sum_dtype(device), device=device)
+    seen = torch.zeros((), dtype=sum_dtype(device), device=device)
     with torch.no_grad():
         for image, mask in loader:
             image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
                 logits = model(image)
-            loss_sum += slice_losses(loss_fn, logits, mask).double().sum()
+            loss_sum += slice_losses(loss_fn, logits, mask).to(loss_sum.dtype).sum()
             seen += image.shape[0]
             centre = image if brain_channels is None else image[:, :brain_channels]
             counts += torch.stack(confusion_counts(predicted_channels(logits, centre, target), mask > 0.5))
@@ -164,6 +164,13 @@ def validate(model: Any, loader: Any, loss_fn: Any, device: Any, amp_dtype: Any,
     if stop is not None and distributed.agree(dist, stop.requested, device):
         raise StopRequested(stop.signum or 15)
     return Validation(counts=counts.cpu(), loss_sum=float(loss_sum.item()), slices=int(seen.item()))
+
+
+def sum_dtype(device: Any) -> Any:
+    """float64 for loss sums (exact enough over an epoch), float32 on MPS, which has no float64."""
+    import torch
+
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def slice_losses(loss_fn: Any, logits: Any, mask: Any) -> Any:
@@ -186,4 +193,4 @@ def predicted_channels(logits: Any, image: Any, target: str) -> Any:
 
 
 __all__ = ["AMP_DTYPES", "Validation", "autocast", "autocast_dtype", "batches", "close_loader", "loader_worker_init",
-           "make_loader", "mix_seed", "predicted_channels", "slice_losses", "validate"]
+           "make_loader", "mix_seed", "predicted_channels", "slice_losses", "sum_dtype", "validate"]

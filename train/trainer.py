@@ -331,8 +331,9 @@ class Trainer:
         skip, state = self.state.epoch_step, self.state
         if skip and self.augmenter is not None and state.augmenter_state is not None:
             self.augmenter.set_state(state.augmenter_state)
-        loss_sum = torch.tensor(state.epoch_loss[0] if skip else 0.0, dtype=torch.float64, device=self.device)
-        seen = torch.tensor(state.epoch_loss[1] if skip else 0.0, dtype=torch.float64, device=self.device)
+        dtype = engine.sum_dtype(self.device)
+        loss_sum = torch.tensor(state.epoch_loss[0] if skip else 0.0, dtype=dtype, device=self.device)
+        seen = torch.tensor(state.epoch_loss[1] if skip else 0.0, dtype=dtype, device=self.device)
         self.net.train()
         title = f"epoch {epoch + 1}/{self.config.epochs}"
         with _progress(self.console, title, self.steps_per_epoch) as advance, \
@@ -347,7 +348,7 @@ class Trainer:
                 started = self.hooks.clock()
                 self.set_learning_rate()
                 losses = self.train_step(image, mask)
-                loss_sum += losses.double().sum()
+                loss_sum += losses.to(dtype).sum()
                 seen += losses.numel()
                 state.steps += 1
                 state.epoch_step = step + 1
