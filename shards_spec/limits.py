@@ -42,18 +42,19 @@ MAX_TAR_HEADER_BYTES = 64 << 10
 """A PAX extended header or GNU long name: ours write none; another writer's name fits in far less."""
 
 
-def get(name: str) -> float:
-    """The limit `name` (a key of `DEFAULTS`), from `BRATS_SHARDS_<name>` when that is set."""
+def get(name: str, defaults: dict[str, float] = DEFAULTS) -> float:
+    """The limit `name` (a key of `defaults`: the reader's `DEFAULTS`, or another stage's table
+    such as `train.checkpoint.LIMITS`), from `BRATS_SHARDS_<name>` when that is set."""
     variable = ENV_PREFIX + name
     text = os.environ.get(variable)
     if text is None or not text.strip():
-        return DEFAULTS[name]
+        return defaults[name]
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not value >= 0 or value == float("inf"):
-        raise SpecError(f"environment variable {variable}={text!r} must be a number >= 0 (default {DEFAULTS[name]:g})")
+        raise SpecError(f"environment variable {variable}={text!r} must be a number >= 0 (default {defaults[name]:g})")
     return value
 
 

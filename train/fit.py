@@ -60,21 +60,22 @@ def resolve_run(overrides: dict[str, Any], resume: bool, force: bool) -> tuple[C
     if not resume:
         overrides.setdefault("out", default_out(str(overrides.get("variant", "run"))))
         config = resolve(overrides, device_kind=device_kind(overrides.get("device", "auto")))
+        check_sizes(config)
         return config, config.variant, None
     if "out" not in overrides:
         raise ConfigError("--out: --resume needs the run folder to continue (--out runs/NAME)")
-    last_path = rundir.checkpoint_path(overrides["out"], rundir.LAST)
-    if not last_path.exists():
-        raise ConfigError(f"--resume: {last_path} does not exist (no completed epoch to continue from); "
-                          "start the run again with --force")
+    last_path = resumable_checkpoint(Path(overrides["out"]))
     restored = ckpt.load(last_path)
+    ckpt.check_resumable(restored, last_path)
     saved = dict(restored["config"])
     saved["out"] = overrides["out"]
     config = resolve(overrides, saved)
+    check_sizes(config)
     changed = differences(restored["config"], config)
     blocked = [c for c in changed if c.split()[0] in {option_name(a) for a in ARCHITECTURE}]
     if blocked:
         raise ConfigError(f"--resume: the model cannot change on resume ({'; '.join(blocked)}); start a new run")
+    check_same_model(config, restored, last_path)
     if changed and not force:
         raise ConfigError(f"--resume: the configuration differs from the run's ({'; '.join(changed)}); "
                           "pass --force to continue with the new values")
@@ -82,6 +83,44 @@ def resolve_run(overrides: dict[str, Any], resume: bool, force: bool) -> tuple[C
         raise ConfigError(f"--epochs: {config.out} has already trained {restored['epoch']} epochs, "
                           f"more than --epochs {config.epochs}")
     return config, restored["variant"], restored
+
+
+def resumable_checkpoint(run_dir: Path) -> Path:
+    """The last.pt `--resume` continues from, or one line saying why there is none (and how to
+    start instead: a folder that is not a run needs a new run, not `--force`)."""
+    last = rundir.checkpoint_path(run_dir, rundir.LAST)
+    if not run_dir.exists():
+        raise ConfigError(f"--resume: {run_dir} does not exist, so there is no run to continue; "
+                          "start a new run without --resume")
+    if not run_dir.is_dir():
+        raise ConfigError(f"--out: {run_dir} is a file, not a run folder")
+    if not rundir.is_run(run_dir):
+        raise ConfigError(f"--resume: {run_dir} holds no run of this tool (no run's {rundir.CONFIG}, no {last.name}); "
+                          "start a new run without --resume, into a new or empty folder")
+    if not last.exists():
+        raise ConfigError(f"--resume: {run_dir} has no checkpoint yet ({last} is missing: no epoch was completed); "
+                          "start the run again without --resume, with --force to replace it")
+    return last
+
+
+def check_sizes(config: Config) -> None:
+    """The options that size memory and processes within `train.checkpoint.LIMITS`, the same
+    bounds a resumed checkpoint is held to."""
+    problem = ckpt.size_problem(config.to_dict())
+    if problem is not None:
+        raise ConfigError(f"{option_name(problem[0])}: {problem[1]}")
+
+
+def check_same_model(config: Config, restored: dict, path: Path) -> None:
+    """The model the Trainer will build from the configuration is the one the checkpoint's
+    weights were checked against (`ckpt.load`), so restoring them cannot fail."""
+    expected = {"name": config.model, "kwargs": config.model_kwargs, "in_channels": config.in_channels,
+                "out_channels": ckpt.OUT_CHANNELS}
+    spec = restored["model"]
+    described = {key: spec.get(key, expected[key] if key == "out_channels" else None) for key in expected}
+    if described != expected:
+        raise ckpt.CheckpointError(f"its model description {described} is not the model of its configuration "
+                                   f"{expected}; it cannot be resumed", path)
 
 
 def device_kind(device: str) -> str:

@@ -11,6 +11,13 @@ channel, then `lr, seconds`. The channel names are NEC/NET, ED, ET for `--target
 WT, TC, ET for `--target regions`. Every file is written atomically; metrics.csv is rewritten
 whole from the checkpoint's history when a run starts or resumes, so a crash between the
 checkpoint and the CSV row cannot leave them out of step.
+
+A folder is a run when its config.json reads as a run's, or it holds checkpoints/last.pt
+(`is_run`). The run's own files (`own_files`: the ones above, `train report`'s pictures and
+pages, `--logger tensorboard`'s event files, temporary checkpoint files) are all that
+`train run --force` replaces; anything else in the folder (an `eval.json` the user put there)
+stays. A new run goes only into a new or empty
+folder or over a run; `train.fit` refuses any other, naming a few of its entries (`entries`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ METRICS = "metrics.csv"
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
+REPORT = "report"
+REPORT_FILES = ("report.md", "report.html", "loss.png", "scores.png", "lr.png", "slices.png")
+"""What `train report` writes into RUN/report/ (tests/hardening ties this list to a real report)."""
 
 
 class RunDirError(ToolError):
@@ -81,6 +91,52 @@ def read_config(run_dir: Path | str) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError):
         raise RunDirError("is not a train run's config.json", path) from None
     return config
+
+
+def is_run(run_dir: Path | str) -> bool:
+    """Whether `run_dir` holds a run of this tool: a config.json that reads as a run's, or a
+    checkpoints/last.pt (what `--resume` continues from; it holds the configuration too)."""
+    if checkpoint_path(run_dir, LAST).is_file():
+        return True
+    try:
+        read_config(run_dir)
+    except RunDirError:
+        return False
+    return True
+
+
+def entries(run_dir: Path | str) -> list[str]:
+    """What a folder holds besides its lock file (`shards_spec.lock`), sorted, folders with '/'."""
+    import os
+
+    from shards_spec.lock import LOCK_NAME
+
+    with os.scandir(run_dir) as found:
+        return sorted(e.name + ("/" if e.is_dir() else "") for e in found if e.name != LOCK_NAME)
+
+
+def own_files(run_dir: Path | str) -> list[Path]:
+    """The files of a run that exist in `run_dir` (module docstring): what `--force` replaces."""
+    from shards_spec.fileio import TMP_SUFFIX
+
+    from .tracking import TENSORBOARD_DIR
+
+    run_dir = Path(run_dir)
+    checkpoints = run_dir / CHECKPOINTS
+    files = [run_dir / METRICS, checkpoint_path(run_dir, LAST), checkpoint_path(run_dir, BEST),
+             *(run_dir / REPORT / name for name in REPORT_FILES),
+             *sorted((run_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*")),
+             *sorted(checkpoints.glob(".*.tmp-*")), *sorted(checkpoints.glob(f".*{TMP_SUFFIX}"))]
+    return [f for f in files if f.is_file() or f.is_symlink()]
+
+
+def remove_own_files(run_dir: Path | str) -> list[Path]:
+    """Delete the run's own files but config.json (rewritten as the new run starts), so a run
+    started again with `--force` neither resumes nor reports the old one; the user's stay."""
+    removed = own_files(run_dir)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def _cell(value: Any) -> str:
@@ -137,6 +193,7 @@ def read_metrics(path: Path) -> tuple[list[str], list[dict[str, float]]]:
     return columns, rows
 
 
-__all__ = ["BEST", "CHECKPOINTS", "CONFIG", "LAST", "METRICS", "RunDirError", "append_metrics_row", "channel_names",
-           "checkpoint_path", "default_out", "metric_columns", "metrics_text", "read_config", "read_metrics",
+__all__ = ["BEST", "CHECKPOINTS", "CONFIG", "LAST", "METRICS", "REPORT", "REPORT_FILES", "RunDirError",
+           "append_metrics_row", "channel_names", "checkpoint_path", "default_out", "entries", "is_run",
+           "metric_columns", "metrics_text", "own_files", "read_config", "read_metrics", "remove_own_files",
            "write_config", "write_metrics"]

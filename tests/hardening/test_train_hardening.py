@@ -155,3 +155,318 @@ def test_predict_input_that_does_not_exist_is_said_so(trained, tmp_path, capsys,
                                                        tmp_path / "seg.nii.gz"), capsys)
     line = assert_one_line(code, err, "does not exist")
     assert code == 2 and str(missing) in line and "modality" not in line
+
+
+# ------------------------------------------------------------------ --resume messages
+
+
+def test_resume_of_a_missing_run_says_so_without_suggesting_force(tmp_path, capsys):
+    missing = tmp_path / "runs" / "never"
+    code, _, err = run_cli_inprocess("train", ["run", "--out", missing, "--resume"], capsys)
+    line = assert_one_line(code, err, str(missing), "does not exist", "without --resume")
+    assert "--force" not in line and not missing.exists()
+
+    other = tmp_path / "folder"
+    other.mkdir()
+    (other / "notes.txt").write_text("x\n")
+    code, _, err = run_cli_inprocess("train", ["run", "--out", other, "--resume"], capsys)
+    line = assert_one_line(code, err, str(other), "holds no run", "without --resume")
+    assert "--force" not in line
+
+
+# ------------------------------------------------------------------ class 11: tampered checkpoints
+
+
+def _tampered_run(trained: Path, tmp_path: Path, tamper) -> Path:
+    """A copy of the trained run whose last.pt was changed by `tamper(payload)` and saved as an
+    attacker would (plain torch.save, no checks of ours)."""
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    last = run / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    tamper(payload)
+    torch.save(payload, last)
+    return run
+
+
+def _first_weight(payload: dict) -> str:
+    return next(k for k in payload["model_state"] if k.endswith("weight"))
+
+
+def _wrong_weight_shape(p):
+    key = _first_weight(p)
+    p["model_state"][key] = p["model_state"][key][:1].clone()
+
+
+def _weight_missing(p):
+    del p["model_state"][_first_weight(p)]
+
+
+def _optimizer_removed(p):
+    del p["optimizer"]
+
+
+def _optimizer_moment_of_another_shape(p):
+    import torch
+
+    entry = p["optimizer"]["state"][0]
+    entry["exp_avg"] = torch.zeros(3, 3)
+
+
+def _optimizer_state_emptied(p):
+    p["optimizer"] = {"state": {}, "param_groups": []}
+
+
+def _learning_rate_not_a_number(p):
+    p["optimizer"]["param_groups"][0]["lr"] = "fast"
+
+
+def _torch_rng_truncated(p):
+    p["rng"]["torch"] = p["rng"]["torch"][:100].clone()
+
+
+def _numpy_rng_short(p):
+    p["rng"]["numpy"]["keys"] = p["rng"]["numpy"]["keys"][:10].clone()
+
+
+def _python_rng_index_out_of_range(p):
+    p["rng"]["python"]["internal"][624] = 10**6
+
+
+def _rng_removed(p):
+    del p["rng"]
+
+
+def _augmenter_rng_of_floats(p):
+    import torch
+
+    p["rng"]["augmenter"] = torch.zeros(5056)
+
+
+def _scaler_scale_text(p):
+    p["scaler"] = {"scale": "big", "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                   "_growth_tracker": 0}
+
+
+def _history_not_rows(p):
+    p["history"] = "nothing"
+
+
+def _epoch_negative(p):
+    p["epoch"] = -3
+
+
+def _batch_size_huge(p):
+    p["config"]["batch_size"] = 10**9
+
+
+def _shuffle_buffer_huge(p):
+    p["config"]["shuffle_buffer"] = 10**12
+
+
+def _base_400(p):
+    p["config"]["base"] = 400
+    p["model"]["kwargs"]["base"] = 400
+
+
+def _model_not_the_configs(p):
+    p["config"]["depth"] = 3  # the config would build another model than the weights fit
+
+
+TAMPERINGS = {  # how the checkpoint was changed -> words the line must hold
+    _wrong_weight_shape: "has shape",
+    _weight_missing: "do not fit",
+    _optimizer_removed: "optimiser",
+    _optimizer_moment_of_another_shape: "exp_avg",
+    _optimizer_state_emptied: "optimiser",
+    _learning_rate_not_a_number: "'lr'|learning rate",
+    _torch_rng_truncated: "RNG state 'torch'",
+    _numpy_rng_short: "RNG state 'numpy'",
+    _python_rng_index_out_of_range: "RNG state 'python'",
+    _rng_removed: "RNG state",
+    _augmenter_rng_of_floats: "RNG state 'augmenter'",
+    _scaler_scale_text: "scaler",
+    _history_not_rows: "history",
+    _epoch_negative: "epoch",
+    _batch_size_huge: "BRATS_SHARDS_MAX_BATCH",
+    _shuffle_buffer_huge: "BRATS_SHARDS_MAX_SHUFFLE_BUFFER",
+    _base_400: "BRATS_SHARDS_MAX_BASE",
+    _model_not_the_configs: "model",
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERINGS), ids=lambda f: f.__name__.strip("_"))
+def test_resume_from_a_tampered_checkpoint_is_one_line(trained, tmp_path, capsys, tamper):
+    run = _tampered_run(trained, tmp_path, tamper)
+    before = snapshot(run)
+    code, _, err = run_cli_inprocess("train", ["run", "--out", run, "--resume", "--epochs", "2"], capsys)
+    line = assert_one_line(code, err, "last.pt", TAMPERINGS[tamper])
+    assert code == 2 and str(run / "checkpoints" / "last.pt") in line
+    assert snapshot(run) == before
+
+
+def test_the_tamperings_are_real(trained):
+    """Independent reference: each tampered value makes the step `--resume` takes with it fail
+    (torch, numpy, random themselves), so the refusals above guard real tracebacks."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from train.models import build_model
+
+    payload = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)
+    spec = payload["model"]
+    model = build_model(spec["name"], spec["in_channels"], **spec["kwargs"])
+    broken = {k: v.clone() for k, v in payload["model_state"].items()}
+    _wrong_weight_shape({"model_state": broken})
+    with pytest.raises(RuntimeError):
+        model.load_state_dict(broken)
+    with pytest.raises(RuntimeError):
+        torch.set_rng_state(payload["rng"]["torch"][:100].clone())
+    keys = payload["rng"]["numpy"]["keys"].numpy().astype(np.uint32)
+    with pytest.raises((ValueError, IndexError)):
+        np.random.set_state(("MT19937", keys[:10], 0, 0, 0.0))
+    internal = payload["rng"]["python"]["internal"].tolist()
+    internal[624] = 10**6
+    with pytest.raises(ValueError):
+        random.setstate((3, tuple(internal), None))
+
+
+# ------------------------------------------------------------------ values that size memory, in predict/evaluate
+
+
+def _tampered_checkpoint(trained: Path, tmp_path: Path, tamper, name: str = "best.pt") -> Path:
+    import torch
+
+    payload = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
+    tamper(payload)
+    path = tmp_path / name
+    torch.save(payload, path)
+    return path
+
+
+def _size_30000(p):
+    p["preprocessing"]["size"] = 30000
+
+
+def _base_400_only_described(p):
+    p["model"]["kwargs"]["base"] = 400
+
+
+def _base_200_within_the_limit(p):  # a width the limits allow, with weights of base 4: built on `meta` only
+    p["model"]["kwargs"]["base"] = 200
+
+
+MEMORY_ATTACKS = {_size_30000: "BRATS_SHARDS_MAX_SIZE", _base_400_only_described: "BRATS_SHARDS_MAX_BASE",
+                  _base_200_within_the_limit: "do not fit|has shape"}
+
+
+@pytest.fixture(scope="module")
+def good_predict_rss(trained, pristine_src, tmp_path_factory) -> float:
+    from .test_read_hardening import run_measured
+
+    out = tmp_path_factory.mktemp("good-predict") / "seg.nii.gz"
+    code, err, rss = run_measured("train", _predict(trained / "checkpoints" / "best.pt", [_patient(pristine_src)], out))
+    assert code == 0, err
+    return rss
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+@pytest.mark.parametrize("tamper", list(MEMORY_ATTACKS), ids=lambda f: f.__name__.strip("_"))
+def test_checkpoint_values_that_size_memory_are_refused_before_allocating(trained, pristine_src, built_shards,
+                                                                          good_predict_rss, tmp_path, tamper,
+                                                                          command):
+    from .test_read_hardening import RSS_MARGIN_MB, run_measured
+
+    checkpoint = _tampered_checkpoint(trained, tmp_path, tamper)
+    if command == "predict":
+        args = _predict(checkpoint, [_patient(pristine_src)], tmp_path / "seg.nii.gz")
+    else:
+        args = ["evaluate", "--checkpoint", checkpoint, "--shards", built_shards["webdataset"], "--workers", "0",
+                "--device", "cpu", "--src", pristine_src]
+    code, err, rss = run_measured("train", args)
+    assert_one_line(code, err, str(checkpoint), MEMORY_ATTACKS[tamper])
+    assert code == 2 and rss < good_predict_rss + RSS_MARGIN_MB, (rss, good_predict_rss)
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_export_refuses_the_same_checkpoints(trained, tmp_path, capsys):
+    for tamper, words in MEMORY_ATTACKS.items():
+        checkpoint = _tampered_checkpoint(trained, tmp_path, tamper, f"{tamper.__name__}.pt")
+        code, _, err = run_cli_inprocess("train", ["export", "--checkpoint", checkpoint, "--out", tmp_path / "exp",
+                                                   "--format", "pt2"], capsys)
+        assert_one_line(code, err, str(checkpoint), words)
+    assert not (tmp_path / "exp").exists()
+
+
+def test_limits_move_with_their_environment_variable(trained, pristine_src, tmp_path, capsys, monkeypatch):
+    """The limit is the documented variable's: lowered below the checkpoint's own base, the good
+    checkpoint is refused naming it; raised, the base-400 description gets to the weight check."""
+    checkpoint = trained / "checkpoints" / "best.pt"
+    monkeypatch.setenv("BRATS_SHARDS_MAX_BASE", "2")
+    code, _, err = run_cli_inprocess("train", _predict(checkpoint, [_patient(pristine_src)], tmp_path / "s.nii.gz"),
+                                     capsys)
+    assert_one_line(code, err, "base 4 is above the limit 2", "BRATS_SHARDS_MAX_BASE")
+    monkeypatch.setenv("BRATS_SHARDS_MAX_BASE", "1000")
+    monkeypatch.setenv("BRATS_SHARDS_MAX_WIDTH", "100000")
+    bad = _tampered_checkpoint(trained, tmp_path, _base_400_only_described)
+    code, _, err = run_cli_inprocess("train", _predict(bad, [_patient(pristine_src)], tmp_path / "s.nii.gz"), capsys)
+    assert_one_line(code, err, "has shape")
+
+
+def test_a_compressed_checkpoint_is_refused_before_torch_reads_it(trained, pristine_src, tmp_path, capsys):
+    """A zip whose members are deflated: torch would load it (checked here with torch itself),
+    and a few KB could so declare gigabytes; refused from the archive's directory alone."""
+    import zipfile
+
+    import torch
+
+    good = trained / "checkpoints" / "best.pt"
+    packed = tmp_path / "packed.pt"
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(packed, "w") as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
+    torch_view = torch.load(packed, weights_only=True)["model_state"]
+    assert all(torch.equal(v, torch.load(good, weights_only=True)["model_state"][k]) for k, v in torch_view.items())
+    code, _, err = run_cli_inprocess("train", _predict(packed, [_patient(pristine_src)], tmp_path / "s.nii.gz"),
+                                     capsys)
+    assert_one_line(code, err, str(packed), "compressed")
+
+
+# ------------------------------------------------------------------ a file that is not a checkpoint says what it is
+
+
+def _not_checkpoints(src: Path, tmp_path: Path) -> dict:
+    import gzip
+    import pickle
+
+    made = {}
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, this is not a checkpoint\n")
+    made[text] = "a text file"
+    pickled = tmp_path / "old.pt"
+    pickled.write_bytes(pickle.dumps({"weights": [1, 2, 3]}, protocol=2))
+    made[pickled] = "a Python pickle"
+    nifti = _file(_patient(src), "flair")
+    made[nifti] = "a NIfTI image"
+    packed = tmp_path / "seg.nii.gz"
+    packed.write_bytes(gzip.compress(nifti.read_bytes()))
+    made[packed] = "gzip"
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    made[empty] = "empty"
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    made[folder] = "is a folder"
+    return made
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(trained, pristine_src, tmp_path, capsys):
+    for path, words in _not_checkpoints(pristine_src, tmp_path).items():
+        code, _, err = run_cli_inprocess("train", _predict(path, [_patient(pristine_src)], tmp_path / "s.nii.gz"),
+                                         capsys)
+        line = assert_one_line(code, err, str(path), words)
+        assert "101" not in line and "not from this tool" not in line

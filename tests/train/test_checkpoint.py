@@ -11,14 +11,22 @@ import torch
 from shards_spec.errors import ToolError
 from train import checkpoint as ckpt
 from train.augment import Augmenter
+from train.models import build_model
 
 torch.set_num_threads(1)
 
 
+TINY = {"base": 2, "depth": 1, "batch_norm": False}
+TINY_STATE = build_model("unet", 1, **TINY).state_dict()  # built once, here: building draws from torch's RNG
+
+
 def minimal(**extra):
-    payload = {"format": ckpt.FORMAT, "epoch": 1, "state": "running", "model": {"name": "unet"},
-               "model_state": {"w": torch.arange(4.0)}, "channels": ["flair"], "target": "classes",
-               "manifest_digest": "0" * 64, "config": {"lr": 0.001}}
+    """The smallest checkpoint `load` accepts: a real (tiny) U-Net's weights, since their names
+    and shapes are checked against the model the checkpoint describes."""
+    payload = {"format": ckpt.FORMAT, "epoch": 1, "state": "running",
+               "model": {"name": "unet", "kwargs": TINY, "in_channels": 1, "out_channels": 3},
+               "model_state": TINY_STATE, "channels": ["flair"],
+               "target": "classes", "manifest_digest": "0" * 64, "config": {"lr": 0.001}}
     payload.update(extra)
     return payload
 
