@@ -132,7 +132,7 @@ def train_contenders(contenders: list[Contender], shards: Path, work: Path, args
     for c in contenders:
         c.run_dir = work / "runs" / f"{args.label}-{c.name}"
         shutil.rmtree(c.run_dir, ignore_errors=True)
-        c.run_dir.mkdir(parents=True)
+        c.run_dir.parent.mkdir(parents=True, exist_ok=True)
     batches = [contenders] if args.parallel else [[c] for c in contenders]
     cores = sorted(os.sched_getaffinity(0))
     for batch in batches:
@@ -146,7 +146,7 @@ def train_contenders(contenders: list[Contender], shards: Path, work: Path, args
                     sys.exit(f"--parallel: {len(batch)} contenders x {args.cores_per_run} cores > {len(cores)} cores")
                 env["OMP_NUM_THREADS"] = str(args.cores_per_run)
             print(f"training {c.name} ...", file=sys.stderr, flush=True)
-            log = open(c.run_dir / "train.log", "w")
+            log = open(log_path(c), "w")  # beside the run folder: train run wants it for itself
             proc = subprocess.Popen(contender_argv(c, shards, args), stdout=log, stderr=subprocess.STDOUT, env=env,
                                     cwd=common.REPO, preexec_fn=(lambda p=pin: os.sched_setaffinity(0, p)) if pin else None)
             running.append((c, proc, time.perf_counter(), log))
@@ -158,9 +158,13 @@ def train_contenders(contenders: list[Contender], shards: Path, work: Path, args
             c.load_after = common.load()
             log.close()
             if proc.returncode != 0:
-                tail = (c.run_dir / "train.log").read_text()[-3000:]
+                tail = log_path(c).read_text()[-3000:]
                 sys.exit(f"{c.name} failed (exit {proc.returncode}): {' '.join(contender_argv(c, shards, args))}\n{tail}")
             read_curve(c)
+
+
+def log_path(c: Contender) -> Path:
+    return c.run_dir.with_name(c.run_dir.name + ".log")
 
 
 def read_curve(c: Contender) -> None:

@@ -1,0 +1,36 @@
+"""bench/quality.py end to end on a tiny dataset with a tiny budget: it runs and writes its table
+(a measurement script: nothing here asserts a score)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_harness_trains_ours_and_the_peer_scores_both_and_writes_its_section(tmp_path):
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n\n<!-- bench:other -->\nkept\n<!-- /bench:other -->\n")
+    command = [sys.executable, str(ROOT / "bench" / "quality.py"), "--work", str(tmp_path / "work"),
+               "--patients", "5", "--shape", "48,48,24", "--size", "32", "--budget", "6", "--label", "tiny",
+               "--contender", "ours=--variant v2 --base 4 --depth 2 --batch-size 4 --stem 1", "--contender", "monai",
+               "--score-variant", "tta=--tta", "--starvation-steps", "3", "--markdown", str(markdown), "--write"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    text = markdown.read_text()
+    assert "kept" in text  # other sections untouched
+    section = text.split("<!-- bench:quality-tiny -->")[1].split("<!-- /bench:quality-tiny -->")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["ours", "monai", "ours tta"]
+    assert "Loader check (ours's recipe" in section and "steps/s fed from the shards" in section
+    assert "native grid" in section and "(tiny; equal budget: 6 s of training each)" in section
+    assert (tmp_path / "quality-tiny.png").is_file()
+    results = json.loads((tmp_path / "work" / "quality-tiny.json").read_text())
+    assert [r["name"] for r in results] == ["ours", "monai", "ours tta"]
+    for r in results:
+        assert set(r["scores"]["native_dice"]) == {"NEC/NET", "ED", "ET", "WT", "TC"}
+        assert all(0.0 <= v <= 1.0 for v in r["scores"]["native_dice"].values())
+        assert r["gflop"] > 0 and r["params"] > 0
