@@ -4,7 +4,8 @@
 
 What it writes (matplotlib, Agg backend, so it runs without a display):
 
-- `loss.png`    train and validation loss per epoch (metrics.csv);
+- `loss.png`    train and validation loss per epoch (metrics.csv), both the mean over slices of
+                each slice's own loss, so the two curves compare;
 - `scores.png`  Dice, precision and recall per output channel per epoch (NEC/NET, ED, ET with
                 `--target classes`, WT, TC, ET with `--target regions`; the channel names are
                 read from the metrics.csv header), with the validation mean Dice; these are
@@ -127,8 +128,8 @@ def plot_loss(rows: list[dict]) -> Any:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(_epochs(rows), [r["train_loss"] for r in rows], marker="o", label="train (mean over steps' slices)")
-    ax.plot(_epochs(rows), [r["val_loss"] for r in rows], marker="o", label="validation (mean over slices)")
+    ax.plot(_epochs(rows), [r["train_loss"] for r in rows], marker="o", label="train (mean per-slice loss, augmented)")
+    ax.plot(_epochs(rows), [r["val_loss"] for r in rows], marker="o", label="validation (mean per-slice loss)")
     ax.set(xlabel="epoch", ylabel="loss", title="Loss")
     _epoch_axis(ax)
     ax.grid(alpha=0.3)
@@ -164,7 +165,7 @@ def plot_lr(rows: list[dict]) -> Any:
     ax.plot(_epochs(rows), values, marker="o", drawstyle="steps-post")
     if all(v > 0 for v in values):
         ax.set_yscale("log")
-    ax.set(xlabel="epoch", ylabel="learning rate", title="Learning rate (at the start of each epoch)")
+    ax.set(xlabel="epoch", ylabel="learning rate", title="Learning rate (at each epoch's last step)")
     _epoch_axis(ax)
     ax.grid(alpha=0.3)
     fig.tight_layout()
