@@ -1,14 +1,14 @@
-"""Time budget and stop requests: when the training loop may start another epoch, and when it
-must stop at once.
+"""Time budget and stop requests: when the training loop must end, and how.
 
 Two ways a run ends early, on purpose different:
 
-- `--time-budget 12h` (Colab's limit; also `90m`, `600s`, `1h30m`, `1.5h`): before each epoch
-  the loop asks `Budget.allows_epoch(durations)` with the durations of the epochs measured so
-  far (training + validation + checkpoint). It projects the next epoch as the longest measured
-  one plus a safety margin and does not start it when it would end past the limit, so the run
-  ends on a completed epoch's checkpoint, resumable with `--resume`. Before any epoch has been
-  measured the first one always starts: nothing is known yet.
+- `--time-budget 12h` (Colab's limit; also `90m`, `600s`, `1h30m`, `1.5h`): before every step
+  the loop asks `Pace.out_of_time`: would the step (as long as the steps measured so far), then
+  a validation (the longest measured, or an estimate) and a checkpoint still end before the
+  limit? When not, it validates and writes a checkpoint in the middle of the epoch, resumable
+  exactly with `--resume`; so the budget holds within one step plus the final validation,
+  whatever the epoch length (an earlier rule that only refused whole epochs ran a 10-minute
+  budget for 22 minutes when one epoch was longer than the budget).
 - SIGINT / SIGTERM (Ctrl-C, a scheduler's pre-emption): `StopSignal` records the signal and the
   loop stops after the current step, keeping the checkpoint of the last completed epoch; the
   partial epoch is lost, and the process exits 128 + signal (130, 143). A second SIGINT raises
@@ -28,10 +28,8 @@ from typing import Callable
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd])")
 
-SAFETY_FRACTION = 0.05
-"""The next epoch is projected as the longest measured one times (1 + this)."""
 SAFETY_SECONDS = 5.0
-"""... plus this, for the checkpoint write and scheduler jitter."""
+"""Kept free after the final validation, for the checkpoint write and scheduler jitter."""
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -77,20 +75,6 @@ class Budget:
 
     def remaining(self) -> float:
         return float("inf") if self.limit is None else self.limit - self.elapsed()
-
-    @staticmethod
-    def projected_epoch(durations: list[float]) -> float | None:
-        """The next epoch's projected duration: the longest measured one with a safety margin."""
-        if not durations:
-            return None
-        return max(durations) * (1 + SAFETY_FRACTION) + SAFETY_SECONDS
-
-    def allows_epoch(self, durations: list[float]) -> bool:
-        """Whether another epoch is projected to finish within the limit."""
-        if self.limit is None:
-            return True
-        projected = self.projected_epoch(durations)
-        return projected is None or projected <= self.remaining()
 
 
 class Pace:

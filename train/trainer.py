@@ -171,7 +171,6 @@ class Trainer:
         self.val_loader = self.make_loader(setup.val_ds, stream=1)
         self.budget = Budget(self.config.time_budget_seconds, clock=self.hooks.clock)
         self.after_step = self.hooks.after_step or faults.sigterm_hook(self.dist.rank)
-        self.session_seconds: list[float] = []
         self.pace = Pace(self.config.batch_size, setup.val_ds.num_slices)  # this process's measured speed
         self.steps_per_epoch = max(1, setup.train_ds.batches_per_epoch(self.config.batch_size, self.config.workers))
         # The schedule spans --epochs (also after a resume that asks for more); a budget re-plans it.
@@ -454,7 +453,6 @@ class Trainer:
             rundir.append_metrics_row(self.run_dir, self.columns, row)
             for callback in self.callbacks():
                 _call(callback, "on_epoch_end", self, row)
-        self.session_seconds.append(self.hooks.clock() - started)
         self.console.print(self.summary(row, improved))
         self.plan_schedule()
 

@@ -41,19 +41,26 @@ class FakeClock:
         return self.now
 
 
-def test_budget_refuses_an_epoch_that_would_not_fit():
+def test_pace_refuses_a_step_when_it_and_a_validation_would_not_fit():
+    from train.budget import SAFETY_SECONDS, Pace
+
     clock = FakeClock()
     budget = Budget(1000.0, clock=clock)
-    assert budget.allows_epoch([])  # nothing measured yet: the first epoch always starts
-    clock.now += 400
-    assert budget.remaining() == 600
-    # projected: longest measured epoch * 1.05 + 5 s
-    assert Budget.projected_epoch([300.0, 400.0]) == pytest.approx(425.0)
-    assert budget.allows_epoch([300.0, 400.0])
-    clock.now += 200  # 400 s left
-    assert not budget.allows_epoch([300.0, 400.0])
-    assert budget.allows_epoch([100.0])
-    assert Budget(None, clock=clock).allows_epoch([1e9])
+    pace = Pace(batch_size=4, val_slices=40)
+    assert not pace.out_of_time(budget, val_seconds=0.0)  # nothing measured: the first step starts
+    pace.steps, pace.train_seconds = 10, 20.0  # 2 s a step; a step's forward ~ a third, so validation
+    # of 40 slices is estimated at 0.5 * 2 / 4 * 40 = 10 s before one is measured
+    assert pace.reserve(0.0) == pytest.approx(10 * 1.2 + SAFETY_SECONDS)
+    assert pace.reserve(30.0) == pytest.approx(30 * 1.2 + SAFETY_SECONDS)  # a measured validation wins
+    clock.now = budget.start + 1000 - (2 + 30 * 1.2 + SAFETY_SECONDS) - 0.1  # just enough left
+    assert not pace.out_of_time(budget, 30.0)
+    clock.now += 0.2
+    assert pace.out_of_time(budget, 30.0)
+    assert not pace.out_of_time(Budget(None, clock=clock), 30.0)
+    # a fresh budget of 1000 s holds (2 s x 50 steps + reserve) per epoch of 50 steps
+    fresh = Budget(1000.0, clock=clock)
+    per_epoch = 2 * 50 + 30 * 1.2 + SAFETY_SECONDS
+    assert pace.steps_that_fit(fresh, 30.0, 50) == int(1000 / per_epoch * 50)
 
 
 def test_projection_line_mentions_rate_total_and_budget():
