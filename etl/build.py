@@ -99,7 +99,9 @@ def _build(opts: BuildOptions, spec: SplitSpec, src: Path, reporter: Reporter) -
         tasks = make_tasks(plan, done, refs, opts, src, out, layout)
         built, execution = run_shards(tasks, opts, out, done, len(plan["shards"]), reporter, guard)
 
-        # 5. the manifest, last
+        # 5. the manifest, last (after the format's last word on its root files)
+        files = [f["path"] for result in done.values() for f in result["files"]]
+        root_files = writer(opts.format).finish_root(out, spec.names, files) or root_files
         content = assemble_content(plan, done, opts, layout, split_info, root_files)
         for s in content["skipped"]:
             reporter.log(f"skipped {s['patient']}: {s.get('file') or ''}: {s['problem']}")

@@ -69,6 +69,7 @@ def build_shard(task: ShardTask) -> dict:
                 continue
             result["patients"][ref.id] = patient_entry(task, ref, volume, slices)
             del volume
+            shard.about(ref.id, patient_about(task, ref, result["patients"][ref.id]))
             shard.add(ref.id, ref.id, slices)
         result["files"] = shard.finish()
     finally:
@@ -117,6 +118,16 @@ def patient_entry(task: ShardTask, ref, volume, slices) -> dict:
     }
     entry.update(writer(task.format).patient_fields(task.split, ref.id))
     return entry
+
+
+def patient_about(task: ShardTask, ref, entry: dict) -> dict:
+    """What a patient's arrays hold, for formats that store it beside them (zarr attributes)."""
+    from shards_spec.labels import LABEL_NAMES
+    from shards_spec.manifest import SPEC_VERSION
+
+    return {"spec_version": SPEC_VERSION, "patient": ref.id, "split": task.split, "channels": list(task.channels),
+            "labels": {str(k): v for k, v in LABEL_NAMES.items()}, "size": task.size,
+            "source_shape": entry["source_shape"], "source_spacing": entry["spacing"]}
 
 
 def _stopped(task: ShardTask) -> bool:

@@ -8,7 +8,8 @@ registry) for the few things that differ between formats:
                 `finish`, returns the manifest's entries (path, bytes, sha256) of every file it wrote;
 * `patient_fields`  per-patient manifest fields that locate the patient inside its shard;
 * `write_root` / `root_key`  files written once per build outside any shard, and the content
-                key that lists them (zarr's group metadata: `zarr_groups`);
+                key that lists them (zarr's group metadata: `zarr_groups`); `finish_root` rewrites
+                them once every shard is written (zarr's consolidated metadata);
 * `storage`  the text the manifest records under `preprocessing.compression`;
 * `owned_paths`  what a plan's build writes (files, or folders written whole), so that
                 `--overwrite` can tell a previous build's files from the user's;
@@ -31,6 +32,10 @@ class ShardOutput:
 
     def add(self, key: str, patient: str, slices) -> None:
         raise NotImplementedError
+
+    def about(self, key: str, info: dict) -> None:
+        """What the next `add` of `key` holds (`etl.task.patient_about`: channels, labels, spacing),
+        for a format that stores it beside the data (zarr attributes); others ignore it."""
 
     def finish(self) -> list[dict]:
         """Write what is pending; return the file entries of the whole shard."""
@@ -57,6 +62,11 @@ class Writer:
 
     def write_root(self, root: Path, splits: list[str]) -> list[dict]:
         return []
+
+    def finish_root(self, root: Path, splits: list[str], files: list[str]) -> list[dict] | None:
+        """Called once every shard is written (`files`: every shard file, relative to `root`), before
+        the manifest: the root files' final entries, or None to keep `write_root`'s."""
+        return None
 
     def storage(self, compression: str) -> str:
         return compression

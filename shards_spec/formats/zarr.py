@@ -8,7 +8,9 @@ content size declared by each inner chunk's zstd frame: zstd allocates what its 
 declares (a 65 KB chunk declaring 2 GiB took a reader to 2.1 GB), or, when the frame declares
 none, grows without bound; a frame must declare exactly its chunk's bytes. Arrays are read
 whole, since single-slice reads of a sharded array re-read the shard index each time (~400
-reads/s).
+reads/s). The arrays' `dimension_names` and attributes and the consolidated metadata (SPEC.md
+section 7) are for plain zarr and xarray users: this reader needs none of them, so shards
+written before they existed read the same.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ the sha256 of every file but `manifest.json` (whose provenance holds a time).
 Recording (run against the code whose bytes are to be pinned, e.g. an export of a commit):
 
     PYTHONPATH=/tmp/base .venv/bin/python tests/etl/reference_builds.py COMMIT tests/etl/reference_digests.json
+
+Re-recording some builds only, after a deliberate change of their bytes (the others keep the
+digests of COMMIT; the reason is stored beside the new digests):
+
+    .venv/bin/python tests/etl/reference_builds.py --rerecord "REASON" tests/etl/reference_digests.json NAME...
 """
 
 from __future__ import annotations
@@ -105,5 +110,20 @@ def main(commit: str, target: str) -> None:
     Path(target).write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
 
 
+def rerecord(reason: str, target: str, names: list[str]) -> None:
+    """Replace the digests of builds `names` with today's, saying why; the versions must be the recorded ones."""
+    recorded = json.loads(Path(target).read_text())
+    if versions() != recorded["versions"]:
+        raise SystemExit(f"library versions differ from the recorded ones: {versions()} vs {recorded['versions']}")
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            recorded["builds"][name] = digests(name, Path(tmp))
+        recorded.setdefault("rerecorded", {})[name] = reason
+    Path(target).write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[1] == "--rerecord":
+        rerecord(sys.argv[2], sys.argv[3], sys.argv[4:])
+    else:
+        main(*sys.argv[1:3])
