@@ -11,6 +11,9 @@ The set-up, in order, and why in that order:
    hardware may change without `--force`). The checkpoint is read first, so a truncated file
    fails before any data is touched.
 2. Processes and device: torchrun's ranks join a process group (gloo on CPU, nccl on CUDA).
+   Then the run folder is claimed (`claim_out`): rank 0 locks it for the whole run, so a second
+   `train run` into it is refused, and checks that it is new, empty, or a run (`--resume`,
+   `--force`); every rank learns the outcome, so they stop together.
 3. Data: the manifest first (it decides which folds exist, and its content digest identifies
    the data), then two streaming `ShardDataset`s.
 4. The `Trainer` builds the model, loss, optimiser and scheduler, restores last.pt when
@@ -22,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Any
+
+from shards_spec.errors import ToolError
 
 from . import checkpoint as ckpt
 from . import devices, distributed, rundir
@@ -47,12 +52,20 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
     config, preset, restored = resolve_run(overrides, resume, force)
     dist, device = start_processes(config)
     config = dataclasses.replace(config, out=distributed.broadcast_object(dist, config.out))
-    console = hooks.console if hooks.console is not None else _console(dist)
-    manifest, train_ds, val_ds, train_splits = open_data(config, restored, resume, force, dist, storage_options)
-    setup = Setup(config=config, preset=preset, overrides=overrides, manifest=manifest, train_ds=train_ds,
-                  val_ds=val_ds, train_splits=train_splits, dist=dist, device=device, console=console, hooks=hooks,
-                  restored=restored, force=force, storage_options=storage_options)
-    return trainer_class(setup).fit()
+    lock = claim_out(config, resume, force, dist)
+    try:
+        console = hooks.console if hooks.console is not None else _console(dist)
+        if lock is not None and lock.stale:
+            console.print(f"{config.out}: taking over the lock of a train run that is no longer running "
+                          f"(pid {lock.stale.get('pid')} on {lock.stale.get('host')})")
+        manifest, train_ds, val_ds, train_splits = open_data(config, restored, resume, force, dist, storage_options)
+        setup = Setup(config=config, preset=preset, overrides=overrides, manifest=manifest, train_ds=train_ds,
+                      val_ds=val_ds, train_splits=train_splits, dist=dist, device=device, console=console,
+                      hooks=hooks, restored=restored, force=force, storage_options=storage_options)
+        return trainer_class(setup).fit()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def resolve_run(overrides: dict[str, Any], resume: bool, force: bool) -> tuple[Config, str, dict | None]:
@@ -123,6 +136,54 @@ def check_same_model(config: Config, restored: dict, path: Path) -> None:
                                    f"{expected}; it cannot be resumed", path)
 
 
+def claim_out(config: Config, resume: bool, force: bool, dist: distributed.Dist) -> Any:
+    """Rank 0 locks the run folder (`shards_spec.lock.FolderLock`, held until `run` returns: a
+    second `train run` into it is refused, a dead holder's lock is taken over) and checks what
+    it holds (`check_out`); every rank learns the outcome. Returns rank 0's lock."""
+    from shards_spec.lock import FolderLock
+
+    lock, problem = None, None
+    if dist.is_main:
+        run_dir = Path(config.out)
+        try:
+            if run_dir.exists() and not run_dir.is_dir():
+                raise ConfigError(f"--out: {run_dir} is a file; give a folder for the run")
+            lock = FolderLock(run_dir, "train run")
+            lock.acquire()
+            check_out(run_dir, resume, force)
+        except OSError as exc:
+            problem = ConfigError(f"--out: {run_dir} cannot be written ({exc.strerror or exc})")
+        except ToolError as exc:
+            problem = exc
+        if problem is not None and lock is not None:
+            lock.release()
+    message = distributed.broadcast_object(dist, None if problem is None else str(problem))
+    if problem is not None:
+        raise problem
+    if message is not None:
+        raise ConfigError(message)
+    return lock
+
+
+def check_out(run_dir: Path, resume: bool, force: bool) -> None:
+    """A new run goes into a new or empty folder, or over a run with `--force` (only the run's own
+    files are replaced, in `open_data`); a folder of other files is refused naming a few."""
+    if resume:
+        if not rundir.is_run(run_dir):  # replaced since it was read (resolve_run)
+            raise ConfigError(f"--resume: {run_dir} holds no run of this tool any more; start a new run")
+        return
+    if rundir.is_run(run_dir):
+        if not force:
+            raise ConfigError(f"--out: {run_dir} already holds a run ({rundir.CONFIG}); continue it with --resume "
+                              "or start over with --force (which replaces only the run's own files)")
+        return
+    found = rundir.entries(run_dir)
+    if found:
+        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        raise ConfigError(f"--out: {run_dir} holds {len(found)} file(s) or folder(s) that are not a train run "
+                          f"({shown}); give a new or empty folder")
+
+
 def device_kind(device: str) -> str:
     """"cuda" or "cpu": which `DEVICE_DEFAULTS` a new run takes (`train.devices.defaults_kind`)."""
     return devices.defaults_kind(device)
@@ -151,14 +212,8 @@ def open_data(config: Config, restored: dict | None, resume: bool, force: bool, 
         raise ConfigError(f"--shards: {config.shards} (content digest {manifest.digest[:12]}) is not the data "
                           f"{run_dir} was trained on (digest {restored['manifest_digest'][:12]}); "
                           "pass --force to continue on these shards anyway")
-    if not resume and dist.is_main:
-        last = rundir.checkpoint_path(run_dir, rundir.LAST)
-        existing = [p for p in (run_dir / rundir.CONFIG, last) if p.exists()]
-        if existing and not force:
-            raise ConfigError(f"--out: {run_dir} already holds a run ({existing[0].name}); "
-                              "continue it with --resume or start over with --force")
-        for stale in (last, rundir.checkpoint_path(run_dir, rundir.BEST), run_dir / rundir.METRICS):
-            stale.unlink(missing_ok=True)
+    if not resume and dist.is_main:  # over a run with --force (claim_out refused anything else)
+        rundir.remove_own_files(run_dir)
     train_splits = train_splits_of(config, manifest)
     train_ds = open_dataset(config, store, train_splits, training=True, dist=dist)
     val_ds = open_dataset(config, store, [config.val_split], training=False, dist=dist)
@@ -196,4 +251,4 @@ def _console(dist: distributed.Dist) -> Any:
     return Console(stderr=True, soft_wrap=True, quiet=not dist.is_main)
 
 
-__all__ = ["ARCHITECTURE", "Hooks", "Result", "metric_columns", "open_dataset", "resolve_run", "run"]
+__all__ = ["ARCHITECTURE", "Hooks", "Result", "claim_out", "metric_columns", "open_dataset", "resolve_run", "run"]

@@ -241,6 +241,7 @@ def load_onnx(path: Path, device: str = "auto") -> LoadedModel:
 
     ort = require("onnxruntime", "export", "an ONNX model")
     config = onnx_config(path)
+    ckpt.check_description(config, path)  # sizes within train.checkpoint.LIMITS before anything is built
     try:
         loaded = _describe(config, path)
     except (KeyError, TypeError, ValueError) as exc:

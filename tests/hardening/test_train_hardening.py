@@ -157,6 +157,150 @@ def test_predict_input_that_does_not_exist_is_said_so(trained, tmp_path, capsys,
     assert code == 2 and str(missing) in line and "modality" not in line
 
 
+# ------------------------------------------------------------------ class 9: one train run per folder
+
+
+def _run_args(shards: Path, out: Path, *extra) -> list:
+    from .conftest import TRAIN_ARGS
+
+    return ["run", "--shards", shards, "--out", out, *TRAIN_ARGS, *extra]
+
+
+def test_a_second_train_run_into_the_same_folder_is_refused_while_the_first_runs(built_shards, tmp_path, capsys):
+    """The second run starts from inside the first one's training step (a real second FolderLock
+    on its own file descriptor, as another process has): refused in one line, and the first run
+    ends with its own files only."""
+    from train import fit
+    from train.trainer import Hooks
+
+    shards, out, seen = built_shards["webdataset"], tmp_path / "run", []
+
+    def second_run(epoch, step, stop):
+        if not seen:
+            seen.append(run_cli_inprocess("train", _run_args(shards, out, "--force"), capsys))
+
+    first = fit.run({"shards": str(shards), "variant": "v1", "out": str(out), "epochs": 1, "batch_size": 4,
+                     "base": 4, "depth": 2, "workers": 0, "device": "cpu", "shuffle_buffer": 8, "report": False},
+                    hooks=Hooks(after_step=second_run))
+    code, _, err = seen[0]
+    line = assert_one_line(code, err, str(out), "being written by another train run", f"pid {os.getpid()}")
+    assert code == 2 and "--force" not in line
+    assert first.exit_code == 0 and first.epochs_done == 1
+    from train.rundir import read_metrics
+
+    assert [row["epoch"] for row in read_metrics(out / "metrics.csv")[1]] == [1.0]  # one writer's rows
+    assert not (out / ".brats-shards.lock").exists()  # released on exit
+
+
+def test_a_killed_run_leaves_a_stale_lock_that_the_next_run_takes_over(built_shards, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from .helpers import BIN, run_subprocess
+
+    shards, out = built_shards["webdataset"], tmp_path / "run"
+    args = [str(a) for a in _run_args(shards, out)]
+    args[args.index("--epochs") + 1] = "100000"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    victim = subprocess.Popen([str(BIN / "train"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env)
+    lock = out / ".brats-shards.lock"
+    try:
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and f'"pid": {victim.pid}' in lock.read_text()) and victim.poll() is None:
+            assert time.monotonic() < deadline, "the run never took its lock"
+            time.sleep(0.05)
+        held = run_subprocess("train", [*_run_args(shards, out, "--force")])
+        assert_one_line(held.returncode, held.stderr, str(out), "being written by another train run",
+                        f"pid {victim.pid}")
+    finally:
+        victim.send_signal(signal.SIGKILL)  # no clean-up: the lock file stays behind
+        victim.wait()
+    assert f'"pid": {victim.pid}' in lock.read_text()
+    after = run_subprocess("train", [*_run_args(shards, out, "--force")])
+    assert after.returncode == 0, after.stderr
+    assert f"taking over the lock of a train run that is no longer running (pid {victim.pid}" in after.stderr
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "--force"])
+def test_a_run_into_a_folder_of_other_files_is_refused(built_shards, tmp_path, capsys, force):
+    out = tmp_path / "thesis"
+    (out / "chapters").mkdir(parents=True)
+    (out / "chapters" / "1.tex").write_text("\\chapter{One}\n")
+    (out / "results.csv").write_text("a,b\n1,2\n")
+    (out / "config.json").write_text('{"my": "own config"}\n')  # not a run's config.json
+    before = snapshot(out)
+    code, _, err = run_cli_inprocess("train", _run_args(built_shards["webdataset"], out,
+                                                        *(["--force"] if force else [])), capsys)
+    assert_one_line(code, err, str(out), "not a train run", "chapters/", "config.json", "results.csv",
+                    "new or empty folder")
+    assert code == 2 and snapshot(out) == before
+
+
+def test_a_folder_holding_only_a_dead_runs_lock_file_is_empty(built_shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".brats-shards.lock").write_text('{"owner": "train run", "pid": 999999, "host": "gone"}')
+    code, _, err = run_cli_inprocess("train", _run_args(built_shards["webdataset"], out), capsys)
+    assert code == 0, err
+    assert "taking over the lock" in err and (out / "checkpoints" / "last.pt").is_file()
+
+
+def test_force_over_a_run_replaces_only_the_runs_own_files(trained, built_shards, tmp_path, capsys):
+    from train import rundir
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    code, _, err = run_cli_inprocess("train", ["report", out], capsys)
+    assert code == 0, err
+    written = sorted(p.relative_to(out).as_posix() for p in (out / "report").rglob("*") if p.is_file())
+    assert written and set(written) <= {f"report/{name}" for name in rundir.REPORT_FILES}  # the list is complete
+    (out / "eval.json").write_text('{"mine": true}\n')
+    (out / "report" / "notes.md").write_text("my notes\n")
+    old_last = (out / "checkpoints" / "last.pt").read_bytes()
+    kept = {name: (out / name).read_bytes() for name in ("eval.json", "report/notes.md")}
+
+    code, _, err = run_cli_inprocess("train", _run_args(built_shards["webdataset"], out, "--force"), capsys)
+    assert code == 0, err
+    assert {name: (out / name).read_bytes() for name in kept} == kept  # the user's files stay
+    assert (out / "checkpoints" / "last.pt").read_bytes() != old_last  # the run's own are new ...
+    assert not any((out / "report" / name).exists() for name in rundir.REPORT_FILES)  # ... or gone (--no-report)
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["other files", "locked"])
+def test_under_torchrun_rank_0_claims_the_folder_and_every_rank_stops_with_its_refusal(built_shards, tmp_path, held):
+    """Two ranks: rank 0 alone locks and checks the folder; its refusal reaches rank 1, so both
+    exit with the same line instead of rank 1 waiting in a collective."""
+    import subprocess
+
+    from shards_spec.lock import FolderLock
+
+    from .helpers import BIN
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.csv").write_text("a,b\n")
+    lock = FolderLock(out, "train run")
+    if held:  # another run holds it (this process, on its own descriptor)
+        (out / "results.csv").unlink()
+        lock.acquire()
+    try:
+        done = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
+                               str(BIN / "train"), *map(str, _run_args(built_shards["webdataset"], out))],
+                              capture_output=True, text=True, timeout=240,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    finally:
+        lock.release()
+    words = "being written by another train run" if held else "not a train run"
+    # one line per rank (the two ranks write at once, so their lines may run together in the pipe)
+    assert done.returncode != 0 and done.stderr.count("error: ") == 2, done.stderr[-3000:]
+    assert done.stderr.count(words) == 2 and done.stderr.count(f"{out} ") + done.stderr.count(f"{out}:") >= 2
+    assert "train/" not in done.stderr  # torchrun's own traceback of the failed ranks only, none of ours
+    assert sorted(p.name for p in out.iterdir()) == ([] if held else ["results.csv"])
+
+
 # ------------------------------------------------------------------ --resume messages
 
 
@@ -470,3 +614,27 @@ def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(trained, pristi
                                          capsys)
         line = assert_one_line(code, err, str(path), words)
         assert "101" not in line and "not from this tool" not in line
+
+
+def test_an_exported_onnx_model_is_held_to_the_same_limits(trained, pristine_src, tmp_path, capsys):
+    """`predict` runs an `.onnx` from `train export` with the config in its metadata: a config
+    declaring a 30000-pixel grid is refused before onnxruntime builds anything."""
+    import json
+
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from train.export import METADATA_KEY
+
+    code, _, err = run_cli_inprocess("train", ["export", "--checkpoint", trained / "checkpoints" / "best.pt",
+                                               "--out", tmp_path / "exp", "--format", "onnx"], capsys)
+    assert code == 0, err
+    path = tmp_path / "exp" / "model.onnx"
+    model = onnx.load(str(path))
+    entry = next(p for p in model.metadata_props if p.key == METADATA_KEY)
+    config = json.loads(entry.value)
+    config["preprocessing"]["size"] = 30000
+    entry.value = json.dumps(config)
+    onnx.save(model, str(path))
+    (tmp_path / "exp" / "model.json").unlink(missing_ok=True)
+    code, _, err = run_cli_inprocess("train", _predict(path, [_patient(pristine_src)], tmp_path / "s.nii.gz"), capsys)
+    assert_one_line(code, err, str(path), "size 30000", "BRATS_SHARDS_MAX_SIZE")
