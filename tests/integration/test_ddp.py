@@ -24,7 +24,7 @@ TRAIN = ("--variant", "v1", "--batch-size", "2", "--base", "4", "--depth", "2", 
          "--workers", "1", "--no-report",
          # the seed's schedule and output bias: these tests compare data paths and processes, and
          # resume with more --epochs (a cosine schedule spans --epochs), on tiny runs that must predict tumour
-         "--schedule", "plateau", "--head-bias", "zero")
+         "--schedule", "plateau", "--head-bias", "zero", "--target", "classes", "--oversample-tumour", "1")
 NAMES = ("NEC/NET", "ED", "ET")
 
 
