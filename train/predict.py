@@ -287,19 +287,18 @@ def predict_patient(loaded: inference.LoadedModel, job: Job, batch_size: int, pr
 
 def _predict_many(loaded: inference.LoadedModel, jobs: list[Job], batch_size: int, probabilities: bool,
                   console: Any, overwrite: bool) -> tuple[list[Written], list[str]]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from shards_spec.progress import Progress
 
     written, failures = [], []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("predict", total=len(jobs))
+    bar = Progress(console, "predict", len(jobs), transient=False)
+    with bar as advance:
         for job in jobs:
-            progress.update(task, description=f"predict {job.ref.id}")
+            bar.describe(f"predict {job.ref.id}")
             try:
                 written.append(predict_patient(loaded, job, batch_size, probabilities, console, overwrite))
             except ToolError as exc:
                 failures.append(str(exc))
-            progress.advance(task)
+            advance()
     return written, failures
 
 

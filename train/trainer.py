@@ -225,13 +225,20 @@ class Trainer:
                                   persistent=True)
 
     def restore(self, restored: dict) -> None:
-        """Weights, optimiser, scheduler, scaler, RNG states and run state from last.pt."""
-        self.model.load_state_dict(restored["model_state"])
-        self.optimizer.load_state_dict(restored["optimizer"])
-        if self.scheduler is not None and restored.get("scheduler"):
-            self.scheduler.load_state_dict(restored["scheduler"])
-        if restored.get("scaler"):
-            self.scaler.load_state_dict(restored["scaler"])
+        """Weights, optimiser, scheduler, scaler, RNG states and run state from last.pt (whose
+        structure `checkpoint.check_resumable` checked; what still does not fit, e.g. an optimiser
+        a subclass builds differently, is one line too)."""
+        try:
+            self.model.load_state_dict(restored["model_state"])
+            self.optimizer.load_state_dict(restored["optimizer"])
+            if self.scheduler is not None and restored.get("scheduler"):
+                self.scheduler.load_state_dict(restored["scheduler"])
+            if restored.get("scaler"):
+                self.scaler.load_state_dict(restored["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ckpt.CheckpointError(f"cannot be resumed by this trainer ({reason})",
+                                       rundir.checkpoint_path(self.run_dir, rundir.LAST)) from None
         if self.setup.force:  # forced new hyper-parameters win over the restored ones
             for group in self.optimizer.param_groups:
                 group["lr"], group["weight_decay"] = self.config.lr, self.config.weight_decay
