@@ -39,6 +39,7 @@ from .options import BuildOptions
 from .resume import append_journal, recover
 from .runner import Runner
 from .scan import scan_patients
+from .sources.base import require_folder
 from .split import SplitSpec, assign, over_patients
 from .task import ShardTask
 
@@ -51,7 +52,7 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
 
     reporter = reporter or Reporter()
     spec = opts.validate()
-    src = _source_folder(opts.src)  # absolute source paths: workers may run elsewhere
+    src = require_folder(opts.src).resolve()  # absolute source paths: workers may run elsewhere
     planlib.refuse_file(opts.out)
     with _locked(FolderLock(opts.out, "etl build-shards"), reporter):  # one writer per out folder
         return _build(opts, spec, src, reporter)
@@ -120,14 +121,6 @@ def _build(opts: BuildOptions, spec: SplitSpec, src: Path, reporter: Reporter) -
 
 # ---------------------------------------------------------------------------------------------
 # the steps
-
-
-def _source_folder(given: Path) -> Path:
-    if not given.exists():
-        raise SourceError("does not exist", given)
-    if not given.is_dir():
-        raise SourceError("is not a folder", given)
-    return given.resolve()
 
 
 def _out_state(out: Path, plan: dict, overwrite: bool) -> planlib.OutState:

@@ -51,7 +51,7 @@ from shards_spec.lock import LOCK_NAME
 
 from . import splits_file
 from .options import check_folders, resolve_source_options
-from .sources.base import MAX_PATIENT_BYTES
+from .sources.base import MAX_PATIENT_BYTES, require_folder
 from .split import SplitSpec, assign, over_patients, parse_split
 
 CHANNEL_NAMES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "Flair"}
@@ -132,7 +132,7 @@ def export_nnunet(opts: ExportOptions, reporter=None) -> ExportSummary:
 
     reporter = reporter or Reporter()
     spec = opts.validate()
-    src = _source_folder(opts.src)
+    src = require_folder(opts.src).resolve()
     started = time.time()
     with FolderLock(opts.out, "etl export-nnunet"):
         _refuse_foreign(opts.out)  # cheap, before the scan
@@ -164,14 +164,6 @@ def export_nnunet(opts: ExportOptions, reporter=None) -> ExportSummary:
 
 # ---------------------------------------------------------------------------------------------
 # the steps
-
-
-def _source_folder(given: Path) -> Path:
-    if not given.exists():
-        raise SourceError("does not exist", given)
-    if not given.is_dir():
-        raise SourceError("is not a folder", given)
-    return given.resolve()
 
 
 def _unlabelled(src: Path, found, max_patient_bytes: int) -> tuple[dict, object]:
