@@ -248,11 +248,14 @@ def score_variants(contenders: list[Contender], texts: list[str], shards: Path, 
         parser.add_argument("--tta", action="store_true")
         parser.add_argument("--min-et-voxels", type=int, default=0)
         parser.add_argument("--ensemble", action="append", default=[])
+        parser.add_argument("--of", default=None, help="the contender scored (default: the first of ours)")
         opts = parser.parse_args(shlex.split(options))
         others = [next(c for c in contenders if c.name == n) for n in opts.ensemble]
-        row = Contender(f"{base.name} {name}", [*base.options, f"[evaluate {options}]"], run_dir=base.run_dir,
-                        wall=base.wall, cpu=base.cpu, load_after=base.load_after, steps=base.steps, epochs=base.epochs,
-                        params=base.params, gflop=base.gflop, curve=[])
+        of = base if opts.of is None else next(c for c in contenders if c.name == opts.of)
+        shown = [*(of.options or ["MONAI UNet, DiceLoss, Adam, b16"]), f"[evaluate {options}]"]
+        row = Contender(f"{of.name} {name}", shown, run_dir=of.run_dir,
+                        wall=of.wall, cpu=of.cpu, load_after=of.load_after, steps=of.steps, epochs=of.epochs,
+                        params=of.params, gflop=of.gflop, curve=[])
         score(row, shards, source, work, extra=[o.run_dir / "checkpoints" / "best.pt" for o in others], tta=opts.tta,
               min_et_voxels=opts.min_et_voxels)
         rows.append(row)
@@ -360,7 +363,7 @@ def render(contenders: list[Contender], check: dict | None, args: argparse.Names
                      "/".join(fmt(h[k], 1) for k in ("WT", "TC", "ET")), "/".join(fmt(g[k], 2) for k in CLASSES),
                      c.load_after])
     lines.append(common.table(header, rows))
-    peer = next((c for c in contenders if c.options is None), None)
+    peer = next((c for c in contenders if c.options is None), None)  # score variants of the peer have options
     if peer is not None:
         lines.append("")
         for c in contenders:
@@ -427,8 +430,8 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="update bench/BENCHMARKS.md and the curves PNG")
     parser.add_argument("--markdown", type=Path, default=common.BENCHMARKS_MD)
     parser.add_argument("--score-variant", action="append", default=None,
-                        help="NAME=OPTIONS scored from the first of our contenders' best checkpoint without training "
-                             "again: --tta, --min-et-voxels N, --ensemble CONTENDER (repeatable)")
+                        help="NAME=OPTIONS scored from the first of our contenders' best checkpoint (or --of CONTENDER's) "
+                             "without training again: --tta, --min-et-voxels N, --ensemble CONTENDER (repeatable)")
     parser.add_argument("--rescore", action="store_true", help="score the runs an earlier call trained, again")
     parser.add_argument("--starvation-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=40, help=argparse.SUPPRESS)
@@ -464,7 +467,7 @@ def main() -> None:
         score(c, shards, source, args.work)
     contenders += score_variants(contenders, args.score_variant or [], shards, source, args.work)
     info["load_at_end"] = common.load()
-    info["shared"] = True
+    info["shared"] = False  # the load average says what else ran; the contenders load the cores themselves
     png = args.markdown.parent / f"quality-{args.label}.png" if args.write else None
     if png is not None:
         plot(contenders, png)
