@@ -43,8 +43,8 @@ def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        if exc.filename is None or str(exc.filename) == str(tmp):
+    except OSError as exc:  # name the target, not the temporary (an error without an errno stays as raised)
+        if exc.errno is not None and (exc.filename is None or str(exc.filename) == str(tmp)):
             raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
     finally:

@@ -29,7 +29,6 @@ fsspec and zarr are imported inside the functions that need them, so `shards_spe
 from __future__ import annotations
 
 import os
-import uuid
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -40,6 +39,7 @@ from . import formats, limits, remote
 from .checked_io import CHUNK, CheckedReader, check_local, open_regular
 from .codec import Record, member_limits
 from .errors import SpecError
+from .fileio import atomic_path
 from .manifest import MANIFEST_NAME, Manifest, parse
 
 FILE_OVERHEAD_BYTES = 64 << 10
@@ -205,17 +205,12 @@ class ShardStore:
                 return target
             warnings.warn(f"cached copy {target} of {entry['path']} {problem}: fetching it again", stacklevel=3)
             target.unlink(missing_ok=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # A unique temporary name: several loader workers or ranks may fetch the same file at once.
-        tmp = target.with_name(f"{digest}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-        try:
+        # atomic_path's temporary name is unique: several loader workers or ranks may fetch one file at once
+        with atomic_path(target) as tmp:
             with self._stream(entry, verify=True) as source, open(tmp, "wb") as out:
                 while chunk := source.read(CHUNK):
                     out.write(chunk)
                 source.drain()
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
         return target
 
     def _stream(self, entry: dict, *, verify: bool) -> CheckedReader:

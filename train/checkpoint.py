@@ -171,20 +171,18 @@ def check_plain(value: Any, where: str = "checkpoint") -> None:
 
 
 def save(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write `payload` atomically (temporary file in the same folder, fsync, os.replace) after
-    checking that every value is a tensor or a plain type (`check_plain`)."""
+    """Write `payload` atomically (`shards_spec.fileio.atomic_path`: temporary file in the same
+    folder, fsync, rename) after checking that every value is a tensor or a plain type (`check_plain`)."""
     import torch
+
+    from shards_spec.fileio import atomic_path
 
     check_plain(payload)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                torch.save(payload, fh)
     except (OSError, RuntimeError) as exc:  # torch's zip writer turns a refused write into a RuntimeError
         refused = exc
         while refused is not None and not isinstance(refused, OSError):
@@ -196,9 +194,6 @@ def save(payload: dict[str, Any], path: str | Path) -> Path:
         code = errno.errorcode.get(refused.errno or 0, "")
         raise CheckpointError(f"cannot be written ({refused.strerror or refused}{f' [{code}]' if code else ''}); "
                               "the previous checkpoint of that name is unchanged", path) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
