@@ -402,8 +402,14 @@ def headline(results: dict) -> str:
     grid = "native grid" if results.get("native_grid") else "shard grid (no --src)"
     dice = {k: block["summary"][k]["dice"]["mean"] for k in ("WT", "TC", "ET")}
     mean = float(np.mean(list(dice.values())))
+    inference = results.get("inference") or {}
+    used = [f"{inference['models']} models" if inference.get("models", 1) > 1 else "",
+            "mirroring TTA" if inference.get("tta") else "",
+            f"ET below {inference['min_et_voxels']} voxels -> NEC/NET" if inference.get("min_et_voxels") else ""]
+    used = [u for u in used if u]
     return (f"mean Dice over WT/TC/ET: {mean:.3f} (WT {dice['WT']:.3f}, TC {dice['TC']:.3f}, ET {dice['ET']:.3f}; "
-            f"per patient on the {grid}, mean over {block['patients']} patients)")
+            f"per patient on the {grid}, mean over {block['patients']} patients"
+            + (f"; {', '.join(used)}" if used else "") + ")")
 
 
 def _patient_table(block: dict, metrics: Iterable[str], title: str, lesion_wise: dict | None = None) -> Any:
