@@ -217,3 +217,18 @@ def test_other_shards_warn_and_missing_channels_fail_in_one_line(data, tmp_path,
     code, out, err = run_cli(["evaluate", "--checkpoint", other, "--shards", shards, "--split", "nope",
                               "--workers", "0"], capsys)
     assert code == 2 and "Traceback" not in err and "nope" in err
+
+
+def test_headline_is_the_mean_of_the_three_regions_and_names_its_grid_and_options():
+    def block(wt, tc, et, n):
+        return {"patients": n, "summary": {"WT": {"dice": {"mean": wt}}, "TC": {"dice": {"mean": tc}},
+                                           "ET": {"dice": {"mean": et}}}}
+
+    results = {"shard_grid": block(0.9, 0.6, 0.3, 4), "native_grid": None,
+               "inference": {"tta": False, "min_et_voxels": 0, "models": 1}}
+    assert evaluate.headline(results) == ("mean Dice over WT/TC/ET: 0.600 (WT 0.900, TC 0.600, ET 0.300; per patient "
+                                          "on the shard grid (no --src), mean over 4 patients)")
+    results.update(native_grid=block(0.8, 0.7, 0.9, 3), inference={"tta": True, "min_et_voxels": 200, "models": 2})
+    line = evaluate.headline(results)
+    assert line.startswith("mean Dice over WT/TC/ET: 0.800 (WT 0.800, TC 0.700, ET 0.900; per patient on the native grid")
+    assert line.endswith("mean over 3 patients; 2 models, mirroring TTA, ET below 200 voxels -> NEC/NET)")
