@@ -117,7 +117,7 @@ def projection_line(steps: int, seconds: float, steps_per_epoch: int, epochs_lef
     if budget is not None and budget.limit is not None:
         line += f"; time budget left {format_duration(budget.remaining())}"
         if total > budget.remaining():
-            line += " - the budget will stop the run early, on an epoch checkpoint"
+            line += " - the budget will end the run early, with a checkpoint where it stops (--resume continues)"
     return line
 
 

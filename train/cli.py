@@ -45,7 +45,7 @@ Examples:
   torchrun --standalone --nproc-per-node 2 --no-python \\
       train run --shards shards/ --variant v2 --out runs/v2-ddp
 
-Exit codes: 0 done (also when --time-budget stopped the run on an epoch checkpoint), 2 bad input
+Exit codes: 0 done (also when --time-budget stopped the run, with a checkpoint), 2 bad input
 (one line), 130 / 143 stopped by SIGINT / SIGTERM (the partial epoch is lost, the last completed
 epoch's checkpoint is kept; continue with --resume).
 """
