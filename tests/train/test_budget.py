@@ -67,7 +67,7 @@ def test_projection_line_mentions_rate_total_and_budget():
     clock = FakeClock()
     budget = Budget(400.0, clock=clock)
     line = projection_line(steps=10, seconds=5.0, steps_per_epoch=100, epochs_left=10, budget=budget)
-    assert line.startswith("2.00 steps/s") and "8m 20s" in line and "will stop the run early" in line
+    assert line.startswith("2.00 steps/s") and "8m 20s" in line and "will end the run early" in line
     assert "early" not in projection_line(10, 5.0, 10, 1, Budget(600.0, clock=clock))
 
 
