@@ -189,19 +189,10 @@ def onnx_config(path: Path) -> dict:
 
 
 def build_torch_model(payload: dict, where: object) -> Any:
-    """The checkpoint's model with its weights, in eval mode on the CPU."""
-    from .models import build_model
+    """The checkpoint's model with its weights, in eval mode on the CPU (`inference.model_from_payload`)."""
+    from .inference import model_from_payload
 
-    spec = payload["model"]
-    try:
-        model = build_model(str(spec["name"]), in_channels=int(spec.get("in_channels", len(payload["channels"]))),
-                            out_channels=int(spec.get("out_channels", 3)), **dict(spec.get("kwargs") or {}))
-        model.load_state_dict(payload["model_state"])
-    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"checkpoint weights do not fit its model {spec.get('name')!r} ({reason[:160]})",
-                          where) from None
-    return model.eval()
+    return model_from_payload(payload, where)
 
 
 def example_and_dims(config: dict) -> tuple[tuple, dict]:

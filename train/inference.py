@@ -122,8 +122,6 @@ def resolve_device(device: str) -> Any:
 def load_model(path: str | Path, device: str = "auto", *, onnx: bool = False) -> LoadedModel:
     """Read a checkpoint (weights_only) and build its model in eval mode on `device`; with `onnx`,
     a `.onnx` file from `train export` is run by onnxruntime instead (`load_onnx`)."""
-    from .models import build_model
-
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         if not onnx:
@@ -131,19 +129,26 @@ def load_model(path: str | Path, device: str = "auto", *, onnx: bool = False) ->
         return load_onnx(path, device)
     payload = ckpt.load(path)
     loaded = _describe(payload, path)
-    spec = payload["model"]
     torch_device = resolve_device(device)
+    loaded.model, loaded.device = model_from_payload(payload, path).to(torch_device), torch_device
+    loaded.members = [loaded.model]
+    return loaded
+
+
+def model_from_payload(payload: dict, where: object) -> Any:
+    """The checkpoint's model with its weights, in eval mode on the CPU (`predict`, `evaluate`, `export`)."""
+    from .models import build_model
+
+    spec = payload["model"]
     try:
-        model = build_model(str(spec["name"]), in_channels=loaded.in_channels,
+        model = build_model(str(spec["name"]), in_channels=int(spec.get("in_channels", len(payload["channels"]))),
                             out_channels=int(spec.get("out_channels", 3)), **dict(spec.get("kwargs") or {}))
         model.load_state_dict(payload["model_state"])
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InferenceError(f"checkpoint weights do not fit its model {spec.get('name')!r} ({reason[:160]})",
-                             path) from None
-    loaded.model, loaded.device = model.to(torch_device).eval(), torch_device
-    loaded.members = [loaded.model]
-    return loaded
+                             where) from None
+    return model.eval()
 
 
 ENSEMBLE_KEYS = ("channels", "target", "size", "norm", "context")
@@ -382,6 +387,7 @@ __all__ = [
     "load_ensemble",
     "load_model",
     "load_onnx",
+    "model_from_payload",
     "predict_slices",
     "predict_volume",
     "resolve_device",
