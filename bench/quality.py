@@ -380,7 +380,7 @@ def render(contenders: list[Contender], check: dict | None, args: argparse.Names
                       f"loader worker(s), {check['steps']} steps): {check['fed']:.2f} steps/s fed from the shards, "
                       f"{check['in_memory']:.2f} steps/s on batches held in memory: **{100 * check['ratio']:.0f} %**."]
     lines += ["", "Validation mean Dice (dataset level, as `train run` logs it) against training seconds:", ""]
-    for c in contenders:
+    for c in (c for c in contenders if c.curve):  # a score variant has its contender's curve
         points = ", ".join(f"{s:.0f} s: {v:.2f}" for s, v in c.curve[:: max(1, len(c.curve) // 12)])
         lines.append(f"- {c.name}: {points}")
     if png is not None:
