@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import typer.main
 
@@ -51,8 +55,8 @@ def examples(help_text: str) -> list[str]:
 
 
 def parse_example(app, tool: str, command_line: str) -> tuple[str, dict]:
-    """Parse an example as the shell would and the tool's command would: (command name, its
-    parameters). The example may start with environment assignments or a launcher (torchrun);
+    """Parse an example as the shell would and the tool's command would: (command name, the
+    parameters the example sets; click raises for anything it cannot take). The example may start with environment assignments or a launcher (torchrun);
     anything else before the tool's name means the line was cut from its command."""
     words = shlex.split(command_line)
     assert tool in words, f"not a {tool} command: {command_line!r}"
@@ -62,7 +66,9 @@ def parse_example(app, tool: str, command_line: str) -> tuple[str, dict]:
     group = typer.main.get_command(app)
     command = group.commands[name]  # type: ignore[attr-defined]
     context = command.make_context(name, list(args))
-    return name, context.params
+    given = {k: v for k, v in context.params.items()  # typer vendors click: compare the source by name
+             if getattr(context.get_parameter_source(k), "name", None) == "COMMANDLINE"}
+    return name, given
 
 
 def check_help_page(app, text: str, command) -> None:
@@ -94,3 +100,24 @@ def required_args(command) -> list[str]:
         if param.required:
             args += ["x"] if param.param_type_name == "argument" else [param.opts[0], "x"]
     return args
+
+
+def check_toggles(tool: str, name: str, command, help_text: str) -> None:
+    """Every on/off option of `command` has its `--no-` form, is shown as `--x / --no-x` in its
+    help, and parses to True and False."""
+    for option in toggles(command):
+        on, off = option.opts[0], f"--no-{option.opts[0][2:]}"
+        assert option.secondary_opts == [off], f"{tool} {name} {on} has no {off}"
+        assert f"{on} / {off}" in help_text, f"{tool} {name} --help does not show {on} / {off}"
+        base = required_args(command)
+        assert command.make_context(name, [*base, on]).params[option.name] is True
+        assert command.make_context(name, [*base, off]).params[option.name] is False
+
+
+def complete(tool: str, words: str) -> list[str]:
+    """What the installed `tool` offers bash for the last of `words` (click's completion protocol)."""
+    env = {**os.environ, f"_{tool.upper()}_COMPLETE": "complete_bash", "COMP_WORDS": words,
+           "COMP_CWORD": str(len(words.split()) - 1)}
+    done = subprocess.run([Path(sys.executable).with_name(tool)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()

@@ -91,7 +91,7 @@ class Pace:
     def reserve(self, val_seconds: float) -> float:
         """What must still fit after the next step: a validation and a checkpoint (the longest
         measured validation, or before the first one an estimate from the training speed: a
-        forward pass is about a third of a training step), with a margin."""
+        forward pass is about a third of a training step; half of one is taken), with a margin."""
         validation = val_seconds
         if not validation and self.steps and self.train_seconds > 0:
             validation = 0.5 * self.step_seconds() / self.batch_size * self.val_slices

@@ -62,6 +62,8 @@ import numpy as np
 
 from shards_spec.errors import ToolError
 
+from .config import MAX_CONTEXT
+
 FORMAT = "brats-train-checkpoint/1"
 LAST = "last.pt"
 BEST = "best.pt"
@@ -232,7 +234,7 @@ def load(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
 # ---------------------------------------------------------------- what a checkpoint may declare
 
 ZIP_MAGIC = b"PK\x03\x04"
-MAX_IN_CHANNELS = 4 * (2 * 3 + 1)
+MAX_IN_CHANNELS = 4 * (2 * MAX_CONTEXT + 1)
 """Model inputs: at most the four modalities, each with `--context` 3 neighbours on each side."""
 
 

@@ -82,7 +82,7 @@ def run_command(
     resume: bool = typer.Option(False, "--resume/--no-resume", show_default=False, help=_default("Continue OUT from checkpoints/last.pt, exactly.", "off")),
     force: bool = typer.Option(False, "--force/--no-force", show_default=False, help=_default("Overwrite an existing run; on --resume accept other shards or options.", "off")),
     epochs: Optional[int] = typer.Option(None, help=_default("Epochs in total (also when resuming).", 50)),
-    time_budget: Optional[str] = typer.Option(None, help="Wall-clock limit: 12h, 90m, 600s, 1h30m; no epoch is started that would not finish."),
+    time_budget: Optional[str] = typer.Option(None, help="Wall-clock limit: 12h, 90m, 600s, 1h30m; holds within one step plus the final validation, and leaves a checkpoint that --resume continues."),
     early_stop: Optional[int] = typer.Option(None, help="Stop when the validation mean Dice has not improved for N validations.  [default: off]"),
     batch_size: Optional[int] = typer.Option(None, help=_default("Slices per batch (per rank under torchrun).", "16 on CPU, 32 on CUDA")),
     lr: Optional[float] = typer.Option(None, help=_default("Adam learning rate.", 0.001)),

@@ -37,6 +37,9 @@ from shards_spec.labels import CHANNELS, TARGETS
 
 from .budget import parse_duration
 
+MAX_CONTEXT = 3
+"""`--context`: at most this many neighbouring slices on each side as 2.5D input."""
+
 SCHEDULES = ("cosine", "poly", "plateau")
 HEAD_BIASES = ("prior", "zero")
 
@@ -245,8 +248,8 @@ def validate(config: Config) -> None:
     _at_least(config, "workers", 0)
     _at_least(config, "warmup", 0)
     _at_least(config, "context", 0)
-    if config.context > 3:
-        raise ConfigError(f"--context: must be in 0..3 (neighbours on each side), got {config.context}")
+    if config.context > MAX_CONTEXT:
+        raise ConfigError(f"--context: must be in 0..{MAX_CONTEXT} (neighbours on each side), got {config.context}")
     if config.early_stop is not None:
         _at_least(config, "early_stop", 1)
     _at_least(config, "seed", 0)

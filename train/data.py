@@ -77,11 +77,11 @@ from shards_spec.errors import SpecError
 from shards_spec.labels import TARGETS, check_channels, expand
 from shards_spec.read import ShardStore
 
+from .config import MAX_CONTEXT
+
 log = logging.getLogger(__name__)
 
 POLICIES = ("fail", "skip")
-MAX_CONTEXT = 3
-"""At most this many neighbours on each side as 2.5D input."""
 SKIP_ROWS = 1 + 64
 """Rows of the shared skip counter: this process, then one per loader worker (ids beyond 63 share
 rows, where simultaneous skips could be lost from the count)."""

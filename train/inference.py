@@ -48,6 +48,7 @@ from shards_spec.labels import CHANNELS, CLASS_NAMES, REGION_NAMES, TARGETS
 from shards_spec.preprocess import NORMS, preprocess_volume, resize_back
 
 from . import checkpoint as ckpt
+from .config import MAX_CONTEXT
 
 THRESHOLD = 0.5
 """Probability above which a channel (or a region's summed class probabilities) counts as present."""
@@ -196,8 +197,8 @@ def _describe(payload: dict, path: Path) -> LoadedModel:
     if not isinstance(spec, dict) or "name" not in spec:
         raise InferenceError("checkpoint holds no model description ('model': {name, kwargs})", path)
     context = (payload.get("config") or {}).get("context", 0)
-    if not isinstance(context, int) or isinstance(context, bool) or not 0 <= context <= 3:
-        raise InferenceError(f"checkpoint context {context!r} is not 0..3 neighbours", path)
+    if not isinstance(context, int) or isinstance(context, bool) or not 0 <= context <= MAX_CONTEXT:
+        raise InferenceError(f"checkpoint context {context!r} is not 0..{MAX_CONTEXT} neighbours", path)
     in_channels = int(spec.get("in_channels", len(channels)))
     if in_channels != len(channels) * (2 * context + 1):
         raise InferenceError(f"checkpoint model takes {in_channels} input channels but lists {len(channels)} "

@@ -5,11 +5,7 @@ completion, and tables whose rows stay whole in a narrow window or a log file.""
 from __future__ import annotations
 
 import importlib.metadata as md
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import dask
 import numpy
@@ -18,7 +14,7 @@ import typer.main
 import zarr
 
 from etl.cli import app
-from tests.cli_help import check_help_page, examples, parse_example, render_help, required_args, toggles
+from tests.cli_help import check_help_page, check_toggles, complete, examples, parse_example, render_help, toggles
 
 from .test_build import build, run_etl, source_factory  # noqa: F401 (fixture)
 
@@ -47,13 +43,7 @@ def test_every_example_is_a_whole_command_that_parses(name, capsys, monkeypatch)
 def test_on_off_options_are_shown_and_parsed_both_ways(name, capsys, monkeypatch):
     command = GROUP.commands[name]  # type: ignore[attr-defined]
     text = render_help(app, [name], capsys, monkeypatch)
-    for option in toggles(command):
-        on, off = option.opts[0], f"--no-{option.opts[0][2:]}"
-        assert option.secondary_opts == [off], f"etl {name} {on} has no {off}"
-        assert f"{on} / {off}" in text
-        base = required_args(command)
-        assert command.make_context(name, [*base, on]).params[option.name] is True
-        assert command.make_context(name, [*base, off]).params[option.name] is False
+    check_toggles("etl", name, command, text)
 
 
 def test_build_shards_has_its_three_switches():
@@ -71,13 +61,8 @@ def test_version_names_the_distribution_and_its_libraries(capsys):
 
 
 def test_shell_completion_completes_commands_and_options():
-    script = Path(sys.executable).with_name("etl")
-    env = {**os.environ, "_ETL_COMPLETE": "complete_bash", "COMP_WORDS": "etl build-shards --ove", "COMP_CWORD": "2"}
-    done = subprocess.run([script], env=env, capture_output=True, text=True, timeout=60)
-    assert done.stdout.split() == ["--overwrite"], done.stdout + done.stderr
-    env.update(COMP_WORDS="etl bu", COMP_CWORD="1")
-    done = subprocess.run([script], env=env, capture_output=True, text=True, timeout=60)
-    assert done.stdout.split() == ["build-shards"], done.stdout + done.stderr
+    assert complete("etl", "etl build-shards --ove") == ["--overwrite"]
+    assert complete("etl", "etl bu") == ["build-shards"]
 
 
 def _row(text: str, first: str) -> list[str]:

@@ -15,7 +15,6 @@ user meets first:
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import re

@@ -11,6 +11,8 @@ process against that of a good run.
 
 from __future__ import annotations
 
+import copy
+
 import os
 import shutil
 from pathlib import Path
@@ -468,15 +470,18 @@ def test_the_tamperings_are_real(trained):
     _wrong_weight_shape({"model_state": broken})
     with pytest.raises(RuntimeError):
         model.load_state_dict(broken)
+    rng = {}
+    for tamper in (_torch_rng_truncated, _numpy_rng_short, _python_rng_index_out_of_range):
+        p = {"rng": copy.deepcopy(payload["rng"])}
+        tamper(p)
+        rng[tamper] = p["rng"]
     with pytest.raises(RuntimeError):
-        torch.set_rng_state(payload["rng"]["torch"][:100].clone())
-    keys = payload["rng"]["numpy"]["keys"].numpy().astype(np.uint32)
+        torch.set_rng_state(rng[_torch_rng_truncated]["torch"])
+    keys = rng[_numpy_rng_short]["numpy"]["keys"].numpy().astype(np.uint32)
     with pytest.raises((ValueError, IndexError)):
-        np.random.set_state(("MT19937", keys[:10], 0, 0, 0.0))
-    internal = payload["rng"]["python"]["internal"].tolist()
-    internal[624] = 10**6
+        np.random.set_state(("MT19937", keys, 0, 0, 0.0))
     with pytest.raises(ValueError):
-        random.setstate((3, tuple(internal), None))
+        random.setstate((3, tuple(rng[_python_rng_index_out_of_range]["python"]["internal"].tolist()), None))
 
 
 # ------------------------------------------------------------------ values that size memory, in predict/evaluate

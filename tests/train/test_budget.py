@@ -41,26 +41,54 @@ class FakeClock:
         return self.now
 
 
-def test_pace_refuses_a_step_when_it_and_a_validation_would_not_fit():
+def test_pace_stops_while_the_final_validation_still_fits():
+    """Simulated on a fake clock: steps of 2 s, a 30 s validation after every 50 steps; where the
+    pace refuses the next step, the budget stop's validation and checkpoint still fit, and it did
+    not give up more than a step and a validation early."""
     from train.budget import SAFETY_SECONDS, Pace
 
     clock = FakeClock()
     budget = Budget(1000.0, clock=clock)
     pace = Pace(batch_size=4, val_slices=40)
-    assert not pace.out_of_time(budget, val_seconds=0.0)  # nothing measured: the first step starts
-    pace.steps, pace.train_seconds = 10, 20.0  # 2 s a step; a step's forward ~ a third, so validation
-    # of 40 slices is estimated at 0.5 * 2 / 4 * 40 = 10 s before one is measured
-    assert pace.reserve(0.0) == pytest.approx(10 * 1.2 + SAFETY_SECONDS)
-    assert pace.reserve(30.0) == pytest.approx(30 * 1.2 + SAFETY_SECONDS)  # a measured validation wins
-    clock.now = budget.start + 1000 - (2 + 30 * 1.2 + SAFETY_SECONDS) - 0.1  # just enough left
-    assert not pace.out_of_time(budget, 30.0)
-    clock.now += 0.2
-    assert pace.out_of_time(budget, 30.0)
-    assert not pace.out_of_time(Budget(None, clock=clock), 30.0)
-    # a fresh budget of 1000 s holds (2 s x 50 steps + reserve) per epoch of 50 steps
-    fresh = Budget(1000.0, clock=clock)
-    per_epoch = 2 * 50 + 30 * 1.2 + SAFETY_SECONDS
-    assert pace.steps_that_fit(fresh, 30.0, 50) == int(1000 / per_epoch * 50)
+    step, validation, measured = 2.0, 30.0, 0.0
+    assert not pace.out_of_time(budget, measured)  # nothing measured: the first step starts
+    while not pace.out_of_time(budget, measured):
+        clock.now += step
+        pace.steps, pace.train_seconds = pace.steps + 1, pace.train_seconds + step
+        if pace.steps % 50 == 0:
+            clock.now += validation
+            measured = validation
+    assert budget.remaining() >= validation + SAFETY_SECONDS
+    assert budget.remaining() < 2 * (step + validation) + SAFETY_SECONDS
+    assert not pace.out_of_time(Budget(None, clock=clock), measured)  # no budget, never out of time
+
+
+def test_pace_estimates_a_validation_before_measuring_one():
+    """A forward pass is about a third of a training step, so 40 validation slices at 2 s per step
+    of 4 take ~40 / 4 x 2 / 3 s; the estimate must not be below that, and a measured one counts."""
+    from train.budget import SAFETY_SECONDS, Pace
+
+    pace = Pace(batch_size=4, val_slices=40)
+    pace.steps, pace.train_seconds = 10, 20.0
+    assert pace.reserve(0.0) >= 40 / 4 * 2.0 / 3 + SAFETY_SECONDS
+    assert pace.reserve(30.0) >= 30.0 + SAFETY_SECONDS
+
+
+def test_steps_that_fit_leave_room_for_each_epochs_validation():
+    """Steps of 2 s in epochs of 50, each epoch paying a 30 s validation: the planned steps and
+    their validations fit in 1000 s, and one epoch more would not."""
+    import math
+
+    from train.budget import Pace
+
+    pace = Pace(batch_size=4, val_slices=40)
+    pace.steps, pace.train_seconds = 10, 20.0
+    fit = pace.steps_that_fit(Budget(1000.0, clock=FakeClock()), 30.0, 50)
+
+    def seconds(steps: int) -> float:
+        return steps * 2.0 + math.ceil(steps / 50) * 30.0
+
+    assert seconds(fit) <= 1000 < seconds(fit + 50)
 
 
 def test_projection_line_mentions_rate_total_and_budget():
