@@ -236,22 +236,35 @@ def score(c: Contender, shards: Path, source: Path | None, work: Path, extra: li
     }
 
 
+def parse_score_variant(text: str, contenders: list[Contender]) -> tuple[str, str, argparse.Namespace, Contender,
+                                                                         list[Contender]]:
+    """(name, options, parsed options, the contender scored, the ensemble's others) of one
+    `--score-variant NAME=OPTIONS`; a name that is no contender exits in one line (checked before
+    any training, so a typo does not cost the runs)."""
+    name, _, options = text.partition("=")
+    parser = argparse.ArgumentParser(prog=f"--score-variant {name}")
+    parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--min-et-voxels", type=int, default=0)
+    parser.add_argument("--ensemble", action="append", default=[])
+    parser.add_argument("--of", default=None, help="the contender scored (default: the first of ours)")
+    opts = parser.parse_args(shlex.split(options))
+    by_name = {c.name: c for c in contenders}
+    for wanted in [*opts.ensemble, *([opts.of] if opts.of else [])]:
+        if wanted not in by_name:
+            sys.exit(f"--score-variant {name}: no contender named {wanted!r} (contenders: {', '.join(by_name)})")
+    of = by_name[opts.of] if opts.of else next((c for c in contenders if c.options is not None), None)
+    if of is None:
+        sys.exit(f"--score-variant {name}: give --of NAME (no contender of ours to score)")
+    return name, options, opts, of, [by_name[n] for n in opts.ensemble]
+
+
 def score_variants(contenders: list[Contender], texts: list[str], shards: Path, source: Path | None,
                    work: Path) -> list[Contender]:
     """Rows for inference options (TTA, post-processing, ensembles) of the first of our contenders:
     the same checkpoint scored again, so each row's difference is the option's alone."""
-    base = next((c for c in contenders if c.options is not None), None)
     rows = []
     for text in texts:
-        name, _, options = text.partition("=")
-        parser = argparse.ArgumentParser(prog=f"--score-variant {name}")
-        parser.add_argument("--tta", action="store_true")
-        parser.add_argument("--min-et-voxels", type=int, default=0)
-        parser.add_argument("--ensemble", action="append", default=[])
-        parser.add_argument("--of", default=None, help="the contender scored (default: the first of ours)")
-        opts = parser.parse_args(shlex.split(options))
-        others = [next(c for c in contenders if c.name == n) for n in opts.ensemble]
-        of = base if opts.of is None else next(c for c in contenders if c.name == opts.of)
+        name, options, opts, of, others = parse_score_variant(text, contenders)
         shown = [*(of.options or ["MONAI UNet, DiceLoss, Adam, b16"]), f"[evaluate {options}]"]
         row = Contender(f"{of.name} {name}", shown, run_dir=of.run_dir,
                         wall=of.wall, cpu=of.cpu, load_after=of.load_after, steps=of.steps, epochs=of.epochs,
@@ -442,6 +455,8 @@ def main() -> None:
         return
     args.label = args.label or args.mode
     contenders = [parse_contender(t) for t in (args.contender or ["v1", "v2", PEER])]
+    for text in args.score_variant or []:
+        parse_score_variant(text, contenders)
     info = common.machine()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.shards is not None:

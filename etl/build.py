@@ -23,7 +23,6 @@ Nothing here depends on the shard format or the source layout: those are the reg
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +53,7 @@ def build_shards(opts: BuildOptions, reporter: Reporter | None = None) -> BuildS
     spec = opts.validate()
     src = require_folder(opts.src).resolve()  # absolute source paths: workers may run elsewhere
     planlib.refuse_file(opts.out)
-    with _locked(FolderLock(opts.out, "etl build-shards"), reporter):  # one writer per out folder
+    with planlib.locked(FolderLock(opts.out, "etl build-shards"), reporter.log, "a build"):  # one writer per out folder
         return _build(opts, spec, src, reporter)
 
 
@@ -134,21 +133,6 @@ def _out_state(out: Path, plan: dict, overwrite: bool) -> planlib.OutState:
     if info.state is planlib.OutState.OTHER:
         refuse_foreign_files(out)  # --overwrite replaces a previous build, never the user's files
     return info.state
-
-
-@contextlib.contextmanager
-def _locked(lock, reporter: Reporter):
-    try:
-        lock.acquire()
-    except OSError as exc:
-        raise planlib.OutputError(f"cannot be written ({exc.strerror or exc})", exc.filename or lock.folder) from None
-    try:
-        if lock.stale:
-            reporter.log(f"{lock.folder}: taking over the lock of a build that is no longer running "
-                         f"(pid {lock.stale.get('pid')} on {lock.stale.get('host')})")
-        yield lock
-    finally:
-        lock.release()
 
 
 def _start_out(out: Path, plan: dict, state: planlib.OutState, fmt: str, spec: SplitSpec,

@@ -49,6 +49,7 @@ from shards_spec.fileio import TMP_SUFFIX, write_atomic
 from shards_spec.labels import CHANNELS, NNUNET_BRATS_CONVENTION, decode_labels
 from shards_spec.lock import LOCK_NAME
 
+from . import plan as planlib
 from . import splits_file
 from .options import check_folders, resolve_source_options
 from .sources.base import MAX_PATIENT_BYTES, require_folder
@@ -95,7 +96,9 @@ class ExportOptions:
             raise ExportError(f"--workers must be 0 (in this process) or more, got {self.workers}")
         resolve_source_options(self.source_options)
         check_folders(self.src, self.out)
-        return parse_split(self.split, self.folds, self.seed, self.split_file)
+        spec = parse_split(self.split, self.folds, self.seed, self.split_file)
+        splits_file.training_splits(spec.names)  # no train and val, no fold: refused before the scan
+        return spec
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ def export_nnunet(opts: ExportOptions, reporter=None) -> ExportSummary:
     spec = opts.validate()
     src = require_folder(opts.src).resolve()
     started = time.time()
-    with FolderLock(opts.out, "etl export-nnunet"):
+    planlib.refuse_file(opts.out)
+    with planlib.locked(FolderLock(opts.out, "etl export-nnunet"), reporter.log, "an export"):
         _refuse_foreign(opts.out)  # cheap, before the scan
         found = scan_patients(src, opts.layout, opts.skip_bad, reporter.log, opts.max_patient_bytes)
         unlabelled, every = _unlabelled(src, found, opts.max_patient_bytes)
@@ -145,7 +149,8 @@ def export_nnunet(opts: ExportOptions, reporter=None) -> ExportSummary:
             kept = len(_cases(plan)) - len(tasks)
             failed = _run(tasks, opts, reporter, kept)
             exported = {pid: split for pid, split in split_of.items() if pid not in failed}
-            write_atomic(opts.out / splits_file.NAME, splits_file.encode(splits_file.nnunet_folds(exported, names)))
+            folds = splits_file.nnunet_folds(exported, names)
+            write_atomic(opts.out / splits_file.NAME, splits_file.encode(folds))
             training = [pid for pid in plan["cases"][TRAIN_IMAGES] if pid not in failed]
             write_atomic(opts.out / "dataset.json", dataset_json(opts.out.name, plan, len(training)))
         except SourceError:
@@ -157,8 +162,7 @@ def export_nnunet(opts: ExportOptions, reporter=None) -> ExportSummary:
                               "command finishes the export", exc.filename or opts.out) from None
     held_out = [p for p in plan["cases"][TEST_LABELS] if p not in failed]
     without_labels = [p for p in unlabelled if p not in failed]
-    folds = len(splits_file.nnunet_folds(split_of, names))
-    return ExportSummary(opts.out, len(training), len(held_out), len(without_labels), folds, len(tasks) - len(failed),
+    return ExportSummary(opts.out, len(training), len(held_out), len(without_labels), len(folds), len(tasks) - len(failed),
                          kept, [f"{pid}: {problem}" for pid, problem in failed.items()], time.time() - started)
 
 

@@ -24,9 +24,11 @@ once the manifest is written (`etl.resume`). Setting old content aside and putti
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Callable, Iterator
 from pathlib import Path
 
 from shards_spec.errors import SpecError, ToolError
@@ -124,6 +126,24 @@ def plan_differences(old: dict, new: dict) -> list[str]:
 def entries(out: Path) -> list[Path]:
     """What `out` holds at its top, but the lock of the build that is looking."""
     return [p for p in out.iterdir() if p.name != LOCK_NAME]
+
+
+@contextlib.contextmanager
+def locked(lock, log: Callable[[str], None], what: str) -> Iterator:
+    """Hold `lock` (a `shards_spec.lock.FolderLock`) for the block: a folder that cannot hold it
+    (its path runs through a file, no permission) is one `OutputError`, and taking over the lock
+    of a writer (`what`: 'a build', 'an export') that died is said through `log`."""
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise OutputError(f"cannot be written ({exc.strerror or exc})", exc.filename or lock.folder) from None
+    try:
+        if lock.stale:
+            log(f"{lock.folder}: taking over the lock of {what} that is no longer running "
+                f"(pid {lock.stale.get('pid')} on {lock.stale.get('host')})")
+        yield lock
+    finally:
+        lock.release()
 
 
 def refuse_file(out: Path) -> None:

@@ -293,6 +293,18 @@ def test_refusals_leave_the_out_folder_untouched(brats, tmp_path, capsys):
     assert code == 2 and "holds an nnU-Net export of other data or with other options" in err
 
 
+def test_an_out_folder_that_cannot_be_made_is_one_line(brats, tmp_path, capsys):
+    """A file where the folder (or its parent) should be: refused before the lock is taken."""
+    (tmp_path / "a-file").write_text("mine")
+    for out, problem in ((tmp_path / "a-file" / "Dataset005_X", "cannot be written (Not a directory)"),
+                         (tmp_path / "Dataset006_X", "exists and is not a folder")):
+        if out.name == "Dataset006_X":
+            out.write_text("mine")
+        code, _, err = run_etl(["export-nnunet", "--src", brats, "--out", out], capsys)
+        assert code == 2 and err.strip() == f"error: {out}: {problem}" and "Traceback" not in err, err
+    assert (tmp_path / "a-file").read_text() == "mine" and (tmp_path / "Dataset006_X").read_text() == "mine"
+
+
 def test_a_data_problem_leaves_no_new_folder(brats, tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(brats, src)
