@@ -299,3 +299,17 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def gflop_per_slice(model, channels: int, size: int) -> float:
+    """Forward + backward GFLOP of one `size`² slice of `channels` (torch's FLOP counter); the
+    outputs of a deeply supervised model (a tuple in training mode) all count."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(torch.randn(1, channels, size, size))
+        sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9

@@ -193,10 +193,7 @@ def read_curve(c: Contender) -> None:
 
 
 def model_cost(c: Contender, size: int) -> None:
-    """Parameters and forward + backward GFLOP of one slice (torch's FLOP counter)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Parameters and forward + backward GFLOP of one slice (`common.gflop_per_slice`)."""
     from train import checkpoint as ckpt
     from train.models import build_model, count_parameters
 
@@ -204,12 +201,7 @@ def model_cost(c: Contender, size: int) -> None:
     spec = payload["model"]
     model = build_model(spec["name"], spec["in_channels"], spec.get("out_channels", 3), **(spec.get("kwargs") or {}))
     c.params = count_parameters(model)
-    x = torch.randn(1, spec["in_channels"], size, size)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = model(x)  # a deeply supervised model returns a tuple in training mode
-        sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
-    c.gflop = counter.get_total_flops() / 1e9
+    c.gflop = common.gflop_per_slice(model, spec["in_channels"], size)
 
 
 def score(c: Contender, shards: Path, source: Path | None, work: Path, extra: list[Path] = (), tta: bool = False,

@@ -30,17 +30,6 @@ PEAK_FP16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756
 T4_TFLOPS = 65.0
 
 
-def gflop_per_slice(model, channels: int, size: int) -> float:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(torch.randn(1, channels, size, size)).sum().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 1e9
-
-
 def steps_per_second(model, loss_fn, channels: int, size: int, batch: int, device, amp, steps: int) -> float:
     import torch
 
@@ -107,7 +96,7 @@ def main() -> None:
             amp = autocast_dtype(config.amp, config.amp_dtype, device)
             options = (f"{config.model}, base {config.base}, stem {config.stem}, batch {batch}, "
                        f"{'fp16 autocast' if amp is not None else 'float32'}")
-        gflop = gflop_per_slice(model, channels, args.size)
+        gflop = common.gflop_per_slice(model, channels, args.size)
         rate = steps_per_second(model, loss, channels, args.size, batch, device, amp, args.steps)
         tflops = rate * batch * gflop / 1e3
         row = [variant, options, f"{count_parameters(model):,}", f"{gflop:.2f}", f"{rate:.2f}", f"{rate * batch:.0f}",

@@ -22,6 +22,12 @@ import typer
 
 from shards_spec.cli import make_app
 
+
+# Help shared by build-shards and export-nnunet (literals: naming etl.sources would load numpy for --help).
+SOURCE_LAYOUT_HELP = "Source layout: brats2020 | brats2021 | brats2023 | kaggle-h5 | msd (default: detected)."
+KAGGLE_ORDER_HELP = "Channel order of the Kaggle .h5 images (default: the Kaggle layout's, see README)."
+MAX_PATIENT_MEMORY_HELP = ("Refuse a patient whose declared volume size needs more memory than this to load (about 28 "
+                           "bytes per voxel; BraTS needs 0.25 GiB), e.g. 8GiB or 500MiB.")
 app = make_app(
     "etl",
     help="BraTS MRI -> 2D slice shards (WebDataset or Zarr), in parallel with Dask.\n\n"
@@ -159,13 +165,13 @@ def build_shards(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: its scheduler's address tcp://HOST:PORT (or set DASK_SCHEDULER_ADDRESS); --src and --out must be on a file system its workers share."),
     norm: str = typer.Option("slice", "--norm", help="z-score per slice | volume."),
     patients_per_shard: int = typer.Option(1, "--patients-per-shard", help="Patients (records) per shard."),
-    layout: Optional[str] = typer.Option(None, "--layout", help="Source layout: brats2020 | brats2021 | brats2023 | kaggle-h5 | msd (default: detected)."),
-    kaggle_channel_order: Optional[str] = typer.Option(None, "--kaggle-channel-order", help="Channel order of the Kaggle .h5 images (default: the Kaggle layout's, see README)."),
+    layout: Optional[str] = typer.Option(None, "--layout", help=SOURCE_LAYOUT_HELP),
+    kaggle_channel_order: Optional[str] = typer.Option(None, "--kaggle-channel-order", help=KAGGLE_ORDER_HELP),
     keep_empty: bool = typer.Option(False, "--keep-empty/--no-keep-empty", show_default=False, help="Keep slices without brain voxels.  [default: off]"),
     skip_bad: bool = typer.Option(False, "--skip-bad/--no-skip-bad", show_default=False, help="Build the readable patients and list the others in the manifest.  [default: off]"),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", show_default=False, help="Replace a shard folder built with other options.  [default: off]"),
     compress: str = typer.Option("none", "--compress", help="none | gz (WebDataset tars)."),
-    max_patient_memory: str = typer.Option("4GiB", "--max-patient-memory", help="Refuse a patient whose declared volume size needs more memory than this to load (about 28 bytes per voxel; BraTS needs 0.25 GiB), e.g. 8GiB or 500MiB."),
+    max_patient_memory: str = typer.Option("4GiB", "--max-patient-memory", help=MAX_PATIENT_MEMORY_HELP),
 ) -> None:
     """Turn a BraTS source folder into slice shards and a manifest.
 
@@ -206,12 +212,12 @@ def build_shards(
 
 
 class _RichReporter:
-    """Progress bar and log lines on stderr for `build_shards`.
+    """Progress bar and log lines on stderr for `build_shards` (and, counting cases, `export_nnunet`).
 
-    The bar counts the shards this run builds (kept ones are said in a line), so its rate and
+    The bar counts the shards (cases) this run builds (kept ones are said in a line), so its rate and
     time left are those of the work still to do."""
 
-    def __init__(self, title: str = "shards") -> None:
+    def __init__(self, title: str = "shard") -> None:
         self.console = _err_console()
         self.title = title
         self.bar = None
@@ -222,8 +228,8 @@ class _RichReporter:
 
     def start(self, total: int, kept: int) -> None:
         if kept:
-            self.log(f"keeping {kept} complete shard(s) of {total}")
-        self.bar = _progress(self.title, total - kept, self.console)
+            self.log(f"keeping {kept} complete {self.title}(s) of {total}")
+        self.bar = _progress(f"{self.title}s", total - kept, self.console)
         self.step = self.bar.__enter__()
 
     def advance(self, result: dict) -> None:
@@ -278,11 +284,11 @@ def export_nnunet(
     folds: Optional[int] = typer.Option(None, "--folds", help="K folds, as build-shards --folds: nnU-Net's fold k validates on our foldk."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="An nnU-Net splits_final.json to keep (its unlisted patients are held out)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split assignment (the same as build-shards')."),
-    layout: Optional[str] = typer.Option(None, "--layout", help="Source layout: brats2020 | brats2021 | brats2023 | kaggle-h5 | msd (default: detected)."),
-    kaggle_channel_order: Optional[str] = typer.Option(None, "--kaggle-channel-order", help="Channel order of the Kaggle .h5 images (default: the Kaggle layout's, see README)."),
+    layout: Optional[str] = typer.Option(None, "--layout", help=SOURCE_LAYOUT_HELP),
+    kaggle_channel_order: Optional[str] = typer.Option(None, "--kaggle-channel-order", help=KAGGLE_ORDER_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad/--no-skip-bad", show_default=False, help="Export the readable patients and name the others.  [default: off]"),
     workers: int = typer.Option(0, "--workers", help="Dask worker processes (0: in this process)."),
-    max_patient_memory: str = typer.Option("4GiB", "--max-patient-memory", help="Refuse a patient whose declared volume size needs more memory than this to load, e.g. 8GiB."),
+    max_patient_memory: str = typer.Option("4GiB", "--max-patient-memory", help=MAX_PATIENT_MEMORY_HELP),
 ) -> None:
     """Write a source folder as an nnU-Net v2 raw dataset, with our split as its folds.
 
@@ -305,7 +311,7 @@ def export_nnunet(
         source_options={"kaggle_channel_order": _csv(kaggle_channel_order)}, skip_bad=skip_bad, workers=workers,
         max_patient_bytes=_bytes("--max-patient-memory", max_patient_memory),
     )
-    summary = run_export(options, _RichReporter("cases"))
+    summary = run_export(options, _RichReporter("case"))
     kept = f", {summary.kept} kept from an earlier run" if summary.kept else ""
     typer.echo(f"{summary.out}: {summary.training} training case(s) in {summary.folds} fold(s), {summary.held_out} "
                f"held out and {summary.unlabelled} without labels in imagesTs ({summary.written} written{kept}), "

@@ -47,7 +47,6 @@ import numpy as np
 from shards_spec.errors import SourceError, ToolError
 from shards_spec.fileio import TMP_SUFFIX, write_atomic
 from shards_spec.labels import CHANNELS, NNUNET_BRATS_CONVENTION, decode_labels
-from shards_spec.lock import LOCK_NAME
 
 from . import plan as planlib
 from . import splits_file
@@ -219,7 +218,7 @@ def _cases(plan: dict) -> list[str]:
 
 def _refuse_foreign(out: Path) -> None:
     """An --out holding anything but a previous export of ours is refused: nothing of yours is touched."""
-    entries = [e.name for e in out.iterdir() if e.name != LOCK_NAME] if out.is_dir() else []
+    entries = [e.name for e in planlib.entries(out)] if out.is_dir() else []
     if entries and not (out / PLAN_NAME).is_file():
         shown = ", ".join(sorted(entries)[:4])
         raise ExportError(f"is not empty ({shown}) and was not written by etl export-nnunet; choose a new or empty "

@@ -18,11 +18,13 @@ nnU-Net -> ours (`read_split_file`, `etl build-shards --split-file`)
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import re
 from pathlib import Path
 
+from shards_spec.checked_io import read_small
 from shards_spec.errors import ToolError
 
 NAME = "splits_final.json"
@@ -65,7 +67,7 @@ def encode(folds: list[dict[str, list[str]]]) -> bytes:
 
 def read_split_file(path: Path) -> tuple[list[tuple[str, list[str]]], str]:
     """([(split name, its patients)] in order, sha256 of the file) from a splits_final.json."""
-    raw = _read(path)
+    raw = read_small(path, MAX_BYTES, SplitFileError)
     try:
         folds = json.loads(raw)
     except ValueError as exc:
@@ -81,17 +83,6 @@ def read_split_file(path: Path) -> tuple[list[tuple[str, list[str]]], str]:
     return [(f"fold{k}", sorted(val)) for k, (_, val) in enumerate(pairs)], digest
 
 
-def _read(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_BYTES + 1)
-    except OSError as exc:
-        raise SplitFileError(f"cannot be read ({exc.strerror or exc})", path) from None
-    if len(raw) > MAX_BYTES:
-        raise SplitFileError(f"is larger than {MAX_BYTES >> 20} MiB", path)
-    return raw
-
-
 def _fold(fold, k: int, path: Path) -> tuple[set[str], set[str]]:
     if not isinstance(fold, dict) or set(fold) != {"train", "val"}:
         raise SplitFileError(f'fold {k} must be an object with exactly the keys "train" and "val"', path)
@@ -100,7 +91,7 @@ def _fold(fold, k: int, path: Path) -> tuple[set[str], set[str]]:
         items = fold[key]
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise SplitFileError(f'fold {k}: "{key}" must be a list of case ids (strings)', path)
-        twice = sorted({i for i in items if items.count(i) > 1})
+        twice = sorted(i for i, n in collections.Counter(items).items() if n > 1)
         if twice:
             raise SplitFileError(f'fold {k}: "{key}" lists {twice[0]} twice', path)
         lists.append(set(items))

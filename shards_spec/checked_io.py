@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import remote
-from .errors import SpecError
+from .errors import SpecError, ToolError
 
 CHUNK = 1 << 20
 
@@ -42,6 +42,25 @@ def open_regular(path: str | Path) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_small(path: str | Path, limit: int, error: type[ToolError] = SpecError, note: str = "") -> bytes:
+    """The bytes of a small local file a user hands over (dataset.json, splits_final.json, a
+    `--config` file): a regular file (`open_regular`: never a FIFO or a device) of at most `limit`
+    bytes, read no further than that; anything else is one `error` naming the file (`note` says
+    after "larger than" what such a file usually holds)."""
+    try:
+        with open_regular(path) as handle:
+            raw = handle.read(limit + 1)
+    except FileNotFoundError:
+        raise error("does not exist", path) from None
+    except SpecError as exc:  # not a regular file
+        raise error(exc.problem, path) from None
+    except OSError as exc:
+        raise error(f"cannot be read ({exc.strerror or exc})", path) from None
+    if len(raw) > limit:
+        raise error(f"is larger than {limit >> 20} MiB{note}", path)
+    return raw
 
 
 class CheckedReader(io.RawIOBase):

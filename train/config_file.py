@@ -22,11 +22,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shards_spec.checked_io import read_small
+
 from .config import FIELDS, ConfigError
 
 _WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
           "tuple[str, ...]": "a list of names", "None": "null"}
 NOT_FROM_A_RUN = ("out",)
+MAX_CONFIG_BYTES = 1 << 20
 """Keys of a saved run's config that a new run does not take from it."""
 
 
@@ -50,12 +53,7 @@ def _load(path: Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".json"):
         raise ConfigError("--config: must be a .toml file or a .json file such as a run's config.json", path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError("does not exist", path) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot be read ({exc.strerror or exc})", path) from None
+    raw = read_small(path, MAX_CONFIG_BYTES, ConfigError, "; a --config file holds a few options")
     try:
         if suffix == ".toml":
             try:

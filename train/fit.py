@@ -72,7 +72,7 @@ def resolve_run(overrides: dict[str, Any], resume: bool, force: bool) -> tuple[C
     """The configuration, its preset name, and the checkpoint to resume from (None for a new run)."""
     if not resume:
         overrides.setdefault("out", default_out(str(overrides.get("variant", "run"))))
-        config = resolve(overrides, device_kind=device_kind(overrides.get("device", "auto")))
+        config = resolve(overrides, device_kind=devices.defaults_kind(overrides.get("device", "auto")))
         check_sizes(config)
         return config, config.variant, None
     if "out" not in overrides:
@@ -182,11 +182,6 @@ def check_out(run_dir: Path, resume: bool, force: bool) -> None:
         shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
         raise ConfigError(f"--out: {run_dir} holds {len(found)} file(s) or folder(s) that are not a train run "
                           f"({shown}); give a new or empty folder")
-
-
-def device_kind(device: str) -> str:
-    """"cuda" or "cpu": which `DEVICE_DEFAULTS` a new run takes (`train.devices.defaults_kind`)."""
-    return devices.defaults_kind(device)
 
 
 def start_processes(config: Config) -> tuple[distributed.Dist, Any]:

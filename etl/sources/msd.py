@@ -22,11 +22,11 @@ loading, `train predict` and writing labels back need nothing else.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
+from shards_spec.checked_io import read_small
 from shards_spec.errors import SourceError
 from shards_spec.labels import CHANNELS, CONVENTION_OF_LAYOUT, Convention, convention_from_names
 from shards_spec.preprocess import brain_mask
@@ -34,7 +34,8 @@ from shards_spec.preprocess import brain_mask
 from .base import (BYTES_PER_VOXEL, MAX_PATIENT_BYTES, PatientRef, PatientVolume, Scan, SourceLayout,
                    geometry_warnings, patient_size_problem, safe_id, skull_strip_warning)
 from .nifti import BRAIN_MASK_RULE, list_files, nifti_stem
-from .nifti_volume import READ_ERRORS, fmt_shape, load_header, read_labels, spatial_shape, whole_gzip
+from .nifti_volume import (READ_ERRORS, fmt_shape, load_header, read_labels, spatial_shape, truncation_problem,
+                           whole_gzip)
 
 DATASET_JSON = "dataset.json"
 TRAINING, LABELS, TEST = "imagesTr", "labelsTr", "imagesTs"
@@ -89,13 +90,7 @@ SOURCE = MsdLayout()
 def read_description(path: Path) -> tuple[dict[str, int], dict[int, int]]:
     """(our modality -> index on the images' last axis, source label value -> shard label) from an
     MSD dataset.json; SourceError naming it when it is not one we can read."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_DESCRIPTION_BYTES + 1)
-    except OSError as exc:
-        raise SourceError(f"cannot be read ({exc.strerror or exc})", path) from None
-    if len(raw) > MAX_DESCRIPTION_BYTES:
-        raise SourceError(f"is larger than {MAX_DESCRIPTION_BYTES >> 20} MiB; an MSD dataset.json is a few KB", path)
+    raw = read_small(path, MAX_DESCRIPTION_BYTES, SourceError, "; an MSD dataset.json is a few KB")
     try:
         data = json.loads(raw)
     except ValueError as exc:
@@ -244,12 +239,8 @@ def image_header(path: Path, channels: int, max_patient_bytes: int):
 
 
 def _truncated(img, shape: tuple[int, ...], path: Path) -> list[SourceError]:
-    """An uncompressed file shorter than its header says (a .nii.gz is checked whole when read)."""
-    if not str(path).lower().endswith(".nii"):
-        return []
-    needed = int(img.header.get("vox_offset", 0)) + math.prod(shape) * img.header.get_data_dtype().itemsize
-    size = path.stat().st_size
-    return [SourceError(f"truncated file: {size} bytes, its header needs {needed}", path)] if size < needed else []
+    problem = truncation_problem(img, shape, path, path.stat().st_size)
+    return [problem] if problem else []
 
 
 # ------------------------------------------------------------------------------ load

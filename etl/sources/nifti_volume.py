@@ -32,6 +32,15 @@ GZIP_SLACK_BYTES = 1 << 16
 READ_ERRORS = (OSError, EOFError, ValueError, TypeError, zlib.error, struct.error, IndexError)
 
 
+def truncation_problem(img, shape: tuple[int, ...], path: str | Path, size: int) -> SourceError | None:
+    """An uncompressed `.nii` of `size` bytes shorter than its header says `shape` needs (a `.nii.gz`
+    is checked whole when it is read)."""
+    if not str(path).lower().endswith(".nii"):
+        return None
+    needed = int(img.header.get("vox_offset", 0)) + math.prod(shape) * img.header.get_data_dtype().itemsize
+    return SourceError(f"truncated file: {size} bytes, its header needs {needed}", path) if size < needed else None
+
+
 def check_headers(files: dict[str, str], max_patient_bytes: int = MAX_PATIENT_BYTES) -> list[SourceError]:
     """Header-level checks: readable NIfTI, 3D, a size within `max_patient_bytes`, same shape
     everywhere, uncompressed length."""
@@ -63,14 +72,10 @@ def check_headers(files: dict[str, str], max_patient_bytes: int = MAX_PATIENT_BY
             problems.append(too_big)
             reference = reference or (key, shape)
             continue
-        if path.lower().endswith(".nii"):
-            header = img.header
-            needed = int(header.get("vox_offset", 0)) + math.prod(shape) * header.get_data_dtype().itemsize
-            if size < needed:
-                problems.append(
-                    SourceError(f"truncated file: {size} bytes, its header needs {needed}", path)
-                )
-                continue
+        truncated = truncation_problem(img, shape, path, size)
+        if truncated:
+            problems.append(truncated)
+            continue
         if reference is None:
             reference = (key, shape)
         elif shape != reference[1]:

@@ -41,6 +41,17 @@ def run_etl(args: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+class NullCapsys:
+    """`run_etl`'s capsys for a module-scoped fixture, which cannot have pytest's: nothing is
+    captured (the output shows in pytest's report), so the fixture checks the exit code."""
+
+    class _Captured:
+        out = err = ""
+
+    def readouterr(self):
+        return self._Captured()
+
+
 def error_line(stderr: str) -> str:
     """The one `error:` line, which must be the last line of stderr (log lines may precede it)."""
     lines = stderr.strip().splitlines()

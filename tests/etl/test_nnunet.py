@@ -24,7 +24,7 @@ import pytest
 from etl.synth import synthesize
 from etl.synth.anatomy import draw_patient, render
 
-from .test_build import run_etl
+from .test_build import NullCapsys, run_etl
 
 SHAPE = (48, 48, 24)
 NNUNET_OF_BRATS2020 = {0: 0, 1: 2, 2: 1, 4: 3}
@@ -45,18 +45,9 @@ def brats(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(brats, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("raw") / NAME
-    code, _, err = run_etl(["export-nnunet", "--src", brats, "--out", out, "--folds", "3", "--seed", "2"], _Capture())
+    code, _, err = run_etl(["export-nnunet", "--src", brats, "--out", out, "--folds", "3", "--seed", "2"], NullCapsys())
     assert code == 0, err
     return out
-
-
-class _Capture:
-    """capsys for a module-scoped fixture: run_etl only needs readouterr()."""
-
-    def readouterr(self):
-        class Out:
-            out = err = ""
-        return Out()
 
 
 def patient_folder(src: Path, pid: str) -> Path:

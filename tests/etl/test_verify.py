@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_build import build, run_etl, source_factory  # noqa: F401 (fixture)
+from .test_build import NullCapsys, build, run_etl, source_factory  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -17,21 +17,10 @@ def built(tmp_path_factory, source_factory):  # noqa: F811
     src = source_factory("brats2020", 4)
     root = tmp_path_factory.mktemp("built")
 
-    capsys = _NullCapsys()
+    capsys = NullCapsys()
     for fmt in ("webdataset", "zarr"):
         build(src, root / fmt, capsys, "--format", fmt)
     return root
-
-
-class _NullCapsys:
-    """`run_etl` wants capsys; a module fixture cannot have it, and output is not checked here."""
-
-    def readouterr(self):
-        return _Captured()
-
-
-class _Captured:
-    out = err = ""
 
 
 def copy_of(built: Path, fmt: str, tmp_path: Path) -> tuple[Path, dict]:

@@ -22,7 +22,7 @@ import pytest
 from etl.synth import synthesize
 from shards_spec.read import ShardStore
 
-from .test_build import run_etl
+from .test_build import NullCapsys, run_etl
 
 SHAPE = (48, 48, 24)
 SIZE = 16
@@ -36,16 +36,9 @@ def store(tmp_path_factory) -> Path:
     synthesize(root / "src", patients=3, layout="brats2021", shape=SHAPE, seed=0)
     code, _, err = run_etl(["build-shards", "--src", root / "src", "--out", root / "shards", "--format", "zarr",
                             "--size", SIZE, "--workers", "0", "--split", "train=0.5,val=0.5",
-                            "--modalities", "t1ce,flair,t2"], _NoCapture())
+                            "--modalities", "t1ce,flair,t2"], NullCapsys())
     assert code == 0, err
     return root / "shards"
-
-
-class _NoCapture:
-    def readouterr(self):
-        class Out:
-            out = err = ""
-        return Out()
 
 
 def manifest(shards: Path) -> dict:

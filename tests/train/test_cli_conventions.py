@@ -227,6 +227,19 @@ def test_a_missing_or_foreign_config_file_is_one_line(tmp_path, capsys):
     assert code == 2 and "must be a .toml file or a .json file" in one_error_line(err)
 
 
+def test_a_config_that_is_a_fifo_or_huge_is_refused_without_reading_it(tmp_path, capsys):
+    """A FIFO would block a plain read forever; a huge file is not read past the limit."""
+    fifo = tmp_path / "run.toml"
+    os.mkfifo(fifo)
+    code, _, err = invoke(["run", "--config", fifo, "--shards", "s"], capsys)
+    assert code == 2 and one_error_line(err) == f"error: {fifo}: is a FIFO, not a regular file: refused"
+    huge = tmp_path / "run.json"
+    with open(huge, "wb") as handle:
+        handle.truncate(2 << 20)  # 2 MiB of zeros, sparse
+    code, _, err = invoke(["run", "--config", huge, "--shards", "s"], capsys)
+    assert code == 2 and one_error_line(err).startswith(f"error: {huge}: is larger than 1 MiB")
+
+
 def test_overrides_from_argv_reads_the_config_file_too(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('variant = "v2"\nepochs = 7\n')
@@ -282,7 +295,7 @@ def test_cuda_n_beyond_the_gpus_is_one_line(two_gpus, capsys, tmp_path):
 
 
 def test_device_defaults_follow_the_device_kind(two_gpus):
-    assert [fit.device_kind(d) for d in ("cuda:1", "cuda", "auto", "cpu", "mps")] == \
+    assert [devices.defaults_kind(d) for d in ("cuda:1", "cuda", "auto", "cpu", "mps")] == \
         ["cuda", "cuda", "cuda", "cpu", "cpu"]
 
 
