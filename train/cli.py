@@ -110,7 +110,7 @@ def run_command(
     head_bias: Optional[str] = typer.Option(None, help=_default("prior: start each output at its class frequency; zero: PyTorch's default.", "prior")),
     device: Optional[str] = typer.Option(None, help=_default(DEVICE_HELP, "auto")),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=_default("Mixed precision on CUDA (fp16 autocast + GradScaler).", "on")),
-    amp_dtype: Optional[str] = typer.Option(None, help=_default("auto (fp16 on CUDA, off on CPU), float16 or bfloat16 (also on CPU).", "auto")),
+    amp_dtype: Optional[str] = typer.Option(None, help=_default("auto (fp16 on CUDA; bf16 on a CPU with native bf16, AMX or AVX512-BF16, else off), float16 or bfloat16.", "auto")),
     cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here (remote shards), re-verified by sha256 on every use."),
     storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", metavar="<key=value>", help=STORAGE_OPTION_HELP),
     on_bad_shard: Optional[str] = typer.Option(None, help=_default("fail: stop at the first bad shard; skip: leave bad shards out, count them and print the count after each epoch.", "fail")),

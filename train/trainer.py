@@ -151,7 +151,7 @@ class Trainer:
         self.channel_names = rundir.channel_names(self.config.target)
         torch.manual_seed(self.config.seed)  # before the model: every rank starts from the same weights
         np.random.seed(self.config.seed % 2**32)
-        self.model = self.build_model().to(self.device)
+        self.model = engine.prepare_model(self.build_model(), self.device)
         if setup.restored is None and self.config.head_bias == "prior":
             init_head_bias(self.model, class_priors(setup.manifest, setup.train_splits, self.config.target))
         self.net = self.model
