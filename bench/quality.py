@@ -18,7 +18,7 @@ What it does, in one run:
    mode `--early-stop`); a contender is a name and the options it adds (`--contender
    "NAME=--variant v2 --base 8"`; bare `v1` and `v2` are the presets with their defaults). The peer
    (`monai`) is bench/monai_peer.py: MONAI's U-Net and DiceLoss, Adam, batch 16, in a plain loop
-   fed by our `ShardDataset`.
+   fed by our `ShardDataset` (`--contender "monai-s1=monai --seed 1"`: the peer with another seed).
 3. Every contender's best checkpoint (best validation mean Dice) is scored by `train evaluate
    --src` on the validation patients: Dice and HD95 per class (NEC/NET, ED, ET) and per BraTS
    region (WT, TC, ET) on the native grid, each the mean over patients; also the per-class Dice on
@@ -65,6 +65,7 @@ REGIONS = ("WT", "TC", "ET")
 class Contender:
     name: str
     options: list[str] | None  # None: the MONAI peer
+    peer_seed: int = 0  # the peer's seed (`NAME=monai --seed N`)
     run_dir: Path = Path()
     wall: float = 0.0
     cpu: float = 0.0
@@ -104,7 +105,12 @@ def parse_contender(text: str) -> Contender:
     name, sep, options = text.partition("=")
     if not sep or not name:
         sys.exit(f"--contender: expected NAME=OPTIONS, {PEER}, or one of {sorted(PRESETS)}; got {text!r}")
-    return Contender(name, shlex.split(options))
+    words = shlex.split(options)
+    if words[:1] == [PEER]:  # the peer with another seed: NAME=monai --seed N
+        if len(words) != 3 or words[1] != "--seed" or not words[2].isdigit():
+            sys.exit(f"--contender: the peer takes only --seed N (NAME={PEER} --seed N); got {text!r}")
+        return Contender(name, None, peer_seed=int(words[2]))
+    return Contender(name, words)
 
 
 def contender_argv(c: Contender, shards: Path, args: argparse.Namespace) -> list[str]:
@@ -112,7 +118,7 @@ def contender_argv(c: Contender, shards: Path, args: argparse.Namespace) -> list
     budget = args.budget if args.mode == "budget" else args.cap
     if c.options is None:
         argv = [sys.executable, str(BENCH / "monai_peer.py"), "--shards", str(shards), "--out", str(c.run_dir),
-                "--budget", str(budget), "--workers", str(args.peer_workers)]
+                "--budget", str(budget), "--workers", str(args.peer_workers), "--seed", str(c.peer_seed)]
         if args.mode == "converge":
             argv += ["--patience", str(args.patience)]
         return argv
@@ -257,7 +263,7 @@ def score_variants(contenders: list[Contender], texts: list[str], shards: Path, 
     rows = []
     for text in texts:
         name, options, opts, of, others = parse_score_variant(text, contenders)
-        shown = [*(of.options or ["MONAI UNet, DiceLoss, Adam, b16"]), f"[evaluate {options}]"]
+        shown = [*(of.options if of.options is not None else [peer_description(of)]), f"[evaluate {options}]"]
         row = Contender(f"{of.name} {name}", shown, run_dir=of.run_dir,
                         wall=of.wall, cpu=of.cpu, load_after=of.load_after, steps=of.steps, epochs=of.epochs,
                         params=of.params, gflop=of.gflop, curve=[])
@@ -332,6 +338,10 @@ def starvation(shards: Path, options: list[str], steps: int) -> dict:
 # ---------------------------------------------------------------- 5. output
 
 
+def peer_description(c: Contender) -> str:
+    return "MONAI UNet, DiceLoss, Adam, b16" + (f", seed {c.peer_seed}" if c.peer_seed else "")
+
+
 def fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -361,7 +371,7 @@ def render(contenders: list[Contender], check: dict | None, args: argparse.Names
         d, h = c.scores["native_dice"] or g, c.scores["native_hd95"] or nan
         classes = [d[k] for k in CLASSES]
         regions = [d["WT"], d["TC"], d["ET"]]
-        rows.append([c.name, " ".join(c.options) if c.options is not None else "MONAI UNet, DiceLoss, Adam, b16",
+        rows.append([c.name, " ".join(c.options) if c.options is not None else peer_description(c),
                      f"{c.params:,}", f"{c.gflop:.2f}", "–" if c.steps is None else str(c.steps), str(c.epochs),
                      f"{c.wall:.0f}", f"{c.cpu:.0f}", *(fmt(v) for v in classes), fmt(sum(classes) / 3),
                      *(fmt(v) for v in regions), fmt(sum(regions) / 3),
@@ -419,7 +429,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--contender", action="append", default=None,
-                        help=f"NAME=OPTIONS, {PEER}, v1 or v2 (repeatable; default: v1, v2, {PEER})")
+                        help=f"NAME=OPTIONS, {PEER}, NAME={PEER} --seed N (the peer with another seed), v1 or v2 "
+                             f"(repeatable; default: v1, v2, {PEER}); differences are taken to the first peer")
     parser.add_argument("--mode", choices=("budget", "converge"), default="budget")
     parser.add_argument("--budget", type=float, default=600.0, help="seconds of training per contender (mode budget)")
     parser.add_argument("--patience", type=int, default=3, help="validations without gain (mode converge)")

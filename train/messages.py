@@ -10,9 +10,14 @@ from typing import Any
 from .budget import Budget, projection_line
 
 
+def autocast_name(amp_dtype: Any) -> str:
+    """"bfloat16", "float16" or "off": the autocast a run uses, for its first lines and config.json."""
+    return str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
+
+
 def plan_lines(config: Any, parameters: int, device: Any, amp_dtype: Any, dist: Any, train_splits: list[str],
                train_slices: int, val_slices: int, done_epochs: int, run_dir: Path) -> list[str]:
-    amp = str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
+    amp = autocast_name(amp_dtype)
     per_rank = " per rank" if dist.enabled else ""
     return [
         f"{config.variant}: {config.model} ({parameters:,} parameters), channels {','.join(config.channels)}"

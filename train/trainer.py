@@ -285,6 +285,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             record = config_record(self.config, self.setup.preset, self.setup.overrides, self.setup.manifest.digest)
+            record["autocast"] = messages.autocast_name(self.amp_dtype)  # what `auto` became on this machine
             rundir.write_config(self.run_dir, record)
             rundir.write_metrics(self.run_dir, self.columns, self.state.history)
         for callback in self.callbacks():

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,3 +37,22 @@ def test_the_harness_trains_ours_and_the_peer_scores_both_and_writes_its_section
         assert set(r["scores"]["native_dice"]) == {"NEC/NET", "ED", "ET", "WT", "TC"}
         assert all(0.0 <= v <= 1.0 for v in r["scores"]["native_dice"].values())
         assert r["gflop"] > 0 and r["params"] > 0
+
+
+def test_a_peer_contender_with_another_seed_trains_the_peer_with_that_seed():
+    sys.path.insert(0, str(ROOT))
+    from bench import quality
+
+    args = argparse.Namespace(mode="budget", budget=60.0, cap=0.0, peer_workers=1, patience=None, cap_epochs=5)
+    seeded = quality.parse_contender("monai-s1=monai --seed 1")
+    assert (seeded.name, seeded.options, seeded.peer_seed) == ("monai-s1", None, 1)
+    argv = quality.contender_argv(seeded, Path("shards"), args)
+    assert argv[1].endswith("monai_peer.py") and argv[argv.index("--seed") + 1] == "1"
+    plain = quality.parse_contender("monai")
+    assert plain.peer_seed == 0 and quality.contender_argv(plain, Path("shards"), args)[-2:] == ["--seed", "0"]
+    assert quality.peer_description(seeded).endswith(", seed 1") and "seed" not in quality.peer_description(plain)
+    ours = quality.parse_contender("mine=--variant v2 --seed 1")  # our own --seed stays an option of ours
+    assert ours.options == ["--variant", "v2", "--seed", "1"]
+    for wrong in ("m=monai --base 8", "m=monai --seed x", "m=monai --seed"):
+        with pytest.raises(SystemExit, match="the peer takes only --seed N"):
+            quality.parse_contender(wrong)

@@ -270,6 +270,7 @@ def test_bf16_autocast_on_cpu_and_regions_on_folds(tmp_path):
     assert np.isfinite(result.history[0]["train_loss"])
     text = console.export_text()
     assert "autocast bfloat16" in text and "train on fold1+fold2" in text
+    assert json.loads((out / "config.json").read_text())["autocast"] == "bfloat16"
     assert rows(out)[0][4:7] == ["dice_WT", "dice_TC", "dice_ET"]
     assert torch.load(out / "checkpoints" / ckpt.LAST, weights_only=True)["target"] == "regions"
 
