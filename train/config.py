@@ -51,7 +51,8 @@ DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
 seed's U-Net (base 32, every level at full resolution, batch 32, fp16 autocast). On a CPU the same
 width with a stride-2 first convolution (`--stem 2`: 4.96 instead of 18.5 GFLOP per 128² slice)
 and batch 16, which reached the best validation patients' Dice in a fixed number of CPU minutes
-of everything `bench/quality.py` tried (README "Quality")."""
+of everything `bench/quality.py` tried (README "Quality"); with bf16 autocast where the CPU computes bf16
+natively (`engine.autocast_dtype`), which is not a size and so not in this table."""
 VAL_SPLIT = re.compile(r"^(val|fold\d+)$")
 
 PRESETS: dict[str, dict[str, Any]] = {
