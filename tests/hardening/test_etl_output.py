@@ -166,8 +166,11 @@ def test_a_failed_build_into_a_new_folder_leaves_no_folder_and_no_lock(tmp_path,
 
 def test_ctrl_c_during_overwrite_puts_the_previous_build_back_at_once(pristine_src, previous):
     out, before = previous()
+    # Ctrl-C must reach the child even when this suite was started with SIGINT ignored (a shell's
+    # background job), which every child would inherit: then the build would just finish.
     run = run_subprocess("etl", _args(pristine_src, out, "--size", "8", "--overwrite"),
-                         env={"ETL_FAULT_AFTER_SHARDS": "1", "ETL_FAULT_KILL": "INT"})
+                         env={"ETL_FAULT_AFTER_SHARDS": "1", "ETL_FAULT_KILL": "INT"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert run.returncode == 130, run.stderr
     assert_one_line(run.returncode, run.stderr, str(out), "interrupted", "the previous build is in place")
     assert snapshot(out) == before
