@@ -64,7 +64,8 @@ def main() -> None:
 
     from bench.monai_peer import build_monai_unet
     from train.config import DEVICE_DEFAULTS, resolve
-    from train.engine import autocast_dtype
+    from train.engine import autocast_dtype, prepare_model
+    from train.messages import autocast_name
     from train.losses import build_loss
     from train.models import build_model, count_parameters
 
@@ -91,11 +92,11 @@ def main() -> None:
         else:
             config = resolve({"shards": "-", "out": "-", "variant": variant}, device_kind=kind)
             channels = len(config.channels) * (2 * getattr(config, "context", 0) + 1)
-            model = build_model(config.model, channels, 3, **config.model_kwargs)
+            model = prepare_model(build_model(config.model, channels, 3, **config.model_kwargs), device)  # as `train run`
             loss, batch = build_loss(config.loss), config.batch_size
             amp = autocast_dtype(config.amp, config.amp_dtype, device)
             options = (f"{config.model}, base {config.base}, stem {config.stem}, batch {batch}, "
-                       f"{'fp16 autocast' if amp is not None else 'float32'}")
+                       f"autocast {autocast_name(amp)}")
         gflop = common.gflop_per_slice(model, channels, args.size)
         rate = steps_per_second(model, loss, channels, args.size, batch, device, amp, args.steps)
         tflops = rate * batch * gflop / 1e3

@@ -24,8 +24,8 @@ def mix_seed(*parts: int) -> int:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AMX tiles or AVX512-BF16, e.g. Intel Sapphire
-    Rapids, AMD Zen 4): there bf16 autocast about doubles training steps/s (bench/throughput.py);
-    elsewhere oneDNN emulates bf16, slower than float32."""
+    Rapids, AMD Zen 4): there bf16 autocast about doubles training steps (2301 against 1170 in 10
+    minutes, bench/BENCHMARKS.md `quality-bf16`); elsewhere oneDNN emulates bf16, slower than float32."""
     import torch
 
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
@@ -50,7 +50,7 @@ def autocast_dtype(amp: bool, amp_dtype: str, device: Any) -> Any:
 
 def prepare_model(model: Any, device: Any) -> Any:
     """`model` on `device`; on a CPU in channels-last memory format, which oneDNN's convolutions run
-    ~25 % faster (float32) and ~12 % faster (bf16) at the CPU defaults (bench/throughput.py). The
+    ~25 % faster (float32) and ~12 % faster (bf16) at v2's CPU defaults (measured on a 2-core Xeon). The
     values are the same tensors; a checkpoint loads back into either format."""
     import torch
 
