@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shards_spec.checked_io import open_regular
 from shards_spec.errors import SourceError, ToolError
 from shards_spec.fileio import TMP_SUFFIX, write_atomic
 from shards_spec.labels import CHANNELS, NNUNET_BRATS_CONVENTION, decode_labels
@@ -231,7 +232,7 @@ def _prepare_out(out: Path, plan: dict, refs: dict, opts: ExportOptions) -> list
     encoded = (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
     marker = out / PLAN_NAME
     if marker.is_file():
-        if marker.read_bytes() != encoded:
+        if not _holds(marker, encoded):
             raise ExportError(f"holds an nnU-Net export of other data or with other options (its {PLAN_NAME} "
                               "differs); choose another --out, or delete that folder first", out)
         _remove_partials(out)
@@ -249,6 +250,16 @@ def _prepare_out(out: Path, plan: dict, refs: dict, opts: ExportOptions) -> list
     for folder in (TRAIN_IMAGES, TRAIN_LABELS):
         (out / folder).mkdir(exist_ok=True)  # nnU-Net expects both, even if a --skip-bad left them empty
     return tasks
+
+
+def _holds(path: Path, expected: bytes) -> bool:
+    """Whether `path` holds exactly `expected`, read no further than one byte past it (the marker
+    of a folder someone handed over may be huge, or swapped for a FIFO)."""
+    try:
+        with open_regular(path) as handle:
+            return handle.read(len(expected) + 1) == expected
+    except (OSError, ToolError):
+        return False
 
 
 def _remove_own(out: Path) -> None:

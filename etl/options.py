@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards_spec.checked_io import refuse_broken_link
 from shards_spec.errors import ToolError
 from shards_spec.labels import CHANNELS
 
@@ -127,6 +128,8 @@ def check_folders(src: Path, out: Path) -> None:
             raise ToolError(f"{flag} {url}: build-shards reads and writes folders on a file system, not fsspec URLs; "
                             "use a folder every Dask worker can reach (a shared mount), then publish the out folder "
                             "(README: Share shards with your team)")
+    for folder in (src, out):
+        refuse_broken_link(folder)  # else resolve() raises RuntimeError on a loop
     if src.resolve() == out.resolve() or src.resolve() in out.resolve().parents:
         raise ToolError("--out must not be the source folder or inside it", out)
 

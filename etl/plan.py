@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Iterator
 from pathlib import Path
 
+from shards_spec import checked_io, limits
 from shards_spec.errors import SpecError, ToolError
 from shards_spec.lock import LOCK_NAME
 from shards_spec.manifest import MANIFEST_NAME, PLAN_NAME, SPEC_VERSION
@@ -93,15 +95,12 @@ def plan_bytes(plan: dict) -> bytes:
 
 
 def read_json(path: Path) -> dict | None:
-    """A JSON object from `path`, None when the file is missing; unreadable is a SpecError."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    """A JSON object from `path` (a plan or manifest in an out folder, which may come from anyone),
+    None when the file is missing; unreadable, larger than a manifest may be, or malformed is a
+    SpecError (`checked_io.read_json`)."""
+    if not os.path.lexists(path):
         return None
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SpecError(f"is not valid JSON ({type(exc).__name__})", path) from None
+    obj = checked_io.read_json(path, int(limits.get("MAX_MANIFEST_MB")) << 20, SpecError)
     if not isinstance(obj, dict):
         raise SpecError("does not hold a JSON object", path)
     return obj
@@ -147,6 +146,7 @@ def locked(lock, log: Callable[[str], None], what: str) -> Iterator:
 
 
 def refuse_file(out: Path) -> None:
+    checked_io.refuse_broken_link(out, OutputError)
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a folder", out)
 

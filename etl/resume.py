@@ -8,12 +8,12 @@ the rest; a complete folder is re-checked the same way against its manifest.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from shards_spec.checked_io import parse_json
 from shards_spec.codec import encode_json
-from shards_spec.errors import ToolError
+from shards_spec.errors import SpecError, ToolError
 from shards_spec.manifest import MANIFEST_NAME, parse
 
 from .plan import JOURNAL_NAME, OutState
@@ -37,8 +37,8 @@ def read_journal(out: Path) -> dict[str, dict]:
         return results
     for line in lines:
         try:
-            result = json.loads(line)
-        except ValueError:
+            result = parse_json(line, JOURNAL_NAME)
+        except SpecError:  # a torn line, or one nobody could decode
             continue
         if isinstance(result, dict) and isinstance(result.get("path"), str):
             results[result["path"]] = result

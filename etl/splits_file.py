@@ -24,7 +24,7 @@ import json
 import re
 from pathlib import Path
 
-from shards_spec.checked_io import read_small
+from shards_spec.checked_io import cut, parse_json, read_small
 from shards_spec.errors import ToolError
 
 NAME = "splits_final.json"
@@ -68,10 +68,7 @@ def encode(folds: list[dict[str, list[str]]]) -> bytes:
 def read_split_file(path: Path) -> tuple[list[tuple[str, list[str]]], str]:
     """([(split name, its patients)] in order, sha256 of the file) from a splits_final.json."""
     raw = read_small(path, MAX_BYTES, SplitFileError)
-    try:
-        folds = json.loads(raw)
-    except ValueError as exc:
-        raise SplitFileError(f"is not valid JSON ({exc})", path) from None
+    folds = parse_json(raw, path, SplitFileError)
     if not isinstance(folds, list) or not folds:
         raise SplitFileError('must be a non-empty list of {"train": [...], "val": [...]} folds (nnU-Net\'s '
                              "splits_final.json)", path)
@@ -93,11 +90,11 @@ def _fold(fold, k: int, path: Path) -> tuple[set[str], set[str]]:
             raise SplitFileError(f'fold {k}: "{key}" must be a list of case ids (strings)', path)
         twice = sorted(i for i, n in collections.Counter(items).items() if n > 1)
         if twice:
-            raise SplitFileError(f'fold {k}: "{key}" lists {twice[0]} twice', path)
+            raise SplitFileError(f'fold {k}: "{key}" lists {cut(twice[0])} twice', path)
         lists.append(set(items))
     both = sorted(lists[0] & lists[1])
     if both:
-        raise SplitFileError(f"fold {k}: {both[0]} is in both train and val", path)
+        raise SplitFileError(f"fold {k}: {cut(both[0])} is in both train and val", path)
     return lists[0], lists[1]
 
 
@@ -107,7 +104,7 @@ def _check_kfold(pairs: list[tuple[set[str], set[str]]], path: Path) -> None:
     for k, (_, val) in enumerate(pairs):
         for case in sorted(val):
             if case in seen:
-                raise SplitFileError(f"{case} is validated in folds {seen[case]} and {k}: our shards hold each "
+                raise SplitFileError(f"{cut(case)} is validated in folds {seen[case]} and {k}: our shards hold each "
                                      "patient in one split, so the val lists must be disjoint (a K-fold split)", path)
             seen[case] = k
     listed = set(seen)
@@ -115,7 +112,7 @@ def _check_kfold(pairs: list[tuple[set[str], set[str]]], path: Path) -> None:
         if train != listed - val:
             odd = sorted(train ^ (listed - val))[0]
             raise SplitFileError(f"fold {k} trains on a different set than the other folds' val patients "
-                                 f"(e.g. {odd}): only a K-fold split, as nnU-Net writes, maps onto our folds", path)
+                                 f"(e.g. {cut(odd)}): only a K-fold split, as nnU-Net writes, maps onto our folds", path)
 
 
 def resolve(given: list[tuple[str, list[str]]], source: set[str], usable: set[str], path: str) \
@@ -127,8 +124,8 @@ def resolve(given: list[tuple[str, list[str]]], source: set[str], usable: set[st
     listed = {p for _, members in given for p in members}
     unknown = sorted(listed - source)
     if unknown:
-        shown = ", ".join(unknown[:3]) + (" ..." if len(unknown) > 3 else "")
-        raise SplitFileError(f"lists {len(unknown)} case(s) the source does not hold ({shown}): it belongs to "
+        listed_here = ", ".join(cut(u, 40) for u in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+        raise SplitFileError(f"lists {len(unknown)} case(s) the source does not hold ({listed_here}): it belongs to "
                              "other data", path)
     splits = [(name, sorted(p for p in members if p in usable)) for name, members in given]
     unlisted = sorted(usable - listed)

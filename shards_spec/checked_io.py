@@ -1,19 +1,29 @@
-"""Streams of untrusted files: a size- and sha256-checked reader, and local regular files only.
+"""Untrusted files and paths: a size- and sha256-checked reader, local regular files only, the
+one bounded JSON/TOML reader for files a user hands over, and output paths that lead nowhere.
 
 `CheckedReader` never reads past the size the manifest lists for a file and compares size and
 sha256 at its end; for a remote file it resumes after a transient error within the file's retry
 budget (`remote.Attempts`). `open_regular` refuses a FIFO, device or folder in place of a file,
 since opening a FIFO blocks until a writer appears and a device can stream forever.
+
+`read_json` / `read_toml` (and `parse_json` for bytes already in hand) are how every user file is
+decoded (a `--config`, a `splits_final.json`, an MSD `dataset.json`, a run's `config.json`, a
+plan): bounded in size (`read_small`), strict (UTF-8, no NaN/Infinity, no key twice in one object)
+and nested at most `MAX_DEPTH` deep, so whatever the decoder can raise (`RecursionError` for a
+file nested 100,000 deep, `ValueError`, `UnicodeDecodeError`) is one error naming the file, and a
+caller that walks, prints or re-encodes the value cannot hit Python's recursion limit either.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import json
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from . import remote
 from .errors import SpecError, ToolError
@@ -61,6 +71,112 @@ def read_small(path: str | Path, limit: int, error: type[ToolError] = SpecError,
     if len(raw) > limit:
         raise error(f"is larger than {limit >> 20} MiB{note}", path)
     return raw
+
+
+MAX_DEPTH = 64
+"""Nesting a user's JSON or TOML file may have (nnU-Net's and our files nest 2 to 5 deep)."""
+
+
+def parse_json(data: bytes | str, where: object, error: type[ToolError] = SpecError) -> Any:
+    """The value of strict JSON `data`, or one `error` naming `where` (see the module docstring)."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+        value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=unique_keys)
+    except RecursionError:
+        raise error(f"is not valid JSON (nested more than {MAX_DEPTH} deep)", where) from None
+    except UnicodeDecodeError:
+        raise error("is not UTF-8 text", where) from None
+    except ValueError as exc:  # json.JSONDecodeError, a repeated key, NaN, an integer of > 4300 digits
+        raise error(f"is not valid JSON ({_reason(exc)})", where) from None
+    _check_depth(value, where, error, "JSON")
+    return value
+
+
+def read_json(path: str | Path, limit: int, error: type[ToolError] = SpecError, note: str = "") -> Any:
+    """The value of the JSON file `path`, read bounded (`read_small`) and parsed strictly (`parse_json`)."""
+    return parse_json(read_small(path, limit, error, note), path, error)
+
+
+def read_toml(path: str | Path, limit: int, error: type[ToolError] = SpecError, note: str = "") -> dict:
+    """The table of the TOML file `path`, read bounded (`read_small`); TOML itself refuses a key
+    given twice."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    raw = read_small(path, limit, error, note)
+    try:
+        table = tomllib.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise error(f"is not valid TOML (nested more than {MAX_DEPTH} deep)", path) from None
+    except UnicodeDecodeError:
+        raise error("is not UTF-8 text", path) from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError, an integer of > 4300 digits
+        raise error(f"is not valid TOML ({_reason(exc)})", path) from None
+    _check_depth(table, path, error, "TOML")
+    return table
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are unique (`object_pairs_hook`): with a repeated key, json keeps
+    the last silently, so two readers of one file could disagree on its meaning."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {shown(repeated)} appears twice in one object")
+    return obj
+
+
+def shown(value: Any, width: int = 60) -> str:
+    """`repr(value)` cut to `width` characters, for an error line that echoes a user's value
+    (a value can be megabytes long, or an integer too long for `repr`)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than sys.get_int_max_str_digits() digits
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def cut(text: str, width: int = 120) -> str:
+    """A user's text (a case id, a decoder's message) cut to `width` characters for an error line."""
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _reason(exc: ValueError) -> str:
+    lines = str(exc).splitlines()
+    return cut(lines[0] if lines else type(exc).__name__)
+
+
+def _check_depth(value: Any, where: object, error: type[ToolError], kind: str) -> None:
+    """Refuse a value nested deeper than `MAX_DEPTH` (walked without recursion)."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise error(f"is not valid {kind} (nested more than {MAX_DEPTH} deep)", where)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+def refuse_broken_link(path: str | Path, error: type[ToolError] = ToolError) -> None:
+    """Refuse an output path that is a symbolic link leading nowhere (dangling) or that is, or runs
+    through, a loop of links: creating a folder there fails with a misleading "File exists", and
+    resolving it raises RuntimeError. A missing path (to be created) or an existing one passes."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise error("is a symbolic link to a path that does not exist (a dangling link); create its "
+                        "target or give another folder", path) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise error("is, or runs through, a loop of symbolic links; give another folder", path) from None
 
 
 class CheckedReader(io.RawIOBase):

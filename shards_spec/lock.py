@@ -29,6 +29,7 @@ import socket
 import time
 from pathlib import Path
 
+from .checked_io import refuse_broken_link
 from .errors import ToolError
 
 LOCK_NAME = ".brats-shards.lock"
@@ -77,6 +78,7 @@ class FolderLock:
     def acquire(self) -> None:
         import fcntl
 
+        refuse_broken_link(self.folder)  # else mkdir says "File exists" for a link to nowhere
         if not self.folder.exists():
             self.folder.mkdir(parents=True)
             self.created = True
@@ -139,7 +141,7 @@ def _read(fd: int) -> dict:
     try:
         data = os.pread(fd, 4096, 0)
         holder = json.loads(data.decode("utf-8")) if data else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # 4 KB of '[' nests past the recursion limit
         return {}
     return holder if isinstance(holder, dict) else {}
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import formats, limits
+from .checked_io import parse_json
 from .codec import IMAGE_DTYPE, KEY_PATTERN, MASK_DTYPE, encode_json
 from .consistency import check_consistency
 from .errors import SpecError
@@ -359,11 +360,7 @@ def to_bytes(content: dict, provenance: dict) -> bytes:
 
 def parse(data: bytes, name: str = MANIFEST_NAME) -> Manifest:
     """Parse and validate manifest bytes; every problem is a `SpecError` naming `name`."""
-    try:
-        obj = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        reason = str(exc).splitlines()[0][:120] if isinstance(exc, ValueError) else type(exc).__name__
-        raise SpecError(f"is not valid JSON ({reason})", name) from None
+    obj = parse_json(data, name, SpecError)
     if not isinstance(obj, dict):
         raise SpecError("must hold a JSON object with 'content' and 'provenance'", name)
     try:

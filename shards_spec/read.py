@@ -84,7 +84,7 @@ def parse_storage_options(pairs: list[str] | tuple[str, ...] | None) -> dict:
             raise SpecError(f"--storage-option: expected KEY=VALUE (e.g. endpoint_url=http://host:9000), got {pair!r}")
         try:
             options[key] = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             options[key] = value
     return options
 

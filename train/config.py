@@ -21,17 +21,20 @@ class prior, checkpoint every epoch, best by mean Dice. Sizes (width, stem, batc
 default per device (`DEVICE_DEFAULTS`). Each of these was measured against the seed's choices
 with bench/quality.py (README "Quality").
 
-Every problem is a `ConfigError` naming the command-line option (`--epochs: must be >= 1, got
-0`), so the CLI prints one line.
+Every problem is a `ConfigError` naming the command-line option (`--epochs: must be in
+1..100000, got 0`), so the CLI prints one line. Every numeric option has its range in one table,
+`NUMBERS`, checked for a value from the command line, a `--config` file or a saved run alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from shards_spec.checked_io import cut, shown
 from shards_spec.errors import ToolError
 from shards_spec.labels import CHANNELS, TARGETS
 
@@ -39,6 +42,59 @@ from .budget import parse_duration
 
 MAX_CONTEXT = 3
 """`--context`: at most this many neighbouring slices on each side as 2.5D input."""
+
+INT64_MAX = 2**63 - 1
+"""Integers reach torch and numpy as int64 (the seed: `torch.manual_seed`, `torch.Generator`)."""
+MAX_EPOCHS = 100_000
+MAX_STEPS = 1_000_000_000
+MAX_OVERSAMPLE = 100
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option may take: `low` to `high`, each end included unless `open_low`
+    / `open_high`. A float option must also be finite: nan passes every comparison's negation
+    (`nan < 0` is False) and inf trains to NaN."""
+
+    low: float
+    high: float
+    open_low: bool = False
+    open_high: bool = False
+    hint: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def text(self, integer: bool) -> str:
+        if integer:
+            span = f"{self.low}..{self.high}"
+        else:
+            span = f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+        return f"{span} ({self.hint})" if self.hint else span
+
+
+NUMBERS: dict[str, Range] = {
+    "epochs": Range(1, MAX_EPOCHS),
+    "batch_size": Range(1, INT64_MAX),  # the upper bounds of these five: train.checkpoint.LIMITS (fit.check_sizes)
+    "base": Range(1, INT64_MAX),
+    "depth": Range(1, INT64_MAX),
+    "shuffle_buffer": Range(1, INT64_MAX),
+    "workers": Range(0, INT64_MAX),
+    "lr": Range(0, 1, open_low=True, hint="Adam's step size"),
+    "weight_decay": Range(0, 1),
+    "plateau_factor": Range(0, 1, open_low=True, open_high=True),
+    "plateau_patience": Range(0, MAX_EPOCHS),
+    "seed": Range(0, INT64_MAX),
+    "oversample_tumour": Range(1, MAX_OVERSAMPLE),
+    "warmup": Range(0, MAX_STEPS),
+    "early_stop": Range(1, MAX_EPOCHS),
+    "stem": Range(1, 2, hint="1: none, 2: a stride-2 first convolution"),
+    "context": Range(0, MAX_CONTEXT, hint="neighbouring slices on each side"),
+}
+"""Every int and float option of `Config` and the values it may take (a test checks that none is
+missing): the one place a number from the command line, a --config file or a saved run is checked."""
 
 SCHEDULES = ("cosine", "poly", "plateau")
 HEAD_BIASES = ("prior", "zero")
@@ -172,7 +228,7 @@ def resolve(overrides: dict[str, Any], saved: dict[str, Any] | None = None, devi
         if variant is None:
             raise ConfigError("--variant: required for a new run (v1 or v2)")
         if variant not in PRESETS:
-            raise ConfigError(f"--variant: must be one of {sorted(PRESETS)}, got {variant!r}")
+            raise ConfigError(f"--variant: must be one of {sorted(PRESETS)}, got {shown(variant)}")
         if device_kind not in DEVICE_DEFAULTS:
             raise ValueError(f"device_kind must be one of {list(DEVICE_DEFAULTS)}, got {device_kind!r}")
         values = {**_defaults(), **DEVICE_DEFAULTS[device_kind], **PRESETS[variant], **given}
@@ -196,15 +252,31 @@ def resolve(overrides: dict[str, Any], saved: dict[str, Any] | None = None, devi
 def _choice(config: Config, name: str, allowed: tuple[str, ...] | list[str]) -> None:
     value = getattr(config, name)
     if value not in allowed:
-        raise ConfigError(f"{option_name(name)}: must be one of {list(allowed)}, got {value!r}")
+        raise ConfigError(f"{option_name(name)}: must be one of {list(allowed)}, got {shown(value)}")
 
 
-def _at_least(config: Config, name: str, low: float, kind: type = int) -> None:
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise ConfigError(f"{option_name(name)}: must be {'a number' if kind is float else 'an integer'}, got {value!r}")
-    if value < low:
-        raise ConfigError(f"{option_name(name)}: must be >= {low}, got {value}")
+def number_problem(name: str, value: Any) -> str | None:
+    """What is wrong with `value` for the numeric option `name` (`NUMBERS`), or None (also for a
+    non-numeric option, and for None where the option is optional)."""
+    bounds = NUMBERS.get(name)
+    if bounds is None:
+        return None
+    annotation = str(FIELDS[name].type)
+    if value is None and "None" in annotation:
+        return None
+    integer = annotation.startswith("int")
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return f"must be {'an integer' if integer else 'a number'}, got {shown(value)}"
+    if not integer:
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond any float
+            finite = False
+        if not finite:
+            return f"must be a finite number in {bounds.text(False)}, got {shown(value)}"
+    if value not in bounds:
+        return f"must be in {bounds.text(integer)}, got {shown(value)}"
+    return None
 
 
 def _check_device(device: object) -> None:
@@ -215,7 +287,7 @@ def _check_device(device: object) -> None:
     try:
         check(device)
     except DeviceError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(cut(str(exc), 200)) from None
 
 
 def validate(config: Config) -> None:
@@ -236,39 +308,23 @@ def validate(config: Config) -> None:
     _choice(config, "on_bad_shard", POLICIES)
     _choice(config, "schedule", SCHEDULES)
     _choice(config, "head_bias", HEAD_BIASES)
-    if config.stem not in (1, 2) or isinstance(config.stem, bool):
-        raise ConfigError(f"--stem: must be 1 (none) or 2 (a stride-2 first convolution), got {config.stem!r}")
+    for name in NUMBERS:
+        problem = number_problem(name, getattr(config, name))
+        if problem is not None:
+            raise ConfigError(f"{option_name(name)}: {problem}")
     channels = list(config.channels)
     if not channels or len(set(channels)) != len(channels) or any(c not in CHANNELS for c in channels):
-        raise ConfigError(f"--channels: must be distinct names from {list(CHANNELS)}, got {channels}")
+        raise ConfigError(f"--channels: must be distinct names from {list(CHANNELS)}, got {shown(channels)}")
     if not VAL_SPLIT.match(str(config.val_split)):
-        raise ConfigError(f"--val-split: must be 'val' or 'foldK' (fold0, fold1, ...), got {config.val_split!r}")
-    for name in ("epochs", "batch_size", "base", "depth", "oversample_tumour", "shuffle_buffer",
-                 "plateau_patience"):
-        _at_least(config, name, 1 if name != "plateau_patience" else 0)
-    _at_least(config, "workers", 0)
-    _at_least(config, "warmup", 0)
-    _at_least(config, "context", 0)
-    if config.context > MAX_CONTEXT:
-        raise ConfigError(f"--context: must be in 0..{MAX_CONTEXT} (neighbours on each side), got {config.context}")
-    if config.early_stop is not None:
-        _at_least(config, "early_stop", 1)
-    _at_least(config, "seed", 0)
-    _at_least(config, "lr", 0.0, float)
-    if not config.lr > 0:
-        raise ConfigError(f"--lr: must be > 0, got {config.lr}")
-    _at_least(config, "weight_decay", 0.0, float)
-    _at_least(config, "plateau_factor", 0.0, float)
-    if not 0 < config.plateau_factor < 1:
-        raise ConfigError(f"--plateau-factor: must be in (0, 1), got {config.plateau_factor}")
+        raise ConfigError(f"--val-split: must be 'val' or 'foldK' (fold0, fold1, ...), got {shown(config.val_split)}")
     for name in ("batch_norm", "amp", "report", "deep_supervision"):
         if not isinstance(getattr(config, name), bool):
-            raise ConfigError(f"{option_name(name)}: must be true or false, got {getattr(config, name)!r}")
+            raise ConfigError(f"{option_name(name)}: must be true or false, got {shown(getattr(config, name))}")
     if config.time_budget is not None:
         try:
             parse_duration(config.time_budget)
         except ValueError as exc:
-            raise ConfigError(f"--time-budget: {exc}") from None
+            raise ConfigError(f"--time-budget: {cut(str(exc), 200)}") from None
 
 
 def check_against_manifest(config: Config, manifest: Any) -> None:
@@ -277,7 +333,7 @@ def check_against_manifest(config: Config, manifest: Any) -> None:
     if missing:
         raise ConfigError(f"--channels: {missing} not in these shards, which hold {manifest.channels}")
     if config.val_split not in manifest.splits:
-        raise ConfigError(f"--val-split: {config.val_split!r} is not a split of these shards; they have {manifest.splits}")
+        raise ConfigError(f"--val-split: {shown(config.val_split)} is not a split of these shards; they have {manifest.splits}")
     if config.val_split == "val" and "train" not in manifest.splits:
         raise ConfigError(f"--val-split: these shards have no 'train' split to train on ({manifest.splits}); use --val-split foldK")
 
@@ -288,7 +344,7 @@ def train_splits_of(config: Config, manifest: Any) -> list[str]:
         return ["train"]
     folds = [s for s in manifest.splits if re.match(r"^fold\d+$", s) and s != config.val_split]
     if not folds:
-        raise ConfigError(f"--val-split: no other fold to train on besides {config.val_split!r} ({manifest.splits})")
+        raise ConfigError(f"--val-split: no other fold to train on besides {shown(config.val_split)} ({manifest.splits})")
     return folds
 
 
@@ -303,7 +359,7 @@ def differences(saved: dict[str, Any], config: Config) -> list[str]:
         if name == "channels" and before is not None:
             before = list(before)
         if before != now[name]:
-            changed.append(f"{option_name(name)} {before!r} -> {now[name]!r}")
+            changed.append(f"{option_name(name)} {shown(before)} -> {shown(now[name])}")
     return changed
 
 

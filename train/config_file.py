@@ -13,24 +13,24 @@ A run's own `config.json` is read too: its `config` block, less `out` (the folde
 which a new run must not write into; give `--out`), so `--config runs/a/config.json --seed 1`
 repeats run a with another seed. Options given on the command line override the file's; the
 file's override the preset (or, with `--resume`, the run's saved options, with the same rules as
-flags). An unknown key or a value of the wrong type is one line naming the file and the key.
+flags). An unknown key, a value of the wrong type or out of its range (`config.NUMBERS`), a key
+given twice, or a file nested deeper than any options file is one line naming the file and the key.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from shards_spec.checked_io import read_small
+from shards_spec.checked_io import read_json, read_toml, shown
 
-from .config import FIELDS, ConfigError
+from .config import FIELDS, ConfigError, number_problem
 
 _WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
           "tuple[str, ...]": "a list of names", "None": "null"}
 NOT_FROM_A_RUN = ("out",)
-MAX_CONFIG_BYTES = 1 << 20
 """Keys of a saved run's config that a new run does not take from it."""
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def read_options(path: str | Path) -> dict[str, Any]:
@@ -43,8 +43,11 @@ def read_options(path: str | Path) -> dict[str, Any]:
     for key, value in table.items():
         name = str(key).replace("-", "_")
         if name not in FIELDS:
-            raise ConfigError(f"unknown key {key!r} (not an option of train run; see train run --help)", path)
+            raise ConfigError(f"unknown key {shown(key)} (not an option of train run; see train run --help)", path)
         options[name] = _typed(path, key, value, str(FIELDS[name].type))
+        problem = number_problem(name, options[name])
+        if problem is not None:
+            raise ConfigError(f"{key}: {problem}", path)
     return options
 
 
@@ -53,20 +56,11 @@ def _load(path: Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".json"):
         raise ConfigError("--config: must be a .toml file or a .json file such as a run's config.json", path)
-    raw = read_small(path, MAX_CONFIG_BYTES, ConfigError, "; a --config file holds a few options")
-    try:
-        if suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
-            table = tomllib.loads(raw.decode("utf-8"))
-        else:
-            table = json.loads(raw)
-    except UnicodeDecodeError:
-        raise ConfigError("is not UTF-8 text", path) from None
-    except ValueError as exc:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
-        raise ConfigError(f"not valid {suffix[1:].upper()} ({exc})", path) from None
+    note = "; a --config file holds a few options"
+    if suffix == ".toml":
+        table = read_toml(path, MAX_CONFIG_BYTES, ConfigError, note)
+    else:
+        table = read_json(path, MAX_CONFIG_BYTES, ConfigError, note)
     if not isinstance(table, dict):
         raise ConfigError(f"must hold a table of options, not {type(table).__name__}", path)
     return table
@@ -83,10 +77,13 @@ def _typed(path: Path, key: str, value: Any, annotation: str) -> Any:
     if plain_int and "int" in kinds:
         return value
     if (plain_int or isinstance(value, float)) and "float" in kinds:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            raise ConfigError(f"{key}: must be a finite number, got {shown(value)}", path) from None
     if isinstance(value, str) and ("str" in kinds or kinds[0].startswith("tuple")):
         return value
     if isinstance(value, list) and kinds[0].startswith("tuple") and all(isinstance(v, str) for v in value):
         return list(value)
     wanted = " or ".join(_WORDS.get(kind, kind) for kind in kinds)
-    raise ConfigError(f"{key}: must be {wanted}, got {value!r}", path)
+    raise ConfigError(f"{key}: must be {wanted}, got {shown(value)}", path)

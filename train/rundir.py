@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from shards_spec.checked_io import read_json
 from shards_spec.errors import ToolError
 from shards_spec.fileio import write_atomic
 from shards_spec.labels import CLASS_NAMES, REGION_NAMES
@@ -40,6 +41,8 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
 REPORT = "report"
+MAX_CONFIG_BYTES = 1 << 20
+"""A run's config.json is a few KB; it is read no further than this."""
 REPORT_FILES = ("report.md", "report.html", "loss.png", "scores.png", "lr.png", "slices.png")
 """What `train report` writes into RUN/report/ (tests/hardening ties this list to a real report)."""
 
@@ -84,12 +87,10 @@ def read_config(run_dir: Path | str) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise RunDirError("no config.json: not a train run folder", path)
-    try:
-        config = json.loads(path.read_text())["config"]
-        if not isinstance(config, dict):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
-        raise RunDirError("is not a train run's config.json", path) from None
+    record = read_json(path, MAX_CONFIG_BYTES, RunDirError, "; a run's config.json holds its options")
+    config = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(config, dict):
+        raise RunDirError("is not a train run's config.json", path)
     return config
 
 

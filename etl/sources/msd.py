@@ -21,12 +21,11 @@ loading, `train predict` and writing labels back need nothing else.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from shards_spec.checked_io import read_small
+from shards_spec.checked_io import cut, read_json, shown
 from shards_spec.errors import SourceError
 from shards_spec.labels import CHANNELS, CONVENTION_OF_LAYOUT, Convention, convention_from_names
 from shards_spec.preprocess import brain_mask
@@ -90,11 +89,7 @@ SOURCE = MsdLayout()
 def read_description(path: Path) -> tuple[dict[str, int], dict[int, int]]:
     """(our modality -> index on the images' last axis, source label value -> shard label) from an
     MSD dataset.json; SourceError naming it when it is not one we can read."""
-    raw = read_small(path, MAX_DESCRIPTION_BYTES, SourceError, "; an MSD dataset.json is a few KB")
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise SourceError(f"is not valid JSON ({exc})", path) from None
+    data = read_json(path, MAX_DESCRIPTION_BYTES, SourceError, "; an MSD dataset.json is a few KB")
     if not isinstance(data, dict):
         raise SourceError("is not a JSON object", path)
     for key, what in (("modality", "the modality at each index of the 4D images' last axis"),
@@ -107,7 +102,7 @@ def read_description(path: Path) -> tuple[dict[str, int], dict[int, int]]:
     try:
         labels = convention_from_names(data["labels"])
     except ValueError as exc:
-        raise SourceError(f'"labels": {exc}', path) from None
+        raise SourceError(f'"labels": {cut(str(exc), 200)}', path) from None
     return channel_index, labels
 
 
@@ -115,12 +110,12 @@ def parse_modalities(modality: dict, path: Path) -> dict[str, int]:
     """{"0": "FLAIR", ...} -> {"flair": 0, ...}; indices 0..n-1, each of our modalities at most once."""
     if sorted(modality) != [str(i) for i in range(len(modality))]:
         raise SourceError(f'"modality": its keys must be the indices 0..{len(modality) - 1}, got '
-                          f"{', '.join(map(repr, modality))}", path)
+                          f"{shown(list(modality))}", path)
     index: dict[str, int] = {}
     for key, name in sorted(modality.items(), key=lambda item: int(item[0])):
         ours = MODALITY_NAMES.get("".join(c for c in name.lower() if c not in " -_")) if isinstance(name, str) else None
         if ours is None:
-            raise SourceError(f'"modality": {key} is {name!r}, which is none of FLAIR, T1w, T1gd, T2w '
+            raise SourceError(f'"modality": {key} is {shown(name)}, which is none of FLAIR, T1w, T1gd, T2w '
                               f"(the modalities are {', '.join(CHANNELS)})", path)
         if ours in index:
             raise SourceError(f'"modality": {ours} is named twice (indices {index[ours]} and {key})', path)

@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shards_spec.checked_io import read_json, refuse_broken_link
 from shards_spec.errors import ToolError
 from shards_spec.fileio import write_atomic
 
 MARKER = ".etl-synth.json"
+MAX_MARKER_BYTES = 1 << 16
+"""The marker holds four small values."""
 
 
 def prepare(out: Path, *, layout: str, shape: tuple[int, int, int], seed: int, patients: int) -> tuple[int, int]:
@@ -41,15 +44,16 @@ def prepare(out: Path, *, layout: str, shape: tuple[int, int, int], seed: int, p
 
 def _existing(out: Path) -> dict | None:
     """What a previous `etl synth` recorded in `out`; None for a missing or empty folder."""
+    refuse_broken_link(out)
     if out.exists() and not out.is_dir():
         raise ToolError("exists and is not a folder", out)
     if not out.exists() or not any(out.iterdir()):
         return None
+    if not (out / MARKER).exists():
+        raise ToolError("is not empty and was not made by etl synth; choose a new or empty folder", out)
     try:
-        recorded = json.loads((out / MARKER).read_text())
-    except FileNotFoundError:
-        raise ToolError("is not empty and was not made by etl synth; choose a new or empty folder", out) from None
-    except (OSError, ValueError):
+        recorded = read_json(out / MARKER, MAX_MARKER_BYTES, ToolError)
+    except ToolError:
         raise ToolError(f"holds an unreadable {MARKER}; choose a new or empty folder", out) from None
     if not isinstance(recorded, dict) or not isinstance(recorded.get("patients"), int):
         raise ToolError(f"holds an unreadable {MARKER}; choose a new or empty folder", out)
