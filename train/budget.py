@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import signal
 import time
+from collections import deque
 from typing import Callable
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -78,15 +79,47 @@ class Budget:
 
 
 class Pace:
-    """What this process measured of its own speed, for `--time-budget` decisions inside an epoch:
-    training steps and their seconds (hooks included), against a validation's measured seconds."""
+    """What this process measured of its own speed, for `--time-budget` decisions: the wall-clock
+    interval of every training step (data wait and hooks included), against a validation's
+    measured seconds.
+
+    Decisions read the *recent* pace (`RECENT_SECONDS` of steps, at least `RECENT_STEPS`), not the
+    mean since the start: the first steps of a process are slow (cold caches, allocator, a loader
+    warming up, cuDNN autotuning) and a machine's other work comes and goes, so a rate measured
+    once is wrong for the rest of the run (measured: planned from 0.19 steps/s in its first steps,
+    a 10-minute run went on at 2.3 steps/s and spent five sixths of its budget at the floor rate).
+    The very first step of the process is left out of the recent pace for the same reason."""
+
+    RECENT_SECONDS = 30.0
+    RECENT_STEPS = 5
 
     def __init__(self, batch_size: int, val_slices: int) -> None:
         self.batch_size, self.val_slices = batch_size, val_slices
         self.steps, self.train_seconds = 0, 0.0
+        self.recent: deque[float] = deque()
+        self._recent_sum = 0.0
+
+    def record(self, seconds: float) -> None:
+        """One training step took `seconds` of wall clock."""
+        self.steps += 1
+        self.train_seconds += seconds
+        if self.steps == 1:
+            return
+        self.recent.append(seconds)
+        self._recent_sum += seconds
+        while len(self.recent) > self.RECENT_STEPS and self._recent_sum - self.recent[0] >= self.RECENT_SECONDS:
+            self._recent_sum -= self.recent.popleft()
+
+    def recent_total(self) -> tuple[int, float]:
+        """(steps, seconds) of the recent pace, or of every step until there is a recent one."""
+        if self.recent:
+            return len(self.recent), self._recent_sum
+        return max(self.steps, 1), self.train_seconds
 
     def step_seconds(self) -> float:
-        return self.train_seconds / self.steps if self.steps else 0.0
+        """Seconds per step at the recent pace (the mean of all steps until there is a recent one)."""
+        steps, seconds = self.recent_total()
+        return seconds / steps if self.steps else 0.0
 
     def reserve(self, val_seconds: float) -> float:
         """What must still fit after the next step: a validation and a checkpoint (the longest
@@ -100,11 +133,6 @@ class Pace:
     def out_of_time(self, budget: Budget, val_seconds: float) -> bool:
         """Whether one more step, then a validation and a checkpoint, would pass the budget."""
         return budget.limit is not None and budget.remaining() < self.step_seconds() + self.reserve(val_seconds)
-
-    def steps_that_fit(self, budget: Budget, val_seconds: float, steps_per_epoch: int) -> int:
-        """Training steps the rest of the budget holds, each epoch also paying a validation."""
-        epoch_seconds = self.step_seconds() * steps_per_epoch + self.reserve(val_seconds)
-        return int(budget.remaining() / epoch_seconds * steps_per_epoch) if epoch_seconds > 0 else 0
 
 
 def projection_line(steps: int, seconds: float, steps_per_epoch: int, epochs_left: int,

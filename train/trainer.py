@@ -24,11 +24,14 @@ follows the previous one directly or a `--resume`.
 
 Learning rate: `--schedule cosine` (default) warms up linearly over `--warmup` steps, then decays
 by a cosine to 1 % of `--lr` at the end of the schedule, `epochs x steps per epoch` steps; with
-`--time-budget` the schedule's length is planned once, after the first epoch (or after a few
-steps when an epoch is longer than the budget), to end when the budget does: a run cut by its
-budget ends annealed, not at its peak rate. `poly` is nnU-Net's (1 - t)^0.9; `plateau` the seed's
-ReduceLROnPlateau on the validation score. The learning rate is set before every step from the
-global step count, which the checkpoint keeps.
+`--time-budget` the decay is a function of the budget's elapsed fraction (`recipe.budget_progress`,
+or of the steps when the epochs asked for end first), so that it ends when the budget does however
+the speed varies (a slow first minute, other work on the machine, a pause): a run cut by its budget
+ends annealed, not at its peak rate, and never spends its budget at the floor rate. The ranks agree
+on the clock (the largest elapsed time) in the all-reduce that already agrees on stopping, so they
+all set the same rate. `poly` is nnU-Net's (1 - t)^0.9;
+`plateau` the seed's ReduceLROnPlateau on the validation score. The learning rate is set before
+every step from the global step count, which the checkpoint keeps.
 
 Two ways to stop early, on purpose different:
 
@@ -54,7 +57,7 @@ from typing import Any, Callable, Protocol
 
 from . import checkpoint as ckpt
 from . import distributed, engine, faults, messages, rundir
-from .recipe import class_priors, init_head_bias, schedule_rate
+from .recipe import budget_progress, class_priors, decay_rate, init_head_bias, schedule_rate, warmup_rate
 from .budget import Budget, Pace, StopRequested, StopSignal, format_duration
 
 PROJECTION_STEPS = 5
@@ -125,7 +128,6 @@ class TrainState:
     epoch_seconds: list[float] = field(default_factory=list)
     steps: int = 0  # optimiser steps so far: the learning-rate schedule's clock
     schedule_steps: int = 0  # the schedule's length: epochs x steps per epoch, or planned to the budget
-    planned: bool = False  # the schedule's length was fitted to the time budget (once per process)
     epoch_step: int = 0  # steps already taken in epoch `epoch` + 1 (a mid-epoch checkpoint)
     epoch_loss: tuple[float, float] = (0.0, 0.0)  # (sum, slices) of that partial epoch's training loss
     augmenter_state: Any = None  # that partial epoch's augmentation generator state
@@ -173,8 +175,11 @@ class Trainer:
         self.after_step = self.hooks.after_step or faults.sigterm_hook(self.dist.rank)
         self.pace = Pace(self.config.batch_size, setup.val_ds.num_slices)  # this process's measured speed
         self.steps_per_epoch = max(1, setup.train_ds.batches_per_epoch(self.config.batch_size, self.config.workers))
-        # The schedule spans --epochs (also after a resume that asks for more); a budget re-plans it.
-        self.state.schedule_steps, self.state.planned = self.config.epochs * self.steps_per_epoch, False
+        # The schedule spans --epochs (also after a resume that asks for more); a budget's clock may end it first.
+        self.state.schedule_steps = self.config.epochs * self.steps_per_epoch
+        self.trained_before = sum(self.state.epoch_seconds)  # earlier processes of a resumed run
+        self.clock_reading = (0.0, 0.0)  # (elapsed, reserve) of the budget, agreed by the ranks before each step
+        self.progress = 0.0  # the decay's progress under a budget, which never goes back
         self.projected = False
         self.skipped_before = self._skip_counts()
         self.stop = StopSignal()
@@ -207,8 +212,19 @@ class Trainer:
                                                           patience=self.config.plateau_patience)
 
     def learning_rate(self, step: int) -> float:
-        """The rate of global step `step` (0-based) for `--schedule cosine` or `poly`."""
-        return schedule_rate(self.config.schedule, self.config.lr, step, self.state.schedule_steps, self.config.warmup)
+        """The rate of global step `step` (0-based) for `--schedule cosine` or `poly`; under a time
+        budget the decay's progress is the larger of the steps' and the budget clock's (and never
+        goes back: a better estimate of the final validation must not raise the rate again)."""
+        config, total = self.config, self.state.schedule_steps
+        if self.budget.limit is None:
+            return schedule_rate(config.schedule, config.lr, step, total, config.warmup)
+        warmup = min(config.warmup, total // 10)
+        if step < warmup:
+            return warmup_rate(config.lr, step, warmup)
+        elapsed, reserve = self.clock_reading
+        by_clock = budget_progress(elapsed, self.budget.limit - reserve, self.trained_before)
+        self.progress = max(self.progress, by_clock, (step - warmup) / max(total - warmup, 1))
+        return decay_rate(config.schedule, config.lr, self.progress)
 
     def build_augmenter(self, epoch: int) -> Any:
         """This epoch's augmenter (None: no augmentation), seeded from (seed, epoch, rank)."""
@@ -315,19 +331,6 @@ class Trainer:
                 f"({format_duration(self.budget.elapsed())} used of {format_duration(self.budget.limit or 0)}); "
                 "continue with --resume")
 
-    def plan_schedule(self) -> None:
-        """With a time budget, fit the schedule's length to it, once (see the module doc)."""
-        if self.state.planned or self.budget.limit is None or self.scheduler is not None or not self.pace.steps:
-            return
-        fit = self.pace.steps_that_fit(self.budget, self.state.val_seconds, self.steps_per_epoch)
-        planned = min(self.state.schedule_steps, self.state.steps + max(fit, 1))
-        self.state.schedule_steps = int(distributed.broadcast_object(self.dist, planned))
-        self.state.planned = True
-        if self.state.schedule_steps < self.config.epochs * self.steps_per_epoch:
-            self.console.print(f"time budget: the learning-rate schedule is planned to end after "
-                               f"{self.state.schedule_steps} steps (~{self.state.schedule_steps / self.steps_per_epoch:.1f}"
-                               f" epochs), when the budget does")
-
     def train_epoch(self, epoch: int) -> float:
         """One pass over the training stream; returns the mean per-slice loss over its slices (all
         ranks). A mid-epoch checkpoint's steps are skipped (the stream is deterministic)."""
@@ -346,22 +349,22 @@ class Trainer:
         with _progress(self.console, title, self.steps_per_epoch) as advance, \
                 engine.batches(self.train_loader) as batches:
             advance(skip)
+            last = self.hooks.clock()  # the end of the previous step: a step's time includes its data wait
             for step, (image, mask) in enumerate(batches):
                 if step < skip:
+                    last = self.hooks.clock()
                     continue
                 if self.check_stop() == STOP_BUDGET:
                     state.epoch_loss = (float(loss_sum), float(seen))
                     raise BudgetReached
-                started = self.hooks.clock()
                 self.set_learning_rate()
                 losses = self.train_step(image, mask)
                 loss_sum += losses.to(dtype).sum()
                 seen += losses.numel()
                 state.steps += 1
                 state.epoch_step = step + 1
-                self.pace.steps += 1
                 advance()
-                self.after_train_step(epoch, step, started)
+                last = self.after_train_step(epoch, step, last)
         distributed.all_reduce_sum(self.dist, loss_sum)
         distributed.all_reduce_sum(self.dist, seen)
         if not self.projected:
@@ -404,23 +407,26 @@ class Trainer:
                 group["lr"] = rate
 
     def check_stop(self) -> int:
-        """Before a step: a signal on any rank stops at once (raises); the budget's verdict is returned."""
+        """Before a step: a signal on any rank stops at once (raises); the budget's verdict is returned.
+        The same all-reduce agrees on the budget's clock (the largest elapsed time and final reserve)."""
         level = STOP_SIGNAL if self.stop.requested else STOP_BUDGET if self.out_of_time() else 0
-        level = distributed.agree_level(self.dist, level, self.device)
+        reserve = self.pace.reserve(self.state.val_seconds)
+        level, elapsed, reserve = distributed.agree_max(self.dist, [level, self.budget.elapsed(), reserve], self.device)
+        level, self.clock_reading = int(level), (elapsed, reserve)
         if level == STOP_SIGNAL:
             raise StopRequested(self.stop.signum or 15)
         return level
 
-    def after_train_step(self, epoch: int, step: int, started: float) -> None:
-        """The test hook, the step's time, the speed projection after a few steps (and, when an
-        epoch is longer than the budget, the budget's schedule plan)."""
+    def after_train_step(self, epoch: int, step: int, last: float) -> float:
+        """The test hook, the step's time since the previous one ended (`last`), the speed
+        projection after a few steps; returns the time this step ended."""
         if self.after_step is not None:
             self.after_step(epoch, step, self.stop)
-        self.pace.train_seconds += self.hooks.clock() - started
+        now = self.hooks.clock()
+        self.pace.record(now - last)
         if not self.projected and self.pace.steps == PROJECTION_STEPS:
             self.print_projection(epoch)
-            if self.budget.limit is not None and self.steps_per_epoch * self.pace.step_seconds() > self.budget.remaining():
-                self.plan_schedule()
+        return now
 
     def validate_epoch(self, epoch: int) -> engine.Validation:
         """The validation pass with rank 0's BatchNorm statistics (the model rank 0 saves)."""
@@ -462,7 +468,6 @@ class Trainer:
             for callback in self.callbacks():
                 _call(callback, "on_epoch_end", self, row)
         self.console.print(self.summary(row, improved))
-        self.plan_schedule()
 
     def metrics_row(self, epoch: float, train_loss: float, validation: engine.Validation, lr: float,
                     seconds: float) -> dict:
@@ -572,7 +577,8 @@ class Trainer:
         self.projected = True
         workers = self.config.workers
         bound = self.setup.train_ds.memory_bound(workers, 2 if workers > 0 else 0, self.config.batch_size)
-        for line in messages.projection_lines(max(self.pace.steps, 1), self.pace.train_seconds, self.steps_per_epoch,
+        steps, seconds = self.pace.recent_total()
+        for line in messages.projection_lines(steps, seconds, self.steps_per_epoch,
                                               self.config.epochs - epoch, self.budget, bound, self.device):
             self.console.print(line)
 

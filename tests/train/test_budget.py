@@ -74,21 +74,22 @@ def test_pace_estimates_a_validation_before_measuring_one():
     assert pace.reserve(30.0) >= 30.0 + SAFETY_SECONDS
 
 
-def test_steps_that_fit_leave_room_for_each_epochs_validation():
-    """Steps of 2 s in epochs of 50, each epoch paying a 30 s validation: the planned steps and
-    their validations fit in 1000 s, and one epoch more would not."""
-    import math
-
+def test_the_recent_pace_forgets_slow_first_steps_and_a_pause():
+    """Decisions read the recent pace: the first step (cold caches) is never in it, and slow
+    steps drop out once newer steps fill its window."""
     from train.budget import Pace
 
     pace = Pace(batch_size=4, val_slices=40)
-    pace.steps, pace.train_seconds = 10, 20.0
-    fit = pace.steps_that_fit(Budget(1000.0, clock=FakeClock()), 30.0, 50)
-
-    def seconds(steps: int) -> float:
-        return steps * 2.0 + math.ceil(steps / 50) * 30.0
-
-    assert seconds(fit) <= 1000 < seconds(fit + 50)
+    pace.record(60.0)  # the first step of the process
+    for _ in range(4):
+        pace.record(10.0)  # a busy minute
+    assert pace.step_seconds() == 10.0
+    for _ in range(200):
+        pace.record(0.4)  # the steady pace
+    assert pace.step_seconds() == pytest.approx(0.4)
+    assert pace.steps == 205 and pace.train_seconds == pytest.approx(60 + 40 + 80)  # totals keep every step
+    steps, seconds = pace.recent_total()
+    assert seconds >= Pace.RECENT_SECONDS - 0.4 and steps == round(seconds / 0.4)
 
 
 def test_projection_line_mentions_rate_total_and_budget():
