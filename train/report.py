@@ -24,13 +24,22 @@ What it writes (matplotlib, Agg backend, so it runs without a display):
                 base64 PNG), to open in a browser or send on.
 
 Slices are shown as stored (first array axis to the right, second axis up); no reorientation.
-`train run` calls `main(run_dir)` at the end of training.
+
+Every file is drawn in memory first, then all are written together (`write_files`), so a full
+disk leaves the previous report whole and is one line naming the file (`ReportError`).
+`train run` calls `try_write(run_dir)` at the end of training: a report that cannot be written
+is one warning line, never a failed training.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
+import errno
+import io
 import math
+import os
+import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from shards_spec.errors import ToolError
-from shards_spec.fileio import write_atomic
+from shards_spec.fileio import atomic_path, refusal
 
 from .metrics import PATIENT_KEYS, summarize_patients
 from .rundir import read_config, read_metrics
@@ -71,44 +80,78 @@ def main(run_dir: Path | str, device: str = "auto", batch_size: int = 32, consol
          storage_options: dict | None = None) -> Path:
     """Write RUN_DIR/report/ (see the module docstring); return the path of report.md.
 
-    `storage_options` go to fsspec when the run's shards are a URL (they are not in config.json)."""
+    `storage_options` go to fsspec when the run's shards are a URL (they are not in config.json).
+    Raises `ReportError` (one line naming the file) for a run folder it cannot read or a report
+    it cannot write; a slice picture that cannot be drawn is a warning line and a note in the report."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; must precede pyplot's import
     from rich.console import Console
+
+    from .report_html import render_html  # the same report as one self-contained page
 
     console = console or Console(stderr=True, soft_wrap=True)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError("is not a run folder (it does not exist)", run_dir)
     columns, rows = read_metrics(run_dir / "metrics.csv")
-    out = run_dir / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
     names = [c.split("_", 1)[1] for c in columns if c.startswith("dice_")]
 
-    pictures = {
-        "loss.png": plot_loss(rows),
-        "scores.png": plot_scores(rows, names),
-        "lr.png": plot_lr(rows),
-    }
-    for name, figure in pictures.items():
-        save_png(figure, out / name)
+    pictures = {"loss.png": png_bytes(plot_loss(rows)), "scores.png": png_bytes(plot_scores(rows, names)),
+                "lr.png": png_bytes(plot_lr(rows))}
     slices_note, patient_summary = None, None
     try:
         shown, patient_summary = choose_slices(run_dir, device, batch_size, console, storage_options)
-        save_png(plot_slices(shown), out / "slices.png")
-        pictures["slices.png"] = None
+        pictures["slices.png"] = png_bytes(plot_slices(shown))
     except ToolError as exc:
         slices_note = str(exc)
-        console.print(f"report: no slice pictures ({slices_note})")
-    markdown = render_markdown(run_dir, rows, names, list(pictures), slices_note, patient_summary)
-    write_atomic(out / "report.md", markdown)
-    from .report_html import render_html  # the same report as one self-contained page
-
-    inlined = {name: (out / name).read_bytes() for name in pictures}
-    write_atomic(out / "report.html", render_html(run_dir, rows, names, inlined, slices_note, patient_summary))
-    console.print(f"report: {out / 'report.md'}, {out / 'report.html'} ({', '.join(pictures)})")
+        console.print(f"warning: report: no slice pictures: {slices_note}", markup=False, highlight=False)
+    out = run_dir / REPORT_DIR
+    write_files(out, {**pictures,
+                      "report.md": render_markdown(run_dir, rows, names, list(pictures), slices_note, patient_summary),
+                      "report.html": render_html(run_dir, rows, names, pictures, slices_note, patient_summary)})
+    console.print(f"report: {out / 'report.md'}, {out / 'report.html'} ({', '.join(pictures)})",
+                  markup=False, highlight=False)
     return out / "report.md"
+
+
+def try_write(run_dir: Path | str, device: str = "auto", batch_size: int = 32, console: Any = None,
+              storage_options: dict | None = None) -> str | None:
+    """`main` at the end of `train run`: the training is done and its checkpoints are written, so a
+    report that cannot be made (a full disk, a plotting library failing) must not turn it into a
+    failure. Returns None when the report is written, else the warning line it printed (stderr)."""
+    try:
+        main(run_dir, device=device, batch_size=batch_size, console=console, storage_options=storage_options)
+        return None
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the training stands
+        reason = str(exc) if isinstance(exc, ToolError) else f"{type(exc).__name__}: {_first_line(exc)}"
+        line = (f"warning: the report was not written: {reason}; the training is complete "
+                f"(`train report {run_dir}` tries again)")
+        if console is None:
+            from rich.console import Console
+
+            console = Console(stderr=True, soft_wrap=True)
+        console.print(line, markup=False, highlight=False)
+        return line
+
+
+def write_files(out: Path, files: dict[str, bytes | str]) -> None:
+    """Write every file into `out`, all or none: each goes to its temporary name, and the renames
+    happen only once all are whole, so a full disk leaves the previous report as it was.
+    Raises `ReportError` naming the file that could not be written."""
+    try:
+        with contextlib.ExitStack() as stack:
+            temps = {name: stack.enter_context(atomic_path(out / name)) for name in files}
+            for name, data in files.items():
+                temps[name].write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    except OSError as exc:
+        raise ReportError(f"cannot be written ({refusal(exc)}); the previous report is unchanged",
+                          exc.filename or out) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else "no detail"
 
 
 # ---------------------------------------------------------------- metrics.csv and curves
@@ -192,6 +235,9 @@ def choose_slices(run_dir: Path, device: str, batch_size: int, console: Any,
         manifest = store.manifest
         manifest.require_split(split)
     except (ToolError, OSError) as exc:
+        failure = network_failure(exc)
+        if failure:
+            raise ReportError(f"the shards in config.json cannot be reached ({failure})", shards) from None
         raise ReportError(f"the shards in config.json cannot be read ({exc})", shards) from None
     display = next((c for c in DISPLAY_CHANNELS if c in manifest.channels), manifest.channels[0])
     shown_index = manifest.channels.index(display)
@@ -219,6 +265,23 @@ def choose_slices(run_dir: Path, device: str, batch_size: int, console: Any,
     summary = {"split": split, "patients": len(per_patient), "checkpoint_epoch": loaded.epoch,
                "summary": summarize_patients(per_patient, ("dice",))}
     return shown, summary
+
+
+def network_failure(exc: BaseException) -> str | None:
+    """The connection failure behind a read of a URL, when there is one ("connection refused
+    [ECONNREFUSED]"): fsspec's http reader reports a server that is gone as a missing file."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionError) and cause.errno:
+            return f"{os.strerror(cause.errno).lower()} [{errno.errorcode.get(cause.errno, cause.errno)}]"
+        if isinstance(cause, socket.gaierror):
+            return f"host name not resolved ({cause.strerror})"
+        if isinstance(cause, TimeoutError):
+            return "timed out"
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def plot_slices(shown: list[ShownSlice]) -> Any:
@@ -250,7 +313,7 @@ def plot_slices(shown: list[ShownSlice]) -> Any:
 # ---------------------------------------------------------------- output
 
 
-def epoch_table(rows: list[dict], names: list[str]) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
+def epoch_table(rows: list[dict], names: list[str]) -> tuple[list[str], list[tuple[str, str, list[str]]]]:
     """The last and best epochs' per-class numbers, for report.md and report.html alike:
     (column titles, [(epoch, "last" / "best" / "last, best", formatted cells)])."""
     best = max(rows, key=lambda r: -math.inf if math.isnan(r["mean_dice"]) else r["mean_dice"])
@@ -262,15 +325,41 @@ def epoch_table(rows: list[dict], names: list[str]) -> tuple[list[str], list[tup
         cells = [_md(row["train_loss"], 4), _md(row["val_loss"], 4), _md(row["mean_dice"])]
         for prefix in ("dice", "prec", "recall"):
             cells += [_md(row.get(f"{prefix}_{n}", math.nan)) for n in names]
-        body.append((int(row["epoch"]), label, cells))
+        body.append((epoch_text(row["epoch"]), label, cells))
     return columns, body
+
+
+def epoch_text(epoch: float) -> str:
+    """An epoch as metrics.csv counts it: "5", or "4.301" for a time-budget stop inside epoch 5."""
+    return str(int(epoch)) if float(epoch).is_integer() else f"{epoch:g}"
+
+
+def epochs_trained(rows: list[dict]) -> str:
+    """What the report's heading says of the run's length: the last row's epoch, and how the
+    fractional rows (time-budget stops inside an epoch) came about."""
+    last = rows[-1]["epoch"]
+    text = f"{epoch_text(last)} epoch(s) trained"
+    if math.isfinite(last) and not float(last).is_integer():
+        text += f" (stopped by the time budget inside epoch {math.floor(last) + 1})"
+    resumed = sum(1 for r in rows[:-1] if math.isfinite(r["epoch"]) and not float(r["epoch"]).is_integer())
+    if resumed:
+        text += f"; {resumed} row(s) below the last are time-budget stops inside an epoch that was resumed"
+    return text
+
+
+def md_text(text: object) -> str:
+    """`text` shown literally in Markdown: the characters that start emphasis, code, links, HTML,
+    entities, tables or a heading's closing `#` are backslash-escaped (a folder named `*x*` or
+    `<img ...>` is neither emphasis nor HTML), line breaks become spaces."""
+    flat = " ".join(str(text).splitlines())
+    return re.sub(r"([\\`*_{}\[\]<>&#|!~$])", r"\\\1", flat)
 
 
 def render_markdown(run_dir: Path, rows: list[dict], names: list[str], pictures: list[str], slices_note: str | None,
                     patient_summary: dict | None) -> str:
     columns, body = epoch_table(rows, names)
-    lines = [f"# Run report: {run_dir.name}", "",
-             f"{len(rows)} epoch(s). Validation numbers per epoch are dataset-level: TP/FP/FN summed over every "
+    lines = [f"# Run report: {md_text(run_dir.name)}", "",
+             f"{epochs_trained(rows)}. Validation numbers per epoch are dataset-level: TP/FP/FN summed over every "
              "validation slice on the shard grid, then one score per channel (–: NaN, no voxel in prediction or "
              "truth, left out of the mean Dice).", "",
              "| epoch | | " + " | ".join(columns) + " |",
@@ -291,7 +380,7 @@ def render_markdown(run_dir: Path, rows: list[dict], names: list[str], pictures:
                   "", "Best, median and worst patient by mean class Dice, each on its slice with the most tumour: "
                   "ground truth left, prediction right.", "", "![validation slices](slices.png)", ""]
     else:
-        lines += [f"Not drawn: {slices_note}", ""]
+        lines += [f"Not drawn: {md_text(slices_note)}", ""]
     lines += ["For the headline numbers (patient level on the native grid, HD95) run "
               "`train evaluate --checkpoint checkpoints/best.pt --shards SHARDS --src BRATS_DIR`.", ""]
     return "\n".join(lines)
@@ -301,10 +390,8 @@ def _md(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def save_png(figure: Any, path: Path) -> None:
-    """Save a figure as PNG atomically and close it."""
-    import io
-
+def png_bytes(figure: Any) -> bytes:
+    """A figure as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -312,7 +399,8 @@ def save_png(figure: Any, path: Path) -> None:
         figure.savefig(buffer, format="png", dpi=100)
     finally:
         plt.close(figure)
-    write_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
-__all__ = ["ReportError", "main", "read_metrics", "render_markdown"]
+__all__ = ["ReportError", "epochs_trained", "main", "md_text", "read_metrics", "render_markdown", "try_write",
+           "write_files"]

@@ -38,14 +38,14 @@ figure { margin: 1.5em 0; } img { max-width: 100%; } figcaption { color: #555; f
 def render_html(run_dir: Path, rows: list[dict], names: list[str], pictures: dict[str, bytes],
                 slices_note: str | None, patient_summary: dict | None) -> str:
     """The page; `pictures` maps a report PNG's name to its bytes, in the order to show them."""
-    from .report import epoch_table
+    from .report import epoch_table, epochs_trained
 
     columns, body = epoch_table(rows, names)
     parts = [f"<h1>Run report: {_e(run_dir.name)}</h1>",
-             f"<p>{len(rows)} epoch(s). Validation numbers per epoch are dataset-level: TP/FP/FN summed over every "
+             f"<p>{_e(epochs_trained(rows))}. Validation numbers per epoch are dataset-level: TP/FP/FN summed over every "
              "validation slice on the shard grid, then one score per channel (&ndash;: NaN, no voxel in prediction "
              "or truth, left out of the mean Dice).</p>",
-             _table(["epoch", "", *columns], [(str(epoch), [label, *cells]) for epoch, label, cells in body], "epochs")]
+             _table(["epoch", "", *columns], [(epoch, [label, *cells]) for epoch, label, cells in body], "epochs")]
     parts.append("<h2>Curves</h2>")
     parts += [_figure(name, data) for name, data in pictures.items() if name != "slices.png"]
     parts.append("<h2>Validation slices</h2>")

@@ -165,30 +165,37 @@ def append_metrics_row(run_dir: Path, columns: list[str], row: dict) -> None:
         csv.writer(fh, lineterminator="\n").writerow([_cell(row.get(c, math.nan)) for c in columns])
 
 
+def _parse_metrics(reader: Any, path: Path) -> tuple[list[str], list[dict[str, float]]]:
+    try:
+        columns = next(reader)
+    except StopIteration:
+        raise RunDirError("is empty (no header)", path) from None
+    needed = {"epoch", "train_loss", "val_loss", "mean_dice", "lr"}
+    if not needed <= set(columns) or not any(c.startswith("dice_") for c in columns):
+        raise RunDirError(f"header lacks {sorted(needed - set(columns)) or ['dice_*']}: not a train run's metrics", path)
+    rows = []
+    for number, values in enumerate(reader, start=2):
+        if not values:
+            continue
+        if len(values) != len(columns):
+            raise RunDirError(f"line {number} has {len(values)} fields, the header {len(columns)}", path)
+        try:
+            rows.append({c: float(v) for c, v in zip(columns, values)})
+        except ValueError:
+            raise RunDirError(f"line {number} holds a value that is not a number", path) from None
+    return columns, rows
+
+
 def read_metrics(path: Path) -> tuple[list[str], list[dict[str, float]]]:
     """The header and rows of metrics.csv, values as floats (nan stays nan)."""
     if not path.is_file():
         raise RunDirError("no metrics.csv: not a run folder, or no epoch has finished yet", path)
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        try:
-            columns = next(reader)
-        except StopIteration:
-            raise RunDirError("is empty (no header)", path) from None
-        needed = {"epoch", "train_loss", "val_loss", "mean_dice", "lr"}
-        if not needed <= set(columns) or not any(c.startswith("dice_") for c in columns):
-            raise RunDirError(f"header lacks {sorted(needed - set(columns)) or ['dice_*']}: not a train run's metrics",
-                              path)
-        rows = []
-        for number, values in enumerate(reader, start=2):
-            if not values:
-                continue
-            if len(values) != len(columns):
-                raise RunDirError(f"line {number} has {len(values)} fields, the header {len(columns)}", path)
-            try:
-                rows.append({c: float(v) for c, v in zip(columns, values)})
-            except ValueError:
-                raise RunDirError(f"line {number} holds a value that is not a number", path) from None
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            columns, rows = _parse_metrics(csv.reader(fh), path)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "it is not a CSV text file"
+        raise RunDirError(f"cannot be read ({reason})", path) from None
     if not rows:
         raise RunDirError("holds no epoch yet", path)
     return columns, rows
