@@ -22,8 +22,19 @@ Where it goes: TensorBoard event files in `RUN/tensorboard/` (a `--resume` appen
 MLflow: one MLflow run per `train run` invocation, named after the run folder, in the
 experiment `$MLFLOW_EXPERIMENT_NAME` (default "brats-shards") at `--tracking-uri` (default:
 MLflow's own, `$MLFLOW_TRACKING_URI` or `sqlite:///mlflow.db`), tagged with the run folder and
-the epoch it started from. A tracker that fails mid-run (a server gone) prints one warning and
-stops logging; training goes on, and metrics.csv is complete.
+the epoch it started from.
+
+A tracker never stops or stalls training. Every call to its backend (MLflow's set-up probe, the
+run's creation, each batch of params or metrics, each picture, the end) runs on a helper thread
+and is waited for at most `BRATS_SHARDS_TRACKING_TIMEOUT` seconds (default 10: a lab server
+answers in well under a second; a stalled one would otherwise hold the run for MLflow's own
+120 s x 7 retries). MLflow's client gets no retries and a request timeout a second longer
+(`MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`, `MLFLOW_HTTP_REQUEST_TIMEOUT`) unless those variables are
+set, so a closed port fails at once and an abandoned request ends soon after. Before anything is
+written, the probe failing is one line (exit 2); from the run's start on, a failure or a call
+not answered in time prints one warning (on the run's console, stderr) and the run goes on
+without the tracker: metrics.csv is complete. Credentials in `--tracking-uri`
+(`http://user:password@host`) are never printed: every message has them redacted.
 
 The extras: `pip install 'brats-shards[tensorboard]'` / `'brats-shards[mlflow]'`; a missing one
 is one line naming it, before any data is read.
@@ -35,11 +46,15 @@ import contextlib
 import json
 import math
 import os
+import re
+import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
+from shards_spec import limits
 from shards_spec.errors import ToolError
 
 LOGGERS = ("csv", "tensorboard", "mlflow")
@@ -47,10 +62,70 @@ TENSORBOARD_DIR = "tensorboard"
 DEFAULT_EXPERIMENT = "brats-shards"
 OVERLAY_TAG = "val_overlay"
 OVERLAY_SLICES = 3
+TIMEOUT_LIMITS = {"TRACKING_TIMEOUT": 10}
+"""Seconds one tracker call may take (`BRATS_SHARDS_TRACKING_TIMEOUT`; module docstring)."""
+TIMEOUT_ENV = limits.ENV_PREFIX + "TRACKING_TIMEOUT"
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
 
 
 class TrackingError(ToolError):
     """A tracker that cannot start (bad option, a tracking store that refuses the run)."""
+
+
+def call_timeout() -> float:
+    """`BRATS_SHARDS_TRACKING_TIMEOUT` in seconds (> 0), checked before anything is written."""
+    value = limits.get("TRACKING_TIMEOUT", TIMEOUT_LIMITS)
+    if not value > 0:
+        raise TrackingError(f"environment variable {TIMEOUT_ENV} must be a number of seconds > 0, got {value:g}")
+    return value
+
+
+def bounded(call: Callable[..., Any], *args: Any, timeout: float) -> Any:
+    """`call(*args)` on a daemon thread, waited for at most `timeout` seconds: its result, its
+    exception, or `TimeoutError`. A call that does not return is abandoned (a daemon thread never
+    holds the process at exit); the caller never calls that backend again."""
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["value"] = call(*args)
+        except BaseException as exc:  # handed to the waiting thread, which decides
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="tracker-call", daemon=True).start()
+    if not done.wait(timeout):
+        raise TimeoutError(f"no answer within {timeout:g} s, the bound {TIMEOUT_ENV} sets")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def redact(text: str, uri: str | None = None) -> str:
+    """`text` without credentials: the `user:password@` of any URL in it, and the password of
+    `uri` wherever it appears (also percent-decoded)."""
+    text = _USERINFO.sub(r"\1***@", text)
+    password = urlsplit(uri).password if uri and "://" in uri else None
+    for secret in {password, unquote(password or "")} - {None, ""}:
+        text = text.replace(secret, "***")
+    return text
+
+
+def reason_of(exc: BaseException, uri: str | None = None) -> str:
+    """A short, credential-free reason for `exc`: the OS's words for a refused or failed
+    connection when the message carries them (MLflow wraps them in a long URL line)."""
+    text = str(exc).strip()
+    if isinstance(exc, TimeoutError) and TIMEOUT_ENV in text:
+        return text
+    errno = None if isinstance(exc, (OSError, ToolError)) else re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    if errno:
+        return redact(errno.group(1).strip(), uri)
+    if "Read timed out" in text:
+        return redact("no answer (read timed out)", uri)
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return redact(first, uri)[:240]
 
 
 def make_tracker(logger: str, tracking_uri: str | None = None, images_every: int = 5) -> "Tracker | None":
@@ -69,6 +144,7 @@ def make_tracker(logger: str, tracking_uri: str | None = None, images_every: int
         require("tensorboard", "tensorboard", "--logger tensorboard")
         return TensorBoardTracker(images_every)
     require("mlflow", "mlflow", "--logger mlflow")
+    require("mlflow.tracking", "mlflow", "--logger mlflow")  # imported here, not on a call's thread
     tracker = MlflowTracker(images_every, tracking_uri)
     tracker.probe()  # a store that refuses us fails here, before the run folder is written
     return tracker
@@ -81,22 +157,27 @@ class Tracker:
         self.images_every = images_every
         self.active = False
         self.overlay: list[dict] | None = None
+        self.timeout = call_timeout()
+        self.console: Any = None
 
     # ------------------------------------------------------------ Trainer callbacks
 
     def on_fit_start(self, trainer: Any) -> None:
         self.console = trainer.console
-        self.start(trainer)  # a store that refuses the run stops it here, as one line, before any epoch
         self.active = True
-        self._guard(self.log_params, hyperparameters(trainer.config.to_dict()), trainer.config.to_dict())
+        if self._guard(self.start, trainer):
+            config = trainer.config.to_dict()
+            self._guard(self.log_params, hyperparameters(config), config)
 
     def on_epoch_end(self, trainer: Any, row: dict) -> None:
         if not self.active:
             return
         epoch = int(row["epoch"])
         self._guard(self.log_metrics, {k: float(v) for k, v in row.items() if k != "epoch"}, epoch)
-        if self.images_every and (epoch % self.images_every == 0 or epoch == trainer.config.epochs):
-            self._guard(self._log_overlay, trainer, epoch)
+        if self.active and self.images_every and (epoch % self.images_every == 0 or epoch == trainer.config.epochs):
+            picture = self._overlay(trainer, epoch)
+            if picture is not None:
+                self._guard(self.log_image, picture, epoch)
 
     def on_fit_end(self, trainer: Any, result: Any) -> None:
         if self.active:
@@ -122,20 +203,37 @@ class Tracker:
 
     # ------------------------------------------------------------ shared
 
-    def _guard(self, method: Any, *args: Any) -> None:
-        """Run one logging call; on failure warn once and stop tracking (metrics.csv goes on)."""
-        try:
-            method(*args)
-        except Exception as exc:  # a tracking backend raises its own types (network, store, protobuf)
-            self.active = False
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            self.console.print(f"warning: {type(self).__name__}: {reason}; logging stopped, metrics.csv is complete")
+    def redact(self, text: str) -> str:
+        return redact(text)
 
-    def _log_overlay(self, trainer: Any, epoch: int) -> None:
-        if self.overlay is None:
-            self.overlay = overlay_slices(trainer)
-        if self.overlay:
-            self.log_image(overlay_picture(trainer, self.overlay, epoch), epoch)
+    def _guard(self, method: Any, *args: Any) -> bool:
+        """One backend call, bounded (`bounded`, `self.timeout`); on failure or time-out warn
+        once and stop tracking (metrics.csv goes on). True when the call succeeded."""
+        if not self.active:
+            return False
+        try:
+            bounded(method, *args, timeout=self.timeout)
+        except Exception as exc:  # a tracking backend raises its own types (network, store, protobuf)
+            self._stop(exc)
+            return False
+        return True
+
+    def _stop(self, exc: BaseException) -> None:
+        self.active = False
+        reason = self.redact(reason_of(exc))[:240]
+        self.console.print(f"warning: {type(self).__name__}: {reason}; logging stopped, metrics.csv is complete",
+                           highlight=False, markup=False)
+
+    def _overlay(self, trainer: Any, epoch: int) -> np.ndarray | None:
+        """The overlay picture, drawn here on the training thread (the model must not run on
+        another thread while training goes on); a failure stops tracking like a failed call."""
+        try:
+            if self.overlay is None:
+                self.overlay = overlay_slices(trainer)
+            return overlay_picture(trainer, self.overlay, epoch) if self.overlay else None
+        except Exception as exc:  # drawing, or reading the validation slices
+            self._stop(exc)
+            return None
 
 
 class TensorBoardTracker(Tracker):
@@ -144,7 +242,10 @@ class TensorBoardTracker(Tracker):
     def start(self, trainer: Any) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(trainer.run_dir / TENSORBOARD_DIR))
+        folder = trainer.run_dir / TENSORBOARD_DIR
+        if folder.exists() and not folder.is_dir():
+            raise TrackingError("is not a folder, so TensorBoard cannot write its event files there", folder)
+        self.writer = SummaryWriter(log_dir=str(folder))
 
     def log_params(self, params: dict[str, Any], config: dict) -> None:
         from torch.utils.tensorboard.summary import hparams
@@ -175,36 +276,46 @@ class MlflowTracker(Tracker):
     def __init__(self, images_every: int, tracking_uri: str | None) -> None:
         super().__init__(images_every)
         self.tracking_uri = tracking_uri
+        # MLflow's client: a request ends a second after the call's bound (so the bound speaks
+        # first, and an abandoned call ends soon after) and is not retried (120 s x 7 by default),
+        # unless the user set these; MLflow reads them at each request.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(math.ceil(self.timeout) + 1))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
+    def redact(self, text: str) -> str:
+        return redact(text, self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
 
     def probe(self) -> None:
-        """Open the store and read from it (read-only, so every DDP rank may do it)."""
+        """Open the store and read from it (read-only, so every DDP rank may do it), bounded."""
         from mlflow.tracking import MlflowClient
 
+        def connect() -> Any:
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            client.search_experiments(max_results=1)
+            return client
+
         with self._refusal():
-            self.client = MlflowClient(tracking_uri=self.tracking_uri)
-            self.client.search_experiments(max_results=1)
+            self.client = bounded(connect, timeout=self.timeout)
 
     def start(self, trainer: Any) -> None:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        with self._refusal():
-            found = self.client.get_experiment_by_name(name)
-            experiment = found.experiment_id if found is not None else self.client.create_experiment(name)
-            tags = {"brats_shards.run_dir": str(trainer.run_dir), "brats_shards.start_epoch": str(trainer.state.epoch)}
-            self.run_id = self.client.create_run(experiment, run_name=trainer.run_dir.name, tags=tags).info.run_id
+        found = self.client.get_experiment_by_name(name)
+        experiment = found.experiment_id if found is not None else self.client.create_experiment(name)
+        tags = {"brats_shards.run_dir": str(trainer.run_dir), "brats_shards.start_epoch": str(trainer.state.epoch)}
+        self.run_id = self.client.create_run(experiment, run_name=trainer.run_dir.name, tags=tags).info.run_id
 
     @contextlib.contextmanager
     def _refusal(self) -> Iterator[None]:
-        from mlflow.exceptions import MlflowException
-
         try:
             yield
-        except (MlflowException, OSError, ImportError) as exc:  # ImportError: a store whose backend is not installed
-            reason = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+        except Exception as exc:  # MLflow's own, OSError, ImportError (a store whose backend is not installed)
+            reason = reason_of(exc, self.tracking_uri)
             if "MLFLOW_ALLOW_FILE_STORE" in str(exc):
                 reason = ("MLflow keeps its file store behind MLFLOW_ALLOW_FILE_STORE=true: set it, or give a "
                           "server or database URI")
-            raise TrackingError(f"--logger mlflow: the tracking store refuses the run ({reason})",
-                                self.tracking_uri) from None
+            uri = None if self.tracking_uri is None else self.redact(self.tracking_uri)
+            what = "gave" if reason.startswith("no answer") else "refuses the run:"
+            raise TrackingError(f"--logger mlflow: the tracking store {what} {self.redact(reason)}", uri) from None
 
     def log_params(self, params: dict[str, Any], config: dict) -> None:
         from mlflow.entities import Param
@@ -299,5 +410,5 @@ def overlay_picture(trainer: Any, slices: list[dict], epoch: int) -> np.ndarray:
         plt.close(figure)
 
 
-__all__ = ["LOGGERS", "MlflowTracker", "TensorBoardTracker", "Tracker", "TrackingError", "hyperparameters",
-           "make_tracker"]
+__all__ = ["LOGGERS", "MlflowTracker", "TIMEOUT_ENV", "TensorBoardTracker", "Tracker", "TrackingError", "bounded",
+           "call_timeout", "hyperparameters", "make_tracker", "redact"]

@@ -219,3 +219,194 @@ def test_bad_options_and_a_refusing_store_are_one_line(shards, tmp_path, monkeyp
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "--logger mlflow" in lines[0] and "refuses" in lines[0], err
     assert not (tmp_path / "c").exists()  # refused before the run folder was written
+
+
+# ---------------------------------------------------------------- bounded calls: a tracker never stalls training
+
+
+class TrackingServer:
+    """A tracking server on 127.0.0.1 that answers MLflow's set-up requests (`answers`: path ->
+    JSON body, status 200; a missing experiment 404) and accepts every other request and never
+    answers it: a server that stalls after the set-up. With no answers, it stalls at once."""
+
+    RUN = {"run": {"info": {"run_id": "r1", "run_uuid": "r1", "experiment_id": "1", "status": "RUNNING",
+                            "start_time": 0, "lifecycle_stage": "active", "run_name": "run",
+                            "artifact_uri": "mlflow-artifacts:/1/r1/artifacts"}, "data": {}}}
+    SET_UP = {"/api/2.0/mlflow/experiments/search": {"experiments": []},
+              "/api/2.0/mlflow/experiments/get-by-name": None,
+              "/api/2.0/mlflow/experiments/create": {"experiment_id": "1"},
+              "/api/2.0/mlflow/runs/create": RUN}
+
+    def __init__(self, answers: dict | None = None) -> None:
+        import socket
+        import threading
+
+        self.answers = answers or {}
+        self.requests: list[str] = []
+        self.release = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.release.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            path = data.split(b" ", 2)[1].decode().split("?")[0]
+            self.requests.append(path)
+            if path not in self.answers:
+                self.release.wait()  # accepted, never answered
+                return
+            body = self.answers[path]
+            status, body = ("404 Not Found", {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "none"}) \
+                if body is None else ("200 OK", body)
+            text = json.dumps(body).encode()
+            conn.sendall(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(text)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + text)
+
+    def uri(self, credentials: str = "") -> str:
+        return f"http://{credentials}127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.close()
+
+
+@pytest.fixture
+def server():
+    made = []
+
+    def make(answers: dict | None = None) -> TrackingServer:
+        made.append(TrackingServer(answers))
+        return made[-1]
+
+    yield make
+    for item in made:
+        item.close()
+
+
+@pytest.fixture
+def mlflow_bounds(monkeypatch):
+    """A one-second bound; MLflow's request variables absent now (the tracker sets its defaults)
+    and absent again after the test."""
+    monkeypatch.setenv(tracking.TIMEOUT_ENV, "1")
+    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(name, "")  # records the original state, so the teardown restores it
+        monkeypatch.delenv(name)
+
+
+SECRET = "s3cret-Pw"
+
+
+def test_a_stalled_call_is_abandoned_at_the_bound_with_one_warning_and_training_completes(shards, tmp_path,
+                                                                                         monkeypatch):
+    pytest.importorskip("tensorboard")
+    import threading
+
+    monkeypatch.setenv(tracking.TIMEOUT_ENV, "0.5")
+    never = threading.Event()
+
+    class Stalled(tracking.TensorBoardTracker):
+        calls = 0
+
+        def log_metrics(self, metrics, step):
+            Stalled.calls += 1
+            if step == 2:
+                never.wait()  # a backend that never returns
+            super().log_metrics(metrics, step)
+
+    console = quiet()
+    try:
+        run = train(shards, tmp_path / "run", Stalled(images_every=0), console)
+    finally:
+        never.set()
+    text = console.file.getvalue()
+    assert text.count("warning: Stalled:") == 1, text
+    assert f"no answer within 0.5 s, the bound {tracking.TIMEOUT_ENV} sets; logging stopped" in text
+    assert Stalled.calls == 2  # epoch 1 logged, epoch 2 stalled, epoch 3 not tried
+    assert len(csv_rows(run)[1]) == EPOCHS
+
+
+def test_a_server_that_stalls_after_the_set_up_costs_one_warning_and_never_prints_the_password(
+        shards, tmp_path, server, mlflow_bounds):
+    pytest.importorskip("mlflow")
+    stalling = server(TrackingServer.SET_UP)
+    tracker = tracking.make_tracker("mlflow", stalling.uri(f"bob:{SECRET}@"), images_every=1)
+    console = quiet()
+    run = train(shards, tmp_path / "run", tracker, console)
+    text = console.file.getvalue()
+    assert "/api/2.0/mlflow/runs/create" in stalling.requests  # the set-up was answered
+    assert stalling.requests[-1] == "/api/2.0/mlflow/runs/log-batch"  # then one call stalled, and no other was made
+    assert text.count("warning: MlflowTracker:") == 1 and "logging stopped, metrics.csv is complete" in text, text
+    assert len(csv_rows(run)[1]) == EPOCHS
+    assert SECRET not in text
+
+
+@pytest.mark.parametrize("kind", ["stalls", "closed port"])
+def test_a_store_that_does_not_answer_the_probe_is_one_line_within_the_bound(kind, shards, tmp_path, server,
+                                                                             mlflow_bounds, capsys):
+    pytest.importorskip("mlflow")
+    import socket
+
+    if kind == "stalls":
+        uri = server().uri(f"bob:{SECRET}@")
+    else:
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            port = probe.getsockname()[1]
+        uri = f"http://bob:{SECRET}@127.0.0.1:{port}"  # nothing listens there any more
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["run", "--shards", shards, "--variant", "v1", "--out", out, "--epochs", "1",
+                                 "--device", "cpu", "--workers", "0", "--logger", "mlflow", "--tracking-uri", uri],
+                                capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    expected = "no answer" if kind == "stalls" else "connection refused"  # at once: MLflow's retries are off
+    assert "--logger mlflow" in lines[0] and expected in lines[0].lower(), lines[0]
+    assert SECRET not in stdout + err and "bob:" not in stdout + err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_resume_with_tensorboard_a_file_warns_once_and_the_run_goes_on(shards, plain_run, tmp_path):
+    pytest.importorskip("tensorboard")
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(plain_run, run)
+    (run / tracking.TENSORBOARD_DIR).write_text("not a folder")
+    console = quiet()
+    result = fit.run(dict(RUN, shards=str(shards), out=str(run), epochs=EPOCHS + 1), resume=True,
+                     hooks=Hooks(console=console, callbacks=[tracking.TensorBoardTracker(images_every=0)]))
+    text = console.file.getvalue()
+    assert result.exit_code == 0 and result.epochs_done == EPOCHS + 1
+    assert text.count("warning: TensorBoardTracker:") == 1
+    assert f"{run / tracking.TENSORBOARD_DIR}: is not a folder" in text
+    assert len(csv_rows(run)[1]) == EPOCHS + 1
+
+
+def test_credentials_are_redacted_and_a_bad_bound_is_one_line(monkeypatch):
+    uri = "http://bob:p%40ss-w0rd@mlflow.lab:5000"
+    text = f"API request to {uri}/api/2.0/x failed; auth p@ss-w0rd; also https://eve:other@h/"
+    cleaned = tracking.redact(text, uri)
+    assert "p%40ss-w0rd" not in cleaned and "p@ss-w0rd" not in cleaned and "eve:other" not in cleaned
+    assert "http://***@mlflow.lab:5000/api/2.0/x" in cleaned and "https://***@h/" in cleaned
+    assert tracking.redact("http://mlflow.lab:5000 answered 503", None) == "http://mlflow.lab:5000 answered 503"
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv(tracking.TIMEOUT_ENV, bad)
+        with pytest.raises(tracking.ToolError, match=tracking.TIMEOUT_ENV):
+            tracking.call_timeout()
+    monkeypatch.setenv(tracking.TIMEOUT_ENV, "2.5")
+    assert tracking.call_timeout() == 2.5
