@@ -15,6 +15,8 @@ import typer
 from shards_spec.cli import make_app
 from shards_spec.errors import ToolError, run_cli
 
+from .tracking import TIMEOUT_ENV, TIMEOUT_LIMITS
+
 app = make_app(
     "train",
     help="Train, evaluate and apply 2D U-Nets on BraTS slice shards (see `train COMMAND --help`).\n\n"
@@ -52,8 +54,10 @@ epoch's checkpoint is kept; continue with --resume).
 
 
 STORAGE_OPTION_HELP = ("fsspec option for a shard URL, KEY=VALUE (repeatable; VALUE may be JSON), e.g. "
-                       "endpoint_url=http://minio.lab:9000 or anon=true; not saved with the run (give it again "
-                       "on --resume); credentials: AWS_* variables or ~/.aws/.")
+                       "endpoint_url=http://minio.lab:9000 or anon=true; credentials: AWS_* variables or ~/.aws/.")
+RUN_STORAGE_OPTION_HELP = STORAGE_OPTION_HELP + " Not saved with the run: give it again on --resume."
+TRACKING_BOUND_HELP = (f"Each tracker call may take {TIMEOUT_LIMITS['TRACKING_TIMEOUT']:g} s ({TIMEOUT_ENV}); a "
+                       "failure or a stall is one warning and training goes on (before the start: one line).")
 DEVICE_HELP = ("auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda (GPU 0; under torchrun each "
                "rank's GPU LOCAL_RANK), cuda:N (GPU N) or mps (Apple silicon).")
 CONFIG_HELP = ("Options from a TOML file (epochs = 80, batch-size = 16, channels = [\"t1ce\", \"flair\"]) "
@@ -112,10 +116,10 @@ def run_command(
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=_default("Mixed precision: fp16 autocast + GradScaler on CUDA; bf16 autocast on a CPU that computes bf16 natively (AMX, AVX512-BF16): twice the steps, +0.146 mean Dice in 10 CPU minutes (README Quality). --no-amp: float32.", "on")),
     amp_dtype: Optional[str] = typer.Option(None, help=_default("auto (fp16 on CUDA; bf16 on a CPU with native bf16, AMX or AVX512-BF16, else off), float16 or bfloat16.", "auto")),
     cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here (remote shards), re-verified by sha256 on every use."),
-    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", metavar="<key=value>", help=STORAGE_OPTION_HELP),
+    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", metavar="<key=value>", help=RUN_STORAGE_OPTION_HELP),
     on_bad_shard: Optional[str] = typer.Option(None, help=_default("fail: stop at the first bad shard; skip: leave bad shards out, count them and print the count after each epoch.", "fail")),
     report: Optional[bool] = typer.Option(None, "--report/--no-report", help=_default("Write the report at the end.", "on")),
-    logger: str = typer.Option("csv", help="Also log to tensorboard (RUN/tensorboard/) or mlflow (--tracking-uri); csv: metrics.csv only. Not saved with the run."),
+    logger: str = typer.Option("csv", help="Also log to tensorboard (RUN/tensorboard/) or mlflow (--tracking-uri); csv: metrics.csv only. Not saved with the run. " + TRACKING_BOUND_HELP),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default)."),
     log_images_every: int = typer.Option(5, help="With --logger: a validation overlay picture every N epochs and after the last (0: none)."),
 ) -> None:
@@ -163,12 +167,13 @@ def evaluate_command(
     checkpoint: List[Path] = typer.Option(..., metavar="<path>", help=ENSEMBLE_HELP),
     shards: str = typer.Option(..., help="Shard folder or URL."),
     split: str = typer.Option("val", help="Split to evaluate."),
-    src: Optional[Path] = typer.Option(None, help="BraTS source folder: also score on the native grid (the headline number)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write all scores to this JSON file."),
+    src: Optional[Path] = typer.Option(None, help="BraTS source folder: also score on the native grid (the headline number); a warning when it is not the source the shards were built from."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write all scores to this JSON file (and the per-patient CSV beside it, NAME_patients.csv, unless --csv)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the per-patient scores to this CSV file."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", show_default=False, help=_default("Replace --json/--csv files that exist already (an input never: a checkpoint, shard or source file).", "off")),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     batch_size: int = typer.Option(32, help="Slices per batch."),
-    workers: int = typer.Option(2, help="DataLoader worker processes."),
+    workers: int = typer.Option(2, help="DataLoader worker processes (at most BRATS_SHARDS_MAX_WORKERS, like train run)."),
     cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here, re-verified by sha256 on every use."),
     storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", metavar="<key=value>", help=STORAGE_OPTION_HELP),
     lesion_wise: bool = typer.Option(False, "--lesion-wise/--no-lesion-wise", show_default=False, help=_default("With --src: also the official BraTS lesion-wise Dice and HD95 per region (WT, TC, ET).", "off")),
@@ -191,7 +196,7 @@ def evaluate_command(
     evaluate.main(checkpoint=list(checkpoint), shards=shards, split=split, src=src, json_path=json_path, csv_path=csv_path,
                   device=device, batch_size=batch_size, workers=workers, cache_dir=cache_dir,
                   storage_options=_storage_options(storage_option), lesion_wise=lesion_wise, tta=tta,
-                  min_et_voxels=min_et_voxels)
+                  min_et_voxels=min_et_voxels, overwrite=overwrite)
 
 
 @app.command("predict", no_args_is_help=True)
@@ -249,6 +254,7 @@ def export_command(
     format: Optional[List[str]] = typer.Option(None, "--format", metavar="<str>", help="onnx, pt2 or safetensors (repeatable).  [default: all three]"),
     name: str = typer.Option("model", help="Base name of the written files."),
     opset: int = typer.Option(18, help="ONNX opset (>= 17)."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", show_default=False, help=_default("Replace outputs that exist already (only those files; the checkpoint never).", "off")),
 ) -> None:
     """Export a checkpoint to ONNX, a torch.export program and safetensors, with its config as JSON.
 
@@ -263,7 +269,8 @@ def export_command(
     """
     from . import export
 
-    export.main(checkpoint=checkpoint, out=out, formats=list(format or export.FORMATS), name=name, opset=opset)
+    export.main(checkpoint=checkpoint, out=out, formats=list(format or export.FORMATS), name=name, opset=opset,
+                overwrite=overwrite)
 
 
 def overrides_from_argv(argv: list[str]) -> dict:

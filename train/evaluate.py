@@ -32,18 +32,27 @@ Three levels, top to bottom, from the fastest to the headline:
 
 The terminal gets rich tables; `--json FILE` gets everything, each block naming its average
 (`"average": ...`), with NaN written as null; the per-patient scores go to a CSV (`--csv FILE`,
-default beside the JSON as `<stem>_patients.csv`): one row per patient and grid.
+default beside the JSON as `<stem>_patients.csv`): one row per patient and grid. Before any
+work, every output is checked (`check_outputs`): never an input (a checkpoint, the shards'
+manifest or a shard file, a source file or anything inside `--src`, compared as files on disk),
+never a folder, and an existing file only with `--overwrite`.
 
 The checkpoint's manifest digest is compared with the shards': evaluating on other shards is
-legitimate (another split, a re-cut) but is said, once, as a warning line.
+legitimate (another split, a re-cut) but is said, once, as a warning line. Likewise `--src`
+with the source the shards were built from (`check_source`: the ETL's fingerprint of its file
+names and sizes, recorded in the manifest's provenance): another copy of the data may differ
+legitimately (files re-compressed, patients added), so it is a warning, not a refusal, and the
+headline itself says it. Warnings go to stderr, the tables and headline to stdout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -54,6 +63,7 @@ from shards_spec.errors import ToolError
 from shards_spec.fileio import write_atomic
 from shards_spec.progress import Progress
 
+from . import checkpoint as ckpt
 from . import inference
 from .metrics import (BRATS, BRATS_MAX_HD95, COUNT_METRICS, PATIENT_KEYS, UNDEFINED, label_masks, patient_counts,
                       scores_of, summarize_patients)
@@ -91,33 +101,37 @@ def main(checkpoint: Path | Sequence[Path], shards: str, split: str = "val", src
          json_path: Path | None = None, device: str = "auto", batch_size: int = 32, workers: int = 2,
          cache_dir: str | None = None, csv_path: Path | None = None, console: Any = None,
          storage_options: dict | None = None, lesion_wise: bool = False, tta: bool = False,
-         min_et_voxels: int = 0) -> dict:
+         min_et_voxels: int = 0, overwrite: bool = False) -> dict:
     """Evaluate `checkpoint` (or an ensemble of several) on `split` of `shards` (and on `src`); print,
     write and return the results. `tta` and `min_et_voxels` (`inference.InferenceOptions`) apply
-    to the patient levels; the slice level stays the trainer's validation of the first checkpoint."""
+    to the patient levels; the slice level stays the trainer's validation of the first checkpoint.
+    Warnings go to stderr (to `console` when one is given)."""
     from rich.console import Console
 
     from shards_spec.read import ShardStore
 
+    warn_console = console or Console(stderr=True, soft_wrap=True)
     console = console or Console(soft_wrap=True)
-    if batch_size < 1:
-        raise EvaluateError(f"--batch-size: must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise EvaluateError(f"--workers: must be >= 0, got {workers}")
-    if lesion_wise and src is None:
-        raise EvaluateError("--lesion-wise: needs --src (lesion-wise scores are taken on the native grid)")
-    if min_et_voxels < 0:
-        raise EvaluateError(f"--min-et-voxels: must be >= 0, got {min_et_voxels}")
+    check_options(batch_size, workers, lesion_wise, src, min_et_voxels)
     paths = inference.checkpoint_paths(checkpoint)
-    options = inference.InferenceOptions(tta=tta, min_et_voxels=min_et_voxels)
-    loaded = inference.load_ensemble(paths, device, options=options)
+    if csv_path is None and json_path is not None:
+        csv_path = Path(json_path).with_name(Path(json_path).stem + "_patients.csv")
+    outputs = {name: Path(p) for name, p in (("--json", json_path), ("--csv", csv_path)) if p is not None}
     store = ShardStore(shards, cache_dir=cache_dir, storage_options=storage_options)
     manifest = store.manifest
     manifest.require_split(split)
+    scan = scan_src(Path(src)) if src is not None else None
+    check_outputs(outputs, evaluate_inputs(paths, store, scan), overwrite)
+    source = check_source(manifest, scan) if scan is not None else None
+
+    options = inference.InferenceOptions(tta=tta, min_et_voxels=min_et_voxels)
+    loaded = inference.load_ensemble(paths, device, options=options)
     warnings = check_shards(loaded, manifest, shards)
     warnings += loaded.warnings
+    if source is not None and source["warning"]:
+        warnings.append(source["warning"])
     for line in warnings:
-        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+        _warn(warn_console, line)
 
     results: dict[str, Any] = {
         "checkpoint": {"path": str(paths[0]), "ensemble": [str(p) for p in paths], "epoch": loaded.epoch, "variant": loaded.variant,
@@ -135,23 +149,130 @@ def main(checkpoint: Path | Sequence[Path], shards: str, split: str = "val", src
     results["slice_level"] = slice_level(loaded, store, split, batch_size, workers)
     results["shard_grid"] = shard_grid(loaded, store, split, batch_size, console)
     results["native_grid"] = None
-    if src is not None:
-        results["native_grid"] = native_grid(loaded, manifest, split, Path(src), batch_size, console, lesion_wise)
+    if scan is not None:
+        results["native_grid"] = native_grid(loaded, manifest, split, Path(src), batch_size, console, lesion_wise,
+                                             scan=scan, warn_console=warn_console)
+        results["native_grid"]["source"] = {k: v for k, v in (source or {}).items() if k != "warning"}
 
     results["headline"] = headline(results)
     print_tables(results, console)
-    if csv_path is None and json_path is not None:
-        csv_path = Path(json_path).with_name(Path(json_path).stem + "_patients.csv")
-    if json_path is not None:
-        _write(Path(json_path), json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
-        console.print(f"wrote {json_path}")
-    if csv_path is not None:
-        _write(Path(csv_path), patients_csv(results))
-        console.print(f"wrote {csv_path}")
+    texts = {"--json": json.dumps(_clean(results), indent=1, allow_nan=False) + "\n", "--csv": patients_csv(results)}
+    if not overwrite:
+        check_outputs(outputs, {}, overwrite)  # again: another process may have written one meanwhile
+    for name, path in outputs.items():
+        _write(path, texts[name])
+        console.print(f"wrote {path}", highlight=False)
     return results
 
 
+def _warn(console: Any, line: str) -> None:
+    from rich.markup import escape
+
+    console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
+
+
 # ---------------------------------------------------------------- checks
+
+
+def check_options(batch_size: int, workers: int, lesion_wise: bool, src: Path | None, min_et_voxels: int) -> None:
+    """The option values, before anything is read: sizes within `train run`'s limits
+    (`train.checkpoint.size_problem`: `--workers` at most `BRATS_SHARDS_MAX_WORKERS` loader
+    processes), the rest in range."""
+    problem = ckpt.size_problem({"batch_size": batch_size, "workers": workers})
+    if problem is not None:
+        raise EvaluateError(f"--{problem[0].replace('_', '-')}: {problem[1]}")
+    if lesion_wise and src is None:
+        raise EvaluateError("--lesion-wise: needs --src (lesion-wise scores are taken on the native grid)")
+    if min_et_voxels < 0:
+        raise EvaluateError(f"--min-et-voxels: must be >= 0, got {min_et_voxels}")
+
+
+def scan_src(src: Path) -> Any:
+    """The `--src` scan (names, sizes and headers only: cheap), done before any work so that its
+    files are protected from the outputs and its fingerprint is checked."""
+    from etl.sources import scan_source
+
+    return scan_source(src, require_labels=True)
+
+
+def evaluate_inputs(checkpoints: Sequence[Path], store: Any, scan: Any) -> dict[Path, str]:
+    """What an output must never be (path -> what it is): the checkpoints, a local shard
+    folder's manifest and listed files, `--src` and every source file or folder its patients
+    are read from (a folder protects everything inside it)."""
+    from shards_spec.manifest import MANIFEST_NAME
+    from shards_spec.read import is_url
+
+    inputs = {Path(p): "the input --checkpoint" for p in checkpoints}
+    if not is_url(store.root):
+        inputs[Path(store.location(MANIFEST_NAME))] = "the shards' manifest"
+        for entry in store.manifest.content["shards"]:
+            for item in entry["files"]:
+                inputs[Path(store.location(item["path"]))] = "a shard file"
+    if scan is not None:
+        inputs[Path(scan.root)] = "inside --src, the source data"
+        for ref in scan.patients:
+            for path in ref.files.values():
+                inputs[Path(path)] = f"the source file of patient {ref.id}"
+    return inputs
+
+
+def check_outputs(outputs: dict[str, Path], inputs: dict[Path, str], overwrite: bool) -> None:
+    """Refuse, in one line and before any work, an output that is an input (always: compared as
+    files on disk, so a symbolic link, `..` or a hard link to one is refused too) or lies inside
+    an input folder, a folder, the other output, or an existing file (unless `overwrite`)."""
+    files = {_identity(p): (p, what) for p, what in inputs.items() if _identity(p) is not None and p.is_file()}
+    folders = [(Path(os.path.realpath(p)), p, what) for p, what in inputs.items() if p.is_dir()]
+    seen: dict[Any, str] = {}
+    for name, path in outputs.items():
+        identity = _identity(path)
+        if identity in files:
+            source, what = files[identity]
+            raise EvaluateError(f"is {what} ({source}): evaluate never writes over its inputs; give another {name}",
+                                path)
+        real = Path(os.path.realpath(path))
+        for folder, given, what in folders:
+            if real == folder or folder in real.parents:
+                raise EvaluateError(f"is {what} ({given}): evaluate never writes into its inputs; give another {name}",
+                                    path)
+        if os.path.isdir(path):
+            raise EvaluateError(f"is a folder; {name} writes a file", path)
+        parent = next((a for a in Path(path).absolute().parents if os.path.lexists(a)), None)
+        if parent is not None and not parent.is_dir():
+            raise EvaluateError(f"cannot be written: {parent} is not a folder", path)
+        key = identity or real
+        if key in seen:
+            raise EvaluateError(f"is also the {seen[key]} output; give {name} another file", path)
+        seen[key] = name
+        if os.path.lexists(path) and not overwrite:
+            raise EvaluateError(f"exists already; pass --overwrite to replace it (or give another {name})", path)
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of the file `path` reaches (links followed, `..` resolved); None if none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def check_source(manifest: Any, scan: Any) -> dict:
+    """`--src` against the source the shards were built from: the ETL's fingerprint
+    (`etl.sources.source_fingerprint`: layout, file names and sizes) of this scan and the one
+    the manifest's provenance records. A warning line when they differ; nothing to compare
+    (`match` None) when the manifest records none."""
+    from etl.sources import source_fingerprint
+
+    recorded = ((manifest.provenance or {}).get("source") or {}).get("fingerprint")
+    found = source_fingerprint(scan)
+    match = None if not recorded else found == recorded
+    warning = None
+    if match is False:
+        warning = (f"--src {scan.root} is not the source these shards were built from: its fingerprint (layout, "
+                   f"file names and sizes) {found[:12]} differs from the manifest's {recorded[:12]} (another copy, "
+                   "or files added, removed or changed since the build); the native-grid scores and the headline "
+                   "compare with its segmentations")
+    return {"fingerprint": found, "shards_fingerprint": recorded, "match": match, "warning": warning}
 
 
 def check_shards(loaded: inference.LoadedModel, manifest: Any, shards: str) -> list[str]:
@@ -189,7 +310,7 @@ def slice_level(loaded: inference.LoadedModel, store: Any, split: str, batch_siz
     amp = engine.autocast_dtype(bool(config.get("amp", True)), config.get("amp_dtype", "auto"), loaded.device)
     loss_name = str(config.get("loss", "dice"))
     try:
-        with engine.batches(loader) as batches:
+        with started_workers(loader, workers) as batches:
             validation = engine.validate(loaded.model, batches, build_loss(loss_name), loaded.device, amp, Dist(),
                                          loaded.target, brain_channels=len(loaded.channels))
     except ValueError as exc:  # e.g. a grid the model cannot take (H, W not divisible by 2**depth)
@@ -211,6 +332,30 @@ def slice_level(loaded: inference.LoadedModel, store: Any, split: str, batch_siz
         "counts": {n: {"tp": int(counts[0][i]), "fp": int(counts[1][i]), "fn": int(counts[2][i])}
                    for i, n in enumerate(names)},
     }
+
+
+@contextlib.contextmanager
+def started_workers(loader: Any, workers: int) -> Iterator[Any]:
+    """`train.engine.batches(loader)`, with loader workers that cannot all be started (a process
+    or file limit: `fork` fails with EAGAIN or EMFILE) one line. The workers already started are
+    killed: they ignore SIGTERM (`engine.loader_worker_init`), so left alive they would hold the
+    process's exit forever."""
+    import multiprocessing
+
+    from . import engine
+
+    before = set(multiprocessing.active_children())
+    with contextlib.ExitStack() as stack:
+        try:
+            batches = stack.enter_context(engine.batches(loader))
+        except OSError as exc:
+            for child in set(multiprocessing.active_children()) - before:
+                child.kill()
+                child.join(5)
+            raise EvaluateError(f"--workers {workers}: the loader's worker processes cannot be started "
+                                f"({exc.strerror or exc}: a limit on processes or open files?); give fewer "
+                                "--workers, or 0 to read in this process") from None
+        yield batches
 
 
 # ---------------------------------------------------------------- 2. shard grid
@@ -277,14 +422,16 @@ def shard_grid(loaded: inference.LoadedModel, store: Any, split: str, batch_size
 
 
 def native_grid(loaded: inference.LoadedModel, manifest: Any, split: str, src: Path, batch_size: int,
-                console: Any, lesion_wise: bool = False) -> dict:
-    """Patient-level scores on the native grid from the source volumes (level 3, the headline)."""
-    from etl.sources import SOURCES, load_patient, scan_source
+                console: Any, lesion_wise: bool = False, scan: Any = None, warn_console: Any = None) -> dict:
+    """Patient-level scores on the native grid from the source volumes (level 3, the headline).
+    `scan`: `src` already scanned (`scan_src`); warnings go to `warn_console` (default `console`)."""
+    from etl.sources import SOURCES, load_patient
 
     from .metrics import patient_scores
 
+    warn_console = warn_console or console
     source = manifest.content.get("source") or {}
-    scan = scan_source(src, require_labels=True)
+    scan = scan if scan is not None else scan_src(src)
     by_id = {ref.id: ref for ref in scan.patients}
     wanted = manifest.patients_of(split)
     missing = [p for p in wanted if p not in by_id]
@@ -293,9 +440,8 @@ def native_grid(loaded: inference.LoadedModel, manifest: Any, split: str, src: P
                             f"{scan.layout} source (first: {wanted[0] if wanted else '-'})", src)
     if missing:
         reasons = [str(p) for p in scan.problems if any(m in str(p) for m in missing)]
-        console.print(f"[yellow]warning:[/yellow] {len(missing)} of {len(wanted)} patient(s) of {split!r} not found "
-                      f"(or unreadable) in --src, left out: {', '.join(missing[:5])}"
-                      + (f" ... ({'; '.join(reasons[:2])})" if reasons else ""), highlight=False)
+        _warn(warn_console, f"{len(missing)} of {len(wanted)} patient(s) of {split!r} not found (or unreadable) in "
+                            f"--src, left out: {', '.join(missing[:5])}" + (f" ... ({'; '.join(reasons[:2])})" if reasons else ""))
     layout = SOURCES.get(scan.layout)
     # the layout's own options as the ETL recorded them (e.g. the Kaggle channel order), else its defaults
     layout_options = layout.resolve_options(source) if layout is not None else {}
@@ -330,7 +476,7 @@ def native_grid(loaded: inference.LoadedModel, manifest: Any, split: str, src: P
             del volume, prediction
             advance()
     for line in warnings:
-        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+        _warn(warn_console, line)
     return {
         "average": AVERAGES["native_grid"],
         "src": str(src),
@@ -400,6 +546,8 @@ def headline(results: dict) -> str:
     shard grid, and said which."""
     block = results.get("native_grid") or results["shard_grid"]
     grid = "native grid" if results.get("native_grid") else "shard grid (no --src)"
+    if (block.get("source") or {}).get("match") is False:
+        grid += " of a --src that is NOT the source the shards were built from"
     dice = {k: block["summary"][k]["dice"]["mean"] for k in ("WT", "TC", "ET")}
     mean = float(np.mean(list(dice.values())))
     inference = results.get("inference") or {}
@@ -497,10 +645,12 @@ def _clean(obj: Any) -> Any:
 
 
 def _write(path: Path, text: str) -> None:
+    """Write one output atomically (`write_atomic`); a refused write is one line naming it."""
     try:
         write_atomic(path, text)
     except OSError as exc:
         raise EvaluateError(f"cannot write ({exc.strerror or exc})", path) from None
 
 
-__all__ = ["EvaluateError", "ShardPatient", "main", "native_grid", "shard_grid", "shard_grid_patients", "slice_level"]
+__all__ = ["EvaluateError", "ShardPatient", "check_outputs", "check_source", "main", "native_grid", "shard_grid",
+           "shard_grid_patients", "slice_level"]
