@@ -30,7 +30,7 @@ from shards_spec.errors import ToolError
 
 from . import checkpoint as ckpt
 from . import devices, distributed, rundir
-from .config import ConfigError, Config, check_against_manifest, differences, option_name, resolve, train_splits_of
+from .config import PRESETS, ConfigError, Config, check_against_manifest, differences, option_name, resolve, train_splits_of
 from .rundir import default_out, metric_columns
 from .trainer import Hooks, Result, Setup, Trainer
 
@@ -71,7 +71,9 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
 def resolve_run(overrides: dict[str, Any], resume: bool, force: bool) -> tuple[Config, str, dict | None]:
     """The configuration, its preset name, and the checkpoint to resume from (None for a new run)."""
     if not resume:
-        overrides.setdefault("out", default_out(str(overrides.get("variant", "run"))))
+        if "out" not in overrides:  # named after a valid --variant only: a 300 KB one is no folder name
+            variant = overrides.get("variant")
+            overrides["out"] = default_out(variant if variant in PRESETS else "run")
         config = resolve(overrides, device_kind=devices.defaults_kind(overrides.get("device", "auto")))
         check_sizes(config)
         return config, config.variant, None
