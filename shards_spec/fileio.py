@@ -144,8 +144,9 @@ def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
     on success fsync it and rename it into place, on any exception remove it.
 
     `suffix` is appended to the temporary name for libraries that choose a format by extension
-    (nibabel: `.nii.gz`). A refused write is re-raised as an `OSError` naming `path`, never the
-    temporary: also a name longer than the folder accepts (ENAMETOOLONG), before anything is written.
+    (nibabel: `.nii.gz`). A refused write is raised as an `OSError` naming `path`, never the
+    temporary, with the system's one-line reason (also when a library wrapped it in its own error,
+    `_refusal_of`); a name longer than the folder accepts is ENAMETOOLONG before anything is written.
     Stale temporaries of `path` (a killed earlier writer's) are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,12 +159,33 @@ def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as exc:  # name the target, not the temporary (an error without an errno stays as raised)
-        if exc.errno is not None and (exc.filename is None or str(exc.filename) == str(tmp)):
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-        raise
+    except Exception as exc:
+        refused = _refusal_of(exc, tmp)
+        if refused is None:
+            raise
+        raise OSError(refused.errno, os.strerror(refused.errno), str(path)) from (None if refused is exc else exc)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+REFUSED = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO})
+"""The errors of a write the system refused (full disk, size limit, quota, read-only, device)."""
+
+
+def _refusal_of(exc: BaseException, tmp: Path) -> OSError | None:
+    """The error to report as the output's own: `exc` when it is an OSError about the temporary (or
+    about no file); for a library that wraps a refused write in its own error (torch's zip writer,
+    h5py's close: RuntimeError), the refusal (`REFUSED`) in its chain; None for anything else."""
+    if isinstance(exc, OSError):
+        return exc if exc.errno is not None and (exc.filename is None or str(exc.filename) == str(tmp)) else None
+    seen: set[int] = set()
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in REFUSED:
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
@@ -187,5 +209,5 @@ def sha256_file(path: str | Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-__all__ = ["NAME_MAX", "TEMPORARY", "TMP_SUFFIX", "atomic_path", "name_max", "refusal", "remove_stale_temporaries",
+__all__ = ["NAME_MAX", "REFUSED", "TEMPORARY", "TMP_SUFFIX", "atomic_path", "name_max", "refusal", "remove_stale_temporaries",
            "sha256_file", "temporary_name", "write_atomic"]

@@ -93,7 +93,10 @@ import numpy as np
 
 from etl.sources import LAYOUTS, KAGGLE_CHANNEL_ORDER
 from etl.synth import layouts
+from etl.synth.folder import record_complete
 from etl.synth.anatomy import MODALITIES, draw_patient, render
+from shards_spec.errors import ToolError
+from shards_spec.fileio import refusal
 
 __all__ = ["LAYOUTS", "check_arguments", "synthesize"]
 MIN_SHAPE = (16, 16, 8)
@@ -127,13 +130,26 @@ def synthesize(
     background, a number z-scores each channel over the brain of the volume and sets the
     background to that number.  Side files (CSVs) are written after the last patient.
 
-    Raises ValueError on a bad argument, naming it and the allowed values.
+    Raises ValueError on a bad argument, naming it and the allowed values, and a ToolError naming
+    the file when a write is refused (a full disk): every file is written whole or not at all, so
+    the same call again finishes the dataset.
     """
     check_arguments(patients, layout, shape, seed, quirk_355_at, kaggle_channel_order, kaggle_background)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     shape = tuple(int(v) for v in shape)
     quirk = QUIRK_PATIENT if quirk_355_at is None else int(quirk_355_at)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _write_patients(out, patients, layout, shape, seed, progress, quirk, kaggle_channel_order,
+                               kaggle_background)
+    except OSError as exc:  # a full disk, a quota, a size limit: every file written is whole (atomic)
+        raise ToolError(f"cannot be written ({refusal(exc)}); every file written is whole: free space and run "
+                        "the same command again to finish", exc.filename or out) from None
+
+
+def _write_patients(out: Path, patients: int, layout: str, shape: tuple[int, int, int], seed: int,
+                    progress: Callable[[int], None] | None, quirk: int, kaggle_channel_order: Sequence[str],
+                    kaggle_background: float | None) -> list[str]:
     ids: list[str] = []
     mapping_rows, survival_rows, meta_rows = [], [], []
     for index in range(patients):
@@ -168,6 +184,7 @@ def synthesize(
         layouts.write_csv(out / layouts.KAGGLE_DIR / "meta_data.csv", layouts.KAGGLE_META_HEADER, meta_rows)
     elif layout == "msd":
         layouts.write_msd_description(out, ids)
+    record_complete(out, patients)
     return ids
 
 

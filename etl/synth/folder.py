@@ -4,8 +4,9 @@ A synthetic patient i is a function of (seed, i, layout, shape) alone, so a data
 same layout, shape and seed with more patients rewrites patients 1..N byte for byte, adds the
 new ones and rewrites the CSVs to list all of them. Anything else would mix two datasets (a
 build would then take them as one), so it is refused, as is a folder `etl synth` did not make.
-The marker file says what a folder was made with; it is written before the first patient, so a
-run that was interrupted can be repeated.
+The marker file says what a folder was made with; it is written before the first patient, and
+records the patients known to be complete (`complete`, set by `record_complete` once the last
+file is written), so a run that was interrupted (a kill, a full disk) is finished by repeating it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from shards_spec.checked_io import read_json, refuse_broken_link
 from shards_spec.errors import ToolError
-from shards_spec.fileio import write_atomic
+from shards_spec.fileio import refusal, write_atomic
 
 MARKER = ".etl-synth.json"
 MAX_MARKER_BYTES = 1 << 16
@@ -35,11 +36,31 @@ def prepare(out: Path, *, layout: str, shape: tuple[int, int, int], seed: int, p
             shown = ", ".join(f"{k} {_text(old[k])}" for k in made if old[k] != made[k])
             raise ToolError(f"holds a synthetic dataset made with {shown}; etl synth adds patients to it only "
                             "with the same --layout, --shape and --seed (or choose another --out)", out)
-    had = int(before.get("patients", 0)) if before else 0
-    total = max(had, patients)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / MARKER, json.dumps({"tool": "etl synth", **made, "patients": total}, sort_keys=True) + "\n")
+    recorded = int(before.get("patients", 0)) if before else 0
+    complete = before.get("complete", recorded) if before else 0  # a marker without it: an older, whole run
+    had = complete if isinstance(complete, int) and 0 <= complete <= recorded else 0
+    total = max(recorded, patients)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_marker(out, {"tool": "etl synth", **made, "patients": total, "complete": had})
+    except OSError as exc:  # a full disk: the marker is the old one or the new one, whole
+        raise ToolError(f"cannot be written ({refusal(exc)})", exc.filename or out) from None
     return total, had
+
+
+def record_complete(out: Path, patients: int) -> None:
+    """After the last file of a run: the marker (if `prepare` wrote one for `patients` patients)
+    says they are all there, so the same command then finds nothing to add."""
+    try:
+        recorded = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(recorded, dict) and recorded.get("patients") == patients and recorded.get("complete") != patients:
+        _write_marker(out, {**recorded, "complete": patients})
+
+
+def _write_marker(out: Path, record: dict) -> None:
+    write_atomic(out / MARKER, json.dumps(record, sort_keys=True) + "\n")
 
 
 def _existing(out: Path) -> dict | None:
