@@ -23,24 +23,33 @@ Writes into OUT (each file only for the formats asked for; `--name` changes "mod
   `manifest_digest` (the shards the model was trained on), `epoch`, `variant`, `config` (the
   run's resolved options), `source` (checkpoint name and sha256), `versions`.
 
-The checkpoint is read with `torch.load(weights_only=True)` (`train.checkpoint.load`); every
-file goes through a temporary name and is renamed into place only when all asked-for formats
-were written, so a failure leaves nothing half-written. ONNX and safetensors need the optional
-extra `[export]` (onnx, onnxruntime, onnxscript, safetensors).
+The checkpoint is read with `torch.load(weights_only=True)` (`train.checkpoint.load`). Before
+it is read, every output is checked as `train predict` checks its own: one that is the checkpoint
+(the same file on disk, through links too) is refused always, one that exists already (a run's
+`config.json` with `--name config`, a `model.json` beside an earlier export) unless `overwrite`,
+and a name longer than the folder accepts at once. Each format is made in memory and written by
+us through a temporary name (`shards_spec.fileio.atomic_path`); all are renamed into place only
+when all were written, so a refused write (a full disk) is one line naming that output, and leaves
+the previous files and no temporary behind. ONNX and safetensors need the optional extra
+`[export]` (onnx, onnxruntime, onnxscript, safetensors); an ONNX model from someone else is
+checked before it runs by `train.onnx_check`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
+import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+from shards_spec.checked_io import refuse_broken_link
 from shards_spec.errors import ToolError
-from shards_spec.fileio import atomic_path, sha256_file
+from shards_spec.fileio import atomic_path, name_max, refusal, sha256_file
 
 from . import checkpoint as ckpt
 
@@ -59,12 +68,17 @@ class ExportError(ToolError):
 
 
 def main(checkpoint: Path, out: Path, formats: Sequence[str] = FORMATS, name: str = "model",
-         opset: int = DEFAULT_OPSET, console: Any = None) -> dict[str, Path]:
-    """Export `checkpoint` into the folder `out` (see the module docstring); returns format -> file."""
+         opset: int = DEFAULT_OPSET, console: Any = None, overwrite: bool = False) -> dict[str, Path]:
+    """Export `checkpoint` into the folder `out` (see the module docstring); returns format -> file.
+    An output that exists already is replaced only with `overwrite`; the checkpoint never."""
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
     formats = _check_options(formats, name, opset)
+    out = Path(out)
+    paths = {fmt: out / f"{name}.{fmt}" for fmt in formats}
+    paths["json"] = out / f"{name}.json"
+    check_outputs(paths, Path(checkpoint), overwrite)
     if {"onnx", "safetensors"} & set(formats):
         from .extras import require
 
@@ -73,18 +87,13 @@ def main(checkpoint: Path, out: Path, formats: Sequence[str] = FORMATS, name: st
     payload = ckpt.load(checkpoint)
     config = export_config(payload, Path(checkpoint))
     model = build_torch_model(payload, Path(checkpoint))
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ExportError("--out must be a folder", out)
-    paths = {fmt: out / f"{name}.{fmt}" for fmt in formats}
-    paths["json"] = out / f"{name}.json"
-    writers = {"onnx": lambda tmp: write_onnx(model, config, tmp, opset),
-               "pt2": lambda tmp: write_program(model, config, tmp),
-               "safetensors": lambda tmp: write_safetensors(payload["model_state"], config, tmp),
-               "json": lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")}
-    with _all_or_nothing(paths) as temps:
-        for key, tmp in temps.items():
-            writers[key](tmp)
+    makers: dict[str, Callable[[], bytes]] = {
+        "onnx": lambda: onnx_bytes(model, config, opset),
+        "pt2": lambda: program_bytes(model, config),
+        "safetensors": lambda: safetensors_bytes(payload["model_state"], config),
+        "json": lambda: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+    }
+    write_all({key: (path, makers[key]) for key, path in paths.items()}, overwrite)
     for key, path in paths.items():
         size = path.stat().st_size
         console.print(f"{key:12s} {path} ({size / 1e6:.1f} MB)" if size >= 1e5 else f"{key:12s} {path} ({size / 1e3:.1f} kB)")
@@ -98,19 +107,83 @@ def _check_options(formats: Sequence[str], name: str, opset: int) -> list[str]:
         raise ExportError(f"--format: unknown {unknown}; choose from {list(FORMATS)}")
     if opset < MIN_OPSET:
         raise ExportError(f"--opset: must be >= {MIN_OPSET}, got {opset}")
-    if not name or "/" in name or name.startswith("."):
-        raise ExportError(f"--name: a plain file name without a folder, got {name!r}")
+    if not name or "/" in name or "\0" in name or name.startswith("."):
+        raise ExportError(f"--name: a plain file name without a folder, got {name!r}"[:200])
     return chosen
 
 
-@contextlib.contextmanager
-def _all_or_nothing(paths: dict[str, Path]) -> Iterator[dict[str, Path]]:
-    """Temporary paths for every output; all renamed into place on success, all removed on failure."""
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file `path` reaches (links followed); None when nothing is there."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def check_outputs(paths: dict[str, Path], checkpoint: Path, overwrite: bool) -> None:
+    """Before anything is read: refuse an output that is the checkpoint (always), one that exists
+    already (unless `overwrite`), a folder in its place, or a name longer than the folder takes."""
+    out = next(iter(paths.values())).parent
+    refuse_broken_link(out, ExportError)
+    if out.exists() and not out.is_dir():
+        raise ExportError("--out must be a folder", out)
+    longest = name_max(out if out.is_dir() else out.parent)
+    source = _identity(checkpoint)
+    existing = []
+    for path in paths.values():
+        if len(os.fsencode(path.name)) > longest:
+            raise ExportError(f"--name: the file name is {len(os.fsencode(path.name))} bytes, longer than the "
+                              f"{longest} the folder accepts", path)
+        refuse_broken_link(path, ExportError)
+        if source is not None and _identity(path) == source:
+            raise ExportError(f"is the checkpoint {checkpoint}: export never writes over its input; give another "
+                              "--out or --name", path)
+        if path.is_dir():
+            raise ExportError("is a folder; the export is written as a file of that name", path)
+        if os.path.lexists(path) and not overwrite:
+            existing.append(path)
+    if len(existing) == 1:
+        raise ExportError("exists already; pass --overwrite to replace it", existing[0])
+    if existing:
+        shown = ", ".join(p.name for p in existing)
+        raise ExportError(f"holds {len(existing)} of the outputs already ({shown}); pass --overwrite to replace "
+                          "those files (nothing else in the folder is touched)", out)
+
+
+def write_all(outputs: dict[str, tuple[Path, Callable[[], bytes]]], overwrite: bool) -> None:
+    """Make and write every output under a temporary name, then rename them all into place; on
+    any failure remove every temporary (and `out` if this call created it and it stays empty).
+    An output that appeared meanwhile is replaced only with `overwrite` (checked again here)."""
+    out = next(iter(outputs.values()))[0].parent
+    created = not os.path.lexists(out)
+    try:
+        _write_all(outputs, overwrite)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty
+        raise
+
+
+def _write_all(outputs: dict[str, tuple[Path, Callable[[], bytes]]], overwrite: bool) -> None:
     try:
         with contextlib.ExitStack() as stack:
-            yield {key: stack.enter_context(atomic_path(path, suffix=f".{key}")) for key, path in paths.items()}
-    except OSError as exc:
-        raise ExportError(f"cannot be written ({exc.strerror or exc})", exc.filename) from None
+            for path, make in outputs.values():
+                data = make()
+                try:
+                    tmp = stack.enter_context(atomic_path(path))
+                    with open(tmp, "wb") as handle:
+                        handle.write(data)
+                except OSError as exc:
+                    raise ExportError(f"cannot be written ({refusal(exc)})", path) from None
+            taken = [path for path, _ in outputs.values() if os.path.lexists(path)]
+            if taken and not overwrite:
+                raise ExportError("was written by someone else while exporting; pass --overwrite to replace it",
+                                  taken[0])
+    except OSError as exc:  # a rename into place
+        raise ExportError(f"cannot be written ({refusal(exc)})", exc.filename or next(iter(outputs.values()))[0]) \
+            from None
 
 
 # ---------------------------------------------------------------- the config written beside the weights
@@ -154,37 +227,6 @@ def export_config(payload: dict, checkpoint: Path) -> dict:
     }
 
 
-def read_config(text: str | bytes, where: object) -> dict:
-    """Parse an exported config (JSON), refusing anything that is not one of ours."""
-    try:
-        config = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ExportError(f"the exported config is not JSON ({exc})", where) from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise ExportError(f"not a {FORMAT} config (format {found!r})", where)
-    return config
-
-
-def onnx_config(path: Path) -> dict:
-    """The config of an exported ONNX file: its metadata, else the `<stem>.json` beside it."""
-    from .extras import require
-
-    onnx = require("onnx", EXTRA, "an ONNX model")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a file that is not ONNX
-        raise ExportError(f"not a readable ONNX model ({type(exc).__name__})", path) from None
-    stored = {p.key: p.value for p in model.metadata_props}
-    if METADATA_KEY in stored:
-        return read_config(stored[METADATA_KEY], path)
-    beside = path.with_suffix(".json")
-    if beside.is_file():
-        return read_config(beside.read_bytes(), beside)
-    raise ExportError(f"holds no '{METADATA_KEY}' metadata and no {beside.name} lies beside it: export it with "
-                      "`train export`", path)
-
-
 # ---------------------------------------------------------------- the three formats
 
 
@@ -225,8 +267,9 @@ def _quiet_exporter() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-def write_onnx(model: Any, config: dict, path: Path, opset: int = DEFAULT_OPSET) -> None:
-    """ONNX with dynamic batch and spatial size and the config in its metadata."""
+def onnx_bytes(model: Any, config: dict, opset: int = DEFAULT_OPSET) -> bytes:
+    """ONNX with dynamic batch and spatial size and the config in its metadata, as bytes: one
+    protobuf (never external data files beside it), written by us (`write_all`)."""
     import torch
 
     args, dims = example_and_dims(config)
@@ -241,27 +284,33 @@ def write_onnx(model: Any, config: dict, path: Path, opset: int = DEFAULT_OPSET)
     program.model.doc_string = (f"brats-shards {config['model']['name']}: {INPUT_NAME} (batch, "
                                 f"{len(config['channels'])}, H, W) -> {OUTPUT_NAME} (batch, 3, H, W); see "
                                 f"metadata '{METADATA_KEY}'")
-    program.save(str(path))
+    try:
+        return program.model_proto.SerializeToString()
+    except ValueError as exc:  # protobuf refuses a message over 2 GiB
+        raise ExportError(f"ONNX export of model {config['model']['name']!r} failed: {str(exc)[:160]} (an ONNX "
+                          "file holds at most 2 GiB; export --format pt2 or safetensors)") from None
 
 
-def write_program(model: Any, config: dict, path: Path) -> None:
-    """A `torch.export` program (.pt2) with the same dynamic dimensions."""
+def program_bytes(model: Any, config: dict) -> bytes:
+    """A `torch.export` program (.pt2) with the same dynamic dimensions, as bytes (torch's own
+    writer aborts the process on a full disk: it never writes a file here)."""
     import torch
 
     args, dims = example_and_dims(config)
+    buffer = io.BytesIO()
     with _quiet_exporter():
         program = torch.export.export(model, args, dynamic_shapes=dims)
-        torch.export.save(program, str(path))
+        torch.export.save(program, buffer)
+    return buffer.getvalue()
 
 
-def write_safetensors(state: dict, config: dict, path: Path) -> None:
+def safetensors_bytes(state: dict, config: dict) -> bytes:
     """The weights as safetensors, the config in the file's metadata (string values only)."""
     from safetensors.torch import save
 
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    # bytes, then our own write: safetensors' save_file creates the file with mode 0600
-    path.write_bytes(save(tensors, metadata={METADATA_KEY: json.dumps(config, sort_keys=True)}))
+    return save(tensors, metadata={METADATA_KEY: json.dumps(config, sort_keys=True)})
 
 
-__all__ = ["ExportError", "FORMAT", "FORMATS", "METADATA_KEY", "export_config", "main", "onnx_config", "read_config",
-           "write_onnx", "write_program", "write_safetensors"]
+__all__ = ["ExportError", "FORMAT", "FORMATS", "METADATA_KEY", "check_outputs", "export_config", "main", "onnx_bytes",
+           "program_bytes", "safetensors_bytes", "write_all"]

@@ -26,8 +26,11 @@ an ensemble (`load_ensemble`: several checkpoints of the same channels, target a
 preprocessing, such as the folds of `--val-split foldK`) averages its members' probabilities.
 
 An ONNX file from `train export` can stand in for the checkpoint in `predict` (`load_model(...,
-onnx=True)`): step 1 then reads the same settings from the config stored in the file and runs
-the network with onnxruntime (`OnnxModel`); steps 2, 4 and 5 are unchanged.
+onnx=True)`): step 1 then checks the file against the config stored in it and the limits
+(`train.onnx_check`: a file from someone else may ask onnxruntime for any amount of memory),
+reads the same settings from that config and runs the network with onnxruntime (`OnnxModel`,
+always `batch_size` images per call, the batch the check was made for); steps 2, 4 and 5 are
+unchanged.
 
 The result is a 0..3 label map (H, W, D) on the input's grid; `predict` maps it to the source
 convention (`shards_spec.labels.decode_labels`) when writing NIfTI, `evaluate` scores it
@@ -120,14 +123,15 @@ def resolve_device(device: str) -> Any:
     return resolve(device)
 
 
-def load_model(path: str | Path, device: str = "auto", *, onnx: bool = False) -> LoadedModel:
+def load_model(path: str | Path, device: str = "auto", *, onnx: bool = False, batch_size: int = 32) -> LoadedModel:
     """Read a checkpoint (weights_only) and build its model in eval mode on `device`; with `onnx`,
-    a `.onnx` file from `train export` is run by onnxruntime instead (`load_onnx`)."""
+    a `.onnx` file from `train export` is checked and run by onnxruntime instead (`load_onnx`,
+    `batch_size` images per call)."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         if not onnx:
             raise InferenceError("an ONNX model is accepted by `train predict` only; give the .pt checkpoint", path)
-        return load_onnx(path, device)
+        return load_onnx(path, device, batch_size)
     payload = ckpt.load(path)
     loaded = _describe(payload, path)
     torch_device = resolve_device(device)
@@ -163,13 +167,13 @@ def checkpoint_paths(checkpoint: str | Path | Sequence[str | Path]) -> list[Path
 
 
 def load_ensemble(paths: Sequence[str | Path], device: str = "auto", *, onnx: bool = False,
-                  options: InferenceOptions = InferenceOptions()) -> LoadedModel:
+                  options: InferenceOptions = InferenceOptions(), batch_size: int = 32) -> LoadedModel:
     """One model, or several averaged: the first checkpoint describes the inputs; every other must
     take the same channels, target and preprocessing (refused in one line otherwise)."""
     paths = list(paths)
     if not paths:
         raise InferenceError("--checkpoint: give at least one")
-    loaded = [load_model(p, device, onnx=onnx) for p in paths]
+    loaded = [load_model(p, device, onnx=onnx, batch_size=batch_size) for p in paths]
     first = loaded[0]
     for other in loaded[1:]:
         differs = [k for k in ENSEMBLE_KEYS if getattr(other, k) != getattr(first, k)]
@@ -222,36 +226,46 @@ def _describe(payload: dict, path: Path) -> LoadedModel:
 
 
 class OnnxModel:
-    """An exported ONNX model run by onnxruntime: images (B, C, H, W) -> sigmoid probabilities,
-    as `apply_model` gives for the torch model; no torch model is built."""
+    """A checked ONNX model run by onnxruntime: images (B, C, H, W) -> sigmoid probabilities, as
+    `apply_model` gives for the torch model; no torch model is built. Every call to onnxruntime
+    gets exactly `batch` images (a shorter batch is padded with zeros), the input its sizes were
+    checked for (`train.onnx_check`)."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, batch: int) -> None:
         self.session = session
+        self.batch = batch
         self.input = session.get_inputs()[0].name
         self.output = session.get_outputs()[0].name
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        logits = self.session.run([self.output], {self.input: np.ascontiguousarray(images, dtype=np.float32)})[0]
-        return torch.sigmoid(torch.from_numpy(logits).float()).numpy()  # the very sigmoid of the torch path
+        images = np.asarray(images, dtype=np.float32)
+        out = []
+        for start in range(0, len(images), self.batch):
+            part = images[start:start + self.batch]
+            feed = np.zeros((self.batch, *images.shape[1:]), dtype=np.float32)
+            feed[:len(part)] = part
+            logits = self.session.run([self.output], {self.input: feed})[0][:len(part)]
+            out.append(torch.sigmoid(torch.from_numpy(logits).float()).numpy())  # the very sigmoid of the torch path
+        return np.concatenate(out) if out else np.zeros((0, 3, *images.shape[2:]), dtype=np.float32)
 
 
-def load_onnx(path: Path, device: str = "auto") -> LoadedModel:
-    """An exported `.onnx` file and the config `train export` stored in it (or beside it)."""
+def load_onnx(path: Path, device: str = "auto", batch_size: int = 32) -> LoadedModel:
+    """An `.onnx` file from `train export`, checked against the config stored in it (or beside it)
+    and the limits before onnxruntime sees it (`train.onnx_check`), run `batch_size` images per call."""
     import torch
 
     from .devices import check as check_device
-    from .export import ExportError, onnx_config
+    from .export import ExportError
     from .extras import require
+    from .onnx_check import load_checked
 
     ort = require("onnxruntime", "export", "an ONNX model")
-    config = onnx_config(path)
-    ckpt.check_description(config, path)  # sizes within train.checkpoint.LIMITS before anything is built
-    try:
-        loaded = _describe(config, path)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ExportError(f"the exported config lacks or garbles {exc}", path) from None
+    if batch_size < 1:
+        raise InferenceError(f"--batch-size: must be >= 1, got {batch_size}")
+    checked = load_checked(path, batch_size)
+    loaded = _describe(checked.config, path)
     check_device(device)
     if device == "mps":
         raise InferenceError("--device: mps runs torch checkpoints; onnxruntime runs on cpu or cuda")
@@ -264,10 +278,10 @@ def load_onnx(path: Path, device: str = "auto") -> LoadedModel:
     providers = [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"] if use_cuda \
         else ["CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(str(path), providers=providers)
+        session = ort.InferenceSession(checked.data, providers=providers)  # the bytes checked, not the path again
     except Exception as exc:  # onnxruntime's own error types (InvalidGraph, Fail, ...)
         raise ExportError(f"onnxruntime cannot load it ({str(exc).strip().splitlines()[0][:160]})", path) from None
-    loaded.model = OnnxModel(session)
+    loaded.model = OnnxModel(session, checked.batch)
     loaded.members = [loaded.model]
     loaded.device = torch.device("cuda", gpu) if use_cuda else torch.device("cpu")
     return loaded

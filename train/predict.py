@@ -102,7 +102,7 @@ def main(checkpoint: Path | Sequence[Path], inputs: Sequence[Path | str], out: P
     paths = inference.checkpoint_paths(checkpoint)
     jobs, batch, skipped = plan_jobs(inputs, Path(out))
     check_outputs(jobs, inputs, paths, probabilities, overwrite, Path(out))
-    loaded = inference.load_ensemble(paths, device, onnx=True, options=options)
+    loaded = inference.load_ensemble(paths, device, onnx=True, options=options, batch_size=batch_size)
     for line in loaded.warnings:
         console.print(f"warning: {line}")
     for problem in skipped:

@@ -174,9 +174,15 @@ def test_predict_from_onnx_equals_torch_path(tmp_path, exported, src, name, targ
 
 
 def test_onnx_predict_needs_no_torch_model(tmp_path, exported, src, monkeypatch):
-    """The ONNX path never builds a model: with the registry emptied it still predicts."""
+    """The ONNX path never builds the torch model with weights (only its shapes on the meta
+    device, for the size check): with that path disabled it still predicts."""
     _, paths = exported["unet"]
-    monkeypatch.setattr(models, "MODELS", {})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the ONNX path built the torch model")
+
+    monkeypatch.setattr(inference, "model_from_payload", refuse)
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", refuse)
     loaded = inference.load_model(paths["onnx"], "cpu", onnx=True)
     assert isinstance(loaded.model, inference.OnnxModel)
     assert (loaded.channels, loaded.target, loaded.size) == (["t1ce", "flair"], "regions", 32)
@@ -232,7 +238,7 @@ def test_bad_options_and_failures_leave_nothing(tmp_path, exported, monkeypatch,
     def fail(*args, **kwargs):
         raise export.ExportError("torch.export refused it")
 
-    monkeypatch.setattr(export, "write_program", fail)  # onnx is written before pt2 fails
+    monkeypatch.setattr(export, "program_bytes", fail)  # onnx is written before pt2 fails
     code, _, err = run_cli(["export", "--checkpoint", checkpoint, "--out", tmp_path / "o"], capsys)
     assert code == 2 and "refused" in err
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
