@@ -349,13 +349,28 @@ def started_workers(loader: Any, workers: int) -> Iterator[Any]:
         try:
             batches = stack.enter_context(engine.batches(loader))
         except OSError as exc:
+            if not workers:
+                raise
             for child in set(multiprocessing.active_children()) - before:
                 child.kill()
                 child.join(5)
+            _disarm_half_built_iterator(exc)
             raise EvaluateError(f"--workers {workers}: the loader's worker processes cannot be started "
                                 f"({exc.strerror or exc}: a limit on processes or open files?); give fewer "
                                 "--workers, or 0 to read in this process") from None
         yield batches
+
+
+def _disarm_half_built_iterator(exc: BaseException) -> None:
+    """torch's loader iterator whose construction `exc` interrupted would, when collected, try to
+    shut down workers it never finished recording and print an ignored AttributeError: its
+    workers are dead already (`started_workers`), so mark it shut down."""
+    tb = exc.__traceback__
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("self")
+        if hasattr(candidate, "_shutdown_workers") and hasattr(candidate, "_shutdown"):
+            candidate._shutdown = True
+        tb = tb.tb_next
 
 
 # ---------------------------------------------------------------- 2. shard grid

@@ -49,13 +49,14 @@ import os
 import re
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import unquote, urlsplit
-
-import numpy as np
 
 from shards_spec import limits
 from shards_spec.errors import ToolError
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where used: `train --help` reads TIMEOUT_LIMITS from here
 
 LOGGERS = ("csv", "tensorboard", "mlflow")
 TENSORBOARD_DIR = "tensorboard"
@@ -356,6 +357,8 @@ def overlay_slices(trainer: Any) -> list[dict]:
     """Up to `OVERLAY_SLICES` validation slices, one per patient in manifest order, each the
     patient's slice with the most tumour (read once, in this process, without touching the
     training stream or any random generator)."""
+    import numpy as np
+
     from .data import iter_patients
 
     config = trainer.config
@@ -373,6 +376,7 @@ def overlay_slices(trainer: Any) -> list[dict]:
 def overlay_picture(trainer: Any, slices: list[dict], epoch: int) -> np.ndarray:
     """RGB uint8 (H, W, 3): the slices with truth and prediction contours (`train.report`'s drawing)."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
