@@ -108,6 +108,9 @@ def synth(
     layout: str = typer.Option("brats2020", "--layout", help="brats2020 | brats2021 | brats2023 | kaggle-h5 | msd"),
     shape: str = typer.Option("240,240,155", "--shape", help="Volume shape H,W,D."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
+    profile: str = typer.Option("default", "--profile", help="Ranges patients are drawn from: default, or shifted "
+                                "(more LGG and multifocal tumours, wider sizes, noisier; a second data set for "
+                                "bench/quality.py)."),
 ) -> None:
     """Write a synthetic BraTS-like dataset in one of the source layouts.
 
@@ -128,16 +131,17 @@ def synth(
         raise ToolError(f"--patients must be at least 1, got {patients}")
     dims = _shape(shape)
     try:
-        check_arguments(patients, layout, dims, seed)
+        check_arguments(patients, layout, dims, seed, profile=profile)
     except ValueError as exc:  # e.g. a shape below the phantom's minimum
         raise ToolError(f"--{str(exc).split()[0]}: {exc}") from None
     started = time.time()
-    total, had = prepare(out, layout=layout, shape=dims, seed=seed, patients=patients)
+    total, had = prepare(out, layout=layout, shape=dims, seed=seed, patients=patients, profile=profile)
     if total == had:
         typer.echo(f"{out} already holds {had} synthetic patient(s) with these options; nothing to add")
         return
     with _progress("synthesising", total) as advance:
-        synthesize(out, patients=total, layout=layout, shape=dims, seed=seed, progress=lambda *_a, **_k: advance())
+        synthesize(out, patients=total, layout=layout, shape=dims, seed=seed, profile=profile,
+                   progress=lambda *_a, **_k: advance())
     added = f"added {total - had} patient(s) ({total} in all)" if had else f"wrote {total} patient(s)"
     typer.echo(f"{added} in the {layout} layout, shape {dims}, to {out} in {time.time() - started:.1f} s")
 
