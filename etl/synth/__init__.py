@@ -95,6 +95,7 @@ from etl.sources import LAYOUTS, KAGGLE_CHANNEL_ORDER
 from etl.synth import layouts
 from etl.synth.folder import record_complete
 from etl.synth.anatomy import MODALITIES, draw_patient, render
+from etl.synth.profiles import PROFILES, Profile
 from shards_spec.errors import ToolError
 from shards_spec.fileio import refusal
 
@@ -117,6 +118,7 @@ def synthesize(
     quirk_355_at: int | None = None,
     kaggle_channel_order: Sequence[str] = KAGGLE_CHANNEL_ORDER,
     kaggle_background: float | None = None,
+    profile: str = "default",
 ) -> list[str]:
     """Writes ``patients`` synthetic patients under ``out`` in ``layout``; returns patient ids.
 
@@ -128,20 +130,22 @@ def synthesize(
     (``brats2020`` only).  ``kaggle_channel_order`` is the order of the four modalities in the
     Kaggle ``image`` array; ``kaggle_background`` None keeps raw intensities with a zero
     background, a number z-scores each channel over the brain of the volume and sets the
-    background to that number.  Side files (CSVs) are written after the last patient.
+    background to that number.  ``profile`` names the ranges patients are drawn from
+    (:mod:`etl.synth.profiles`: ``default``, or ``shifted`` for a second data set with more
+    variety).  Side files (CSVs) are written after the last patient.
 
     Raises ValueError on a bad argument, naming it and the allowed values, and a ToolError naming
     the file when a write is refused (a full disk): every file is written whole or not at all, so
     the same call again finishes the dataset.
     """
-    check_arguments(patients, layout, shape, seed, quirk_355_at, kaggle_channel_order, kaggle_background)
+    check_arguments(patients, layout, shape, seed, quirk_355_at, kaggle_channel_order, kaggle_background, profile)
     out = Path(out)
     shape = tuple(int(v) for v in shape)
     quirk = QUIRK_PATIENT if quirk_355_at is None else int(quirk_355_at)
     try:
         out.mkdir(parents=True, exist_ok=True)
         return _write_patients(out, patients, layout, shape, seed, progress, quirk, kaggle_channel_order,
-                               kaggle_background)
+                               kaggle_background, PROFILES[profile])
     except OSError as exc:  # a full disk, a quota, a size limit: every file written is whole (atomic)
         raise ToolError(f"cannot be written ({refusal(exc)}); every file written is whole: free space and run "
                         "the same command again to finish", exc.filename or out) from None
@@ -149,11 +153,11 @@ def synthesize(
 
 def _write_patients(out: Path, patients: int, layout: str, shape: tuple[int, int, int], seed: int,
                     progress: Callable[[int], None] | None, quirk: int, kaggle_channel_order: Sequence[str],
-                    kaggle_background: float | None) -> list[str]:
+                    kaggle_background: float | None, profile: Profile) -> list[str]:
     ids: list[str] = []
     mapping_rows, survival_rows, meta_rows = [], [], []
     for index in range(patients):
-        params = draw_patient(np.random.default_rng([seed, index]))
+        params = draw_patient(np.random.default_rng([seed, index]), profile)
         patient = render(params, shape)
         if layout == "brats2020":
             ids.append(layouts.write_brats2020(out, index, patient, quirk_seg=index + 1 == quirk))
@@ -198,8 +202,10 @@ def _as_int(value, name: str) -> int:
 
 
 def check_arguments(patients, layout, shape, seed, quirk_355_at=None, channel_order=KAGGLE_CHANNEL_ORDER,
-                    background=None) -> None:
+                    background=None, profile="default") -> None:
     """Raise ValueError naming the first bad argument of `synthesize` (before anything is written)."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {str(profile)[:80]!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     if layout not in MAX_PATIENTS:

@@ -46,6 +46,7 @@ import numpy as np
 from etl.synth.fields import blur3, box_around, cosine_profile, inner_box, open_grid, outer_box, smooth_field, thick_slices, tight_box
 from etl.synth.tissue import CHOROID, CSF, DGM, GM, N_CLASSES, VESSEL, WM, WMH
 from etl.synth.tumour import Lesion, displacement, draw_lesion, paint_lesion
+from etl.synth.profiles import PROFILES, Profile
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 REF_SHAPE = (240, 240, 155)
@@ -111,9 +112,9 @@ class PatientParams:
     field_seed: int
 
 
-def _draw_modality(rng, name: str, site: int) -> ModalityParams:
+def _draw_modality(rng, name: str, site: int, profile: Profile = PROFILES["default"]) -> ModalityParams:
     base = np.asarray(BASE_CONTRAST[name])
-    jitter = np.exp(rng.normal(0.0, 0.06, N_CLASSES))
+    jitter = np.exp(rng.normal(0.0, profile.contrast_jitter, N_CLASSES))
     thick_p = {"t1": 0.3, "t1ce": 0.2, "t2": 0.5, "flair": 0.55}[name]
     return ModalityParams(
         contrast=tuple(float(v) for v in base * jitter),
@@ -124,24 +125,25 @@ def _draw_modality(rng, name: str, site: int) -> ModalityParams:
         gamma=float(rng.uniform(0.85, 1.15)),
         scale=float(SITE_SCALE[name][site] * np.exp(rng.normal(0.0, 0.2))),
         offset=float(rng.uniform(-0.03, 0.08)),
-        noise=float(rng.uniform(0.015, 0.05)),
-        bias=float(rng.uniform(0.04, 0.22)),
+        noise=float(rng.uniform(*profile.noise)),
+        bias=float(rng.uniform(*profile.bias)),
         bias_seed=int(rng.integers(2**31)),
         thick_mm=float(rng.uniform(3.0, 6.0)) if rng.uniform() < thick_p else 0.0,
         blur=float(rng.uniform(0.06, 0.2)),
     )
 
 
-def draw_patient(rng: np.random.Generator) -> PatientParams:
-    """Draw every random choice of one patient (the rendering itself is deterministic)."""
-    grade = "HGG" if rng.uniform() < 0.8 else "LGG"
+def draw_patient(rng: np.random.Generator, profile: Profile = PROFILES["default"]) -> PatientParams:
+    """Draw every random choice of one patient (the rendering itself is deterministic), from the
+    ranges of `profile` (`etl.synth.profiles`; the same draws in the same order for every profile)."""
+    grade = "HGG" if rng.uniform() < profile.hgg_fraction else "LGG"
     site = int(rng.integers(len(SITE_SCALE["t1"])))
     centre = (120.0 + rng.normal(0, 2.5), 122.0 + rng.normal(0, 3.5), 78.0 + rng.normal(0, 3.0))
     axes = (rng.uniform(63.0, 72.0), rng.uniform(80.0, 90.0), rng.uniform(58.0, 65.0))
-    n_lesions = 2 if rng.uniform() < 0.15 else 1
-    lesions = [draw_lesion(rng, grade, centre, axes, (14.0, 38.0))]
+    n_lesions = 2 if rng.uniform() < profile.second_lesion else 1
+    lesions = [draw_lesion(rng, grade, centre, axes, profile.lesion_mm, profile)]
     for _ in range(n_lesions - 1):
-        lesions.append(draw_lesion(rng, grade, centre, axes, (8.0, 20.0)))
+        lesions.append(draw_lesion(rng, grade, centre, axes, profile.satellite_mm, profile))
     n_wmh = int(rng.integers(0, 5))
     wmh = []
     for _ in range(n_wmh):
@@ -162,7 +164,7 @@ def draw_patient(rng: np.random.Generator) -> PatientParams:
         periventricular_caps=0.0 if rng.uniform() < 0.5 else float(rng.uniform(0.1, 0.3)),
         wmh=tuple(wmh),
         lesions=tuple(lesions),
-        modalities={m: _draw_modality(rng, m, site) for m in MODALITIES},
+        modalities={m: _draw_modality(rng, m, site, profile) for m in MODALITIES},
         field_seed=int(rng.integers(2**63)),
     )
 

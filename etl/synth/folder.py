@@ -23,23 +23,27 @@ MAX_MARKER_BYTES = 1 << 16
 """The marker holds four small values."""
 
 
-def prepare(out: Path, *, layout: str, shape: tuple[int, int, int], seed: int, patients: int) -> tuple[int, int]:
+def prepare(out: Path, *, layout: str, shape: tuple[int, int, int], seed: int, patients: int,
+            profile: str = "default") -> tuple[int, int]:
     """Check `out` for a synthetic dataset of `patients` patients; (patients to write, already there).
 
     Raises ToolError naming `out` when it holds files `etl synth` did not write, or a dataset
-    made with another layout, shape or seed. Writes the marker for the run that follows."""
-    made = {"layout": layout, "shape": list(shape), "seed": seed}
+    made with another layout, shape, seed or profile. Writes the marker for the run that follows
+    (a `default` profile is not recorded, so folders made before profiles existed still match)."""
+    made = {"layout": layout, "shape": list(shape), "seed": seed, "profile": profile}
     before = _existing(out)
     if before is not None:
-        old = {k: before.get(k) for k in made}
+        old = {k: before.get(k, "default" if k == "profile" else None) for k in made}
         if old != made:
             shown = ", ".join(f"{k} {_text(old[k])}" for k in made if old[k] != made[k])
             raise ToolError(f"holds a synthetic dataset made with {shown}; etl synth adds patients to it only "
-                            "with the same --layout, --shape and --seed (or choose another --out)", out)
+                            "with the same --layout, --shape, --seed and --profile (or choose another --out)", out)
     recorded = int(before.get("patients", 0)) if before else 0
     complete = before.get("complete", recorded) if before else 0  # a marker without it: an older, whole run
     had = complete if isinstance(complete, int) and 0 <= complete <= recorded else 0
     total = max(recorded, patients)
+    if profile == "default":
+        del made["profile"]
     try:
         out.mkdir(parents=True, exist_ok=True)
         _write_marker(out, {"tool": "etl synth", **made, "patients": total, "complete": had})

@@ -15,6 +15,7 @@ import numpy as np
 
 from etl.synth.fields import box_around, inner_box, open_grid, outer_box, smooth_field
 from etl.synth.tissue import CHOROID, CSF, DGM, ET, GM, NECROSIS, SOLID, WM
+from etl.synth.profiles import PROFILES, Profile
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def _random_rotation(rng: np.random.Generator) -> tuple[tuple[float, float, floa
     return tuple(tuple(float(v) for v in row) for row in q)
 
 
-def draw_lesion(rng, grade, centre, axes, scale_range) -> Lesion:
+def draw_lesion(rng, grade, centre, axes, scale_range, profile: Profile = PROFILES["default"]) -> Lesion:
     a = np.asarray(axes)
     c = np.asarray(centre)
     radius = float(np.exp(rng.uniform(np.log(scale_range[0]), np.log(scale_range[1]))))
@@ -50,12 +51,12 @@ def draw_lesion(rng, grade, centre, axes, scale_range) -> Lesion:
             break
         radius *= 0.97
     if grade == "HGG":
-        enhancing = rng.uniform() < 0.97
-        core_ratio = rng.uniform(0.38, 0.75)
+        enhancing = rng.uniform() < profile.hgg_enhancing
+        core_ratio = rng.uniform(*profile.hgg_core)
     else:
-        enhancing = rng.uniform() < 0.25
+        enhancing = rng.uniform() < profile.lgg_enhancing
         core_ratio = rng.uniform(0.5, 0.9)
-    necrosis = 0.0 if rng.uniform() < 0.15 else rng.uniform(0.3, 0.8)
+    necrosis = 0.0 if rng.uniform() < profile.no_necrosis else rng.uniform(*profile.necrosis)
     return Lesion(
         centre=tuple(float(v) for v in c + p * a),
         radius=radius,
@@ -67,7 +68,7 @@ def draw_lesion(rng, grade, centre, axes, scale_range) -> Lesion:
         necrosis_ratio=float(necrosis) if enhancing else 0.0,
         rim_patchiness=float(rng.uniform(0.0, 0.3)) if enhancing else 0.0,
         cyst_ratio=0.0 if enhancing or rng.uniform() < 0.6 else float(rng.uniform(0.3, 0.7)),
-        roughness=float(rng.uniform(0.18, 0.35)),
+        roughness=float(rng.uniform(*profile.roughness)),
         mass_effect=float(rng.uniform(0.0, 0.35) * radius),
     )
 
