@@ -172,3 +172,24 @@ def test_the_next_run_removes_what_a_killed_writer_left(tmp_path):
     done = subprocess.run([sys.executable, "-c", NEXT_WRITER, str(target)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["seg.nii.gz"] and target.read_bytes() == b"whole"
+
+
+def test_a_refusal_a_library_wraps_in_its_own_error_names_the_output(tmp_path):
+    """torch's zip writer and h5py's close raise RuntimeError over the refused write: reported as
+    the system's one-line reason about the output; a library error of another kind stays itself."""
+    target = tmp_path / "volume.h5"
+    with pytest.raises(OSError) as raised:
+        with atomic_path(target) as tmp:
+            try:
+                raise OSError(errno.ENOSPC, f"Can't write data (file write failed: filename = '{tmp}', ...)")
+            except OSError:
+                raise RuntimeError("Can't decrement id ref count (unable to extend file properly)")
+    assert (raised.value.errno, raised.value.strerror, raised.value.filename) == (
+        errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+    with pytest.raises(RuntimeError):  # control: a failure that is not a refused write
+        with atomic_path(target):
+            try:
+                raise FileNotFoundError(errno.ENOENT, "an input", "in.h5")
+            except OSError:
+                raise RuntimeError("bad input")
+    assert list(tmp_path.iterdir()) == []

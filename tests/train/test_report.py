@@ -105,3 +105,49 @@ def test_not_a_run_is_one_line(tmp_path, capsys):
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err
     assert "metrics.csv" in lines[0]
+
+
+def _metrics_only_run(folder, epochs):
+    folder.mkdir()
+    columns = fit.metric_columns("classes")
+    with open(folder / "metrics.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for epoch in epochs:
+            writer.writerow([epoch if c == "epoch" else 0.1 for c in columns])
+    return folder
+
+
+def _heading_text(markdown: str) -> str:
+    """The text a Markdown renderer shows for the first heading (markdown-it, rich's parser)."""
+    from markdown_it import MarkdownIt
+
+    tokens = MarkdownIt().parse(markdown)
+    inline = tokens[[t.type for t in tokens].index("heading_open") + 1]
+    assert all(child.type in ("text", "softbreak") for child in inline.children), inline.children
+    return "".join(child.content for child in inline.children)
+
+
+def test_a_budget_stop_is_reported_as_the_fractional_epoch_it_is(tmp_path):
+    """metrics.csv rows 1..4 then 4.301 (a time-budget stop inside epoch 5): not "5 epoch(s)"."""
+    run = _metrics_only_run(tmp_path / "stopped", [1, 2, 3, 4, 4.301])
+    text = report.main(run, console=quiet_console()).read_text()
+    assert "4.301 epoch(s) trained (stopped by the time budget inside epoch 5)" in text
+    assert "5 epoch" not in text and "| 4.301 | last" in text
+    assert "4.301 epoch(s) trained" in (run / "report" / "report.html").read_text()
+    whole = _metrics_only_run(tmp_path / "whole", [1, 2, 3])  # control: whole epochs
+    text = report.main(whole, console=quiet_console()).read_text()
+    assert "3 epoch(s) trained." in text and "| 3 | last" in text and "time budget" not in text
+
+
+@pytest.mark.parametrize("name", ["run_*bold* <img src=x onerror=alert(1)>", "a [link](x.html) `code` #1 &amp; ~~s~~ \\*",
+                                  "v2-20250101"])
+def test_the_heading_shows_the_folder_name_literally(tmp_path, name):
+    run = _metrics_only_run(tmp_path / name, [1])
+    text = report.main(run, console=quiet_console()).read_text()
+    assert _heading_text(text) == f"Run report: {name}"
+    from markdown_it import MarkdownIt
+
+    assert text.splitlines()[0].startswith("# Run report: ")
+    rendered = MarkdownIt().render(text)
+    assert rendered.count("<img ") == 3 and "<a " not in rendered  # the three curves only: no HTML or link from the name
