@@ -558,7 +558,7 @@ def print_tables(results: dict, console: Any) -> None:
 def headline(results: dict) -> str:
     """One line: the mean Dice over the BraTS regions WT, TC, ET, per patient then averaged, on the
     native grid when `--src` was given (the number comparable with published results), else on the
-    shard grid, and said which."""
+    shard grid, and said which; a `--src` that is not the shards' source (`check_source`) is named."""
     block = results.get("native_grid") or results["shard_grid"]
     grid = "native grid" if results.get("native_grid") else "shard grid (no --src)"
     if (block.get("source") or {}).get("match") is False:

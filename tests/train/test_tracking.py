@@ -31,6 +31,7 @@ from .test_predict import make_shards, make_source, run_cli
 torch.set_num_threads(1)
 
 EPOCHS = 3
+MLFLOW_REQUEST_VARIABLES = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
 RUN = dict(variant="v1", epochs=EPOCHS, batch_size=8, workers=0, base=4, depth=2, lr=0.01, seed=1, report=False)
 
 
@@ -38,6 +39,17 @@ def quiet():
     from rich.console import Console
 
     return Console(file=io.StringIO(), width=200)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_request_variables():
+    """An MLflow tracker sets MLflow's request variables where they are unset (tracking.py):
+    after this module they are as they were before it."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in MLFLOW_REQUEST_VARIABLES:
+            patch.setenv(name, "")  # records the original state, restored on leaving
+            patch.delenv(name)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +316,7 @@ def mlflow_bounds(monkeypatch):
     """A one-second bound; MLflow's request variables absent now (the tracker sets its defaults)
     and absent again after the test."""
     monkeypatch.setenv(tracking.TIMEOUT_ENV, "1")
-    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_TRACKING_URI"):
+    for name in (*MLFLOW_REQUEST_VARIABLES, "MLFLOW_TRACKING_URI"):
         monkeypatch.setenv(name, "")  # records the original state, so the teardown restores it
         monkeypatch.delenv(name)
 
