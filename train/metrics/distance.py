@@ -30,7 +30,8 @@ _CELL_MM = 8.0  # size of the cells that group source points into blocks
 def surface(mask: np.ndarray) -> np.ndarray:
     """Voxels of `mask` with a face neighbour outside it (outside the array counts as outside)."""
     mask = np.asarray(mask, dtype=bool)
-    padded = np.pad(mask, 1)
+    padded = np.zeros([n + 2 for n in mask.shape], dtype=bool)  # np.pad's bookkeeping costs more for a small lesion
+    padded[(slice(1, -1),) * mask.ndim] = mask
     interior = mask.copy()
     for axis in range(mask.ndim):
         for step in (-1, 1):
