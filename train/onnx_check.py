@@ -266,7 +266,7 @@ def _check_initializers(graph: Any, ref: Reference, path: Path) -> None:
         if tensor.data_type != FLOAT:
             raise ExportError(f"its initializer {name} is not float32; train export writes float32 weights", path)
         if tensor.data_location != 0 or tensor.external_data or tensor.HasField("segment"):
-            raise ExportError(f"its initializer {name} is stored outside the tensor (external data or a segment); "
+            raise ExportError(f"its initializer {name} points to data outside the file (external data or a segment); "
                               "train export stores every weight in the file", path)
         if any(d < 0 for d in tensor.dims):
             raise ExportError(f"its initializer {name} has a negative dimension {list(tensor.dims)}", path)

@@ -82,7 +82,7 @@ def test_an_ensemble_of_identical_models_equals_one_and_of_two_is_their_mean():
 
 
 def test_load_ensemble_refuses_checkpoints_of_another_target(tmp_path, monkeypatch):
-    def fake_load(path, device="auto", *, onnx=False):
+    def fake_load(path, device="auto", *, onnx=False, batch_size=32):
         target = "classes" if "b" in str(path) else "regions"
         return LoadedModel(model=Pointwise(), device=torch.device("cpu"), path=path, channels=["t1ce", "flair"],
                            target=target, size=8, norm="slice", preprocessing={}, manifest_digest="", epoch=1,
