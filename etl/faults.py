@@ -9,6 +9,8 @@ subprocess) and do nothing when unset:
 * `ETL_FAULT_KILL=1`, with the above: it SIGKILLs itself there instead (nothing of Python's
   clean-up runs, as after `kill -9` or the OOM killer); `ETL_FAULT_KILL=INT` (or `TERM`, any
   signal name) sends itself that signal instead, as a Ctrl-C (or `kill`) at that moment would;
+  with `ETL_FAULT_KILL_GROUP=1` the signal goes to its whole process group, Dask workers
+  included, as a terminal sends Ctrl-C (start the build in a process group of its own);
 * `ETL_FAULT_KILL_WORKER=PATH`: the first task to create PATH (O_EXCL) SIGKILLs its own process
   after writing its shard and before returning, so a Dask worker dies mid-run with its output
   on disk.
@@ -22,6 +24,7 @@ import signal
 AFTER_SHARDS_ENV = "ETL_FAULT_AFTER_SHARDS"
 KILL_ENV = "ETL_FAULT_KILL"
 KILL_WORKER_ENV = "ETL_FAULT_KILL_WORKER"
+KILL_GROUP_ENV = "ETL_FAULT_KILL_GROUP"
 
 
 class InjectedFault(RuntimeError):
@@ -35,7 +38,11 @@ def after_shard(built: int, done: int, total: int) -> None:
         return
     kill = os.environ.get(KILL_ENV)
     if kill:
-        os.kill(os.getpid(), signal.SIGKILL if kill == "1" else signal.Signals["SIG" + kill.upper()])
+        signum = signal.SIGKILL if kill == "1" else signal.Signals["SIG" + kill.upper()]
+        if os.environ.get(KILL_GROUP_ENV):
+            os.killpg(os.getpgrp(), signum)
+        else:
+            os.kill(os.getpid(), signum)
         return  # a handled signal (SIGINT: KeyboardInterrupt) has been raised by now
     raise InjectedFault(f"{AFTER_SHARDS_ENV}={value}: stopping after {built} shard(s)")
 

@@ -4,15 +4,33 @@ The runner knows nothing of shards: it maps a task function (`etl.task.build_sha
 `etl export-nnunet` maps its per-case export) over tasks and yields results as they finish. Which cluster is used: `--scheduler ADDRESS` (or `DASK_SCHEDULER_ADDRESS`) for an
 existing one, else a `LocalCluster` of single-threaded worker processes, or none at all with
 `--workers 0`.
+
+Ctrl-C in a terminal sends SIGINT to the whole process group, so the `LocalCluster`'s worker
+processes get it too; each printed a `KeyboardInterrupt` traceback before the build's one line.
+They ignore it (`dask_setup`, run in every worker as a preload): the main process stops the build
+and closes the cluster, which ends them. A worker still inside a task when the scheduler closes
+logged the lost heartbeat as an error with its traceback; a worker's own log says nothing a user
+needs (a task's problem comes back as its result, a bug as the future's exception), so the
+workers log only critical messages.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .task import ShardTask, build_shard
+
+
+def dask_setup(worker: object) -> None:
+    """Run by each `LocalCluster` worker process at its start (Dask's preload hook): leave Ctrl-C
+    to the main process, and keep the shutdown that follows it quiet (see the module docstring)."""
+    import logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
 
 
 class Runner:
@@ -49,7 +67,7 @@ class Runner:
             single = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
             self.cluster = LocalCluster(
                 n_workers=self.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                silence_logs=logging.ERROR, env=single,
+                silence_logs=logging.ERROR, env=single, preload=[__name__],
             )
             self.client = Client(self.cluster)
             self.log(f"Dask LocalCluster: {self.workers} worker process(es), 1 thread each")

@@ -18,6 +18,8 @@ Interruptions land where they matter through the fault hooks (`etl/faults.py`), 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -174,6 +176,29 @@ def test_ctrl_c_during_overwrite_puts_the_previous_build_back_at_once(pristine_s
     assert run.returncode == 130, run.stderr
     assert_one_line(run.returncode, run.stderr, str(out), "interrupted", "the previous build is in place")
     assert snapshot(out) == before
+
+
+def test_ctrl_c_to_the_process_group_prints_only_the_interrupted_line(pristine_src, tmp_path, capsys):
+    """A terminal's Ctrl-C reaches the Dask worker processes too: they leave it to the build, so
+    no worker traceback comes before the one line, and the same command then finishes the build."""
+    out = tmp_path / "shards"
+    args = _args(pristine_src, out, "--workers", "2")
+    group_ctrl_c = {"ETL_FAULT_AFTER_SHARDS": "1", "ETL_FAULT_KILL": "INT", "ETL_FAULT_KILL_GROUP": "1"}
+
+    def own_group_with_ctrl_c() -> None:  # a group of its own, as a terminal's foreground job
+        os.setpgid(0, 0)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    run = run_subprocess("etl", args, env=group_ctrl_c, preexec_fn=own_group_with_ctrl_c)
+    assert run.returncode == 130, run.stderr
+    assert_one_line(run.returncode, run.stderr, str(out), "interrupted", "the same command finishes the build")
+    assert "KeyboardInterrupt" not in run.stderr and "distributed." not in run.stderr, run.stderr
+    assert not (out / "manifest.json").exists()
+
+    code, _, err = run_cli_inprocess("etl", args, capsys)  # the control: the same command finishes it
+    assert code == 0, err
+    assert re.search(r"keeping [12] complete shard\(s\) of 3", err), err  # the other worker's may be done too
+    assert run_cli_inprocess("etl", ["verify", out], capsys)[0] == 0
 
 
 def test_two_killed_overwrites_in_a_row_never_lose_the_previous_build(pristine_src, previous, capsys):
