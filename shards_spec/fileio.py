@@ -209,5 +209,5 @@ def sha256_file(path: str | Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-__all__ = ["NAME_MAX", "REFUSED", "TEMPORARY", "TMP_SUFFIX", "atomic_path", "name_max", "refusal", "remove_stale_temporaries",
-           "sha256_file", "temporary_name", "write_atomic"]
+__all__ = ["NAME_MAX", "REFUSED", "TEMPORARY", "TMP_SUFFIX", "atomic_path", "name_max", "refusal",
+           "remove_stale_temporaries", "sha256_file", "temporary_name", "write_atomic"]

@@ -42,8 +42,8 @@ def render_html(run_dir: Path, rows: list[dict], names: list[str], pictures: dic
 
     columns, body = epoch_table(rows, names)
     parts = [f"<h1>Run report: {_e(run_dir.name)}</h1>",
-             f"<p>{_e(epochs_trained(rows))}. Validation numbers per epoch are dataset-level: TP/FP/FN summed over every "
-             "validation slice on the shard grid, then one score per channel (&ndash;: NaN, no voxel in prediction "
+             f"<p>{_e(epochs_trained(rows))}. Validation numbers per epoch are dataset-level: TP/FP/FN summed "
+             "over every validation slice on the shard grid, then one score per channel (&ndash;: NaN, no voxel in prediction "
              "or truth, left out of the mean Dice).</p>",
              _table(["epoch", "", *columns], [(epoch, [label, *cells]) for epoch, label, cells in body], "epochs")]
     parts.append("<h2>Curves</h2>")

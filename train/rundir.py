@@ -56,11 +56,15 @@ def channel_names(target: str) -> tuple[str, ...]:
 
 
 def metric_columns(target: str) -> list[str]:
-    """metrics.csv header: fixed order; see the module doc."""
+    """metrics.csv header: fixed order; see the module doc. Every run has the seed's per-class
+    columns (NEC/NET, ED, ET, from the label map); a regions run adds WT and TC after them (its ET
+    region is the ET class). `mean_dice` is the mean over the target's channels."""
     from .metrics import COUNT_METRICS
 
-    per_channel = [f"{m.column}_{name}" for m in COUNT_METRICS.values() for name in channel_names(target)]
-    return ["epoch", "train_loss", "val_loss", "mean_dice", *per_channel, "lr", "seconds"]
+    per_class = [f"{m.column}_{name}" for m in COUNT_METRICS.values() for name in CLASS_NAMES]
+    regions = [f"{m.column}_{name}" for m in COUNT_METRICS.values() for name in REGION_NAMES if name not in CLASS_NAMES]
+    return ["epoch", "train_loss", "val_loss", "mean_dice", *per_class, *(regions if target == "regions" else []),
+            "lr", "seconds"]
 
 
 def default_out(variant: str, now: datetime | None = None) -> str:
@@ -172,7 +176,8 @@ def _parse_metrics(reader: Any, path: Path) -> tuple[list[str], list[dict[str, f
         raise RunDirError("is empty (no header)", path) from None
     needed = {"epoch", "train_loss", "val_loss", "mean_dice", "lr"}
     if not needed <= set(columns) or not any(c.startswith("dice_") for c in columns):
-        raise RunDirError(f"header lacks {sorted(needed - set(columns)) or ['dice_*']}: not a train run's metrics", path)
+        missing = sorted(needed - set(columns)) or ["dice_*"]
+        raise RunDirError(f"header lacks {missing}: not a train run's metrics", path)
     rows = []
     for number, values in enumerate(reader, start=2):
         if not values:

@@ -140,8 +140,8 @@ def test_a_budget_stop_is_reported_as_the_fractional_epoch_it_is(tmp_path):
     assert "3 epoch(s) trained." in text and "| 3 | last" in text and "time budget" not in text
 
 
-@pytest.mark.parametrize("name", ["run_*bold* <img src=x onerror=alert(1)>", "a [link](x.html) `code` #1 &amp; ~~s~~ \\*",
-                                  "v2-20250101"])
+@pytest.mark.parametrize("name", ["run_*bold* <img src=x onerror=alert(1)>",
+                                  "a [link](x.html) `code` #1 &amp; ~~s~~ \\*", "v2-20250101"])
 def test_the_heading_shows_the_folder_name_literally(tmp_path, name):
     run = _metrics_only_run(tmp_path / name, [1])
     text = report.main(run, console=quiet_console()).read_text()
@@ -150,4 +150,4 @@ def test_the_heading_shows_the_folder_name_literally(tmp_path, name):
 
     assert text.splitlines()[0].startswith("# Run report: ")
     rendered = MarkdownIt().render(text)
-    assert rendered.count("<img ") == 3 and "<a " not in rendered  # the three curves only: no HTML or link from the name
+    assert rendered.count("<img ") == 3 and "<a " not in rendered  # the curves only: no HTML or link from the name
