@@ -6,12 +6,23 @@ read and validated first:
 
 - every file is read as a stream, never more bytes than the manifest lists for it, and its
   sha256 is compared with the manifest's (before use with a `cache_dir`, otherwise at the end of
-  the stream, before `records` returns for that shard);
+  the stream, before `records` returns for that shard); `read_file` reads a file whole and
+  verifies it before returning any byte;
+- a local file (or a cached copy) is hashed once per `ShardStore` (so once per process and
+  loader worker), not at every epoch: its identity and change times (device, inode, size, mtime,
+  ctime) when its bytes matched are remembered, and a later read of the file with the same
+  identity and times skips the hash. Any write to a file changes its ctime, which no program can
+  set back; a file changed less than `RECENT_CHANGE_S` before it was hashed is not remembered,
+  since a second write within one tick of the file system's clock could leave its times equal
+  (git's "racily clean" files). Remote files without a cache are hashed at every read;
 - records are decoded by the reader of the manifest's format (`shards_spec.formats`: one module
   per format, e.g. `formats/webdataset.py`, `formats/zarr.py`, registered in `READERS`);
 - each shard's patients, records, slices and tumour slices must equal the manifest's counts,
   because epoch lengths and DDP batch counts are computed from them up front; any error while
-  decoding a shard is a `SpecError` naming it, so a caller's bad-shard policy sees them all.
+  decoding a shard is a `SpecError` naming it, so a caller's bad-shard policy sees them all;
+- the values (labels <= 3, a finite image) are scanned the first time a shard's bytes are
+  decoded; once they passed, bytes verified equal to the manifest's again are the same values,
+  and a reader may skip the scan (`values_checked`).
 
 Local files are opened only when they are regular files (a FIFO in place of a shard or of
 `manifest.json` blocked `verify` forever). Remote files get timeouts and retries
@@ -28,7 +39,9 @@ fsspec and zarr are imported inside the functions that need them, so `shards_spe
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -36,7 +49,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 from . import formats, limits, remote
-from .checked_io import CHUNK, CheckedReader, check_local, open_regular
+from .checked_io import CHUNK, CheckedReader, open_regular
 from .codec import Record, member_limits
 from .errors import SpecError
 from .fileio import atomic_path
@@ -44,6 +57,9 @@ from .manifest import MANIFEST_NAME, Manifest, parse
 
 FILE_OVERHEAD_BYTES = 64 << 10
 """Allowance per listed file over the raw array bytes (tar headers, zarr metadata, codec framing)."""
+RECENT_CHANGE_S = 2.0
+"""A file whose ctime is less than this before its hash began is hashed again at its next read
+(file system timestamps are coarse: a second write within one tick leaves them unchanged)."""
 
 
 def is_url(root: str | Path) -> bool:
@@ -109,6 +125,8 @@ class ShardStore:
         self._fs = None
         self._fs_pid = 0
         self._base = self.root.rstrip("/") if is_url(self.root) else None
+        self._verified: dict[str, tuple] = {}  # local path -> (stat identity, sha256) when its bytes matched
+        self._values_checked: set[str] = set()  # shard paths whose bytes passed every value check
         name = self.location(MANIFEST_NAME)
         self.manifest: Manifest = parse(self._read_manifest(name), name)
         self._entries = {f["path"]: f for s in self.manifest.content["shards"] for f in s["files"]}
@@ -192,17 +210,21 @@ class ShardStore:
             except (OSError, ValueError) as exc:
                 raise SpecError(f"cannot be read ({remote.describe(exc)})", name) from None
         if self.cache_dir is not None:
-            return open_regular(self._cached(entry))
+            return open_regular(self._cached(entry)[0])
         return self._stream(entry, verify=verify)
 
-    def _cached(self, entry: dict) -> Path:
-        """Path of a verified cached copy of `entry`, fetched (again) when missing or changed."""
+    def _cached(self, entry: dict, read: bool = False) -> tuple[Path, memoryview | None]:
+        """Path of a verified cached copy of `entry`, fetched (again) when missing or changed, and
+        with `read` its verified content."""
         digest = entry["sha256"]
         target = self.cache_dir / digest[:2] / digest
         if target.exists():
-            problem = check_local(target, entry)
-            if problem is None:
-                return target
+            try:
+                return target, self._read_local(target, entry, str(target), keep=read)
+            except SpecError as exc:
+                problem = exc.problem
+            except OSError as exc:
+                problem = f"cannot be read ({remote.describe(exc)})"
             warnings.warn(f"cached copy {target} of {entry['path']} {problem}: fetching it again", stacklevel=3)
             target.unlink(missing_ok=True)
         # atomic_path's temporary name is unique: several loader workers or ranks may fetch one file at once
@@ -211,7 +233,35 @@ class ShardStore:
                 while chunk := source.read(CHUNK):
                     out.write(chunk)
                 source.drain()
-        return target
+        return target, self._read_local(target, entry, str(target), keep=read) if read else None
+
+    def _read_local(self, path: Path, entry: dict, name: str, keep: bool = True) -> memoryview | None:
+        """The whole content of a local file (with `keep`), after its size and sha256 matched
+        `entry`; a file this store verified before and whose identity and times are unchanged is
+        not hashed again (module doc). Raises `SpecError` naming the file."""
+        started = time.time_ns()
+        try:
+            with open_regular(path) as handle:
+                before = _identity(os.fstat(handle.fileno()))
+                if before[2] != entry["bytes"]:
+                    raise SpecError(f"holds {before[2]} bytes, the manifest lists {entry['bytes']}", name)
+                data = _buffer(entry["bytes"])
+                view, got = data, 0
+                while got < len(data) and (n := handle.readinto(view[got:])):
+                    got += n
+                if got != len(data) or handle.read(1):
+                    raise SpecError("changed while it was being read (its size differs)", name)
+                after = _identity(os.fstat(handle.fileno()))
+        except OSError as exc:
+            raise SpecError(f"cannot be read ({remote.describe(exc)})", name) from None
+        key = str(path)
+        if after == before and self._verified.get(key) == (after, entry["sha256"]):
+            return data if keep else None
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise SpecError("sha256 differs from the manifest (corrupt or changed file)", name)
+        if after == before and started - after[4] > RECENT_CHANGE_S * 1e9:
+            self._verified[key] = (after, entry["sha256"])
+        return data if keep else None
 
     def _stream(self, entry: dict, *, verify: bool) -> CheckedReader:
         """The file of `entry` from the source, bounded by its size, sha256-checked with `verify`."""
@@ -224,13 +274,28 @@ class ShardStore:
         return CheckedReader(raw, size=entry["bytes"], sha256=entry["sha256"] if verify else None, name=name,
                               reopen=reopen)
 
-    def read_file(self, entry: dict) -> bytes:
-        """The whole verified content of one listed file."""
-        with self.open_file(entry["path"], verify=True) as handle:
-            data = handle.read()
-            if isinstance(handle, CheckedReader):
-                handle.drain()
+    def read_file(self, entry: dict) -> memoryview:
+        """The whole content of one listed file, its size and sha256 checked before it returns.
+
+        A local file, or a cached copy, verified by this store before and unchanged since (module
+        doc) is read without hashing it again; a remote file without a cache is streamed and
+        hashed every time."""
+        if self.cache_dir is not None:
+            return self._cached(entry, read=True)[1]
+        if self._base is None:
+            return self._read_local(Path(self.root) / entry["path"], entry, self.location(entry["path"]))
+        data = _buffer(entry["bytes"])
+        view, got = data, 0
+        with self._stream(entry, verify=True) as handle:
+            while got < len(data) and (n := handle.readinto(view[got:])):
+                got += n
+            handle.drain()  # a short file fails here, naming its size
         return data
+
+    def values_checked(self, shard: dict) -> bool:
+        """Whether the bytes the manifest lists for `shard` have passed every value check in this
+        store (one complete `records` pass): bytes verified equal to them need no second scan."""
+        return shard["path"] in self._values_checked
 
     def verify_file(self, entry: dict) -> str | None:
         """Size and sha256 check of one manifest file entry: the problem in words, or None."""
@@ -285,6 +350,7 @@ class ShardStore:
                 f"holds {len(seen)} records and {slices} slices, the manifest says {shard['records']} and {shard['slices']}",
                 name,
             )
+        self._values_checked.add(shard["path"])
 
     def _expected_patients(self, shard: dict, name: str) -> dict[str, str]:
         """Record key -> patient id of the patients the manifest places in this shard."""
@@ -328,3 +394,14 @@ class ShardStore:
             limits = member_limits(patients[pid]["slices"], channels, size)
             total += sum(limits.values()) + 3 * 512 + 64 * patients[pid]["slices"]
         return total + FILE_OVERHEAD_BYTES * len(shard["files"])
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a file is replaced or written: device, inode, size, mtime, ctime (ns)."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def _buffer(size: int) -> memoryview:
+    """A writable buffer of `size` bytes, not zero-filled first (`bytearray(size)` writes every byte
+    once before the file is read over them)."""
+    return memoryview(np.empty(size, dtype=np.uint8))

@@ -11,8 +11,10 @@ and before reading any bytes refuses
 - a stream that would take more than `max_total` bytes in all (headers, data and padding), which
   also bounds the time spent decompressing a gzip bomb.
 
-Each member's data is read into a buffer of exactly its declared size. The archive ends at the
-first all-zero block, as `tarfile` in stream mode ends it. Every refusal is a `SpecError`.
+Each member's data is read into a buffer of exactly its declared size, or, when the archive is
+given whole in memory (a bytearray: a local shard read and verified at once), is a view of it,
+never a copy. The archive ends at the first all-zero block, as `tarfile` in stream mode ends it.
+Every refusal is a `SpecError`.
 """
 
 from __future__ import annotations
@@ -53,6 +55,25 @@ class _Counted:
         return buffer
 
 
+class _InMemory:
+    """An archive held whole in memory: each read is a view of it (no copy), with `_Counted`'s checks."""
+
+    def __init__(self, data: bytes | bytearray | memoryview, max_total: int | None, name: str) -> None:
+        self.data, self.max_total, self.name, self.used = memoryview(data).cast("B"), max_total, name, 0
+
+    def read_exact(self, n: int, what: str) -> memoryview | None:
+        if self.max_total is not None and self.used + n > self.max_total:
+            raise SpecError(f"the tar stream holds more than the {self.max_total} bytes its records can need", self.name)
+        start = self.used
+        got = min(n, len(self.data) - start)
+        self.used += got
+        if got == 0 and n:
+            return None
+        if got != n:
+            raise SpecError(f"{what} is truncated", self.name)
+        return self.data[start:start + n]
+
+
 def _number(field: bytes, what: str) -> int:
     """A numeric header field: octal text, or base-256 when the first byte has its top bit set."""
     if field[:1] and field[0] & 0x80:
@@ -69,7 +90,7 @@ def _text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
-def _checksum_ok(header: bytearray) -> bool:
+def _checksum_ok(header: bytearray | memoryview) -> bool:
     stated = _number(bytes(header[148:156]), "chksum")
     blanked = bytes(header[:148]) + b" " * 8 + bytes(header[156:])
     unsigned = sum(blanked)
@@ -97,10 +118,15 @@ def _pax(data: bytearray, name: str) -> dict[str, str]:
 
 
 def iter_members(
-    stream: BinaryIO, *, limit: Callable[[str], int], max_total: int | None = None, name: str = "shard"
-) -> Iterator[tuple[str, bytearray]]:
-    """Yield (member name, data) of each regular member, checking sizes before reading them."""
-    source = _Counted(stream, max_total, name)
+    stream: BinaryIO | bytes | bytearray | memoryview, *, limit: Callable[[str], int], max_total: int | None = None,
+    name: str = "shard",
+) -> Iterator[tuple[str, bytearray | memoryview]]:
+    """Yield (member name, data) of each regular member, checking sizes before reading them.
+
+    `stream` is a binary stream, or the whole archive in memory; members of an archive in memory
+    are views of it."""
+    in_memory = isinstance(stream, (bytes, bytearray, memoryview))
+    source = _InMemory(stream, max_total, name) if in_memory else _Counted(stream, max_total, name)
     pending: dict[str, str] = {}
     while True:
         header = source.read_exact(BLOCK, "a tar header")
@@ -135,7 +161,7 @@ def iter_members(
         yield member, data if data is not None else bytearray()
 
 
-def _extended(source: _Counted, kind: bytes, size: int, name: str) -> bytearray:
+def _extended(source: _Counted | _InMemory, kind: bytes, size: int, name: str) -> bytearray:
     if not 0 <= size <= MAX_TAR_HEADER_BYTES:
         label = "PAX extended header" if kind in (b"x", b"g") else "GNU long name"
         raise SpecError(f"a {label} declares {size} bytes, more than the {MAX_TAR_HEADER_BYTES} allowed", name)
@@ -143,7 +169,7 @@ def _extended(source: _Counted, kind: bytes, size: int, name: str) -> bytearray:
     if data is None:
         raise SpecError("an extended tar header is truncated", name)
     _skip_padding(source, size, "an extended tar header")
-    return data
+    return bytearray(data)  # at most 64 KiB: parsed as text
 
 
 def _pax_size(text: str, member: str, name: str) -> int:
@@ -152,13 +178,13 @@ def _pax_size(text: str, member: str, name: str) -> int:
     return int(text)
 
 
-def _ustar_name(header: bytearray) -> str:
+def _ustar_name(header: bytearray | memoryview) -> str:
     name = _text(bytes(header[0:100]))
     prefix = _text(bytes(header[345:500])) if bytes(header[257:263]) == b"ustar\x00" else ""
     return f"{prefix}/{name}" if prefix else name
 
 
-def _skip_padding(source: _Counted, size: int, what: str) -> None:
+def _skip_padding(source: _Counted | _InMemory, size: int, what: str) -> None:
     pad = -size % BLOCK
     if pad and source.read_exact(pad, what) is None:
         raise SpecError(f"{what} is truncated", source.name)

@@ -205,3 +205,54 @@ def test_fuzz_json_decoder(data):
         assert isinstance(decode_json(data, max_bytes=1000), dict)
     except SpecError:
         pass
+
+
+def _outcome(source, max_total=20000):
+    """Records (key -> {suffix: bytes}) a tar source gives, or the message it is refused with."""
+    try:
+        return [(key, {s: bytes(v) for s, v in members.items()})
+                for key, members in iter_tar_records(source, max_bytes=LIMITS, max_total=max_total, name="s.tar")]
+    except SpecError as exc:
+        return str(exc)
+
+
+def test_an_archive_in_memory_reads_and_fails_as_the_stream_does():
+    whole = _tar([("p1", encode_record("p1", _slices())), ("p2", encode_record("p2", _slices(seed=1)))]).getvalue()
+    cases = {"whole": (whole, 20000), "truncated in a member": (whole[:1500], 20000),
+             "truncated in a header": (whole[:2 * 512 + 100], 20000), "over max_total": (whole, 3000),
+             "garbage": (bytes(range(256)) * 4, 20000)}
+    for label, (data, max_total) in cases.items():
+        assert _outcome(io.BytesIO(data), max_total) == _outcome(bytearray(data), max_total), label
+    assert [key for key, _ in _outcome(bytearray(whole))] == ["p1", "p2"]  # the control reads
+    assert "truncated" in _outcome(bytearray(whole[:1500])) and "more than the 3000" in _outcome(bytearray(whole), 3000)
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.binary(max_size=2000))
+def test_fuzz_tar_reader_in_memory_agrees_with_the_stream(data):
+    assert _outcome(bytearray(data)) == _outcome(io.BytesIO(data))
+
+
+def test_npy_in_a_writable_buffer_is_used_in_place_and_bytes_are_copied():
+    array = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
+    data = bytearray(encode_npy(array))
+    shared = decode_npy(memoryview(data)[:], dtype=IMAGE_DTYPE, ndim=3)
+    assert np.array_equal(shared, array) and np.shares_memory(shared, np.frombuffer(data, np.uint8))
+    copied = decode_npy(bytes(data), dtype=IMAGE_DTYPE, ndim=3)
+    assert np.array_equal(copied, array) and copied.flags.writeable
+
+
+def test_nonfinite_scan_matches_isfinite_on_every_float16_and_can_be_skipped():
+    from shards_spec.codec import _has_nonfinite_float16, build_record
+
+    every = np.arange(65536, dtype=np.uint16).view(np.float16)
+    assert [_has_nonfinite_float16(every[i:i + 1]) for i in range(65536)] == (~np.isfinite(every)).tolist()
+    slices = _slices()
+    bad = slices.image.copy()
+    bad[1, 2, 3, 4] = np.nan
+    meta = {"patient": "p1", "slice_index": slices.slice_index, "class_voxels": slices.class_voxels,
+            "brain_voxels": slices.brain_voxels}
+    with pytest.raises(SpecError, match="non-finite"):
+        build_record("p1", bad, slices.mask, meta, channels=4, size=8)
+    assert build_record("p1", bad, slices.mask, meta, channels=4, size=8, scan=False).slices == 3
+    build_record("p1", slices.image, slices.mask, meta, channels=4, size=8)  # the control passes the scan

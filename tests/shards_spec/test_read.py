@@ -223,3 +223,111 @@ def test_s3_reads_the_same_records_as_the_path(tmp_path):
             assert np.array_equal(remote["p1"].image, _records(ShardStore(root))["p1"].image)
     finally:
         server.stop()
+
+
+class _CountingSha256:
+    """Counts the sha256 digests `shards_spec.read` computes (a file hashed whole is one)."""
+
+    def __init__(self, monkeypatch):
+        import shards_spec.read as read_module
+
+        self.calls = 0
+        real = hashlib.sha256
+
+        def counted(*args):
+            self.calls += 1
+            return real(*args)
+
+        monkeypatch.setattr(read_module.hashlib, "sha256", counted)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_unchanged_local_file_is_hashed_once_per_store_and_a_changed_one_again(tmp_path, monkeypatch, fmt):
+    import os
+    import shards_spec.read as read_module
+
+    root = make_shards(tmp_path, fmt, patients={"p1": 3, "p2": 2})
+    store = ShardStore(root)
+    files = sum(len(s["files"]) for s in store.manifest.content["shards"])
+    hashes = _CountingSha256(monkeypatch)
+    first = _records(store)
+    assert hashes.calls == files  # just written: within RECENT_CHANGE_S, so not remembered
+    _records(store)
+    assert hashes.calls == 2 * files
+    monkeypatch.setattr(read_module, "RECENT_CHANGE_S", 0.0)  # as for files written long ago
+    _records(store)
+    again = _records(store)
+    assert hashes.calls == 3 * files  # hashed once more, then remembered
+    assert all(np.array_equal(again[p].image, first[p].image) for p in first)
+    # A file changed in place (same size, one byte) is hashed again and refused: its ctime moved.
+    entry = max((f for s in store.manifest.content["shards"] for f in s["files"]), key=lambda f: f["bytes"])
+    path = root / entry["path"]
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with its mtime set back
+    with pytest.raises(SpecError, match=re.escape(entry["path"]) + ": sha256 differs"):
+        _records(store)
+    assert ShardStore(root)._verified == {}  # a new store (a new process) remembers nothing
+
+
+def test_a_cached_copy_is_hashed_once_per_store(tmp_path, monkeypatch):
+    import shards_spec.read as read_module
+
+    root = make_shards(tmp_path, "webdataset", patients={"p1": 3})
+    monkeypatch.setattr(read_module, "RECENT_CHANGE_S", 0.0)
+    store = ShardStore(root, cache_dir=tmp_path / "cache")
+    first = _records(store)  # fetched (hashed while streaming), then read from the cache (hashed)
+    hashes = _CountingSha256(monkeypatch)
+    again = _records(store)
+    assert hashes.calls == 0 and np.array_equal(again["p1"].image, first["p1"].image)
+    cached = next(p for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    cached.write_bytes(cached.read_bytes()[:-1] + b"X")
+    with pytest.warns(UserWarning, match="sha256 differs.*fetching it again"):
+        assert np.array_equal(_records(store)["p1"].image, first["p1"].image)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_values_are_scanned_until_a_shard_passed_once_and_bad_values_fail_every_time(tmp_path, monkeypatch, fmt):
+    import shards_spec.codec as codec
+
+    scans = []
+    real = codec._has_nonfinite_float16
+    monkeypatch.setattr(codec, "_has_nonfinite_float16", lambda image: scans.append(1) or real(image))
+    root = make_shards(tmp_path / "good", fmt, patients={"p1": 3, "p2": 2})
+    store = ShardStore(root)
+    shards = store.manifest.shards_of("train")
+    assert not any(store.values_checked(s) for s in shards)
+    _records(store)
+    assert len(scans) == 2 and all(store.values_checked(s) for s in shards)
+    _records(store)
+    assert len(scans) == 2  # the same verified bytes: the same values, not scanned again
+    # A shard whose values are bad (NaN, the manifest resealed to match) fails at every read.
+    bad = make_shards(tmp_path / "bad", fmt, patients={"p1": 3})
+    store = ShardStore(bad)
+    shard = store.manifest.shards_of("train")[0]
+    record = next(iter(store.records(shard)))
+    image = record.image.copy()
+    image[1, 0, 2, 2] = np.nan
+    if fmt == "webdataset":
+        from shards_spec.codec import encode_npy, iter_tar_records, member_limits, write_tar
+        import io
+
+        with open(bad / shard["path"], "rb") as handle:
+            members = dict(iter_tar_records(handle, max_bytes=member_limits(3, 4, 16)))["p1"]
+        members = {k: bytes(v) for k, v in members.items()} | {"image.npy": encode_npy(image)}
+        buffer = io.BytesIO()
+        write_tar(buffer, [("p1", members)])
+        _rewrite(bad, shard["path"], buffer.getvalue())
+    else:
+        import zarr
+
+        array = zarr.open_array(bad / "train/p1/image", mode="r+")
+        array[...] = image
+        _rewrite(bad, "train/p1/image/c/0/0/0/0", (bad / "train/p1/image/c/0/0/0/0").read_bytes())
+    store = ShardStore(bad)
+    for _ in range(2):
+        with pytest.raises(SpecError, match="non-finite"):
+            _records(store)
+        assert not store.values_checked(store.manifest.shards_of("train")[0])
