@@ -135,7 +135,6 @@ def check_outputs(paths: dict[str, Path], checkpoint: Path, overwrite: bool) -> 
         if len(os.fsencode(path.name)) > longest:
             raise ExportError(f"--name: the file name is {len(os.fsencode(path.name))} bytes, longer than the "
                               f"{longest} the folder accepts", path)
-        refuse_broken_link(path, ExportError)
         if source is not None and _identity(path) == source:
             raise ExportError(f"is the checkpoint {checkpoint}: export never writes over its input; give another "
                               "--out or --name", path)

@@ -27,6 +27,8 @@ convention: 0/1/2/4 for BraTS 2020/2021 layouts (and for files named otherwise),
 under onnxruntime (the optional extra `[export]`), without building the torch model, with the
 channels, target and preprocessing stored in the ONNX file's metadata (or in `model.json`
 beside it); the segmentation is the checkpoint's, up to float rounding near the 0.5 threshold.
+Such a file may come from anyone, so it is first checked against that config and the limits
+(`train.onnx_check`, for `--batch-size` slices per call, the batch onnxruntime then always gets).
 
 `--probabilities` also writes `<out>_probabilities.nii.gz` beside each segmentation: float32,
 4D (H, W, D, 3), volumes p(NEC/NET), p(ED), p(ET) for a `classes` checkpoint or p(WT), p(TC),

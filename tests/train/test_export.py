@@ -7,6 +7,8 @@
 - the `torch.export` program loaded with `torch.export.load` runs and agrees with the model;
 - `train predict --checkpoint model.onnx` gives the torch path's segmentation (label flips only
   at voxels whose probability lies within 1e-4 of a decision boundary);
+- every registered model, with the options that change its graph, exports to a graph that
+  `train.onnx_check` passes (only its operators); onnxruntime always gets the checked batch;
 - a missing extra, a bad opset, a failed format: one line, exit 2, nothing written.
 """
 
@@ -116,6 +118,25 @@ def test_onnx_graph_opset_dynamic_dims_and_metadata(exported):
     assert beside["source"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_every_registered_model_exports_to_a_graph_the_onnx_check_passes(tmp_path, manifest, name):
+    """`train.onnx_check.OPERATORS` and its size bounds hold for what `train export` writes, with
+    the options that change the graph (stem 2, deep supervision, no batch norm); a new model or
+    exporter that writes other operators fails here, not in a user's `predict`."""
+    from train import onnx_check
+
+    from .test_predict import save_checkpoint
+
+    kwargs = {"base": 4, "depth": 2, "batch_norm": False, "stem": 2, "deep_supervision": True}
+    model = models.build_model(name, in_channels=2, **kwargs).eval()
+    checkpoint = save_checkpoint(tmp_path / "m.pt", model, name, kwargs, ("t1ce", "flair"), "classes", manifest)
+    paths = export.main(checkpoint=checkpoint, out=tmp_path / "exp", formats=["onnx"])
+    checked = onnx_check.load_checked(paths["onnx"], 3)
+    assert checked.config["model"]["kwargs"] == kwargs and checked.batch == 3
+    proto = onnx.load(str(paths["onnx"]))
+    assert {node.op_type for node in proto.graph.node} <= onnx_check.OPERATORS
+
+
 def test_safetensors_round_trip_equals_state_dict(exported):
     checkpoint, paths = exported["attention_unet"]
     _, payload = torch_model(checkpoint)
@@ -188,6 +209,26 @@ def test_onnx_predict_needs_no_torch_model(tmp_path, exported, src, monkeypatch)
     assert (loaded.channels, loaded.target, loaded.size) == (["t1ce", "flair"], "regions", 32)
     predict.main(checkpoint=paths["onnx"], inputs=[patient_folders(src)[1]], out=tmp_path / "s.nii.gz", device="cpu")
     assert (tmp_path / "s.nii.gz").is_file()
+
+
+def test_onnx_runs_every_call_at_the_checked_batch(exported):
+    """onnxruntime always gets the batch size the graph's sizes were checked for (a shorter batch
+    padded with zeros), and the padding changes no probability."""
+    _, paths = exported["unet"]
+    loaded = inference.load_model(paths["onnx"], "cpu", onnx=True, batch_size=4)
+    session, seen = loaded.model.session, []
+
+    class Spy:
+        def run(self, names, feed):
+            seen.append(next(iter(feed.values())).shape)
+            return session.run(names, feed)
+
+    loaded.model.session = Spy()
+    images = np.random.default_rng(0).normal(size=(10, 2, 32, 32)).astype(np.float32)
+    probs = inference.predict_slices(loaded, images, batch_size=3)
+    assert seen and set(seen) == {(4, 2, 32, 32)}
+    one_by_one = np.concatenate([loaded.model.probabilities(images[i:i + 1]) for i in range(10)])
+    np.testing.assert_allclose(probs, one_by_one, atol=1e-6)
 
 
 def test_onnx_without_metadata_reads_the_json_beside_it(tmp_path, exported):
