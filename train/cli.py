@@ -155,11 +155,11 @@ def _tracking_hooks(logger: str, tracking_uri: str | None, images_every: int) ->
 
 ENSEMBLE_HELP = ("A checkpoint (runs/NAME/checkpoints/best.pt); repeat it to ensemble several (their probabilities "
                  "averaged), e.g. the folds of --val-split foldK.")
-TTA_HELP = ("Average the predictions of each slice and its three mirror images (4x the inference time). "
-            "Measured: +0.002 mean class Dice (bench/BENCHMARKS.md).")
+# What --tta and --min-et-voxels gain is measured in the README's Quality section and said only there.
+TTA_HELP = ("Average the predictions of each slice and its three mirror images (4x the inference time); "
+            "what it gains: README, Quality.")
 MIN_ET_HELP = ("BraTS post-processing: a patient whose predicted ET has fewer native voxels than this gets it "
-               "relabelled NEC/NET (0: off). Measured on the synthetic validation patients: no change at 200 or "
-               "1000 (bench/BENCHMARKS.md); choose N on your own validation data.")
+               "relabelled NEC/NET (0: off); choose N on your own validation data (what it gains: README, Quality).")
 
 
 @app.command("evaluate", no_args_is_help=True)
