@@ -133,21 +133,26 @@ def close_loader(dataloader: Any) -> None:
 @dataclass
 class Validation:
     """One validation pass: per-channel TP/FP/FN (int64, rows tp, fp, fn) summed over the split
-    (and all-reduced), the loss summed slice by slice, the slices seen."""
+    (and all-reduced), the loss summed slice by slice, the slices seen; with `--target regions`
+    also the NEC/NET, ED, ET counts of the same label maps (`class_counts`), so that every run
+    reports the seed's per-class columns."""
 
     counts: Any  # torch int64 (3, 3)
     loss_sum: float
     slices: int
+    class_counts: Any = None  # torch int64 (3, 3) for a regions target; None when the target is the classes
 
     @property
     def loss(self) -> float:
         return self.loss_sum / self.slices if self.slices else math.nan
 
-    def scores(self) -> dict[str, np.ndarray]:
-        """Every registered count score per channel, dataset-level (empty channel -> NaN)."""
+    def scores(self, classes: bool = False) -> dict[str, np.ndarray]:
+        """Every registered count score per channel of the target (or, `classes`, per class NEC/NET,
+        ED, ET), dataset-level (empty channel -> NaN)."""
         from .metrics import UNDEFINED, scores_from_counts
 
-        return scores_from_counts(self.counts[0], self.counts[1], self.counts[2], empty=UNDEFINED)
+        counts = self.class_counts if classes and self.class_counts is not None else self.counts
+        return scores_from_counts(counts[0], counts[1], counts[2], empty=UNDEFINED)
 
     def mean_dice(self) -> float:
         dice = self.scores()["dice"]
@@ -168,10 +173,11 @@ def validate(model: Any, loader: Any, loss_fn: Any, device: Any, amp_dtype: Any,
     value would depend on how slices fall into batches (batch size, loader workers, ranks)."""
     import torch
 
-    from .metrics import confusion_counts
+    from .metrics import confusion_counts, expand_labels, probs_to_labels
 
     model.eval()
     counts = torch.zeros(3, 3, dtype=torch.int64, device=device)
+    class_counts = torch.zeros(3, 3, dtype=torch.int64, device=device) if target == "regions" else None
     loss_sum = torch.zeros((), dtype=sum_dtype(device), device=device)
     seen = torch.zeros((), dtype=sum_dtype(device), device=device)
     with torch.no_grad():
@@ -182,14 +188,20 @@ def validate(model: Any, loader: Any, loss_fn: Any, device: Any, amp_dtype: Any,
             loss_sum += slice_losses(loss_fn, logits, mask).to(loss_sum.dtype).sum()
             seen += image.shape[0]
             centre = image if brain_channels is None else image[:, :brain_channels]
-            counts += torch.stack(confusion_counts(predicted_channels(logits, centre, target), mask > 0.5))
+            labels = predicted_labels(logits, centre, target)
+            counts += torch.stack(confusion_counts(expand_labels(labels, target), mask > 0.5))
+            if class_counts is not None:  # the regions are nested: the truth's label map is exact
+                truth = probs_to_labels(mask.float(), "regions", threshold=0.5, channel_axis=1)
+                class_counts += torch.stack(confusion_counts(expand_labels(labels, "classes"),
+                                                             expand_labels(truth, "classes")))
             if stop is not None and stop.requested and not dist.enabled:
                 raise StopRequested(stop.signum or 15)
-    for tensor in (counts, loss_sum, seen):
+    for tensor in (counts, loss_sum, seen, *([class_counts] if class_counts is not None else [])):
         distributed.all_reduce_sum(dist, tensor)
     if stop is not None and distributed.agree(dist, stop.requested, device):
         raise StopRequested(stop.signum or 15)
-    return Validation(counts=counts.cpu(), loss_sum=float(loss_sum.item()), slices=int(seen.item()))
+    return Validation(counts=counts.cpu(), loss_sum=float(loss_sum.item()), slices=int(seen.item()),
+                      class_counts=class_counts.cpu() if class_counts is not None else None)
 
 
 def sum_dtype(device: Any) -> Any:
@@ -206,18 +218,18 @@ def slice_losses(loss_fn: Any, logits: Any, mask: Any) -> Any:
     return torch.stack([loss_fn(logits[i:i + 1], mask[i:i + 1]) for i in range(logits.shape[0])])
 
 
-def predicted_channels(logits: Any, image: Any, target: str) -> Any:
-    """bool (B, 3, H, W): the label map the label rule gives, as the target's channels, 0 on background."""
+def predicted_labels(logits: Any, image: Any, target: str) -> Any:
+    """(B, H, W) uint8: the label map the label rule gives, 0 on background."""
     import torch
 
-    from .metrics import expand_labels, probs_to_labels
+    from .metrics import probs_to_labels
     from .inference import THRESHOLD
 
     labels = probs_to_labels(torch.sigmoid(logits.float()), target, threshold=THRESHOLD, channel_axis=1)
-    labels = torch.where((image != 0).any(dim=1), labels, torch.zeros_like(labels))
-    return expand_labels(labels, target)
+    return torch.where((image != 0).any(dim=1), labels, torch.zeros_like(labels))
 
 
 __all__ = ["AMP_DTYPES", "Validation", "autocast", "autocast_dtype", "batches", "close_loader", "cpu_has_native_bf16",
-           "loader_worker_init", "make_loader", "mix_seed", "predicted_channels", "prepare_model", "slice_losses",
+           "loader_worker_init", "make_loader", "mix_seed", "predicted_labels",
+           "prepare_model", "slice_losses",
            "sum_dtype", "validate"]

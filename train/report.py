@@ -127,11 +127,9 @@ def try_write(run_dir: Path | str, device: str = "auto", batch_size: int = 32, c
         reason = str(exc) if isinstance(exc, ToolError) else f"{type(exc).__name__}: {_first_line(exc)}"
         line = (f"warning: the report was not written: {reason}; the training is complete "
                 f"(`train report {run_dir}` tries again)")
-        if console is None:
-            from rich.console import Console
+        from rich.console import Console
 
-            console = Console(stderr=True, soft_wrap=True)
-        console.print(line, markup=False, highlight=False)
+        Console(stderr=True, soft_wrap=True).print(line, markup=False, highlight=False)  # a warning: stderr
         return line
 
 

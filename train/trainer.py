@@ -476,10 +476,13 @@ class Trainer:
 
         row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "val_loss": validation.loss,
                                "mean_dice": validation.mean_dice()}
-        scores = validation.scores()
-        for metric in COUNT_METRICS.values():
-            for name, value in zip(self.channel_names, scores[metric.name]):
-                row[f"{metric.column}_{name}"] = float(value)
+        regions = self.config.target == "regions"  # the seed's per-class columns, then a regions run's WT, TC, ET
+        for classes in (True, False) if regions else (False,):
+            scores = validation.scores(classes=classes)
+            names = rundir.CLASS_NAMES if classes else self.channel_names
+            for metric in COUNT_METRICS.values():
+                for name, value in zip(names, scores[metric.name]):
+                    row[f"{metric.column}_{name}"] = float(value)
         row.update(lr=lr, seconds=round(seconds, 3))
         return row
 
@@ -539,7 +542,7 @@ class Trainer:
         if self.dist.is_main and self.config.report and self.state.history and not announce:
             from . import report
 
-            report.main(self.run_dir, console=self.console, storage_options=self.setup.storage_options)
+            report.try_write(self.run_dir, console=self.console, storage_options=self.setup.storage_options)
         return self.close(Result(self.run_dir, done, 0, message, self.state.history))
 
     def stopped(self, stopped: StopRequested, epoch: int) -> Result:

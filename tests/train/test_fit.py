@@ -271,7 +271,13 @@ def test_bf16_autocast_on_cpu_and_regions_on_folds(tmp_path):
     text = console.export_text()
     assert "autocast bfloat16" in text and "train on fold1+fold2" in text
     assert json.loads((out / "config.json").read_text())["autocast"] == "bfloat16"
-    assert rows(out)[0][4:7] == ["dice_WT", "dice_TC", "dice_ET"]
+    header, first = rows(out)[0], dict(zip(rows(out)[0], rows(out)[1]))
+    assert header[4:7] == ["dice_NEC/NET", "dice_ED", "dice_ET"]  # the seed's columns in every run
+    assert header[13:19] == ["dice_WT", "dice_TC", "prec_WT", "prec_TC", "recall_WT", "recall_TC"]
+    # mean_dice is the target's: WT, TC, ET (NaN channels left out)
+    regions = [float(first[k]) for k in ("dice_WT", "dice_TC", "dice_ET") if first[k] != "nan"]
+    if regions:
+        assert float(first["mean_dice"]) == pytest.approx(sum(regions) / len(regions))
     assert torch.load(out / "checkpoints" / ckpt.LAST, weights_only=True)["target"] == "regions"
 
 
@@ -331,3 +337,22 @@ def test_ddp_two_ranks_on_gloo_match_a_single_process_evaluation(shards, tmp_pat
         np.testing.assert_array_equal(np.asarray(got), scores[key])  # from integer counts: exact
     assert single.counts[0].sum() > 0  # the model predicts some tumour: a non-trivial comparison
     assert row["val_loss"] == pytest.approx(single.loss, rel=1e-4)  # float sums in another order
+
+
+def test_a_report_that_cannot_be_written_never_fails_a_finished_training(shards, tmp_path, capsys):
+    """The end-of-run report on a full disk: the training stands (exit 0, checkpoints), one warning."""
+    import errno
+
+    from train import report
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "report" / "report.html"))
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "main", full_disk)
+        result = fit.run(options(shards, out, epochs=1, report=True), hooks=quiet())
+    assert result.exit_code == 0 and result.epochs_done == 1
+    assert (out / "checkpoints" / ckpt.BEST).is_file()
+    err = capsys.readouterr().err
+    assert "warning: the report was not written" in err and "No space left" in err and "Traceback" not in err
