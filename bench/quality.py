@@ -5,12 +5,14 @@ budget, scored by the same code.
     python bench/quality.py --contender "v2-b8=--variant v2 --base 8" --contender monai --budget 300
     python bench/quality.py --mode converge --patience 3 --cap 3600 --write
     python bench/quality.py --patients 4 --shape 64,64,32 --size 32 --budget 20 --work /tmp/q   # a quick try
+    python bench/quality.py --profile shifted --load 0,1 --contender v2 --contender monai --write   # off the bench
 
 What it does, in one run:
 
-1. Data, once: `etl synth` (brats2020 layout, `--patients`, `--shape`, seed 0) and `etl build-shards
-   --size` (default split train 0.8 / val 0.2, seed 0). Kept in `--work` and reused when the same
-   options ask for it again.
+1. Data, once: `etl synth` (brats2020 layout, `--patients`, `--shape`, seed 0, `--profile`: `default`,
+   the data the recipe was tuned on, or `shifted`, a second data set with more variety, chosen before
+   any result on it) and `etl build-shards --size` (default split train 0.8 / val 0.2, seed 0). Kept
+   in `--work` and reused when the same options ask for it again.
 2. Each contender trains on the same cores and threads, one after the other, for the same
    wall-clock `--budget` (mode `budget`), or (mode `converge`) until its validation score has not
    improved for `--patience` validations, capped at `--cap` seconds. Ours is `train run` exactly
@@ -19,6 +21,10 @@ What it does, in one run:
    "NAME=--variant v2 --base 8"`; bare `v1` and `v2` are the presets with their defaults). The peer
    (`monai`) is bench/monai_peer.py: MONAI's U-Net and DiceLoss, Adam, batch 16, in a plain loop
    fed by our `ShardDataset` (`--contender "monai-s1=monai --seed 1"`: the peer with another seed).
+   `--load 0,1` trains every contender once per load level: quiet, then beside one busy process
+   (a plain Python loop at normal priority, as ../shared/tools/with-load starts, for the whole of
+   that contender's training and nothing else), as on a laptop or a shared server; rows are named
+   `NAME@loadN`.
 3. Every contender's best checkpoint (best validation mean Dice) is scored by `train evaluate
    --src` on the validation patients: Dice and HD95 per class (NEC/NET, ED, ET) and per BraTS
    region (WT, TC, ET) on the native grid, each the mean over patients; also the per-class Dice on
@@ -66,6 +72,7 @@ class Contender:
     name: str
     options: list[str] | None  # None: the MONAI peer
     peer_seed: int = 0  # the peer's seed (`NAME=monai --seed N`)
+    load: int = 0  # busy processes beside its training
     run_dir: Path = Path()
     wall: float = 0.0
     cpu: float = 0.0
@@ -81,14 +88,14 @@ class Contender:
 # ---------------------------------------------------------------- 1. data
 
 
-def prepare(work: Path, patients: int, shape: str, size: int, seed: int) -> tuple[Path, Path]:
+def prepare(work: Path, patients: int, shape: str, size: int, seed: int, profile: str = "default") -> tuple[Path, Path]:
     """Synthesise the source and build the shards once; reuse them when the options match."""
-    key = f"p{patients}-s{shape.replace(',', 'x')}-z{size}-seed{seed}"
+    key = f"p{patients}-s{shape.replace(',', 'x')}-z{size}-seed{seed}" + ("" if profile == "default" else f"-{profile}")
     source, shards = work / key / "source", work / key / "shards"
     if not (shards / "manifest.json").exists():
         shutil.rmtree(work / key, ignore_errors=True)
         common.run_tool([*common.cli("etl"), "synth", "--out", str(source), "--patients", str(patients),
-                         "--shape", shape, "--seed", str(seed)], "etl synth")
+                         "--shape", shape, "--seed", str(seed), "--profile", profile], "etl synth")
         common.run_tool([*common.cli("etl"), "build-shards", "--src", str(source), "--out", str(shards),
                          "--size", str(size), "--seed", str(seed)], "etl build-shards")
     return source, shards
@@ -111,6 +118,24 @@ def parse_contender(text: str) -> Contender:
             sys.exit(f"--contender: the peer takes only --seed N (NAME={PEER} --seed N); got {text!r}")
         return Contender(name, None, peer_seed=int(words[2]))
     return Contender(name, words)
+
+
+def parse_loads(text: str) -> list[int]:
+    try:
+        loads = [int(v) for v in text.split(",")]
+    except ValueError:
+        loads = []
+    if not loads or any(v < 0 or v > 8 for v in loads) or len(set(loads)) != len(loads):
+        sys.exit(f"--load: expected busy-process counts between 0 and 8 such as 1 or 0,1; got {text!r}")
+    return loads
+
+
+def with_loads(contenders: list[Contender], loads: list[int]) -> list[Contender]:
+    """Every contender once per load level (`NAME@loadN` beside N busy processes; the bare name at 0)."""
+    if loads == [0]:
+        return contenders
+    return [Contender(c.name if n == 0 else f"{c.name}@load{n}", c.options, c.peer_seed, load=n)
+            for n in loads for c in contenders]
 
 
 def contender_argv(c: Contender, shards: Path, args: argparse.Namespace) -> list[str]:
@@ -153,11 +178,15 @@ def train_contenders(contenders: list[Contender], shards: Path, work: Path, args
                 env["OMP_NUM_THREADS"] = str(args.cores_per_run)
             print(f"training {c.name} ...", file=sys.stderr, flush=True)
             log = open(log_path(c), "w")  # beside the run folder: train run wants it for itself
+            busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(c.load)]
             proc = subprocess.Popen(contender_argv(c, shards, args), stdout=log, stderr=subprocess.STDOUT, env=env,
                                     cwd=common.REPO, preexec_fn=(lambda p=pin: os.sched_setaffinity(0, p)) if pin else None)
-            running.append((c, proc, time.perf_counter(), log))
-        for c, proc, started, log in running:
+            running.append((c, proc, time.perf_counter(), log, busy))
+        for c, proc, started, log, busy in running:
             _, status, usage = os.wait4(proc.pid, 0)
+            for b in busy:
+                b.kill()
+                b.wait()
             proc.returncode = os.waitstatus_to_exitcode(status)
             c.wall = time.perf_counter() - started
             c.cpu = usage.ru_utime + usage.ru_stime
@@ -230,6 +259,7 @@ def score(c: Contender, shards: Path, source: Path | None, work: Path, extra: li
         "grid_dice": {k: grid[k]["dice"]["mean"] for k in keys},
         "native_dice": {k: native[k]["dice"]["mean"] for k in keys} if native else None,
         "native_hd95": {k: native[k]["hd95"]["mean"] for k in keys} if native else None,
+        "nec_precision_recall": tuple((native or grid)["NEC/NET"][m]["mean"] for m in ("precision", "recall")),
         "patients": results["shard_grid"]["patients"],
     }
 
@@ -264,7 +294,7 @@ def score_variants(contenders: list[Contender], texts: list[str], shards: Path, 
     for text in texts:
         name, options, opts, of, others = parse_score_variant(text, contenders)
         shown = [*(of.options if of.options is not None else [peer_description(of)]), f"[evaluate {options}]"]
-        row = Contender(f"{of.name} {name}", shown, run_dir=of.run_dir,
+        row = Contender(f"{of.name} {name}", shown, run_dir=of.run_dir, load=of.load,
                         wall=of.wall, cpu=of.cpu, load_after=of.load_after, steps=of.steps, epochs=of.epochs,
                         params=of.params, gflop=of.gflop, curve=[])
         score(row, shards, source, work, extra=[o.run_dir / "checkpoints" / "best.pt" for o in others], tta=opts.tta,
@@ -354,7 +384,7 @@ def render(contenders: list[Contender], check: dict | None, args: argparse.Names
     lines = [f"## Quality: ours against a plain MONAI U-Net ({args.label}; {mode})", "",
              f"Command: `{command}` ({time.strftime('%Y-%m-%d')}).", *common.machine_lines(info),
              f"- data: {args.patients} synthetic BraTS 2020 patients (`etl synth`, shape {args.shape}, seed "
-             f"{args.seed}), shards at {args.size}², split train 0.8 / val 0.2 (seed {args.seed}); scored on the "
+             f"{args.seed}, profile {args.profile}), shards at {args.size}², split train 0.8 / val 0.2 (seed {args.seed}); scored on the "
              f"{contenders[0].scores.get('patients', '?')} validation patients",
              "- every number is `train evaluate " + ("--src" if source else "") + "` of the contender's best checkpoint "
              "(best validation mean Dice): per patient, then the mean over patients; "
@@ -362,8 +392,8 @@ def render(contenders: list[Contender], check: dict | None, args: argparse.Names
              f"- {'side by side, each pinned to ' + str(args.cores_per_run) + ' cores' if args.parallel else 'one after the other, on all cores'}",
              ""]
     header = ["contender", "options", "params", "GFLOP/slice", "steps", "epochs", "train s", "CPU s",
-              "NEC/NET", "ED", "ET", "mean class", "WT", "TC", "ET", "mean region", "HD95 WT/TC/ET (mm)",
-              "shard grid NEC/ED/ET", "load after"]
+              "NEC/NET", "ED", "ET", "mean class", "WT", "TC", "ET", "mean region", "NEC/NET prec/recall",
+              "HD95 WT/TC/ET (mm)", "shard grid NEC/ED/ET", "busy", "load after"]
     rows = []
     nan = {k: math.nan for k in (*CLASSES, "WT", "TC")}
     for c in contenders:
@@ -375,20 +405,25 @@ def render(contenders: list[Contender], check: dict | None, args: argparse.Names
                      f"{c.params:,}", f"{c.gflop:.2f}", "–" if c.steps is None else str(c.steps), str(c.epochs),
                      f"{c.wall:.0f}", f"{c.cpu:.0f}", *(fmt(v) for v in classes), fmt(sum(classes) / 3),
                      *(fmt(v) for v in regions), fmt(sum(regions) / 3),
+                     "/".join(fmt(v, 2) for v in c.scores.get("nec_precision_recall", (None, None))),
                      "/".join(fmt(h[k], 1) for k in ("WT", "TC", "ET")), "/".join(fmt(g[k], 2) for k in CLASSES),
-                     c.load_after])
+                     str(c.load), c.load_after])
     lines.append(common.table(header, rows))
-    peer = next((c for c in contenders if c.options is None), None)  # score variants of the peer have options
-    if peer is not None:
+    peers = {}  # the first peer at each load level; score variants of the peer have options
+    for c in contenders:
+        if c.options is None:
+            peers.setdefault(c.load, c)
+    if peers:
         lines.append("")
         for c in contenders:
-            if c is peer:
+            peer = peers.get(c.load)
+            if peer is None or c is peer:
                 continue
             ours_d = c.scores["native_dice"] or c.scores["grid_dice"]
             peer_d = peer.scores["native_dice"] or peer.scores["grid_dice"]
             gaps = [ours_d[k] - peer_d[k] for k in CLASSES]
             region_gap = sum(ours_d[k] - peer_d[k] for k in ("WT", "TC", "ET")) / 3
-            lines.append(f"- {c.name} − peer: mean class Dice {sum(gaps) / 3:+.3f} (NEC/NET {gaps[0]:+.3f}, ED "
+            lines.append(f"- {c.name} − {peer.name}: mean class Dice {sum(gaps) / 3:+.3f} (NEC/NET {gaps[0]:+.3f}, ED "
                          f"{gaps[1]:+.3f}, ET {gaps[2]:+.3f}); mean region Dice {region_gap:+.3f}")
     if check is not None:
         lines += ["", f"Loader check ({contenders[0].name}'s recipe, batch {check['batch_size']}, {check['workers']} "
@@ -428,6 +463,10 @@ def main() -> None:
     parser.add_argument("--shape", default="240,240,155")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", default="default", help="etl synth --profile: default (the data the recipe "
+                        "was tuned on) or shifted (a second data set with more variety)")
+    parser.add_argument("--load", default="0", help="busy processes beside each contender's training; a list "
+                        "(0,1) trains every contender once per level")
     parser.add_argument("--contender", action="append", default=None,
                         help=f"NAME=OPTIONS, {PEER}, NAME={PEER} --seed N (the peer with another seed), v1 or v2 "
                              f"(repeatable; default: v1, v2, {PEER}); differences are taken to the first peer")
@@ -458,6 +497,7 @@ def main() -> None:
         return
     args.label = args.label or args.mode
     contenders = [parse_contender(t) for t in (args.contender or ["v1", "v2", PEER])]
+    contenders = with_loads(contenders, parse_loads(args.load))
     for text in args.score_variant or []:
         parse_score_variant(text, contenders)
     info = common.machine()
@@ -465,7 +505,7 @@ def main() -> None:
     if args.shards is not None:
         source, shards = args.src, args.shards
     else:
-        source, shards = prepare(args.work, args.patients, args.shape, args.size, args.seed)
+        source, shards = prepare(args.work, args.patients, args.shape, args.size, args.seed, args.profile)
     if args.rescore:  # score runs trained by an earlier call (same --work, --label and contenders)
         for c in contenders:
             c.run_dir = args.work / "runs" / f"{args.label}-{c.name}"

@@ -20,19 +20,26 @@ def test_the_harness_trains_ours_and_the_peer_scores_both_and_writes_its_section
     command = [sys.executable, str(ROOT / "bench" / "quality.py"), "--work", str(tmp_path / "work"),
                "--patients", "5", "--shape", "48,48,24", "--size", "32", "--budget", "6", "--label", "tiny",
                "--contender", "ours=--variant v2 --base 4 --depth 2 --batch-size 4 --stem 1", "--contender", "monai",
-               "--score-variant", "tta=--tta", "--starvation-steps", "3", "--markdown", str(markdown), "--write"]
+               "--score-variant", "tta=--tta", "--starvation-steps", "3", "--markdown", str(markdown), "--write",
+               "--profile", "shifted", "--load", "1"]  # the second data set, beside one busy process
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     text = markdown.read_text()
     assert "kept" in text  # other sections untouched
     section = text.split("<!-- bench:quality-tiny -->")[1].split("<!-- /bench:quality-tiny -->")[0]
     rows = [line for line in section.splitlines() if line.startswith("| ")]
-    assert [r.split("|")[1].strip() for r in rows[1:]] == ["ours", "monai", "ours tta"]
-    assert "Loader check (ours's recipe" in section and "steps/s fed from the shards" in section
+    names = ["ours@load1", "monai@load1", "ours@load1 tta"]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == names
+    busy = rows[0].split("|").index(" busy ")
+    assert [r.split("|")[busy].strip() for r in rows[1:]] == ["1", "1", "1"]
+    assert "profile shifted" in section and "ours@load1 − monai@load1: mean class Dice" in section
+    marker = json.loads(next((tmp_path / "work").glob("*-shifted/source/.etl-synth.json")).read_text())
+    assert marker["profile"] == "shifted"
+    assert "Loader check (ours@load1's recipe" in section and "steps/s fed from the shards" in section
     assert "native grid" in section and "(tiny; equal budget: 6 s of training each)" in section
     assert (tmp_path / "quality-tiny.png").is_file()
     results = json.loads((tmp_path / "work" / "quality-tiny.json").read_text())
-    assert [r["name"] for r in results] == ["ours", "monai", "ours tta"]
+    assert [r["name"] for r in results] == names
     for r in results:
         assert set(r["scores"]["native_dice"]) == {"NEC/NET", "ED", "ET", "WT", "TC"}
         assert all(0.0 <= v <= 1.0 for v in r["scores"]["native_dice"].values())
@@ -56,3 +63,17 @@ def test_a_peer_contender_with_another_seed_trains_the_peer_with_that_seed():
     for wrong in ("m=monai --base 8", "m=monai --seed x", "m=monai --seed"):
         with pytest.raises(SystemExit, match="the peer takes only --seed N"):
             quality.parse_contender(wrong)
+
+
+def test_load_levels_train_every_contender_once_per_level():
+    sys.path.insert(0, str(ROOT))
+    from bench import quality
+
+    contenders = [quality.parse_contender("v2"), quality.parse_contender("monai")]
+    assert quality.with_loads(contenders, [0]) == contenders
+    both = quality.with_loads(contenders, quality.parse_loads("0,1"))
+    assert [(c.name, c.load) for c in both] == [("v2", 0), ("monai", 0), ("v2@load1", 1), ("monai@load1", 1)]
+    assert both[2].options == ["--variant", "v2"] and both[3].options is None
+    for wrong in ("", "x", "-1", "0,0", "9"):
+        with pytest.raises(SystemExit, match="--load"):
+            quality.parse_loads(wrong)
