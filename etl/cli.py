@@ -39,7 +39,7 @@ app = make_app(
 def _err_console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)
 
 
 def _csv(text: str | None) -> tuple[str, ...] | None:
@@ -253,7 +253,7 @@ def _print_build_summary(summary) -> None:
     from shards_spec.cli import print_table
 
     content = summary.content
-    console = Console()
+    console = Console(soft_wrap=True)  # a summary line piped to a file is not wrapped mid-figure
     table = Table(title=f"{summary.out} ({content['format']}, {summary.action})", title_justify="left")
     for column in ("split", "patients", "shards", "slices", "tumour slices"):
         table.add_column(column, justify="right" if column != "split" else "left")
@@ -387,7 +387,7 @@ def inspect(
     from .verify import describe
 
     info = describe(shards, storage_options=parse_storage_options(storage_option))
-    console = Console()
+    console = Console(soft_wrap=True)  # a summary line piped to a file is not wrapped mid-figure
     console.print(f"[bold]{info['root']}[/bold]  {info['spec_version']}, {info['format']}, channels "
                   f"{','.join(info['channels'])}, size {info['preprocessing']['size']}, norm "
                   f"{info['preprocessing']['norm']}", highlight=False)

@@ -94,7 +94,7 @@ class Progress:
 
     def _log_line(self, now: float) -> None:
         if not self.console.quiet:
-            self.console.print(self.line(), highlight=False, markup=False)
+            self.console.print(self.line(), highlight=False, markup=False, soft_wrap=True)  # whole in a log
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
