@@ -99,8 +99,8 @@ def region_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float])
     dice = [d for _, _, d in pairs]
     true_boxes, pred_boxes = ndimage.find_objects(true_cc), ndimage.find_objects(pred_cc)
     hd95 = []
-    for t, p, _ in pairs:  # each pair within the union of its two bounding boxes, a voxel wider
-        box = tuple(slice(max(min(a.start, b.start) - 1, 0), max(a.stop, b.stop) + 1)
+    for t, p, _ in pairs:  # each pair within its two bounding boxes: work per pair grows with its box, not the volume
+        box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop))
                     for a, b in zip(true_boxes[t - 1], pred_boxes[p - 1]))
         hd95.append(pair_hd95(true_cc[box] == t, pred_cc[box] == p, spacing))
     tp = len(pairs)
