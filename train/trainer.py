@@ -285,6 +285,8 @@ class Trainer:
                         train_loss = self.train_epoch(epoch)
                     except BudgetReached:
                         return self.finish(self.budget_stop(epoch, started))
+                    if not math.isfinite(train_loss):
+                        return self.diverged(epoch, train_loss)
                     validation = self.validate_epoch(epoch)
                     self.end_epoch(epoch, started, train_loss, validation)
                     if self.config.early_stop is not None and self.state.stale >= self.config.early_stop:
@@ -544,6 +546,16 @@ class Trainer:
 
             report.try_write(self.run_dir, console=self.console, storage_options=self.setup.storage_options)
         return self.close(Result(self.run_dir, done, 0, message, self.state.history))
+
+    def diverged(self, epoch: int, train_loss: float) -> Result:
+        """The training loss is not finite: nothing of this epoch is validated or saved (a NaN model
+        would score as 'best' and replace best.pt); the run ends with exit code 1."""
+        last = rundir.checkpoint_path(self.run_dir, rundir.LAST)
+        kept = f"{last} holds epoch {self.state.epoch}" if self.state.history else "no checkpoint was written"
+        message = (f"error: training diverged in epoch {epoch + 1} (training loss {train_loss}): nothing of it is "
+                   f"kept; {kept}; try a lower --lr (now {self.config.lr:g})")
+        self.console.print(message)
+        return self.close(Result(self.run_dir, self.state.epoch, 1, message, self.state.history))
 
     def stopped(self, stopped: StopRequested, epoch: int) -> Result:
         signum = stopped.signum

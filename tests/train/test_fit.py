@@ -356,3 +356,24 @@ def test_a_report_that_cannot_be_written_never_fails_a_finished_training(shards,
     assert (out / "checkpoints" / ckpt.BEST).is_file()
     err = capsys.readouterr().err
     assert "warning: the report was not written" in err and "No space left" in err and "Traceback" not in err
+
+
+def test_a_diverging_run_keeps_its_last_good_checkpoint_and_fails(shards, tmp_path):
+    """A finite --lr can still blow the loss up: the NaN epoch is not validated, not marked best and
+    not saved over the good checkpoint, and the run exits 1 with one line naming the cause."""
+
+    class Blowup(fit.Trainer):
+        def compute_loss(self, logits, mask):
+            loss = super().compute_loss(logits, mask)
+            return loss * float("nan") if self.state.epoch == 1 and self.net.training else loss
+
+    out = tmp_path / "run"
+    result = fit.run(options(shards, out, epochs=3), hooks=quiet(), trainer_class=Blowup)
+    assert result.exit_code == 1 and "diverged in epoch 2" in result.message and "--lr" in result.message
+    assert result.epochs_done == 1 and len(rows(out)) == 2  # the header and epoch 1
+    for name in (ckpt.LAST, ckpt.BEST):
+        saved = torch.load(out / "checkpoints" / name, weights_only=True)
+        assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["model_state"].values()
+                                           if v.is_floating_point())
+    control = fit.run(options(shards, tmp_path / "ok", epochs=2), hooks=quiet())
+    assert control.exit_code == 0 and control.epochs_done == 2
