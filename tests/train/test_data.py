@@ -8,7 +8,7 @@ import torch
 
 from shards_spec.errors import SpecError
 from tests.shard_fixtures import decode_code, make_shards, sample_code, serve_range_http
-from train.data import ShardDataset, iter_patients
+from train.data import ShardDataset, ShardLoader, iter_patients
 
 UNEVEN = {"a": 3, "b": 5, "c": 4, "d": 6, "e": 2, "f": 7, "g": 1}
 EVEN = {"a": 4, "b": 4, "c": 4, "d": 4}
@@ -235,3 +235,46 @@ def test_shuffle_buffer_starts_at_an_eighth_and_never_holds_more_than_its_length
     assert first_after == 64 // 8  # the first batch does not wait for a full buffer
     assert most_in_flight <= 64  # the memory bound's buffer length holds
     assert out != list(range(1000))
+
+
+def _batches(loader):
+    return [(image.clone(), mask.clone()) for image, mask in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("target, context, drop_last", [("classes", 0, False), ("regions", 1, True)])
+def test_shard_loader_gives_the_batches_of_a_dataloader(uneven, workers, target, context, drop_last):
+    ds = ShardDataset(uneven, "train", channels=["flair", "t1"], target=target, context=context, shuffle_buffer=6,
+                      seed=4)
+    ds.set_epoch(1)
+    expected = _batches(torch.utils.data.DataLoader(ds, batch_size=3, num_workers=workers, drop_last=drop_last))
+    loader = ShardLoader(ds, batch_size=3, num_workers=workers, drop_last=drop_last)
+    got = _batches(loader)
+    assert len(got) == len(expected) == len(loader) > 0
+    for (image, mask), (want_image, want_mask) in zip(got, expected):
+        assert image.dtype == mask.dtype == torch.float32
+        assert image.shape == want_image.shape and mask.shape == want_mask.shape
+        assert torch.equal(image, want_image) and torch.equal(mask, want_mask)
+    assert sorted(decode_code(i[:1]) for image, _ in got for i in image) == sorted(
+        decode_code(i[:1]) for image, _ in expected for i in image)
+
+
+def test_shard_loader_keeps_its_workers_across_epochs_and_refuses_what_it_does_not_take(uneven):
+    ds = ShardDataset(uneven, "train", shuffle_buffer=8, seed=3)
+    loader = ShardLoader(ds, batch_size=4, num_workers=2, persistent_workers=True)
+    for epoch in range(2):
+        ds.set_epoch(epoch)  # reaches the persistent workers through shared memory
+        codes = [decode_code(image) for images, _ in loader for image in images]
+        assert sorted(codes) == _all_codes(UNEVEN) and len(codes) == len(ds)
+    with pytest.raises(ValueError, match="no collate_fn"):
+        ShardLoader(ds, batch_size=4, collate_fn=lambda batch: batch)
+    with pytest.raises(TypeError, match="ShardDataset"):
+        ShardLoader(list(range(4)), batch_size=2)
+
+
+def test_len_is_the_slices_of_this_rank_per_epoch(uneven):
+    ds = ShardDataset(uneven, "train", shuffle=False)
+    assert len(ds) == ds.num_slices == sum(UNEVEN.values()) == len(list(ds))
+    assert len(torch.utils.data.DataLoader(ds, batch_size=4)) == math.ceil(len(ds) / 4)
+    ranks = [ShardDataset(uneven, "train", rank=r, world_size=2, batch_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == ranks[0].samples_per_epoch() and len(ranks[0]) % 2 == 0
