@@ -16,13 +16,15 @@ carries and with the limits first, in this order, and refused in one line naming
    knows, no functions, sparse or external tensors, no training info; one input `image` float32
    (batch, C, H, W) with C the config's input channels and batch, H, W symbolic, as `train export`
    writes them; one output `logits` float32 (batch, 3, H, W); only the operators `train export`
-   writes for the registered models (`OPERATORS`);
+   writes for the registered models (`OPERATORS`), with windows (kernel, stride, dilation) of at
+   most `MAX_WINDOW`;
 4. the sizes (`check_sizes`), against the config's model built on torch's meta device (shapes,
    no memory) and run there on the very input `predict` feeds, (batch, C, size, size): every
    initializer holds the bytes its shape says, none larger than the model's largest weight and all
    together no more than its weights; then, with every shape inferred by onnx for that input, no
-   tensor larger than `GROWTH` times the largest the model makes, all together and the node count
-   within `GROWTH` times the model's own, and the output exactly (batch, 3, size, size).
+   tensor larger than `GROWTH` times the largest the model makes, all together, the node count and
+   the convolutions' floating-point operations (the compute) within `GROWTH` times the model's own,
+   and the output exactly (batch, 3, size, size).
 
 A model `train export` wrote passes (tested for every registered model); a graph that would
 allocate more than the network its config describes cannot.
@@ -51,6 +53,9 @@ OPERATORS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "Relu", "S
 """Operators `train export` writes for the registered models (measured with torch 2.13: Conv, Relu,
 MaxPool, ConvTranspose, Concat, and Add, Mul, Sigmoid for the attention gates; BatchNormalization
 and Identity where an exporter does not fold them). None of them makes a shape from data."""
+MAX_WINDOW = 8
+"""Largest kernel, stride or dilation an operator's attributes may give (ours: 3, 2 and 1)."""
+WINDOW_ATTRIBUTES = ("kernel_shape", "strides", "dilations")
 GROWTH = 2
 """How much larger than the config's model an ONNX graph may be, tensor by tensor and in total."""
 SMALL = 1 << 12
@@ -207,18 +212,25 @@ def check_frame(proto: Any, config: dict, path: Path) -> None:
             op = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
             raise ExportError(f"its graph uses the operator {shown(op)}; a model of train export uses only "
                               f"{', '.join(sorted(OPERATORS))}", path)
+        for attribute in node.attribute:
+            if attribute.name in WINDOW_ATTRIBUTES and any(not 0 <= v <= MAX_WINDOW for v in attribute.ints):
+                raise ExportError(f"its {node.op_type} node {shown(node.name)} has {attribute.name} "
+                                  f"{shown(list(attribute.ints))}; train export writes windows of at most {MAX_WINDOW}",
+                                  path)
 
 
 @dataclass
 class Reference:
     """What the config's model holds and makes for one input: elements of its largest weight and
-    of all weights, of its largest intermediate tensor and of all of them, and its operations."""
+    of all weights, of its largest intermediate tensor and of all of them, its operations and
+    its convolutions' floating-point operations (torch's FLOP counter)."""
 
     weight_max: int
     weight_sum: int
     tensor_max: int
     tensor_sum: int
     operations: int
+    flops: int
 
 
 def reference(config: dict, batch: int, path: Path) -> Reference:
@@ -226,6 +238,7 @@ def reference(config: dict, batch: int, path: Path) -> Reference:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
+    from torch.utils.flop_counter import FlopCounterMode
 
     class Sizes(TorchDispatchMode):
         """Elements of every tensor an operation makes."""
@@ -244,14 +257,15 @@ def reference(config: dict, batch: int, path: Path) -> Reference:
     model = ckpt.meta_model(spec, path).eval()
     weights = [t.numel() for t in model.state_dict().values()]
     size = int(config["preprocessing"]["size"])
+    counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad(), Sizes() as sizes:
+        with torch.no_grad(), counter, Sizes() as sizes:
             model(torch.empty(batch, spec["in_channels"], size, size, device="meta"))
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
         raise ExportError(f"its config's model cannot take a {size}x{size} input ({str(exc).splitlines()[0][:120]})",
                           path) from None
     return Reference(max(weights, default=0), sum(weights), max(sizes.sizes, default=0), sum(sizes.sizes),
-                     len(sizes.sizes))
+                     len(sizes.sizes), int(counter.get_total_flops()))
 
 
 def _elements(dims: Any) -> int:
@@ -318,6 +332,16 @@ def check_sizes(proto: Any, config: dict, batch: int, path: Path) -> None:
         reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"its graph is not a valid ONNX graph ({reason})", path) from None
     values = {v.name: _dims(v) for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    _check_tensors(graph, values, ref, shape, path)
+    values.update({t.name: list(t.dims) for t in graph.initializer}, **{INPUT_NAME: shape})
+    flops = _convolution_flops(graph, values)
+    if flops > GROWTH * ref.flops + SMALL:
+        raise ExportError(f"its convolutions take {flops:,} floating-point operations for a {shape} input; its "
+                          f"config's model takes {ref.flops:,}", path)
+
+
+def _check_tensors(graph: Any, values: dict, ref: Reference, shape: list[int], path: Path) -> None:
+    """Every tensor a node makes has an inferred shape within the bounds; the output is (batch, 3, size, size)."""
     total = ref.weight_sum + _elements(shape)
     for name in [o for node in graph.node for o in node.output if o]:
         dims = values.get(name)
@@ -332,11 +356,22 @@ def check_sizes(proto: Any, config: dict, batch: int, path: Path) -> None:
     if total > GROWTH * (ref.tensor_sum + ref.weight_sum + _elements(shape)) + SMALL:
         raise ExportError(f"its graph makes {total:,} values for a {shape} input; its config's model makes "
                           f"{ref.tensor_sum:,}", path)
-    out = values.get(OUTPUT_NAME)
-    if out != [batch, ckpt.OUT_CHANNELS, size, size]:
-        raise ExportError(f"its output {OUTPUT_NAME!r} has shape {out} for a {shape} input, not "
-                          f"{[batch, ckpt.OUT_CHANNELS, size, size]}", path)
+    expected = [shape[0], ckpt.OUT_CHANNELS, *shape[2:]]
+    if values.get(OUTPUT_NAME) != expected:
+        raise ExportError(f"its output {OUTPUT_NAME!r} has shape {values.get(OUTPUT_NAME)} for a {shape} input, not "
+                          f"{expected}", path)
 
 
-__all__ = ["GROWTH", "MAX_CONFIG_BYTES", "OPERATORS", "CheckedModel", "check_config", "check_frame", "check_sizes",
+def _convolution_flops(graph: Any, shapes: dict) -> int:
+    """Floating-point operations of the graph's convolutions, counted as torch's FLOP counter does:
+    2 x batch x weight elements x the output's (transposed: the input's) spatial elements."""
+    total = 0
+    for node in graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            grid = shapes[node.input[0] if node.op_type == "ConvTranspose" else node.output[0]]
+            total += 2 * grid[0] * _elements(grid[2:]) * _elements(shapes[node.input[1]])
+    return total
+
+
+__all__ = ["GROWTH", "MAX_CONFIG_BYTES", "MAX_WINDOW", "OPERATORS", "CheckedModel", "check_config", "check_frame", "check_sizes",
            "load_checked", "model_config", "read_model"]

@@ -3,7 +3,8 @@
 - an `.onnx` from someone else in `train predict`: each crafted model (built here from a real
   export: an added ConstantOfShape, a broadcast or a Concat chain or Conv padding that blows a
   tensor up with allowed operators, an initializer larger than the config's model holds or stored
-  outside the file, 2 output channels, a fixed 64x64 input, a foreign operator set, metadata
+  outside the file, a 31x31 pooling window or a chain of costly convolutions (compute, not
+  memory), 2 output channels, a fixed 64x64 input, a foreign operator set, metadata
   `"config": "x"` or nested 100,000 deep) is one line naming the file and the problem, before
   onnxruntime is given anything; the unmodified model saved the same way passes the same check;
 - the file itself: a FIFO, a link to /dev/zero, a 3 GiB `model.json` beside it: one line, never
@@ -122,6 +123,27 @@ def _conv_padding(proto) -> None:
     head.attribute.append(helper.make_attribute("pads", [3000, 3000, 3000, 3000]))
 
 
+def _pool_window(proto) -> None:
+    """A pooling window of 31 x 31 (stride 1, same size out): no larger tensor, 240x the work."""
+    pool = next(n for n in proto.graph.node if n.op_type == "MaxPool")
+    del pool.attribute[:]
+    pool.attribute.extend([helper.make_attribute("kernel_shape", [31, 31]), helper.make_attribute("strides", [1, 1]),
+                           helper.make_attribute("pads", [15, 15, 15, 15])])
+
+
+def _convolution_chain(proto) -> None:
+    """Allowed operators, windows and sizes: ten same-size 8x8 convolutions after the first
+    layer's activation (its width), each far costlier than any of the model's."""
+    first = next(n for n in proto.graph.node if n.op_type == "Relu")
+    width = next(numpy_helper.to_array(t).shape[0] for t in proto.graph.initializer
+                 if t.name == next(n for n in proto.graph.node if n.op_type == "Conv").input[1])
+    proto.graph.initializer.append(numpy_helper.from_array(np.zeros((width, width, 8, 8), np.float32), "w8"))
+    name = first.output[0]
+    for i in range(10):
+        proto.graph.node.append(helper.make_node("Conv", [name, "w8"], [f"slow{i}"], pads=[3, 3, 4, 4]))
+        name = f"slow{i}"
+
+
 def _big_initializer(proto) -> None:
     proto.graph.initializer.append(numpy_helper.from_array(np.zeros(50_000, np.float32), "extra"))
 
@@ -167,6 +189,8 @@ CRAFTED = {
     "broadcast": (_broadcast_blow_up, "tensor 'blown' has shape [4000"),
     "concat_chain": (_concat_chain, "tensor 'twice"),
     "conv_padding": (_conv_padding, "tensor 'logits' has shape [32, 3, 6016, 6016]"),
+    "pool_window": (_pool_window, "kernel_shape [31, 31]"),
+    "convolution_chain": (_convolution_chain, "floating-point operations"),
     "big_initializer": (_big_initializer, "initializer 'extra' holds 50,000 values"),
     "external_data": (_external_data, "external data"),
     "two_channels": (_two_output_channels, "output 'logits' has 2 channels"),
