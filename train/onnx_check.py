@@ -57,7 +57,7 @@ MAX_WINDOW = 8
 """Largest kernel, stride or dilation an operator's attributes may give (ours: 3, 2 and 1)."""
 WINDOW_ATTRIBUTES = ("kernel_shape", "strides", "dilations")
 GROWTH = 2
-"""How much larger than the config's model an ONNX graph may be, tensor by tensor and in total."""
+"""How much larger than the config's model an ONNX graph may be: tensor by tensor, in total, in nodes and in FLOPs."""
 SMALL = 1 << 12
 """Elements always allowed to a tensor and to the totals (biases, tiny constants)."""
 FLOAT = 1  # onnx.TensorProto.FLOAT
