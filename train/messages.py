@@ -17,9 +17,11 @@ def autocast_name(amp_dtype: Any) -> str:
 
 def plan_lines(config: Any, parameters: int, device: Any, amp_dtype: Any, dist: Any, train_splits: list[str],
                train_slices: int, val_slices: int, done_epochs: int, run_dir: Path) -> list[str]:
+    """What will run, first of all where: without --out the run folder is a new runs/<variant>-<time>."""
     amp = autocast_name(amp_dtype)
     per_rank = " per rank" if dist.enabled else ""
     return [
+        f"run folder {run_dir}" + (f" (continuing after epoch {done_epochs})" if done_epochs else ""),
         f"{config.variant}: {config.model} ({parameters:,} parameters), channels {','.join(config.channels)}"
         + (f" + {config.context} neighbour(s) each side" if config.context else "")
         + f", loss {config.loss}, augmentation {config.augment}, target {config.target}, device {device}, "
@@ -28,7 +30,7 @@ def plan_lines(config: Any, parameters: int, device: Any, amp_dtype: Any, dist: 
         f"{config.workers} loader worker(s); schedule {config.schedule}, lr {config.lr:g}, "
         f"tumour slices x{config.oversample_tumour}",
         f"train on {'+'.join(train_splits)} ({train_slices} slices{per_rank}), validate on {config.val_split} "
-        f"({val_slices} slices{per_rank}); epochs {done_epochs + 1}..{config.epochs} -> {run_dir}",
+        f"({val_slices} slices{per_rank}); epochs {done_epochs + 1}..{config.epochs}",
     ]
 
 
