@@ -23,3 +23,10 @@ def test_inference_option_help_points_to_the_readme_and_quotes_no_figure(command
     assert "README, Quality" in param.help, param.help
     assert not re.search(r"\d\.\d|Measured", param.help), param.help  # a Dice figure would drift from the README
     assert "\n## Quality\n" in README.read_text()  # the section it points to
+
+
+def test_no_option_of_any_train_command_quotes_a_measured_gain():
+    """A signed Dice figure (+0.146, -0.105) belongs in the README only."""
+    for name, command in COMMANDS.items():
+        for param in command.params:
+            assert not re.search(r"[+\-−]0\.\d\d", param.help or ""), (name, param.opts, param.help)
