@@ -7,6 +7,8 @@ keyword arguments, so each command's module holds all of its logic.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -99,7 +101,7 @@ def run_command(
     val_split: Optional[str] = typer.Option(None, help=_default("val (train on 'train') or foldK (train on the other folds).", "val")),
     target: Optional[str] = typer.Option(None, help=_default("classes (NEC/NET, ED, ET) or regions (WT, TC, ET).", "regions")),
     channels: Optional[str] = typer.Option(None, help=_default("Input channels, e.g. t1ce,flair.", "the preset's")),
-    context: Optional[int] = typer.Option(None, help=_default("2.5D input: each slice with its N neighbours on each side as extra channels (0..3). Off by default: measured without a gain (README, Quality).", 0)),
+    context: Optional[int] = typer.Option(None, help=_default("2.5D input: each slice with its N neighbours on each side as extra channels (0..3). Off by default: measured without a gain (docs/quality.md).", 0)),
     oversample_tumour: Optional[int] = typer.Option(None, help=_default("Repeat slices with tumour N times per epoch (1 to 100).", 2)),
     augment: Optional[str] = typer.Option(None, help=_default("Augmentation: none or light.", "the preset's")),
     shuffle_buffer: Optional[int] = typer.Option(None, help=_default("Slices in the streaming shuffle buffer (host memory).", 2000)),
@@ -110,10 +112,10 @@ def run_command(
     depth: Optional[int] = typer.Option(None, help=_default("Down-sampling levels.", 4)),
     stem: Optional[int] = typer.Option(None, help=_default("1: none; 2: a stride-2 first convolution, every level at half resolution (~4x fewer FLOPs).", "2 on CPU, 1 on CUDA")),
     batch_norm: Optional[bool] = typer.Option(None, "--batch-norm/--no-batch-norm", help=_default("Batch norm after every convolution.", "on")),
-    deep_supervision: Optional[bool] = typer.Option(None, "--deep-supervision/--no-deep-supervision", help=_default("Also train outputs at 1/2 and 1/4 resolution (nnU-Net's deep supervision). Off by default: measured without a gain (README, Quality).", "off")),
+    deep_supervision: Optional[bool] = typer.Option(None, "--deep-supervision/--no-deep-supervision", help=_default("Also train outputs at 1/2 and 1/4 resolution (nnU-Net's deep supervision). Off by default: measured without a gain (docs/quality.md).", "off")),
     head_bias: Optional[str] = typer.Option(None, help=_default("prior: start each output at its class frequency; zero: PyTorch's default.", "prior")),
     device: Optional[str] = typer.Option(None, help=_default(DEVICE_HELP, "auto")),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=_default("Mixed precision: fp16 autocast + GradScaler on CUDA; bf16 autocast on a CPU that computes bf16 natively (AMX, AVX512-BF16), about twice the steps (README, Quality). --no-amp: float32.", "on")),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=_default("Mixed precision: fp16 autocast + GradScaler on CUDA; bf16 autocast on a CPU that computes bf16 natively (AMX, AVX512-BF16), about twice the steps (docs/quality.md). --no-amp: float32.", "on")),
     amp_dtype: Optional[str] = typer.Option(None, help=_default("auto (fp16 on CUDA; bf16 on a CPU with native bf16, AMX or AVX512-BF16, else off), float16 or bfloat16.", "auto")),
     cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here (remote shards), re-verified by sha256 on every use."),
     storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", metavar="<key=value>", help=RUN_STORAGE_OPTION_HELP),
@@ -155,11 +157,11 @@ def _tracking_hooks(logger: str, tracking_uri: str | None, images_every: int) ->
 
 ENSEMBLE_HELP = ("A checkpoint (runs/NAME/checkpoints/best.pt); repeat it to ensemble several (their probabilities "
                  "averaged), e.g. the folds of --val-split foldK.")
-# What --tta and --min-et-voxels gain is measured in the README's Quality section and said only there.
+# What --tta and --min-et-voxels gain is measured in docs/quality.md and said only there.
 TTA_HELP = ("Average the predictions of each slice and its three mirror images (4x the inference time); "
-            "what it gains: README, Quality.")
+            "what it gains: docs/quality.md.")
 MIN_ET_HELP = ("BraTS post-processing: a patient whose predicted ET has fewer native voxels than this gets it "
-               "relabelled NEC/NET (0: off); choose N on your own validation data (what it gains: README, Quality).")
+               "relabelled NEC/NET (0: off); choose N on your own validation data (what it gains: docs/quality.md).")
 
 
 @app.command("evaluate", no_args_is_help=True)
@@ -283,8 +285,24 @@ def overrides_from_argv(argv: list[str]) -> dict:
     return _run_options(context.params)
 
 
+SHARED_CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""OpenMP's setting for a CPU that other work shares (bench/shared_cpu.py, README "train run"):
+a thread that reaches the end of a parallel region first sleeps instead of spinning, so the
+thread it waits for, descheduled by another process, gets the core back. With the default
+spinning, one busy process beside a 2-thread CPU run cut v2's steps/s to a tenth. Set before torch
+is imported (OpenMP reads it once); a value already in the environment wins."""
+
+
+def share_the_cpu() -> None:
+    """`SHARED_CPU_ENV` for this process and its loader workers, unless torch is loaded already."""
+    if "torch" not in sys.modules:
+        for name, value in SHARED_CPU_ENV.items():
+            os.environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: `ToolError` becomes one line and exit code 2."""
+    share_the_cpu()
     run_cli(app, argv)
 
 
