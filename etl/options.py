@@ -127,7 +127,7 @@ def check_folders(src: Path, out: Path) -> None:
         if url:
             raise ToolError(f"{flag} {url}: build-shards reads and writes folders on a file system, not fsspec URLs; "
                             "use a folder every Dask worker can reach (a shared mount), then publish the out folder "
-                            "(README: Share shards with your team)")
+                            "(docs/sharing.md)")
     for folder in (src, out):
         refuse_broken_link(folder)  # else resolve() raises RuntimeError on a loop
     if src.resolve() == out.resolve() or src.resolve() in out.resolve().parents:

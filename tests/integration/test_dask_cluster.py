@@ -71,5 +71,4 @@ def test_build_refuses_an_fsspec_url_as_out_in_one_line(source, tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: --out s3://lab/shards: build-shards reads and writes folders on a file system, not fsspec URLs; use a "
-        "folder every Dask worker can reach (a shared mount), then publish the out folder (README: Share shards "
-        "with your team)"]
+        "folder every Dask worker can reach (a shared mount), then publish the out folder (docs/sharing.md)"]
