@@ -26,7 +26,7 @@ test: $(STAMP)
 # defaults for at most DEMO_BUDGET of training -> evaluation on the native grid and one prediction,
 # both as a BraTS submission would make them (mirroring TTA, small ET relabelled: DEMO_INFERENCE)
 # -> the report; the last line is the headline score. About 14 minutes in all from a fresh clone,
-# the install included (README "Measured"). A second `make demo` finds the data and the shards up
+# the install included (docs/measurements.md). A second `make demo` finds the data and the shards up
 # to date and trains a new run beside the earlier ones: nothing of a previous demo is deleted
 # (`make demo-clean` removes the demo folder).
 DEMO_BUDGET ?= 10m

@@ -9,7 +9,7 @@ and when resuming, the run's saved `config.json` takes the place of the first tw
 `Config`; `config.json` holds it with the preset name, the overrides as given and the
 manifest's content digest.
 
-Presets (README "train run"):
+Presets (docs/commands.md, `train run`):
 
     v1: unet,           t1ce + flair,            loss dice,     augmentation none
     v2: attention_unet, t1 + t1ce + t2 + flair,  loss dice_bce, augmentation light
@@ -19,7 +19,7 @@ slices twice per epoch (`--oversample-tumour 2`), Adam, a warm-up then cosine de
 `--schedule plateau`: ReduceLROnPlateau on the validation mean Dice), outputs started at their
 class prior, checkpoint every epoch, best by mean Dice. Sizes (width, stem, batch, loader workers)
 default per device (`DEVICE_DEFAULTS`). Each of these was measured against the seed's choices
-with bench/quality.py (README "Quality").
+with bench/quality.py (docs/quality.md).
 
 Every problem is a `ConfigError` naming the command-line option (`--epochs: must be in
 1..100000, got 0`), so the CLI prints one line. Every numeric option has its range in one table,
@@ -107,7 +107,7 @@ DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
 seed's U-Net (base 32, every level at full resolution, batch 32, fp16 autocast). On a CPU the same
 width with a stride-2 first convolution (`--stem 2`: 4.96 instead of 18.5 GFLOP per 128² slice)
 and batch 16, which reached the best validation patients' Dice in a fixed number of CPU minutes
-of everything `bench/quality.py` tried (README "Quality"); with bf16 autocast where the CPU computes bf16
+of everything `bench/quality.py` tried (docs/quality.md); with bf16 autocast where the CPU computes bf16
 natively (`engine.autocast_dtype`), which is not a size and so not in this table."""
 VAL_SPLIT = re.compile(r"^(val|fold\d+)$")
 

@@ -20,7 +20,7 @@ A volume goes through the very recipe the ETL cut the shards with, then back, in
 6. optionally, the BraTS post-processing (`train.postprocess`): a patient whose predicted ET is
    smaller than `min_et_voxels` gets it relabelled NEC/NET.
 
-Two options change step 3 (`InferenceOptions`; both measured in README "Quality"): `tta`
+Two options change step 3 (`InferenceOptions`; both measured in docs/quality.md): `tta`
 averages the probabilities of the slice and its three mirror images (W, H, both), flipped back;
 an ensemble (`load_ensemble`: several checkpoints of the same channels, target and
 preprocessing, such as the folds of `--val-split foldK`) averages its members' probabilities.

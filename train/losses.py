@@ -8,8 +8,8 @@ regions overlap, and even the disjoint classes are trained as the original desig
 and the spatial axes (nnU-Net's "batch Dice"), then the mean over channels. Not per slice: most
 slices lack some class, and a per-slice Dice then scores ~1 for any stray voxel and ~0 for an
 empty prediction, a noisy signal that kept the seed's per-slice Dice near 0 for several epochs on
-the demo data (validation mean Dice after 5 epochs: 0.04 per slice vs 0.22 batch; command in the
-README's "Measured").
+the demo data (validation mean Dice after 5 epochs: 0.04 per slice vs 0.22 batch; command in
+docs/measurements.md).
 
 `dice_bce_loss` adds the mean binary cross-entropy with logits over every element. Not MONAI's
 `DiceCELoss(sigmoid=True)` for C > 1: that one applies a softmax `CrossEntropyLoss` whenever the

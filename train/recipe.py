@@ -1,5 +1,5 @@
 """Recipe helpers of the `Trainer` that need no trainer: the learning-rate schedule and the
-output layer's starting bias, each measured with bench/quality.py (README "Quality")."""
+output layer's starting bias, each measured with bench/quality.py (docs/quality.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Scoring: the one home of every number this project reports about a segmentation.
 
-Two averages, on purpose (the README's "Metrics: which average is which"):
+Two averages, on purpose (docs/metrics.md):
 
 - Epoch table and `train evaluate`'s slice level: TP/FP/FN summed over every validation slice,
   then one score per channel (`confusion_counts` -> `scores_from_counts`, rule `UNDEFINED`).
