@@ -286,7 +286,7 @@ def overrides_from_argv(argv: list[str]) -> dict:
 
 
 SHARED_CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-"""OpenMP's setting for a CPU that other work shares (bench/shared_cpu.py, README "train run"):
+"""OpenMP's setting for a CPU that other work shares (bench/shared_cpu.py, docs/commands.md `train run`):
 a thread that reaches the end of a parallel region first sleeps instead of spinning, so the
 thread it waits for, descheduled by another process, gets the core back. With the default
 spinning, one busy process beside a 2-thread CPU run cut v2's steps/s to a tenth. Set before torch
