@@ -118,32 +118,16 @@ def synth(
     Example:
       etl synth --out data/synth --patients 6 --layout brats2021 --shape 48,48,24
     """
-    import time
+    from .api import synth as run_synth
 
-    from shards_spec.errors import ToolError
-
-    from .synth import LAYOUTS, check_arguments, synthesize
-    from .synth.folder import prepare
-
-    if layout not in LAYOUTS:
-        raise ToolError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if patients < 1:
-        raise ToolError(f"--patients must be at least 1, got {patients}")
-    dims = _shape(shape)
-    try:
-        check_arguments(patients, layout, dims, seed, profile=profile)
-    except ValueError as exc:  # e.g. a shape below the phantom's minimum
-        raise ToolError(f"--{str(exc).split()[0]}: {exc}") from None
-    started = time.time()
-    total, had = prepare(out, layout=layout, shape=dims, seed=seed, patients=patients, profile=profile)
-    if total == had:
-        typer.echo(f"{out} already holds {had} synthetic patient(s) with these options; nothing to add")
+    made = run_synth(out, patients=patients, layout=layout, shape=_shape(shape), seed=seed, profile=profile,
+                     progress=True)
+    if not made.added:
+        typer.echo(f"{out} already holds {made.patients} synthetic patient(s) with these options; nothing to add")
         return
-    with _progress("synthesising", total) as advance:
-        synthesize(out, patients=total, layout=layout, shape=dims, seed=seed, profile=profile,
-                   progress=lambda *_a, **_k: advance())
-    added = f"added {total - had} patient(s) ({total} in all)" if had else f"wrote {total} patient(s)"
-    typer.echo(f"{added} in the {layout} layout, shape {dims}, to {out} in {time.time() - started:.1f} s")
+    added = f"added {made.added} patient(s) ({made.patients} in all)" if made.added < made.patients \
+        else f"wrote {made.patients} patient(s)"
+    typer.echo(f"{added} in the {layout} layout, shape {made.shape}, to {out} in {made.seconds:.1f} s")
 
 
 def _progress(title: str, total: int | None, console=None):
@@ -192,18 +176,18 @@ def build_shards(
       etl build-shards --src /shared/BraTS2021 --out /shared/shards \\
           --scheduler tcp://10.0.0.5:8786
     """
-    from .build import BuildOptions, build_shards as run_build
+    from .api import ProgressReporter, build_shards as run_build
 
-    options = BuildOptions(
-        src=src, out=out, format=format, size=size, channels=_csv(modalities) or (), split=split, folds=folds,
-        split_file=split_file, seed=seed, workers=workers, scheduler=scheduler, norm=norm,
-        patients_per_shard=patients_per_shard,
-        layout=layout, source_options={"kaggle_channel_order": _csv(kaggle_channel_order)}, keep_empty=keep_empty,
-        skip_bad=skip_bad, overwrite=overwrite, compression=compress,
-        max_patient_bytes=_bytes("--max-patient-memory", max_patient_memory), command=_command_line(ctx),
-    )
     try:
-        summary = run_build(options, _RichReporter())
+        summary = run_build(
+            src, out, format=format, size=size, channels=_csv(modalities) or (), split=split, folds=folds,
+            split_file=split_file, seed=seed, workers=workers, scheduler=scheduler, norm=norm,
+            patients_per_shard=patients_per_shard, layout=layout,
+            source_options={"kaggle_channel_order": _csv(kaggle_channel_order)}, keep_empty=keep_empty,
+            skip_bad=skip_bad, overwrite=overwrite, compression=compress,
+            max_patient_bytes=_bytes("--max-patient-memory", max_patient_memory), command=_command_line(ctx),
+            progress=ProgressReporter(),
+        )
     except KeyboardInterrupt:  # typer would exit 130 without a word
         from shards_spec.errors import ToolError
 
@@ -213,37 +197,6 @@ def build_shards(
         error.exit_code = 130
         raise error from None
     _print_build_summary(summary)
-
-
-class _RichReporter:
-    """Progress bar and log lines on stderr for `build_shards` (and, counting cases, `export_nnunet`).
-
-    The bar counts the shards (cases) this run builds (kept ones are said in a line), so its rate and
-    time left are those of the work still to do."""
-
-    def __init__(self, title: str = "shard") -> None:
-        self.console = _err_console()
-        self.title = title
-        self.bar = None
-        self.step = None
-
-    def log(self, message: str) -> None:
-        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
-
-    def start(self, total: int, kept: int) -> None:
-        if kept:
-            self.log(f"keeping {kept} complete {self.title}(s) of {total}")
-        self.bar = _progress(f"{self.title}s", total - kept, self.console)
-        self.step = self.bar.__enter__()
-
-    def advance(self, result: dict) -> None:
-        if self.step is not None:
-            self.step()
-
-    def finish(self) -> None:  # called once on success and again on the way out: idempotent
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = self.step = None
 
 
 def _print_build_summary(summary) -> None:
@@ -308,6 +261,7 @@ def export_nnunet(
       etl export-nnunet --src data/Task01_BrainTumour \\
           --out nnUNet_raw/Dataset001_BrainTumour --split train=0.8,val=0.2
     """
+    from .api import ProgressReporter
     from .export_nnunet import ExportOptions, export_nnunet as run_export
 
     options = ExportOptions(
@@ -315,7 +269,7 @@ def export_nnunet(
         source_options={"kaggle_channel_order": _csv(kaggle_channel_order)}, skip_bad=skip_bad, workers=workers,
         max_patient_bytes=_bytes("--max-patient-memory", max_patient_memory),
     )
-    summary = run_export(options, _RichReporter("case"))
+    summary = run_export(options, ProgressReporter("case"))
     kept = f", {summary.kept} kept from an earlier run" if summary.kept else ""
     typer.echo(f"{summary.out}: {summary.training} training case(s) in {summary.folds} fold(s), {summary.held_out} "
                f"held out and {summary.unlabelled} without labels in imagesTs ({summary.written} written{kept}), "

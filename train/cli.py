@@ -1,8 +1,9 @@
 """`train`: run, evaluate, predict, report (typer; heavy imports happen inside the commands).
 
-`evaluate`, `predict` and `report` are thin: they parse the options and call
-`train.evaluate.main(...)`, `train.predict.main(...)` and `train.report.main(run_dir)` with
-keyword arguments, so each command's module holds all of its logic.
+The commands are thin: they parse the options and call the Python API (`train.api.train` or
+`resume`, `train.api.evaluate`) or `train.predict.main(...)` (which predicts through
+`train.api.Predictor`) and `train.report.main(run_dir)` with keyword arguments, so each
+command's module holds all of its logic.
 """
 
 from __future__ import annotations
@@ -125,12 +126,16 @@ def run_command(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default)."),
     log_images_every: int = typer.Option(5, help="With --logger: a validation overlay picture every N epochs and after the last (0: none)."),
 ) -> None:
-    from . import fit
+    from . import api
 
     overrides = _run_options(locals())
-    tracking = _tracking_hooks(logger, tracking_uri, log_images_every)
-    result = fit.run(overrides, resume=resume, force=force, storage_options=_storage_options(storage_option),
-                     **({"hooks": tracking} if tracking is not None else {}))
+    common = dict(force=force, storage_options=_storage_options(storage_option), console=True,
+                  callbacks=_tracking_callbacks(logger, tracking_uri, log_images_every))
+    if resume:
+        result = api.resume(overrides.pop("out", None), **common, **overrides)
+    else:
+        result = api.train(overrides.pop("shards", None), overrides.pop("out", None), overrides.pop("variant", None),
+                           **common, **overrides)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 
@@ -146,13 +151,12 @@ def _run_options(params: dict) -> dict:
     return {**from_file, **given}
 
 
-def _tracking_hooks(logger: str, tracking_uri: str | None, images_every: int) -> object:
-    """Trainer hooks carrying the `--logger` tracker (None for plain metrics.csv)."""
+def _tracking_callbacks(logger: str, tracking_uri: str | None, images_every: int) -> list:
+    """The trainer callbacks of `--logger`: its tracker (none for plain metrics.csv)."""
     from .tracking import make_tracker
-    from .trainer import Hooks
 
     tracker = make_tracker(logger, tracking_uri, images_every)
-    return None if tracker is None else Hooks(callbacks=[tracker])
+    return [] if tracker is None else [tracker]
 
 
 ENSEMBLE_HELP = ("A checkpoint (runs/NAME/checkpoints/best.pt); repeat it to ensemble several (their probabilities "
@@ -193,12 +197,12 @@ def evaluate_command(
       train evaluate --checkpoint best.pt --cache-dir ~/.cache/brats \\
           --shards https://lab.example.org/brats-shards/
     """
-    from . import evaluate
+    from . import api
 
-    evaluate.main(checkpoint=list(checkpoint), shards=shards, split=split, src=src, json_path=json_path, csv_path=csv_path,
-                  device=device, batch_size=batch_size, workers=workers, cache_dir=cache_dir,
-                  storage_options=_storage_options(storage_option), lesion_wise=lesion_wise, tta=tta,
-                  min_et_voxels=min_et_voxels, overwrite=overwrite)
+    api.evaluate(list(checkpoint), shards, split, src, console=True, json_path=json_path, csv_path=csv_path,
+                 device=device, batch_size=batch_size, workers=workers, cache_dir=cache_dir,
+                 storage_options=_storage_options(storage_option), lesion_wise=lesion_wise, tta=tta,
+                 min_et_voxels=min_et_voxels, overwrite=overwrite)
 
 
 @app.command("predict", no_args_is_help=True)

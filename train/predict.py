@@ -37,6 +37,10 @@ p(ET) for a `regions` one (named in the header's `descrip`), 0 outside the brain
 Files are written under a temporary name in the output folder and renamed into place, so an
 interrupted run leaves no half-written segmentation.
 
+The checkpoint is loaded once into a `Predictor` (also `train.api.Predictor`, for notebooks),
+which then reads and predicts every patient; it takes arrays (C, H, W, D) too and returns label
+maps instead of writing files.
+
 Outputs never cost the user a file: before anything is loaded, an output that is one of the
 inputs (a modality, the seg, a checkpoint) once symbolic links, `..` and letter case are
 resolved (compared as the same file on disk, so also a hard link, or another spelling on a
@@ -51,12 +55,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from shards_spec.errors import ToolError
 from shards_spec.labels import CHANNELS, Convention, decode_labels
+from shards_spec.preprocess import brain_mask
 
 from . import inference
 
@@ -96,15 +101,12 @@ def main(checkpoint: Path | Sequence[Path], inputs: Sequence[Path | str], out: P
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
-    if batch_size < 1:
-        raise PredictError(f"--batch-size: must be >= 1, got {batch_size}")
-    if min_et_voxels < 0:
-        raise PredictError(f"--min-et-voxels: must be >= 0, got {min_et_voxels}")
-    options = inference.InferenceOptions(tta=tta, min_et_voxels=min_et_voxels)
-    paths = inference.checkpoint_paths(checkpoint)
+    check_options(batch_size, min_et_voxels)
+    paths = [resolve_checkpoint(p) for p in inference.checkpoint_paths(checkpoint)]
     jobs, batch, skipped = plan_jobs(inputs, Path(out))
     check_outputs(jobs, inputs, paths, probabilities, overwrite, Path(out))
-    loaded = inference.load_ensemble(paths, device, onnx=True, options=options, batch_size=batch_size)
+    predictor = Predictor(paths, device=device, batch_size=batch_size, tta=tta, min_et_voxels=min_et_voxels)
+    loaded = predictor.loaded
     for line in loaded.warnings:
         console.print(f"warning: {line}")
     for problem in skipped:
@@ -114,9 +116,9 @@ def main(checkpoint: Path | Sequence[Path], inputs: Sequence[Path | str], out: P
                   f"norm {loaded.norm}, device {loaded.device}, {len(loaded.members)} model(s), "
                   f"{loaded.options.describe()}; {len(jobs)} patient(s)")
     if not batch:
-        written = [predict_patient(loaded, jobs[0], batch_size, probabilities, console, overwrite)]
+        written = [predict_patient(predictor, jobs[0], probabilities, console, overwrite)]
     else:
-        written, failures = _predict_many(loaded, jobs, batch_size, probabilities, console, overwrite)
+        written, failures = _predict_many(predictor, jobs, probabilities, console, overwrite)
         if failures:
             for failure in failures:
                 console.print(f"failed: {failure}")
@@ -135,16 +137,13 @@ def main(checkpoint: Path | Sequence[Path], inputs: Sequence[Path | str], out: P
 def plan_jobs(inputs: Sequence[Path | str], out: Path) -> tuple[list[Job], bool, list[str]]:
     """The patients to predict and their output paths; whether `inputs` is a folder of patients;
     the patients a scan of such a folder left out, one line each."""
-    from etl.sources import label_convention, patient_from_files, patient_from_folder, scan_source
+    from etl.sources import label_convention, scan_source
 
     items = [str(i) for i in inputs]
     if not items:
         raise PredictError("--input: give a patient folder, a folder of patients, or the modality files")
-    if len(items) == 1 and "=" not in items[0] and Path(items[0]).is_dir():
-        folder = Path(items[0])
-        if _holds_nifti(folder):
-            ref = patient_from_folder(folder)
-            return [Job(ref, _single_out(out, ref.id), label_convention(ref))], False, []
+    folder = Path(items[0])
+    if len(items) == 1 and "=" not in items[0] and folder.is_dir() and not _holds_nifti(folder):
         scan = scan_source(folder, require_labels=False)
         if scan.layout not in ("brats2020", "brats2021", "brats2023", "msd"):
             raise PredictError(f"holds {scan.layout} data; predict reads NIfTI patients", folder)
@@ -156,6 +155,18 @@ def plan_jobs(inputs: Sequence[Path | str], out: Path) -> tuple[list[Job], bool,
             raise PredictError("--input is a folder of patients, so --out must be a folder, not a NIfTI file", out)
         jobs = [Job(ref, out / f"{ref.id}.nii.gz", label_convention(ref)) for ref in scan.patients]
         return jobs, True, skipped
+    ref, convention = patient_of(items)
+    return [Job(ref, _single_out(out, ref.id), convention)], False, []
+
+
+def patient_of(items: Sequence[str]) -> tuple[Any, Convention]:
+    """One patient and its label convention: its folder alone, or its modality files (`NAME=PATH`,
+    or paths whose names end in their modality)."""
+    from etl.sources import label_convention, patient_from_files, patient_from_folder
+
+    if len(items) == 1 and "=" not in items[0] and Path(items[0]).is_dir():
+        ref = patient_from_folder(items[0])
+        return ref, label_convention(ref)
     files: dict[str, str] = {}
     for item in items:
         key, path = _modality_item(item)
@@ -167,7 +178,7 @@ def plan_jobs(inputs: Sequence[Path | str], out: Path) -> tuple[list[Job], bool,
     convention = label_convention(ref)
     if files and all(k.lower() in MODALITY_2023 for k in files):
         convention = "brats2023"
-    return [Job(ref, _single_out(out, ref.id), convention)], False, []
+    return ref, convention
 
 
 def _outputs(job: Job, probabilities: bool) -> list[Path]:
@@ -260,20 +271,120 @@ def _single_out(out: Path, patient: str) -> Path:
 # ---------------------------------------------------------------- one patient
 
 
-def predict_patient(loaded: inference.LoadedModel, job: Job, batch_size: int, probabilities: bool,
-                    console: Any, overwrite: bool = False) -> Written:
-    """Load, predict and write one patient (replacing an existing output only with `overwrite`)."""
-    from etl.sources import load_patient
+class Predictor:
+    """A checkpoint loaded once and applied to many patients, like nnU-Net's `nnUNetPredictor`;
+    `train predict` runs each of its patients through one.
 
+        predictor = Predictor("runs/v2", device="cpu")             # the run's best.pt
+        seg = predictor.predict("BraTS20_Training_001/")           # uint8 (H, W, D), labels 0/1/2/4
+        segs = predictor.predict([volume_a, volume_b])             # arrays (4, H, W, D) -> a list
+
+    `checkpoint`: a checkpoint file, a run folder (its checkpoints/best.pt), a `model.onnx` from
+    `train export`, or a list of them (an ensemble: their probabilities averaged). Loading checks
+    the checkpoint and builds the model once; `predict` then reads, preprocesses and predicts
+    each patient exactly as `train predict` does, returning its label map on the input's grid.
+    """
+
+    def __init__(self, checkpoint: str | Path | Sequence[str | Path], *, device: str = "auto",
+                 batch_size: int = 32, tta: bool = False, min_et_voxels: int = 0) -> None:
+        check_options(batch_size, min_et_voxels)
+        paths = [resolve_checkpoint(p) for p in inference.checkpoint_paths(checkpoint)]
+        options = inference.InferenceOptions(tta=tta, min_et_voxels=min_et_voxels)
+        self.batch_size = batch_size
+        self.loaded = inference.load_ensemble(paths, device, onnx=True, options=options, batch_size=batch_size)
+
+    @property
+    def channels(self) -> list[str]:
+        """The modalities the model reads, in its order."""
+        return list(self.loaded.channels)
+
+    def predict(self, patients: Any, *, channels: Sequence[str] = CHANNELS,
+                labels: Convention | None = None) -> Any:
+        """The uint8 label map (H, W, D) of a patient, or a list of them for a list of patients.
+
+        A patient is a patient folder, its modality files as {"t1ce": path, "flair": path, ...},
+        or an array (C, H, W, D) of the modalities `channels` (default t1, t1ce, t2, flair) as
+        stored, skull-stripped, background 0 (the brain is "any modality non-zero", as for files).
+        Labels are in the input's convention (BraTS 2020/2021: 0/1/2/4; 2023: 0/1/2/3) and 0/1/2/4
+        for arrays, or in `labels` ("brats2020", "brats2023", "msd" or a {source value: label} map).
+        """
+        if isinstance(patients, list):
+            return [self._label_map(p, channels, labels) for p in patients]
+        return self._label_map(patients, channels, labels)
+
+    def _label_map(self, patient: Any, channels: Sequence[str], labels: Convention | None) -> np.ndarray:
+        if isinstance(patient, (str, os.PathLike, Mapping)):
+            items = [f"{k}={v}" for k, v in patient.items()] if isinstance(patient, Mapping) else [str(patient)]
+            ref, convention = patient_of(items)
+            volume = self._read(ref)
+            prediction = self._segment(volume.volume, volume.brain)
+        else:
+            convention = "brats2020"
+            prediction = self._segment(*self._from_array(patient, channels))
+        return decode_labels(prediction.labels, labels if labels is not None else convention)
+
+    def _read(self, ref: Any) -> Any:
+        """One patient's volumes as the ETL reads them (`etl.sources.load_patient`)."""
+        from etl.sources import load_patient
+
+        ref.files.pop("seg", None)
+        inference.check_input_channels(self.loaded, [c for c in CHANNELS if c in ref.files], ref.meta.get("folder"))
+        return load_patient(ref, channels=self.loaded.channels, require_labels=False)
+
+    def _from_array(self, array: Any, channels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(volume in the model's channels, brain mask) of an array patient, checked like a file's."""
+        names = [str(c) for c in channels]
+        data = np.asarray(array)
+        if data.ndim != 4 or data.shape[0] != len(names):
+            raise PredictError(f"an array patient must be (C, H, W, D) with C = {len(names)} channels "
+                               f"({','.join(names)}), got shape {data.shape}")
+        if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+            raise PredictError(f"an array patient must hold integers or floats, got {data.dtype}")
+        inference.check_input_channels(self.loaded, names)
+        # Each channel Fortran-ordered in float32, as the NIfTI reader loads files: the same sums, the same labels.
+        stack = np.empty((data.shape[0], *data.shape[:0:-1]), dtype=np.float32).transpose(0, 3, 2, 1)
+        np.copyto(stack, data, casting="unsafe")
+        bad = int(np.count_nonzero(~np.isfinite(stack)))
+        if bad:
+            raise PredictError(f"the array patient holds {bad} non-finite value(s) (NaN or inf, or beyond float32)")
+        return stack[[names.index(c) for c in self.loaded.channels]], brain_mask(stack)
+
+    def _segment(self, volume: np.ndarray, brain: np.ndarray, probabilities: bool = False) -> Any:
+        return inference.predict_volume(self.loaded, volume, brain, batch_size=self.batch_size,
+                                        probabilities=probabilities)
+
+
+def check_options(batch_size: int, min_et_voxels: int) -> None:
+    if batch_size < 1:
+        raise PredictError(f"--batch-size: must be >= 1, got {batch_size}")
+    if min_et_voxels < 0:
+        raise PredictError(f"--min-et-voxels: must be >= 0, got {min_et_voxels}")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint path as given, or for a run folder its best checkpoint (checkpoints/best.pt)."""
+    from . import rundir
+
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    best = rundir.checkpoint_path(path, rundir.BEST)
+    if not best.is_file():
+        raise PredictError(f"is a folder without {best.relative_to(path)}; give a checkpoint file or the folder "
+                           "of a run that has validated once", path)
+    return best
+
+
+def predict_patient(predictor: Predictor, job: Job, probabilities: bool, console: Any,
+                    overwrite: bool = False) -> Written:
+    """Load, predict and write one patient (replacing an existing output only with `overwrite`)."""
+    loaded = predictor.loaded
     ref = job.ref
-    ref.files.pop("seg", None)
-    inference.check_input_channels(loaded, [c for c in CHANNELS if c in ref.files], ref.meta.get("folder"))
-    volume = load_patient(ref, channels=loaded.channels, require_labels=False)
+    volume = predictor._read(ref)
     warnings = list(volume.warnings)
     for line in warnings:
         console.print(f"warning: {ref.id}: {line} (predicted anyway)")
-    prediction = inference.predict_volume(loaded, volume.volume, volume.brain, batch_size=batch_size,
-                                          probabilities=probabilities)
+    prediction = predictor._segment(volume.volume, volume.brain, probabilities)
     del volume
     labels = decode_labels(prediction.labels, job.convention)
     reference = ref.files[loaded.channels[0]]
@@ -287,8 +398,8 @@ def predict_patient(loaded: inference.LoadedModel, job: Job, batch_size: int, pr
     return Written(ref.id, seg_path, prob_path, {int(v): int(c) for v, c in zip(values, counts)}, warnings)
 
 
-def _predict_many(loaded: inference.LoadedModel, jobs: list[Job], batch_size: int, probabilities: bool,
-                  console: Any, overwrite: bool) -> tuple[list[Written], list[str]]:
+def _predict_many(predictor: Predictor, jobs: list[Job], probabilities: bool, console: Any,
+                  overwrite: bool) -> tuple[list[Written], list[str]]:
     from shards_spec.progress import Progress
 
     written, failures = [], []
@@ -297,7 +408,7 @@ def _predict_many(loaded: inference.LoadedModel, jobs: list[Job], batch_size: in
         for job in jobs:
             bar.describe(f"predict {job.ref.id}")
             try:
-                written.append(predict_patient(loaded, job, batch_size, probabilities, console, overwrite))
+                written.append(predict_patient(predictor, job, probabilities, console, overwrite))
             except ToolError as exc:
                 failures.append(str(exc))
             advance()
@@ -385,4 +496,5 @@ def write_atomic(outputs: list[tuple[Path, Any]], overwrite: bool = False) -> No
         raise PredictError(f"cannot write the output ({exc.strerror or exc})", exc.filename or outputs[0][0]) from None
 
 
-__all__ = ["Job", "PredictError", "Written", "main", "plan_jobs", "predict_patient", "write_atomic"]
+__all__ = ["Job", "PredictError", "Predictor", "Written", "main", "patient_of", "plan_jobs", "predict_patient",
+           "resolve_checkpoint", "write_atomic"]
