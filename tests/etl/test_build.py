@@ -1,9 +1,8 @@
 """`etl build-shards` end to end: synth -> build -> read back with plain webdataset / zarr.
 
-Shard contents are compared with an independent computation of the recipe written here
-(float64 z-score per slice over brain voxels, torch bilinear+antialias resize, nearest-exact
-masks, background re-zeroed, float16), reading the source files with nibabel / h5py directly.
-Builds run in this process (`--workers 0`) except one test that starts a real LocalCluster.
+Shard contents are compared with an independent computation of the recipe (tests/helpers/
+etl_recipe.py), reading the source files with nibabel / h5py directly. Builds run in this process
+(`--workers 0`) except one test that starts a real LocalCluster.
 """
 
 from __future__ import annotations
@@ -11,171 +10,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from etl.cli import app
-from shards_spec.errors import run_cli
-
-SHAPE = (48, 48, 24)
-SIZE = 32
+from tests.helpers.etl_recipe import expected_slice, read_source
+from tests.helpers.etl_runs import SHAPE, SIZE, build, error_line, find_one, run_etl, shard_bytes, snapshot, synth
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers (also used by test_cli.py and test_verify.py)
-
-
-def run_etl(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run the `etl` CLI in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        run_cli(app, [str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = 0 if exc.code is None else int(exc.code)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-class NullCapsys:
-    """`run_etl`'s capsys for a module-scoped fixture, which cannot have pytest's: nothing is
-    captured (the output shows in pytest's report), so the fixture checks the exit code."""
-
-    class _Captured:
-        out = err = ""
-
-    def readouterr(self):
-        return self._Captured()
-
-
-def error_line(stderr: str) -> str:
-    """The one `error:` line, which must be the last line of stderr (log lines may precede it)."""
-    lines = stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], stderr
-    return errors[0]
-
-
-def snapshot(root: Path) -> dict[str, str] | None:
-    """Relative path -> sha256 (files) or 'dir': the whole state of a folder (None if missing)."""
-    if not root.exists():
-        return None
-    state = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        state[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-    return state
-
-
-def synth(tmp: Path, layout: str = "brats2020", patients: int = 4, seed: int = 0) -> Path:
-    from etl.synth import synthesize
-
-    synthesize(tmp, patients=patients, layout=layout, shape=SHAPE, seed=seed)
-    return tmp
-
-
-_TEMPLATES: dict[tuple, Path] = {}
-
-
-@pytest.fixture(scope="session")
-def source_factory(tmp_path_factory):
-    """Copy of a synthetic source (made once per layout and size) that a test may damage."""
-
-    def make(layout: str = "brats2020", patients: int = 4) -> Path:
-        key = (layout, patients)
-        if key not in _TEMPLATES:
-            _TEMPLATES[key] = synth(tmp_path_factory.mktemp(f"tpl-{layout}-{patients}"), layout, patients)
-        target = tmp_path_factory.mktemp(f"src-{layout}")
-        shutil.copytree(_TEMPLATES[key], target, dirs_exist_ok=True)
-        return target
-
-    return make
-
-
-def build(src: Path, out: Path, capsys, *extra: str) -> dict:
-    code, stdout, stderr = run_etl(["build-shards", "--src", src, "--out", out, "--workers", "0", "--size", SIZE,
-                                    "--split", "train=0.5,val=0.5", *extra], capsys)
-    assert code == 0, stderr
-    return json.loads((out / "manifest.json").read_text())
-
-
-def shard_bytes(out: Path) -> dict[str, bytes]:
-    """Every file but the manifest (whose provenance holds a time)."""
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
-
-
-# ---------------------------------------------------------------------------------------------
-# the independent recipe
-
-
-def _find(src: Path, pattern: str) -> Path:
-    found = [p for p in src.rglob("*") if re.search(pattern, p.name)]
-    assert len(found) == 1, (pattern, found)
-    return found[0]
-
-
-NIFTI_SUFFIX = {
-    "brats2020": {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"},
-    "brats2021": {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"},
-    "brats2023": {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f", "seg": "-seg"},
-}
-ET_SOURCE = {"brats2020": 4, "brats2021": 4, "brats2023": 3}
-
-
-def read_source(src: Path, layout: str, pid: str) -> tuple[np.ndarray, np.ndarray]:
-    """(C, H, W, D) float64 in t1, t1ce, t2, flair order and the 0..3 label map, read directly."""
-    if layout == "kaggle-h5":
-        import h5py
-
-        number = int(pid.split("_")[1])
-        files = sorted((p for p in src.rglob(f"volume_{number}_slice_*.h5")),
-                       key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-        images, masks = [], []
-        for path in files:
-            with h5py.File(path, "r") as f:
-                images.append(np.asarray(f["image"], dtype=np.float64))
-                masks.append(np.asarray(f["mask"]))
-        image = np.stack(images, axis=-1)  # (H, W, 4, D) in flair, t1, t1ce, t2
-        order = ("flair", "t1", "t1ce", "t2")
-        volume = np.stack([image[:, :, order.index(m)] for m in ("t1", "t1ce", "t2", "flair")])
-        onehot = np.stack(masks, axis=-1)  # (H, W, 3, D)
-        labels = (onehot[:, :, 0] * 1 + onehot[:, :, 1] * 2 + onehot[:, :, 2] * 3).astype(np.uint8)
-        return volume, labels
-    import nibabel as nib
-
-    suffix = NIFTI_SUFFIX[layout]
-    volume = np.stack([np.asarray(nib.load(_find(src, rf"^{pid}{suffix[m]}\.nii(\.gz)?$")).dataobj, dtype=np.float64)
-                       for m in ("t1", "t1ce", "t2", "flair")])
-    seg = np.asarray(nib.load(_find(src, rf"^{pid}{suffix['seg']}\.nii(\.gz)?$")).dataobj).astype(np.int64)
-    labels = np.select([seg == 1, seg == 2, seg == ET_SOURCE[layout]], [1, 2, 3], 0).astype(np.uint8)
-    return volume, labels
-
-
-def expected_slice(volume: np.ndarray, labels: np.ndarray, z: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-    import torch.nn.functional as F
-
-    planes = volume[..., z]  # (C, H, W)
-    brain = np.any(planes != 0, axis=0)
-    normalised = np.zeros_like(planes)
-    for c, plane in enumerate(planes):
-        values = plane[brain]
-        mean, std = values.mean(), values.std()
-        std = std if std >= 1e-6 else 1.0
-        normalised[c] = np.where(brain, (plane - mean) / std, 0.0)
-    image = F.interpolate(torch.from_numpy(normalised.astype(np.float32))[None], size=(size, size), mode="bilinear",
-                          antialias=True, align_corners=False)[0].numpy()
-    small_brain = F.interpolate(torch.from_numpy(brain.astype(np.float32))[None, None], size=(size, size),
-                                mode="nearest-exact")[0, 0].numpy() > 0.5
-    small_labels = F.interpolate(torch.from_numpy(labels[..., z].astype(np.float32))[None, None], size=(size, size),
-                                 mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
-    image = np.where(small_brain[None], image, 0).astype(np.float16)
-    return image, np.where(small_brain, small_labels, 0).astype(np.uint8)
+# reading shards back with the plain libraries
 
 
 def read_plain_webdataset(out: Path, shard: dict) -> dict[str, dict]:
@@ -427,7 +272,7 @@ def test_data_error_inside_a_task_rolls_back_a_resumed_folder(source_factory, tm
     monkeypatch.delenv("ETL_FAULT_AFTER_SHARDS")
     plan = json.loads((out / "plan.json").read_text())
     last = plan["shards"][-1]["patients"][0]
-    path = _find(src, rf"^{last}_seg\.nii$")
+    path = find_one(src, rf"^{last}_seg\.nii$")
     img = nib.load(path, mmap=False)
     data = np.asarray(img.dataobj).copy()
     data[20, 20, 12] = 5  # not a BraTS 2020 label; same file size, so the plan still matches

@@ -12,13 +12,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from .test_build import SIZE, _find, build, error_line, run_etl, snapshot, source_factory  # noqa: F401 (fixture)
+from tests.helpers.etl_runs import SIZE, build, error_line, find_one, run_etl, snapshot
 
 PATIENT = "BraTS20_Training_002"
 
 
 def _nifti(src: Path, modality: str) -> Path:
-    return _find(src, rf"^{PATIENT}_{modality}\.nii$")
+    return find_one(src, rf"^{PATIENT}_{modality}\.nii$")
 
 
 def _resave(path: Path, data: np.ndarray) -> None:
@@ -113,7 +113,7 @@ def test_empty_source_and_missing_source(tmp_path, capsys):
 def test_many_bad_patients_are_listed_one_per_line_with_a_summary(source_factory, tmp_path, capsys):
     src = source_factory("brats2020", 4)
     for pid in ("BraTS20_Training_001", "BraTS20_Training_003"):
-        _find(src, rf"^{pid}_t2\.nii$").unlink()
+        find_one(src, rf"^{pid}_t2\.nii$").unlink()
     code, _, err = run_etl(["build-shards", "--src", src, "--out", tmp_path / "o", "--workers", "0"], capsys)
     assert code == 2
     tail = err[err.index("error: "):].strip().splitlines()
@@ -182,7 +182,7 @@ def test_foreign_folder_is_refused_even_with_overwrite(source_factory, tmp_path,
 def test_skip_bad_builds_the_rest_and_lists_the_skipped(source_factory, tmp_path, capsys):
     src = source_factory("brats2020", 4)
     missing_modality(src)  # found by the scan
-    nan_path = _find(src, r"^BraTS20_Training_004_t1\.nii$")
+    nan_path = find_one(src, r"^BraTS20_Training_004_t1\.nii$")
     data = np.asarray(nib.load(nan_path, mmap=False).dataobj).astype(np.float32)
     data[24, 24, 12] = np.nan
     _resave(nan_path, data)  # found when loading
@@ -201,7 +201,7 @@ def test_skip_bad_builds_the_rest_and_lists_the_skipped(source_factory, tmp_path
 
 def test_unlabelled_folders_are_reported(source_factory, tmp_path, capsys):
     src = source_factory("brats2020", 4)
-    _find(src, rf"^{PATIENT}_seg\.nii$").unlink()
+    find_one(src, rf"^{PATIENT}_seg\.nii$").unlink()
     code, stdout, err = run_etl(["build-shards", "--src", src, "--out", tmp_path / "o", "--workers", "0",
                                  "--size", SIZE, "--split", "train=0.5,val=0.5"], capsys)
     assert code == 0, err

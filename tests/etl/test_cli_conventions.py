@@ -16,7 +16,7 @@ import zarr
 from etl.cli import app
 from tests.cli_help import check_help_page, check_toggles, complete, examples, parse_example, render_help, toggles
 
-from .test_build import build, run_etl, source_factory  # noqa: F401 (fixture)
+from tests.helpers.etl_runs import build, run_etl
 
 GROUP = typer.main.get_command(app)
 COMMANDS = list(GROUP.commands)  # type: ignore[attr-defined]

@@ -23,9 +23,7 @@ from etl.synth import synthesize
 from etl.synth.anatomy import draw_patient, render
 from shards_spec.errors import SourceError
 from shards_spec.read import ShardStore
-from tests.train.test_predict import oracle_registered  # noqa: F401  (a fixture)
-
-from .test_build import run_etl
+from tests.helpers.etl_runs import run_etl
 
 SHAPE = (48, 48, 24)
 TASK = "Task01_BrainTumour"
@@ -264,9 +262,9 @@ def test_the_fingerprint_covers_dataset_json(msd_src, tmp_path):
 
 
 def test_predict_writes_labels_back_in_the_dataset_json_values(msd_src, tmp_path, oracle_registered):
-    """The oracle of tests/train/test_predict.py on MSD input: predictions in the source's own
+    """The oracle of tests/helpers/predict.py on MSD input: predictions in the source's own
     values (the release's, and a permuted dataset.json's), 3D in the 4D image's geometry."""
-    from tests.train.test_predict import make_shards, manifest_of, oracle_checkpoint
+    from tests.helpers.predict import make_shards, manifest_of, oracle_checkpoint
     from train import predict
     from train.metrics import patient_scores
 

@@ -24,7 +24,7 @@ import pytest
 from etl.synth import synthesize
 from etl.synth.anatomy import draw_patient, render
 
-from .test_build import NullCapsys, run_etl
+from tests.helpers.etl_runs import NullCapsys, run_etl
 
 SHAPE = (48, 48, 24)
 NNUNET_OF_BRATS2020 = {0: 0, 1: 2, 2: 1, 4: 3}

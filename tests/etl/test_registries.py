@@ -5,7 +5,7 @@ A toy layout (one `.npz` per patient) and a toy format (one `.npz` per shard, wi
 registered on the reading side, `shards_spec.formats`) are registered at run time and run end to
 end: `etl build-shards` -> `ShardStore` reads them back. The toy format's records are compared
 with the WebDataset build of the same source (itself pinned by test_reference_digests.py and
-checked against an independent recipe in test_build.py); the toy layout's shards are compared
+checked against an independent recipe in tests/helpers/etl_recipe.py); the toy layout's shards are compared
 with that independent recipe (`expected_slice`) computed from the arrays the toy files hold.
 Builds run in this process (`--workers 0`): a run-time registration lives in this process only.
 """
@@ -28,7 +28,8 @@ from shards_spec import formats
 from shards_spec.codec import build_record
 from shards_spec.read import ShardStore
 
-from .test_build import SIZE, expected_slice, run_etl
+from tests.helpers.etl_recipe import expected_slice
+from tests.helpers.etl_runs import SIZE, run_etl
 
 # ---------------------------------------------------------------------------------------------
 # one definition of every name list

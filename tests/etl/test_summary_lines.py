@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from .test_build import run_etl
+from tests.helpers.etl_runs import run_etl
 
 
 def test_build_and_inspect_summaries_are_one_line_each_in_a_narrow_pipe(make_brats, tmp_path, capsys, monkeypatch):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_build import NullCapsys, build, run_etl, source_factory  # noqa: F401 (fixture)
+from tests.helpers.etl_runs import NullCapsys, build, run_etl
 
 
 @pytest.fixture(scope="module")

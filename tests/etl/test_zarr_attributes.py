@@ -22,7 +22,7 @@ import pytest
 from etl.synth import synthesize
 from shards_spec.read import ShardStore
 
-from .test_build import NullCapsys, run_etl
+from tests.helpers.etl_runs import NullCapsys, run_etl
 
 SHAPE = (48, 48, 24)
 SIZE = 16

@@ -14,6 +14,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -43,6 +45,28 @@ def run_subprocess(tool: str, args: list, *, env: dict | None = None, timeout: f
     full_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **(env or {}))
     return subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True, env=full_env,
                           timeout=timeout, preexec_fn=preexec_fn)
+
+
+RSS_MARGIN_MB = 100
+"""How much more peak RSS than on the good input a refused hostile input may cost."""
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def run_measured(tool: str, args: list, env: dict | None = None, timeout: float = 240) -> tuple[int, str, float]:
+    """(exit code, stderr, peak RSS in MB) of the installed command in a child process of its own."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([str(BIN / tool), *map(str, args)], stdout=out, stderr=err,
+                                env={**CHILD_ENV, **(env or {})})
+        timer = threading.Timer(timeout, proc.kill)  # a hang fails the test, it does not block it
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage alone
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        assert proc.returncode != -9, f"{tool} {args} was killed after {timeout} s"
+        return proc.returncode, err.read().decode(), usage.ru_maxrss / 1024  # Linux: KiB
 
 
 def error_lines(stderr: str) -> list[str]:

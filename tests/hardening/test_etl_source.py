@@ -27,8 +27,7 @@ import numpy as np
 import pytest
 
 from .conftest import BUILD_ARGS
-from .helpers import assert_one_line, error_lines, run_cli_inprocess, run_subprocess, snapshot
-from .test_read_hardening import RSS_MARGIN_MB, run_measured
+from .helpers import RSS_MARGIN_MB, assert_one_line, error_lines, run_cli_inprocess, run_measured, run_subprocess, snapshot
 
 MICCAI = "MICCAI_BraTS2020_TrainingData"
 PATIENTS = ["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003"]

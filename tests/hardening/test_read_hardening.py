@@ -17,8 +17,6 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
-import tempfile
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,32 +25,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .helpers import BIN, assert_one_line, error_lines, load_manifest, reseal, run_cli_inprocess, save_manifest
+from .helpers import (
+    RSS_MARGIN_MB,
+    assert_one_line,
+    error_lines,
+    load_manifest,
+    reseal,
+    run_cli_inprocess,
+    run_measured,
+    save_manifest,
+)
 
 P1_TAR = "train/train-000000.tar"
 P1_IMAGE_SHARD = "train/p1/image/c/0/0/0/0"
 MB = 1 << 20
-RSS_MARGIN_MB = 100
-CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def run_measured(tool: str, args: list, env: dict | None = None, timeout: float = 240) -> tuple[int, str, float]:
-    """(exit code, stderr, peak RSS in MB) of the installed command in a child process of its own."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([str(BIN / tool), *map(str, args)], stdout=out, stderr=err,
-                                env={**CHILD_ENV, **(env or {})})
-        timer = threading.Timer(timeout, proc.kill)  # a hang fails the test, it does not block it
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage alone
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        assert proc.returncode != -9, f"{tool} {args} was killed after {timeout} s"
-        return proc.returncode, err.read().decode(), usage.ru_maxrss / 1024  # Linux: KiB
-
-
 def _npy_header(shape: tuple, descr: str = "<f2") -> bytes:
     """An `.npy` version 1.0 header for any shape, with no data."""
     text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape!r}, }}"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import assert_one_line, run_cli_inprocess, snapshot
+from .helpers import RSS_MARGIN_MB, assert_one_line, run_cli_inprocess, run_measured, snapshot
 
 V1_CHANNELS = ("t1ce", "flair")
 
@@ -515,8 +515,6 @@ MEMORY_ATTACKS = {_size_30000: "BRATS_SHARDS_MAX_SIZE", _base_400_only_described
 
 @pytest.fixture(scope="module")
 def good_predict_rss(trained, pristine_src, tmp_path_factory) -> float:
-    from .test_read_hardening import run_measured
-
     out = tmp_path_factory.mktemp("good-predict") / "seg.nii.gz"
     code, err, rss = run_measured("train", _predict(trained / "checkpoints" / "best.pt", [_patient(pristine_src)], out))
     assert code == 0, err
@@ -528,8 +526,6 @@ def good_predict_rss(trained, pristine_src, tmp_path_factory) -> float:
 def test_checkpoint_values_that_size_memory_are_refused_before_allocating(trained, pristine_src, built_shards,
                                                                           good_predict_rss, tmp_path, tamper,
                                                                           command):
-    from .test_read_hardening import RSS_MARGIN_MB, run_measured
-
     checkpoint = _tampered_checkpoint(trained, tmp_path, tamper)
     if command == "predict":
         args = _predict(checkpoint, [_patient(pristine_src)], tmp_path / "seg.nii.gz")

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from shards_spec.read import ShardStore
+from tests.helpers.train_runs import assert_same_run, metrics_without_seconds
 from train.data import ShardDataset
 
 from .servers import BIN, SUBPROCESS_ENV, learnable_shards, run_process
-from .test_remote_shards import assert_same_run, metrics_without_seconds
 
 PATIENTS = {"p1": 2, "p2": 14, "p3": 3, "p4": 10, "p5": 5, "p6": 7, "p7": 2}
 SPLITS = {"train": ["p1", "p2", "p3", "p4", "p5"], "val": ["p6", "p7"]}

@@ -5,7 +5,6 @@ is refused naming it; `--cache-dir` serves the second run and re-fetches a tampe
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shutil
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from etl.cli import app as etl_main
+from tests.helpers.train_runs import assert_same_run, metrics_without_seconds
 from train.cli import app as train_main
 
 from .servers import BIN, learnable_shards, run_cli, run_process, s3_endpoint, serve_http
@@ -58,18 +58,6 @@ def local_run(site, tmp_path_factory) -> Path:
     assert run_cli(train_main, "run", "--shards", site / "shards-webdataset", "--out", out, "--epochs", "2",
                    "--workers", "0", *TRAIN) == 0
     return out
-
-
-def metrics_without_seconds(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as fh:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
-
-
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-    assert metrics_without_seconds(run_dir) == metrics_without_seconds(reference)
-    got = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model_state"]
-    want = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["model_state"]
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def evaluation(json_path: Path) -> dict:

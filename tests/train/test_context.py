@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from shards_spec.read import ShardStore
+from tests.helpers.train_runs import options, quiet
 from train import fit
 from train.data import ShardDataset, stack_context, stack_volume
 from train.inference import context_window
-
-from .test_fit import options, quiet, shards  # noqa: F401  (module-scoped tiny shards)
 
 torch.set_num_threads(1)
 

@@ -26,12 +26,11 @@ from train import evaluate, fit, predict
 from train import metrics
 from train.metrics import PATIENT_KEYS
 
-from .test_predict import (
+from tests.helpers.predict import (
     make_shards,
     make_source,
     manifest_of,
     oracle_checkpoint,
-    oracle_registered,  # noqa: F401  (fixture)
     run_cli,
     unet_checkpoint,
 )

@@ -25,7 +25,15 @@ import torch
 
 from train import export, inference, models, predict
 
-from .test_predict import make_shards, make_source, manifest_of, patient_folders, run_cli, unet_checkpoint
+from tests.helpers.predict import (
+    make_shards,
+    make_source,
+    manifest_of,
+    patient_folders,
+    run_cli,
+    save_checkpoint,
+    unet_checkpoint,
+)
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -46,8 +54,6 @@ def manifest(src, tmp_path_factory):
 
 def attention_checkpoint(path: Path, manifest, target: str) -> Path:
     """A random attention U-Net (base 4, depth 2) with BN statistics that are not the defaults."""
-    from .test_predict import save_checkpoint
-
     torch.manual_seed(1)
     kwargs = {"base": 4, "depth": 2, "batch_norm": True}
     model = models.build_model("attention_unet", in_channels=2, **kwargs)
@@ -124,8 +130,6 @@ def test_every_registered_model_exports_to_a_graph_the_onnx_check_passes(tmp_pat
     the options that change the graph (stem 2, deep supervision, no batch norm); a new model or
     exporter that writes other operators fails here, not in a user's `predict`."""
     from train import onnx_check
-
-    from .test_predict import save_checkpoint
 
     kwargs = {"base": 4, "depth": 2, "batch_norm": False, "stem": 2, "deep_supervision": True}
     model = models.build_model(name, in_channels=2, **kwargs).eval()

@@ -1,5 +1,6 @@
 """`train run` end to end on tiny shards (16x16, a few patients, base 4): learning, outputs,
-exact resume, refusals, time budget with a fake clock, signal stop through a hook, bf16 autocast."""
+exact resume, refusals, time budget with a fake clock, signal stop through a hook, bf16 autocast.
+The shards are the `shards` fixture of tests/train/conftest.py."""
 
 from __future__ import annotations
 
@@ -15,49 +16,21 @@ import torch
 
 from shards_spec.manifest import Manifest
 from shards_spec.read import ShardStore
-from tests import shard_fixtures
-from tests.shard_fixtures import learnable_slices
+from tests.helpers.train_runs import SIZE, build, options, quiet
 from train import checkpoint as ckpt
 from train import fit
 from train.config import ConfigError
 
 torch.set_num_threads(1)
 
-SIZE = 16
 HEADER = ("epoch,train_loss,val_loss,mean_dice,dice_NEC/NET,dice_ED,dice_ET,prec_NEC/NET,prec_ED,prec_ET,"
           "recall_NEC/NET,recall_ED,recall_ET,lr,seconds")
-
-
-def build(root, name, patients, splits):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(shard_fixtures, "patient_slices", learnable_slices)
-        return shard_fixtures.make_shards(root / name, patients=patients, splits=splits, size=SIZE, tumour_every=1)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    return build(root, "a", {"p1": 6, "p2": 6, "p3": 6, "p4": 4}, {"train": ["p1", "p2", "p3"], "val": ["p4"]})
 
 
 @pytest.fixture(scope="module")
 def other_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("other")
     return build(root, "b", {"p1": 5, "p2": 6, "p3": 6, "p4": 4}, {"train": ["p1", "p2", "p3"], "val": ["p4"]})
-
-
-def options(shards, out, **kw):
-    # the seed's classes target and one pass per slice: these tests count steps and read NEC/NET, ED, ET
-    base = dict(shards=str(shards), variant="v1", out=str(out), epochs=2, batch_size=4, workers=0, base=4,
-                depth=2, lr=0.01, seed=3, report=False, target="classes", oversample_tumour=1, stem=1)
-    base.update(kw)
-    return base
-
-
-def quiet():
-    from rich.console import Console
-
-    return fit.Hooks(console=Console(quiet=True))
 
 
 def rows(run_dir):

@@ -308,7 +308,7 @@ def test_evaluate_lesion_wise_end_to_end(tmp_path, capsys):
     from etl.sources import load_patient, scan_source
     from train import evaluate, predict
 
-    from .test_predict import make_shards, make_source, manifest_of, read_labels, run_cli, unet_checkpoint
+    from tests.helpers.predict import make_shards, make_source, manifest_of, read_labels, run_cli, unet_checkpoint
 
     src = make_source(tmp_path / "src", "brats2020", patients=3)
     shards = make_shards(src, tmp_path / "shards", size=32)

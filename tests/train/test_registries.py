@@ -11,11 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers.train_runs import options, quiet
 from train import fit, losses, models
 from train.metrics import COUNT_METRICS, ratio, register_count_metric
 from train.trainer import Trainer
-
-from .test_fit import options, quiet, shards  # noqa: F401  (the module-scoped tiny shards)
 
 torch.set_num_threads(1)
 

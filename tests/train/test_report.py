@@ -15,7 +15,7 @@ import torch
 
 from train import fit, report
 
-from .test_predict import make_shards, make_source, manifest_of, run_cli
+from tests.helpers.predict import make_shards, make_source, manifest_of, run_cli
 
 torch.set_num_threads(1)
 

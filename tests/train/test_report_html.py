@@ -20,7 +20,7 @@ from PIL import Image
 
 from train import fit, report
 
-from .test_predict import make_shards, make_source
+from tests.helpers.predict import make_shards, make_source
 
 torch.set_num_threads(1)
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from tests.helpers.train_runs import build, options
 from train import fit
-
-from .test_fit import build, options
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import torch
 from train import fit, tracking
 from train.trainer import Hooks
 
-from .test_predict import make_shards, make_source, run_cli
+from tests.helpers.predict import make_shards, make_source, run_cli
 
 torch.set_num_threads(1)
 
