@@ -13,6 +13,16 @@ Re-recording some builds only, after a deliberate change of their bytes (the oth
 digests of COMMIT; the reason is stored beside the new digests):
 
     .venv/bin/python tests/etl/reference_builds.py --rerecord "REASON" tests/etl/reference_digests.json NAME...
+
+What the bytes depend on besides the code (`libraries_of`): the image values on numpy (synthesis,
+z-score, float16 rounding, the .npy header) and torch (the resize kernels), so every shard file
+and the manifest's content (which also names both versions; `digests` can count them as the
+recorded ones); Zarr files on zarr and numcodecs (metadata layout, the zstd codec); a .gz file on
+zlib; plan.json (not in the content) on the sizes of the synthetic source files (its fingerprint):
+NIfTI headers by nibabel, .nii.gz streams by zlib and the voxel values, HDF5 files by h5py. Dask,
+webdataset and the worker count change no byte; Python's tarfile and json are taken as stable.
+After a library update that changes bytes, check the values (tests/etl/test_build.py compares
+them with an independent recipe) and record every build anew with the COMMIT command above.
 """
 
 from __future__ import annotations
@@ -52,7 +62,26 @@ BUILDS: dict[str, tuple[dict, list[str], str | None]] = {
 }
 
 VERSIONED = ("numpy", "torch", "zarr", "numcodecs", "nibabel", "h5py")
-"""Libraries whose versions the bytes depend on (resize kernels, codecs, readers)."""
+"""Libraries whose versions the bytes depend on (resize kernels, codecs, readers); zlib besides."""
+
+IMAGE_LIBRARIES = ("numpy", "torch")
+SOURCE_LIBRARIES = {"brats2020": ("nibabel",), "brats2021": ("nibabel", "zlib", "numpy"),
+                    "brats2023": ("nibabel", "zlib", "numpy"), "kaggle-h5": ("h5py",)}
+"""What the synthetic source's file sizes (plan.json's fingerprint) depend on, per layout: a .nii's
+size is its header's plus the array's, a .nii.gz's follows its values, an .h5's HDF5's layout."""
+
+
+def libraries_of(name: str, path: str) -> tuple[str, ...]:
+    """The libraries whose versions can change file `path` of build `name` ("" is the manifest content)."""
+    synth, options, _ = BUILDS[name]
+    if path == "plan.json":
+        return SOURCE_LIBRARIES[synth["layout"]]
+    found = list(IMAGE_LIBRARIES)
+    if "zarr" in options:
+        found += ["zarr", "numcodecs"]
+    if path.endswith(".gz") or (not path and "gz" in options):  # the content lists every shard's digest
+        found.append("zlib")
+    return tuple(found)
 
 
 def versions() -> dict[str, str]:
@@ -91,12 +120,18 @@ def run_build(name: str, workdir: Path) -> Path:
     return out
 
 
-def digests(name: str, workdir: Path) -> dict:
-    """{"content": content digest, "files": {relative path: sha256}} of build `name`."""
+def digests(name: str, workdir: Path, recorded_versions: dict | None = None) -> dict:
+    """{"content": content digest, "files": {relative path: sha256}} of build `name`.
+
+    With `recorded_versions`, the numpy and torch versions the manifest's content names are taken
+    as those, so the content digest compares what was built, not which versions built it."""
     from shards_spec.manifest import content_digest
 
     out = run_build(name, workdir)
     manifest = json.loads((out / "manifest.json").read_text())
+    if recorded_versions:
+        for lib in IMAGE_LIBRARIES:
+            manifest["content"]["preprocessing"][f"{lib}_version"] = recorded_versions[lib]
     files = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
              for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"}
     return {"content": content_digest(manifest["content"]), "files": files}
