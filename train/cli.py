@@ -159,8 +159,8 @@ def _tracking_callbacks(logger: str, tracking_uri: str | None, images_every: int
     return [] if tracker is None else [tracker]
 
 
-ENSEMBLE_HELP = ("A checkpoint (runs/NAME/checkpoints/best.pt); repeat it to ensemble several (their probabilities "
-                 "averaged), e.g. the folds of --val-split foldK.")
+ENSEMBLE_HELP = ("A checkpoint (runs/NAME/checkpoints/best.pt, or the run folder runs/NAME for it); repeat it to "
+                 "ensemble several (their probabilities averaged), e.g. the folds of --val-split foldK.")
 # What --tta and --min-et-voxels gain is measured in docs/quality.md and said only there.
 TTA_HELP = ("Average the predictions of each slice and its three mirror images (4x the inference time); "
             "what it gains: docs/quality.md.")

@@ -150,9 +150,9 @@ def _as_json(value):
 
 def test_evaluate_returns_what_the_cli_writes(data, tmp_path, capsys):
     best = data["result"].best_checkpoint
-    scores = api.evaluate(data["result"].run_dir, data["shards"], src=data["src"], device="cpu", workers=0)
+    scores = api.evaluate(best, data["shards"], src=data["src"], device="cpu", workers=0)
     assert scores["native_grid"]["patients"] == len(data["val"]) and scores["checkpoint"]["path"] == str(best)
-    code, _, err = invoke(["evaluate", "--checkpoint", best, "--shards", data["shards"], "--src", data["src"],
+    code, _, err = invoke(["evaluate", "--checkpoint", data["result"].run_dir, "--shards", data["shards"], "--src", data["src"],
                            "--device", "cpu", "--workers", 0, "--json", tmp_path / "e.json"], capsys)
     assert code in (0, None), err
     assert json.loads((tmp_path / "e.json").read_text()) == _as_json(scores)
