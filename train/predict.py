@@ -315,6 +315,9 @@ class Predictor:
     def _label_map(self, patient: Any, channels: Sequence[str], labels: Convention | None) -> np.ndarray:
         if isinstance(patient, (str, os.PathLike, Mapping)):
             items = [f"{k}={v}" for k, v in patient.items()] if isinstance(patient, Mapping) else [str(patient)]
+            if not isinstance(patient, Mapping) and Path(patient).is_dir() and not _holds_nifti(Path(patient)):
+                raise PredictError("holds no NIfTI image: give one patient's folder (a list of them for several)",
+                                   patient)
             ref, convention = patient_of(items)
             volume = self._read(ref)
             prediction = self._segment(volume.volume, volume.brain)

@@ -133,6 +133,8 @@ def test_predictor_takes_arrays_and_modality_files(data):
     broken[0, 0, 0, 0] = np.nan
     with pytest.raises(ToolError, match="1 non-finite value"):
         predictor.predict(broken)
+    with pytest.raises(ToolError, match="holds no NIfTI image: give one patient's folder"):
+        predictor.predict(folder.parent)  # a folder of patients
 
 
 def _as_json(value):
