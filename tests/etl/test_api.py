@@ -29,7 +29,8 @@ def test_synth_reports_what_it_wrote_and_adds_only_what_is_missing(tmp_path, cap
     assert (made.patients, made.added, made.shape) == (2, 2, SHAPE)
     assert len(list((tmp_path / "s" / "MICCAI_BraTS2020_TrainingData").glob("BraTS20_Training_*"))) == 2
     more = api.synth(tmp_path / "s", patients=3, shape=SHAPE, seed=3)
-    assert (more.patients, more.added) == (3, 1) and api.synth(tmp_path / "s", patients=3, shape=SHAPE, seed=3).added == 0
+    assert (more.patients, more.added) == (3, 1)
+    assert api.synth(tmp_path / "s", patients=3, shape=SHAPE, seed=3).added == 0
     assert capfd.readouterr().err == ""
     api.synth(tmp_path / "t", patients=1, shape=SHAPE, progress=True)  # control: asked for, a progress line
     assert "synthesising" in capfd.readouterr().err

@@ -21,7 +21,8 @@ from train import api, checkpoint as ckpt, cli
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
-TINY = dict(epochs=3, lr=0.01, device="cpu", base=4, depth=2, batch_size=8, workers=0, report=False)  # labels 1, 2, 4 appear
+# Three epochs at lr 0.01: enough for the label maps to hold 1, 2 and 4, so comparing them means something.
+TINY = dict(epochs=3, lr=0.01, device="cpu", base=4, depth=2, batch_size=8, workers=0, report=False)
 
 
 def invoke(argv, capsys):
@@ -154,8 +155,8 @@ def test_evaluate_returns_what_the_cli_writes(data, tmp_path, capsys):
     best = data["result"].best_checkpoint
     scores = api.evaluate(best, data["shards"], src=data["src"], device="cpu", workers=0)
     assert scores["native_grid"]["patients"] == len(data["val"]) and scores["checkpoint"]["path"] == str(best)
-    code, _, err = invoke(["evaluate", "--checkpoint", data["result"].run_dir, "--shards", data["shards"], "--src", data["src"],
-                           "--device", "cpu", "--workers", 0, "--json", tmp_path / "e.json"], capsys)
+    code, _, err = invoke(["evaluate", "--checkpoint", data["result"].run_dir, "--shards", data["shards"],
+                           "--src", data["src"], "--device", "cpu", "--workers", 0, "--json", tmp_path / "e.json"], capsys)
     assert code in (0, None), err
     assert json.loads((tmp_path / "e.json").read_text()) == _as_json(scores)
 
