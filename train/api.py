@@ -56,8 +56,9 @@ def train(shards: str | Path | None, out: str | Path | None = None, variant: str
           force: bool = False, storage_options: dict | None = None, callbacks: Sequence[Any] = (),
           console: Any = False, **options: Any) -> TrainResult:
     """Train a new run, as `train run`: `variant`'s preset, overridden by `options` (`epochs`,
-    `batch_size`, `time_budget`, `device`, `base`, ... every `train run` flag). Without `out`,
-    the run goes to a new runs/<variant>-<timestamp>; `force` replaces a run already there.
+    `batch_size`, `time_budget`, `device`, `base`, ... every `train run` flag; None is "not
+    given", as for an absent flag). Without `out`, the run goes to a new
+    runs/<variant>-<timestamp>; `force` replaces a run already there.
 
     `storage_options` go to fsspec for a shard URL (not saved with the run); `callbacks` are
     trainer callbacks (`train.tracking`); `console=True` prints the command's progress and
