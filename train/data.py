@@ -74,7 +74,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -292,8 +292,11 @@ class ShardDataset(IterableDataset):
         - per worker process (at least one): shuffle_buffer buffered slices (0 without shuffle)
           + a decoded shard ×2 + one batch being collated;
         - batches waiting in the loader: num_workers·prefetch_factor, + 2: the one in use by the
-          loop and the next one being made (stacked, or converted by `ShardLoader`, whose batches
-          travel at (2C + 1)·H·W bytes a slice, less than a float32 sample).
+          loop and the next one being made (stacked, or converted by `ShardLoader`).
+
+        `ShardLoader`'s batches travel at (2C + 1)·H·W bytes a slice; each worker packs into RING
+        of them in shared memory, at most 4·b·(2C + 1)·H·W, less than the float32 batch being
+        collated plus the prefetched ones above count for it (8·b·(C + 3)·H·W at the least).
 
         The bound does not depend on the dataset's size. It excludes what is not data: the
         interpreter, torch and library memory of each worker process, and pinned-memory copies.
@@ -324,23 +327,29 @@ class ShardDataset(IterableDataset):
             yield self._tensors(image, mask)
 
     def iter_batches(self, batch_size: int, worker: int, num_workers: int, drop_last: bool = False,
-                     epoch: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                     epoch: int | None = None, buffers: Callable | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
         """`iter_worker`'s slices packed `batch_size` at a time, as a DataLoader packs them, before
         conversion: image float16 (B, C, H, W) and label map uint8 (B, H, W), in shared memory inside
         a loader worker (so they reach the main process without a copy, at 2C + 1 bytes a pixel
-        instead of the 4 (C + 3) of float32 image and mask). `ShardLoader` converts them there."""
+        instead of the 4 (C + 3) of float32 image and mask). `ShardLoader` converts them there.
+
+        `buffers(image_shape, labels_shape)` -> (image, labels, *extra) gives the tensors to pack
+        each full-size batch into (a last, shorter batch is their first rows; a float32 image is
+        converted while packed), and what else to yield with it; by default new tensors."""
+        buffers = buffers or (lambda image_shape, labels_shape: (_empty_batch(image_shape, torch.float16),
+                                                                  _empty_batch(labels_shape, torch.uint8)))
         slices = self._worker_slices(worker, num_workers, epoch)
         while True:
             items = list(itertools.islice(slices, batch_size))
             if not items or (drop_last and len(items) < batch_size):
                 return
-            image = _empty_batch((len(items), *items[0][0].shape), torch.float16)
-            labels = _empty_batch((len(items), *items[0][1].shape), torch.uint8)
-            image_np, labels_np = image.numpy(), labels.numpy()
+            image, labels, *extra = buffers((batch_size, *items[0][0].shape), (batch_size, *items[0][1].shape))
+            image, labels = image[:len(items)], labels[:len(items)]
+            labels_np = labels.numpy()
             for k, (slice_image, slice_mask) in enumerate(items):
-                image_np[k] = slice_image
+                image[k].copy_(torch.from_numpy(slice_image))  # also into float32: torch casts 9x faster than numpy
                 labels_np[k] = slice_mask
-            yield image, labels
+            yield image, labels, *extra
 
     def _worker_slices(self, worker: int, num_workers: int, epoch: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The (image float16 (C, H, W), label map uint8 (H, W)) slices that worker `worker` of
@@ -381,11 +390,11 @@ class ShardDataset(IterableDataset):
             for record in records:
                 positions = {int(z): j for j, z in enumerate(record.slice_index)}
                 for s in range(record.slices):
-                    # fancy indexing copies: no view keeps the record alive
+                    # `take` copies: no view keeps the record alive
                     image = stack_context(record.image, record.slice_index, positions, s, self.channel_index,
                                           self.context)
                     mask = record.mask[s].copy()
-                    for _ in range(self.oversample_tumour if mask.any() else 1):
+                    for _ in range(self.oversample_tumour if self.oversample_tumour > 1 and mask.any() else 1):
                         yield image, mask
             records = record = None  # free this shard before decoding the next (the memory bound counts one)
 
@@ -455,20 +464,57 @@ def _empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
+RING = 4
+"""Shared-memory batches a loader worker of `ShardLoader` packs in turn: more than the loader's
+prefetch (2 per worker) plus the batch being converted, so a released one is normally free."""
+
+
 class ShardBatches(IterableDataset):
     """A `ShardDataset`'s slices as float16 image / uint8 label map batches (`iter_batches`); each
-    loader worker packs its own slices, as a DataLoader with `batch_size` would."""
+    loader worker packs its own slices, as a DataLoader with `batch_size` would.
+
+    With `released` (set by `ShardLoader`: int64 (workers, RING) in shared memory), a worker packs
+    into a ring of RING shared-memory batches instead of new ones: a new shared-memory batch costs
+    its file, mapping and a page fault per 4 KiB on both sides (1.3 ms for 2.3 MB, measured here;
+    a reused one 0.2 ms). Each batch travels with (worker, slot, generation); the main process
+    writes the generation into `released[worker, slot]` once it has converted the batch, and a
+    worker reuses a slot only when its last batch there is released, else packs a new one: a batch
+    is never written while the main process may still read it."""
 
     def __init__(self, dataset: ShardDataset, batch_size: int, drop_last: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset, self.batch_size, self.drop_last = dataset, int(batch_size), bool(drop_last)
+        self.released: torch.Tensor | None = None
+        self.float_in_process = False  # ShardLoader: without workers, pack the image as float32 at once
+        self.pin_memory = False
+        self._ring: list[list | None] = []  # this process's slots: [image, labels, generation sent]
+        self._sent = 0
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 0)
-        return self.dataset.iter_batches(self.batch_size, worker, num_workers, self.drop_last)
+        if info is None and self.float_in_process:  # nothing travels: one cast while packing, not a second pass
+            buffers = (lambda image_shape, labels_shape: (
+                torch.empty(image_shape, dtype=torch.float32, pin_memory=self.pin_memory),
+                torch.empty(labels_shape, dtype=torch.uint8)))
+        else:
+            buffers = None if info is None or self.released is None else (lambda i, l: self._slot(worker, i, l))
+        return self.dataset.iter_batches(self.batch_size, worker, num_workers, self.drop_last, buffers=buffers)
+
+    def _slot(self, worker: int, image_shape: tuple, labels_shape: tuple) -> tuple:
+        if not self._ring:  # a new worker process: no release written before it is its own
+            self._ring = [None] * RING
+            self.released[worker].zero_()
+        self._sent += 1
+        slot = self._sent % RING
+        held = self._ring[slot]
+        if held is None or int(self.released[worker, slot]) != held[2] or tuple(held[0].shape) != image_shape:
+            held = [_empty_batch(image_shape, torch.float16), _empty_batch(labels_shape, torch.uint8), 0]
+            self._ring[slot] = held
+        held[2] = self._sent
+        return held[0], held[1], (worker, slot, self._sent)
 
 
 class ShardLoader(DataLoader):
@@ -495,8 +541,12 @@ class ShardLoader(DataLoader):
         for name in ("sampler", "batch_sampler", "collate_fn"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"ShardLoader takes no {name}: the dataset orders and packs its slices")
-        super().__init__(dataset.batches(batch_size, drop_last), batch_size=None, **kwargs)
+        batches = dataset.batches(batch_size, drop_last)
+        batches.released = torch.zeros((max(1, kwargs.get("num_workers", 0)), RING), dtype=torch.int64).share_memory_()
+        batches.float_in_process, batches.pin_memory = True, bool(pin_memory)
+        super().__init__(batches, batch_size=None, **kwargs)
         self.shards, self.pin_output = dataset, bool(pin_memory)
+        self.held: dict[tuple[int, int], tuple] = {}  # (worker, slot) -> its last batch, so its mapping stays open
         self.shard_batch_size, self.shard_drop_last = int(batch_size), bool(drop_last)
         table = expand(np.arange(4, dtype=np.uint8), dataset.target)  # (3, 4): channel k is set by label l
         self.channel_labels = [np.flatnonzero(row).tolist() for row in table]
@@ -505,13 +555,24 @@ class ShardLoader(DataLoader):
         return self.shards.batches_per_epoch(self.shard_batch_size, self.num_workers, self.shard_drop_last)
 
     def __iter__(self) -> "_Converting":
-        return _Converting(super().__iter__(), self.convert)
+        return _Converting(super().__iter__(), self.receive)
+
+    def receive(self, image: torch.Tensor, labels: torch.Tensor, ticket: tuple | None = None) -> tuple:
+        """A batch from `ShardBatches` -> `convert`ed; a ring slot's batch is released once it is."""
+        out = self.convert(image, labels)
+        if ticket is not None:
+            worker, slot, generation = (int(v) for v in ticket)
+            self.held[(worker, slot)] = (image, labels)  # the next batch in this slot maps no new pages
+            self.dataset.released[worker, slot] = generation
+        return out
 
     def convert(self, image: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(float16 image, uint8 label map) batch -> (float32 image, float32 mask (B, 3, H, W)):
         the conversion `ShardDataset` makes per slice, made once per batch."""
-        out = torch.empty(image.shape, dtype=torch.float32, pin_memory=self.pin_output)
-        out.copy_(image)
+        out = image
+        if image.dtype != torch.float32:  # packed as float32 already without workers
+            out = torch.empty(image.shape, dtype=torch.float32, pin_memory=self.pin_output)
+            out.copy_(image)
         mask = torch.empty((labels.shape[0], len(self.channel_labels), *labels.shape[1:]), dtype=torch.float32,
                            pin_memory=self.pin_output)
         for k, values in enumerate(self.channel_labels):
@@ -550,7 +611,7 @@ def stack_context(image: np.ndarray, slice_index: Sequence[int], positions: dict
     at source index z - 1, z + 1, ..., z - K, z + K (z = `slice_index[s]`), nearest first: (2K + 1) C
     channels. A neighbour that is not stored is zeros: the ETL drops slices without brain, so a
     missing neighbour is background, as it is in a whole volume at `predict` time."""
-    centre = image[s, channels]
+    centre = image[s].take(channels, axis=0)  # a copy, as fancy indexing, 25 % faster
     if context == 0:
         return centre
     out = np.zeros(((2 * context + 1) * len(channels), *image.shape[2:]), dtype=image.dtype)
@@ -559,7 +620,7 @@ def stack_context(image: np.ndarray, slice_index: Sequence[int], positions: dict
     for k, offset in enumerate(o for d in range(1, context + 1) for o in (-d, d)):
         j = positions.get(z + offset)
         if j is not None:
-            out[(k + 1) * len(channels):(k + 2) * len(channels)] = image[j, channels]
+            out[(k + 1) * len(channels):(k + 2) * len(channels)] = image[j].take(channels, axis=0)
     return out
 
 

@@ -82,8 +82,9 @@ def loader_worker_init(worker_id: int) -> None:
 
 def make_loader(dataset: Any, batch_size: int, workers: int, device: Any, seed: int,
                 persistent: bool = False) -> Any:
-    """A DataLoader over a `ShardDataset`; the order comes from the dataset (seed, epoch, rank,
-    worker), the loader's own generator only from `seed`, never from the global RNG.
+    """A DataLoader over a `ShardDataset` (a `data.ShardLoader`: float16 batches from the workers,
+    converted here); the order comes from the dataset (seed, epoch, rank, worker), the loader's own
+    generator only from `seed`, never from the global RNG.
 
     `persistent` keeps the worker processes for the whole run: they are forked once, instead of
     at every epoch and validation, while other threads (gloo, the previous loader's queue feeder
@@ -92,8 +93,10 @@ def make_loader(dataset: Any, batch_size: int, workers: int, device: Any, seed: 
     reaches persistent workers through the dataset's shared-memory epoch (`set_epoch`)."""
     import torch
 
+    from .data import ShardLoader
+
     generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
+    return ShardLoader(
         dataset, batch_size=batch_size, num_workers=workers, prefetch_factor=2 if workers > 0 else None,
         pin_memory=device.type == "cuda", generator=generator, worker_init_fn=loader_worker_init,
         persistent_workers=persistent and workers > 0)

@@ -278,3 +278,21 @@ def test_len_is_the_slices_of_this_rank_per_epoch(uneven):
     assert len(torch.utils.data.DataLoader(ds, batch_size=4)) == math.ceil(len(ds) / 4)
     ranks = [ShardDataset(uneven, "train", rank=r, world_size=2, batch_size=2) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == ranks[0].samples_per_epoch() and len(ranks[0]) % 2 == 0
+
+
+def test_a_worker_reuses_a_shared_batch_only_once_the_main_process_released_it(uneven):
+    from train.data import RING
+
+    batches = ShardDataset(uneven, "train").batches(4)
+    batches.released = torch.zeros((2, RING), dtype=torch.int64)
+    shapes = ((4, 4, 16, 16), (4, 16, 16))
+    first = [batches._slot(1, *shapes) for _ in range(RING)]
+    assert [ticket[:2] for *_, ticket in first] == [(1, (g + 1) % RING) for g in range(RING)]
+    again = batches._slot(1, *shapes)  # slot 1 again: its batch was never released, so a new one
+    assert again[2] == (1, 1, RING + 1) and again[0].data_ptr() != first[0][0].data_ptr()
+    batches.released[1, 2] = first[1][2][2]  # the main process converted the batch of slot 2
+    reused = batches._slot(1, *shapes)
+    assert reused[2][1] == 2 and reused[0].data_ptr() == first[1][0].data_ptr()
+    assert reused[1].data_ptr() == first[1][1].data_ptr()
+    batches.released[1, 3] = 999  # a release of another generation frees nothing
+    assert batches._slot(1, *shapes)[0].data_ptr() != first[2][0].data_ptr()
