@@ -30,11 +30,12 @@ Local files are opened only when they are regular files (a FIFO in place of a sh
 `root` may also name the manifest itself (`shards/manifest.json`).
 
 With `cache_dir`, each file is fetched once into `cache_dir/<sha256[:2]>/<sha256>` (keyed by
-content, so equal basenames in different folders never collide) and re-validated by sha256 each
-time it is used; a cached copy that no longer matches is discarded and fetched again, and a
-fetched copy that does not match is refused with a `SpecError` naming the file.
+content, so equal basenames in different folders never collide) and validated by sha256 before
+it is used (once per store while unchanged, as a local file); a cached copy that no longer matches
+is discarded and fetched again, and a fetched copy that does not match is refused with a
+`SpecError` naming the file.
 
-fsspec and zarr are imported inside the functions that need them, so `shards_spec` stays light.
+fsspec and numcodecs are imported inside the functions that need them, so `shards_spec` stays light.
 """
 
 from __future__ import annotations
