@@ -3,6 +3,7 @@
     python bench/reader.py                           # 4 full-size patients in a temp dir, then removed
     python bench/reader.py --patients 2 --shape 96,96,155 --repeats 1   # a quick try
     python bench/reader.py --workdir /tmp/rb --keep --write             # keep the data, update BENCHMARKS.md
+    python bench/reader.py --peers --write           # ours against MDS, LitData, a memmap (bench/reader_peers.py)
 
 What it does, in one run on the same slices:
 
@@ -387,22 +388,36 @@ def report(args, info, data, pairs, config, same, sizes, results, loads) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--patients", type=int, default=4, help="synthetic patients (default 4 = 620 .h5 files)")
+    parser.add_argument("--peers", action="store_true",
+                        help="ours against MDS, LitData and a memmap floor (bench/reader_peers.py; the 'bench' extra)")
+    parser.add_argument("--patients", type=int, help="synthetic patients (default 4 = 620 .h5 files; 16 with --peers)")
     parser.add_argument("--workdir", help="keep data here (reused by a later run); default a temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic data and shards")
     parser.add_argument("--write", action="store_true", help="replace the reader section of bench/BENCHMARKS.md")
     parser.add_argument("--shape", default="240,240,155", help="synthetic volume shape H,W,D (default BraTS's)")
     parser.add_argument("--size", type=int, default=128, help="shard slice size (default 128)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="(the h5 comparison; --peers uses 16)")
     parser.add_argument("--repeats", type=int, default=3, help="children per loader, interleaved (default 3)")
     parser.add_argument("--passes", type=int, default=3, help="passes over the data inside each child (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each child (default 1)")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--peer-child", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.config)
+    elif args.peer_child:
+        from bench import reader_peers
+
+        reader_peers.child(args.peer_child, args.workers, args.config)
+    elif args.peers:
+        from bench import reader_peers
+
+        args.patients = args.patients or 16
+        reader_peers.run(args)
     else:
+        args.patients = args.patients or 4
         run(args)
 
 
