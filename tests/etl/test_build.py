@@ -61,6 +61,7 @@ def read_plain_zarr(out: Path, info: dict) -> dict:
 # tests
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, fmt, extra", [
     ("brats2020", "webdataset", []),
     ("brats2021", "zarr", []),
@@ -109,6 +110,7 @@ def test_end_to_end_matches_the_independent_recipe(source_factory, tmp_path, cap
         assert {f["path"] for f in content["zarr_groups"]} == {"zarr.json", "train/zarr.json", "val/zarr.json"}
 
 
+@pytest.mark.slow
 def test_one_and_two_workers_give_identical_shards_and_content(source_factory, tmp_path, capsys, monkeypatch):
     """The one test with real Dask clusters: build-shards' own LocalCluster of 1 worker, and an
     existing 2-worker cluster found through DASK_SCHEDULER_ADDRESS."""
@@ -140,6 +142,7 @@ def test_one_and_two_workers_give_identical_shards_and_content(source_factory, t
     assert (m0["provenance"]["scheduler"], m0["provenance"]["workers"]) == ("in-process", 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
 def test_interrupted_build_resumes_to_identical_bytes(source_factory, tmp_path, capsys, monkeypatch, fmt):
     from etl.faults import InjectedFault
@@ -190,6 +193,7 @@ def test_rerun_of_a_complete_build_is_left_alone_and_a_lost_shard_is_rebuilt(sou
         {k: v for k, v in state.items() if k != "manifest.json"}
 
 
+@pytest.mark.slow
 def test_split_is_stable_when_patients_are_added(tmp_path, capsys):
     small = synth(tmp_path / "six", "brats2020", 6)
     large = synth(tmp_path / "eight", "brats2020", 8)

@@ -137,6 +137,7 @@ def test_bad_options_are_one_line(source_factory, tmp_path, capsys, args, fragme
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_other_options_are_refused_unless_overwrite(source_factory, tmp_path, capsys):
     src = source_factory("brats2020", 4)
     out = tmp_path / "shards"
@@ -220,6 +221,7 @@ def test_synth_command(tmp_path, capsys):
     assert code == 2 and "--layout must be one of" in error_line(err)
 
 
+@pytest.mark.slow
 def test_help_is_instant_and_shows_examples():
     for command in ([], ["synth"], ["build-shards"], ["verify"], ["inspect"]):
         started = time.time()

@@ -60,6 +60,7 @@ def test_version_names_the_distribution_and_its_libraries(capsys):
         assert f"{name} {module.__version__}" in line
 
 
+@pytest.mark.slow
 def test_shell_completion_completes_commands_and_options():
     assert complete("etl", "etl build-shards --ove") == ["--overwrite"]
     assert complete("etl", "etl bu") == ["build-shards"]

@@ -86,6 +86,7 @@ def test_channel_order_contradiction_names_the_stored_order(make_brats, stored):
         assert f"the data suggest {','.join(stored)}" in warnings[0]
 
 
+@pytest.mark.slow
 def test_channel_order_check_without_labels_and_on_every_permutation():
     images, labels = phantom(SHAPE, seed=5)
     for stored in itertools.permutations(PUBLIC):

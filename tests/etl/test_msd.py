@@ -223,6 +223,7 @@ def _records(shards: Path) -> dict[str, tuple[np.ndarray, np.ndarray, list[int]]
             for r in store.records(s)}
 
 
+@pytest.mark.slow
 def test_build_shards_equals_the_same_phantoms_from_the_brats2021_layout(msd_src, tmp_path, capsys):
     """Same phantoms, two layouts (4D float32 + MSD values vs 3D int16 + BraTS values): the shards'
     images and masks must be equal, so the modality order and the labels were mapped right."""
@@ -261,6 +262,7 @@ def test_the_fingerprint_covers_dataset_json(msd_src, tmp_path):
 # ---------------------------------------------------------------------------------- predict round trip
 
 
+@pytest.mark.slow
 def test_predict_writes_labels_back_in_the_dataset_json_values(msd_src, tmp_path, oracle_registered):
     """The oracle of tests/helpers/predict.py on MSD input: predictions in the source's own
     values (the release's, and a permuted dataset.json's), 3D in the 4D image's geometry."""

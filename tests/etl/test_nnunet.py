@@ -69,6 +69,7 @@ def identifiers(folder: Path, channels: int) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------------- the dataset
 
 
+@pytest.mark.slow
 def test_the_raw_dataset_follows_nnunets_format(exported, brats):
     description = json.loads((exported / "dataset.json").read_text())
     for key in ("labels", "channel_names", "numTraining", "file_ending"):  # verify_dataset_integrity's required keys
@@ -169,6 +170,7 @@ def test_splits_final_holds_our_folds_and_build_shards_reads_them_back(exported,
     assert split["method"] == "file" and split["file"] == "splits_final.json" and split["folds"] == 3
 
 
+@pytest.mark.slow
 def test_a_test_share_is_held_out_and_comes_back_as_test(brats, tmp_path, capsys):
     out = tmp_path / NAME
     args = ["--split", "train=0.5,val=0.25,test=0.25", "--seed", "3"]
@@ -253,6 +255,7 @@ def test_an_msd_source_exports_its_4d_images_as_channel_files(tmp_path, capsys):
     assert json.loads((out / "dataset.json").read_text())["numTraining"] == 3
 
 
+@pytest.mark.slow
 def test_a_kaggle_source_exports_with_its_channel_order(tmp_path, capsys):
     from etl.sources import load_patient, scan_source
 
@@ -315,6 +318,7 @@ def test_a_data_problem_leaves_no_new_folder(brats, tmp_path, capsys):
     assert json.loads((out / "dataset.json").read_text())["numTraining"] == len(identifiers(out / "imagesTr", 4)) == 5
 
 
+@pytest.mark.slow
 def test_dask_workers_write_the_same_bytes(exported, brats, tmp_path, capsys):
     out = tmp_path / NAME
     code, _, err = run_etl(["export-nnunet", "--src", brats, "--out", out, "--folds", "3", "--seed", "2",

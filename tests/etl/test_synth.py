@@ -55,6 +55,7 @@ def _nifti_paths(layout: str, root: Path, pid: str) -> dict[str, Path]:
 # ------------------------------------------------------------------------------ file layouts
 
 
+@pytest.mark.slow
 def test_brats2020_names_quirk_and_csvs(generated):
     root, ids = generated["brats2020"]
     assert ids == ["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003"]
@@ -81,6 +82,7 @@ def test_brats2020_names_quirk_and_csvs(generated):
         assert days.isdigit() or (days.startswith("ALIVE (") and days.endswith(" days later)"))
 
 
+@pytest.mark.slow
 def test_real_quirk_applies_to_patient_355_only(tmp_path, monkeypatch):
     sig = inspect.signature(synthesize)
     assert sig.parameters["quirk_355_at"].default is None
@@ -244,6 +246,7 @@ def test_kaggle_channel_order_and_background(tmp_path):
 # ----------------------------------------------------------------------------- determinism
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, generated):
     for layout in ("brats2021", "kaggle-h5"):
         root, _ = generated[layout]

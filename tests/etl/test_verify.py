@@ -36,6 +36,7 @@ def flip_byte(path: Path, offset: int | None = None) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
 def test_verify_passes_on_a_fresh_build(built, tmp_path, capsys, fmt):
     out, content = copy_of(built, fmt, tmp_path)

@@ -50,6 +50,7 @@ def records(shards: Path) -> dict:
     return {r.patient: r for s in reader.manifest.content["shards"] for r in reader.records(s)}
 
 
+@pytest.mark.slow
 def test_plain_zarr_sees_dimension_names_and_attributes(store):
     import zarr
 
@@ -105,6 +106,7 @@ def test_the_consolidated_metadata_is_the_stores_own(store):
         assert entry == own, path
 
 
+@pytest.mark.slow
 def test_xarray_opens_a_patient_with_named_dimensions(store):
     import xarray as xr
 
@@ -197,6 +199,7 @@ def test_shards_written_before_the_attributes_read_the_same(store, tmp_path, cap
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_plain_zarr_lists_the_store_over_http(store):
     """HTTP cannot list folders: the root's consolidated metadata is what makes the tree visible."""
     import zarr

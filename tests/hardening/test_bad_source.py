@@ -158,6 +158,7 @@ ETL_DAMAGES = [missing_modality, zero_byte_file, truncated_nifti, truncated_gzip
                empty_source, unrecognised_source, source_is_a_file]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("out_state", ["fresh", "complete"])
 @pytest.mark.parametrize("damage", ETL_DAMAGES, ids=lambda d: d.__name__)
 def test_build_shards_refuses_bad_source(fresh_src, built_shards, tmp_path, capsys, damage, out_state):
@@ -188,6 +189,7 @@ def test_build_shards_lists_many_problems_with_a_summary(fresh_src, tmp_path, ca
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_kaggle_h5_corrupt_and_foreign_files(tmp_path, capsys):
     from etl.synth import synthesize
 
@@ -206,6 +208,7 @@ def test_kaggle_h5_corrupt_and_foreign_files(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback_and_plain_does_not(fresh_src, tmp_path):
     named, problem = missing_modality(fresh_src)
     args = ["build-shards", "--src", fresh_src, "--out", tmp_path / "out", *BUILD_ARGS]
@@ -224,6 +227,7 @@ PREDICT_DAMAGES = [missing_modality, zero_byte_file, truncated_nifti, truncated_
                    unrecognised_source, source_is_a_file]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", PREDICT_DAMAGES, ids=lambda d: d.__name__)
 def test_predict_refuses_bad_input(fresh_src, trained, tmp_path, capsys, damage):
     folder = _file(fresh_src, "t1").parent
@@ -240,6 +244,7 @@ def test_predict_refuses_bad_input(fresh_src, trained, tmp_path, capsys, damage)
     assert snapshot(out_dir) == before
 
 
+@pytest.mark.slow
 def test_predict_debug_shows_the_traceback(fresh_src, trained, tmp_path):
     named, problem = not_nifti(fresh_src)
     args = ["predict", "--checkpoint", trained / "checkpoints" / "best.pt", "--input", _file(fresh_src, "t1").parent,

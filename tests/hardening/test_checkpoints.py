@@ -34,6 +34,7 @@ def _calls(tree):
             yield ".".join(reversed(parts)), node
 
 
+@pytest.mark.slow
 def test_no_unsafe_deserialisation_in_the_code():
     """The one torch.load passes weights_only=True; nothing unpickles, evals, or loads .npy with pickle."""
     unsafe, torch_loads = [], []
@@ -182,6 +183,7 @@ def test_resume_on_shards_lacking_the_runs_channels(trained, two_channel_shards,
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_checkpoint_from_another_run_kind(trained, built_shards, tmp_path, capsys):
     """A v2 run's last.pt put into a v1 run folder: the checkpoint decides, nothing is half-loaded."""
     from train import fit

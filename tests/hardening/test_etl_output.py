@@ -103,6 +103,7 @@ def test_overwrite_with_an_unreadable_plan_and_manifest_still_refuses_foreign_fi
     assert run_cli_inprocess("etl", ["verify", out], capsys)[0] == 0
 
 
+@pytest.mark.slow
 def test_overwrite_of_a_crashed_partial_zarr_build_knows_its_files(pristine_src, built_shards, tmp_path, capsys):
     """No manifest yet: the plan (through the zarr writer's layout) and the journal say what is ours."""
     out = tmp_path / "shards"
@@ -133,6 +134,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(pristine_src, built_shards, tmp_path, capsys):
     out = tmp_path / "shards"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
@@ -166,6 +168,7 @@ def test_a_failed_build_into_a_new_folder_leaves_no_folder_and_no_lock(tmp_path,
 # ------------------------------------------------------------------------------ class 12
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_overwrite_puts_the_previous_build_back_at_once(pristine_src, previous):
     out, before = previous()
     # Ctrl-C must reach the child even when this suite was started with SIGINT ignored (a shell's
@@ -178,6 +181,7 @@ def test_ctrl_c_during_overwrite_puts_the_previous_build_back_at_once(pristine_s
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_the_process_group_prints_only_the_interrupted_line(pristine_src, tmp_path, capsys):
     """A terminal's Ctrl-C reaches the Dask worker processes too: they leave it to the build, so
     no worker traceback comes before the one line, and the same command then finishes the build."""
@@ -201,6 +205,7 @@ def test_ctrl_c_to_the_process_group_prints_only_the_interrupted_line(pristine_s
     assert run_cli_inprocess("etl", ["verify", out], capsys)[0] == 0
 
 
+@pytest.mark.slow
 def test_two_killed_overwrites_in_a_row_never_lose_the_previous_build(pristine_src, previous, capsys):
     out, before = previous()
     previous_files = {k: v for k, v in before.items()}
@@ -216,6 +221,7 @@ def test_two_killed_overwrites_in_a_row_never_lose_the_previous_build(pristine_s
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_the_same_overwrite_after_a_kill_resumes_and_drops_the_previous_build_only_at_the_end(
         pristine_src, previous, tmp_path, capsys):
     out, before = previous()
@@ -238,6 +244,7 @@ def _synth(out: Path, capsys, *extra) -> tuple[int, str, str]:
     return run_cli_inprocess("etl", ["synth", "--out", out, "--shape", "32,32,16", *extra], capsys)
 
 
+@pytest.mark.slow
 def test_synth_adds_only_to_its_own_dataset_made_with_the_same_options(tmp_path, capsys):
     out = tmp_path / "data"
     assert _synth(out, capsys, "--patients", "2")[0] == 0

@@ -154,6 +154,7 @@ def _point_elsewhere(path: Path, kind: str, tmp_path: Path) -> None:
         assert np.array_equal(f["image"][()], SECRET)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, slice_, words", [
     ("external_storage", 0, "external storage"),  # slice 0: found by the scan
     ("virtual_dataset", 7, "virtual dataset"),  # another slice: found while loading, then rolled back
@@ -198,6 +199,7 @@ def _header(shape: tuple[int, ...]) -> bytes:
     return header.binaryblock + b"\x00" * 4
 
 
+@pytest.mark.slow
 def test_a_header_declaring_a_huge_volume_is_refused_before_loading(fresh_src, tmp_path, capsys):
     """~80-byte .nii.gz files (a header alone) declaring 20000x20000x10000 voxels: they passed the
     scan (a compressed file's length says nothing) and the task died allocating, with a traceback."""
@@ -213,6 +215,7 @@ def test_a_header_declaring_a_huge_volume_is_refused_before_loading(fresh_src, t
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_compressed_volume_too_large_for_the_limit_is_refused_from_its_header(pristine_src, fresh_src, tmp_path):
     """1024x1024x512 int16 zeros: ~1 MB .nii.gz files that needed 8 GB per patient per worker.
     (Written as gzip members, a header then 64 x 16 MiB of zeros, which a reader joins.)"""
@@ -239,6 +242,7 @@ def test_the_memory_limit_is_an_option_both_ways(pristine_src, tmp_path, capsys)
     assert_one_line(code, err, "--max-patient-memory", "4GiB")
 
 
+@pytest.mark.slow
 def test_a_gzip_bomb_behind_a_small_header_is_refused_with_bounded_memory(pristine_src, fresh_src, tmp_path):
     """The header says 48x48x24; the stream inflates to 1 GiB. nibabel reads only what the header
     says, but the whole-stream CRC check decompressed all of it."""
@@ -267,6 +271,7 @@ def test_an_unknown_modality_is_named(pristine_src, tmp_path, capsys):
     assert_one_line(code, err, "t1ce is given twice")
 
 
+@pytest.mark.slow
 def test_debug_keeps_the_exit_code(pristine_src, tmp_path):
     args = _args(pristine_src, tmp_path / "o", "--modalities", "flare")
     plain = run_subprocess("etl", args)

@@ -121,6 +121,7 @@ def test_workers_are_held_to_train_runs_limit(inputs, tmp_path, capsys, monkeypa
     assert code == 0 and "mean Dice over WT/TC/ET" in out, err  # control: within the limit
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_workers_that_cannot_be_started_are_one_line_and_none_is_left_running(inputs, capsys, monkeypatch):
     """As under a process limit (RLIMIT_NPROC, which root ignores, so the refusal is injected):

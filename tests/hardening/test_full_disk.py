@@ -61,6 +61,7 @@ def run(trained, tmp_path) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_train_report_on_a_full_disk_is_one_line_and_keeps_the_previous_report(run):
     before = snapshot(run / "report")
     limited = run_subprocess("train", ["report", run], env=NO_PYC, preexec_fn=_limit(4096))
@@ -78,6 +79,7 @@ print("returned:", line)
 """
 
 
+@pytest.mark.slow
 def test_end_of_training_report_on_a_full_disk_is_a_warning_not_a_failure(run):
     before = snapshot(run)
     done = subprocess.run([sys.executable, "-c", TRY_WRITE, str(run)], capture_output=True, text=True, timeout=240,
@@ -90,6 +92,7 @@ def test_end_of_training_report_on_a_full_disk_is_a_warning_not_a_failure(run):
     assert snapshot(run) == before and _temporaries(run) == []
 
 
+@pytest.mark.slow
 def test_end_of_training_report_survives_a_plotting_failure(run, monkeypatch):
     from train import report
 
@@ -111,6 +114,7 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_report_of_a_run_whose_shard_server_is_gone_says_why(run, capsys, monkeypatch):
     monkeypatch.setenv("BRATS_SHARDS_RETRIES", "0")
     code, _, err = run_cli_inprocess("train", ["report", run], capsys)

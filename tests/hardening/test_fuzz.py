@@ -110,6 +110,7 @@ def fuzzed_tars(draw):
     return _mutated(good.getvalue(), draw)
 
 
+@pytest.mark.slow
 @settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(data=fuzzed_tars())

@@ -47,7 +47,7 @@ def _unfinished(out: Path, capsys) -> None:
     assert_one_line(code, err, "did not finish")
 
 
-@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+@pytest.mark.parametrize("fmt", ["webdataset", pytest.param("zarr", marks=pytest.mark.slow)])
 def test_etl_sigkilled_after_a_shard_then_rerun_gives_identical_shards(pristine_src, built_shards, tmp_path, capsys,
                                                                        fmt):
     out = tmp_path / "out"
@@ -62,6 +62,7 @@ def test_etl_sigkilled_after_a_shard_then_rerun_gives_identical_shards(pristine_
     _assert_same_build(out, built_shards[fmt])
 
 
+@pytest.mark.slow
 def test_dask_worker_sigkilled_mid_run_still_gives_identical_shards(pristine_src, built_shards, tmp_path, capsys):
     out = tmp_path / "out"
     marker = tmp_path / "worker-killed"
@@ -84,6 +85,7 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
 def test_write_refused_by_the_os_is_one_line_and_never_looks_complete(pristine_src, built_shards, tmp_path, capsys,
                                                                       fmt):
@@ -125,6 +127,7 @@ def _cli_args(options: dict) -> list[str]:
     return args
 
 
+@pytest.mark.slow
 def test_trainer_sigkilled_mid_epoch_then_resume_gives_the_uninterrupted_weights(built_shards, tmp_path):
     import subprocess
 
@@ -153,6 +156,7 @@ def test_trainer_sigkilled_mid_epoch_then_resume_gives_the_uninterrupted_weights
     assert strip((tmp_path / "whole" / "metrics.csv").read_text()) == strip((tmp_path / "cut" / "metrics.csv").read_text())
 
 
+@pytest.mark.slow
 def test_trainer_write_refused_by_the_os_is_one_line(built_shards, trained, tmp_path):
     """A checkpoint that cannot be written: one line naming it; the previous last.pt stays whole."""
     run_dir = tmp_path / "run"

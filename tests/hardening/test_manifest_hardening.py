@@ -71,6 +71,7 @@ def _manifests(built_shards) -> dict[str, dict]:
     return {fmt: json.loads((root / "manifest.json").read_text()) for fmt, root in built_shards.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
 def test_every_leaf_with_a_bad_value_is_refused_or_harmless(built_shards, tmp_path, fmt):
     from etl.verify import describe, verify
@@ -116,6 +117,7 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.slow
 @settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), value=json_values)
 def test_fuzz_a_random_leaf_through_inspect_and_verify(built_shards, tmp_path, capsys, data, value):

@@ -201,6 +201,7 @@ CRAFTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("craft", sorted(CRAFTED))
 def test_crafted_onnx_is_refused_in_one_line_before_onnxruntime(exported, patient, tmp_path, capsys,
                                                                 no_onnxruntime_session, craft):
@@ -260,6 +261,7 @@ def test_model_file_that_is_no_file_or_a_huge_side_file_is_one_line(exported, pa
 # ---------------------------------------------------------------- train export's outputs
 
 
+@pytest.mark.slow
 def test_export_never_replaces_a_file_without_overwrite_nor_its_checkpoint(trained, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -293,6 +295,7 @@ def test_export_never_replaces_a_file_without_overwrite_nor_its_checkpoint(train
     assert best.read_bytes() == kept and sorted(os.listdir(linked)) == ["model.json"]
 
 
+@pytest.mark.slow
 def test_export_on_a_full_disk_is_one_line_and_keeps_the_previous_export(trained, tmp_path, capsys):
     best = trained / "checkpoints" / "best.pt"
     out = tmp_path / "exp"
@@ -313,6 +316,7 @@ def test_export_on_a_full_disk_is_one_line_and_keeps_the_previous_export(trained
     assert [p for p in out.iterdir() if TEMPORARY.match(p.name)] == []
 
 
+@pytest.mark.slow
 def test_export_names_up_to_the_folder_limit(trained, tmp_path, capsys):
     best = trained / "checkpoints" / "best.pt"
     out = tmp_path / "exp"

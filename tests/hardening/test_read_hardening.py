@@ -160,6 +160,7 @@ def keep(tmp_path):
     return make
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, bomb, words", [("webdataset", pax_bomb, "PAX extended header declares 1073741824"),
                                               ("zarr", zstd_bomb, "zstd frame declares 2147483648")],
                          ids=["gzip-tar-pax-1GiB", "zarr-zstd-2GiB"])
@@ -176,6 +177,7 @@ def test_verify_of_a_bomb_stays_within_100_mb_of_a_good_folder(keep, tmp_path, f
     assert bomb_mb < good_mb + RSS_MARGIN_MB, f"peak RSS {bomb_mb:.0f} MB, good folder {good_mb:.0f} MB"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, bomb, words", [("webdataset", pax_bomb, "PAX extended header"),
                                               ("zarr", zstd_bomb, "zstd frame declares")], ids=["pax", "zstd"])
 def test_train_run_refuses_a_bomb_in_one_line_or_skips_it(keep, tmp_path, capsys, fmt, bomb, words):
@@ -269,6 +271,7 @@ def _not_regular(path: Path, kind: str) -> None:
         os.symlink("/dev/zero", path)  # a device that streams forever
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 @pytest.mark.parametrize("target", ["manifest.json", P1_TAR])
 def test_a_fifo_or_device_in_place_of_a_file_is_refused_not_waited_on(shards_copy, tmp_path, kind, target):
@@ -357,6 +360,7 @@ FAST = {"BRATS_SHARDS_READ_TIMEOUT": "1", "BRATS_SHARDS_CONNECT_TIMEOUT": "2", "
         "BRATS_SHARDS_BACKOFF": "0.1"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["mid-body", "before-headers"])
 def test_a_stalling_server_times_out_retries_then_says_so_in_one_line(shards_copy, mode):
     root = shards_copy("webdataset")
@@ -370,6 +374,7 @@ def test_a_stalling_server_times_out_retries_then_says_so_in_one_line(shards_cop
     assert gets[f"/{P1_TAR}"] == 3  # the first attempt and two retries, then verify moves on
 
 
+@pytest.mark.slow
 def test_a_dropped_connection_is_retried_and_the_read_resumes(shards_copy):
     root = shards_copy("webdataset")
     with stalling_server(root, P1_TAR, "drop-once") as (url, gets):
@@ -412,6 +417,7 @@ def without_backends(tmp_path):
     return {"PYTHONPATH": str(fakes)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, url, package, extra", [
     (["etl", "verify"], "s3://lab/brats-shards", "s3fs", "brats-shards[s3]"),
     (["etl", "inspect"], "gs://lab/brats-shards", "gcsfs", "brats-shards[gcs]"),

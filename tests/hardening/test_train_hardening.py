@@ -194,6 +194,7 @@ def test_a_second_train_run_into_the_same_folder_is_refused_while_the_first_runs
     assert not (out / ".brats-shards.lock").exists()  # released on exit
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_a_stale_lock_that_the_next_run_takes_over(built_shards, tmp_path):
     import signal
     import subprocess
@@ -250,6 +251,7 @@ def test_a_folder_holding_only_a_dead_runs_lock_file_is_empty(built_shards, tmp_
     assert "taking over the lock" in err and (out / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_force_over_a_run_replaces_only_the_runs_own_files(trained, built_shards, tmp_path, capsys):
     from train import rundir
 
@@ -271,6 +273,7 @@ def test_force_over_a_run_replaces_only_the_runs_own_files(trained, built_shards
     assert not any((out / "report" / name).exists() for name in rundir.REPORT_FILES)  # ... or gone (--no-report)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("held", [False, True], ids=["other files", "locked"])
 def test_under_torchrun_rank_0_claims_the_folder_and_every_rank_stops_with_its_refusal(built_shards, tmp_path, held):
     """Two ranks: rank 0 alone locks and checks the folder; its refusal reaches rank 1, so both
@@ -521,6 +524,7 @@ def good_predict_rss(trained, pristine_src, tmp_path_factory) -> float:
     return rss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
 @pytest.mark.parametrize("tamper", list(MEMORY_ATTACKS), ids=lambda f: f.__name__.strip("_"))
 def test_checkpoint_values_that_size_memory_are_refused_before_allocating(trained, pristine_src, built_shards,
@@ -562,6 +566,7 @@ def test_limits_move_with_their_environment_variable(trained, pristine_src, tmp_
     assert_one_line(code, err, "has shape")
 
 
+@pytest.mark.slow
 def test_a_compressed_checkpoint_is_refused_before_torch_reads_it(trained, pristine_src, tmp_path, capsys):
     """A zip whose members are deflated: torch would load it (checked here with torch itself),
     and a few KB could so declare gigabytes; refused from the archive's directory alone."""
@@ -617,6 +622,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(trained, pristi
         assert "101" not in line and "not from this tool" not in line
 
 
+@pytest.mark.slow
 def test_an_exported_onnx_model_is_held_to_the_same_limits(trained, pristine_src, tmp_path, capsys):
     """`predict` runs an `.onnx` from `train export` with the config in its metadata: a config
     declaring a 30000-pixel grid is refused before onnxruntime builds anything."""

@@ -59,6 +59,7 @@ def answering(status: int) -> Iterator[str]:
         server.server_close()
 
 
+@pytest.mark.slow
 def test_a_refused_connection_says_so_and_a_404_still_reads_not_found(no_retries, capsys):
     url = f"http://127.0.0.1:{closed_port()}/"
     for command in ("verify", "inspect"):
@@ -72,6 +73,7 @@ def test_a_refused_connection_says_so_and_a_404_still_reads_not_found(no_retries
     assert "cannot connect" not in line
 
 
+@pytest.mark.slow
 def test_a_server_error_on_the_manifest_is_retried_and_not_called_not_found(monkeypatch, capsys):
     monkeypatch.setenv("BRATS_SHARDS_RETRIES", "1")
     monkeypatch.setenv("BRATS_SHARDS_BACKOFF", "0")
@@ -81,6 +83,7 @@ def test_a_server_error_on_the_manifest_is_retried_and_not_called_not_found(monk
     assert "not found" not in line and "cannot connect" not in line
 
 
+@pytest.mark.slow
 def test_a_server_gone_after_the_manifest_is_named_as_unreachable_for_each_shard(fixture_shards, no_retries):
     with serve_range_http(fixture_shards["webdataset"]) as url:
         store = ShardStore(url)

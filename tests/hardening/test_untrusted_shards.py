@@ -321,6 +321,7 @@ def _read(reader: str, shards: str, tmp_path: Path, trained: Path, capsys) -> tu
                                        shards, "--split", "train", "--workers", "0", "--device", "cpu"], capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "http"])
 @pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("fmt, case", CASES, ids=[f"{f}-{c.__name__}" for f, c in CASES])
@@ -356,6 +357,7 @@ def test_inspect_reads_the_manifest_only(shards_copy, tmp_path, capsys, fmt, cas
     assert "content digest" in out and not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("where", ["local", "http"])
 def test_train_run_skip_policy_counts_the_bad_shard_each_epoch(shards_copy, served, tmp_path, capsys, monkeypatch,

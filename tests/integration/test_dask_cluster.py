@@ -35,6 +35,7 @@ def source(tmp_path_factory) -> Path:
     return src
 
 
+@pytest.mark.slow
 def test_build_on_an_existing_cluster_is_byte_identical_to_a_local_build(source, tmp_path):
     local = {}
     for fmt in ("webdataset", "zarr"):

@@ -60,6 +60,7 @@ def test_the_shards_are_uneven_between_ranks(shards):
         assert ranks[0].batches_per_epoch(2, 1) == ranks[1].batches_per_epoch(2, 1) > 0
 
 
+@pytest.mark.slow
 def test_uneven_ddp_run_completes_and_its_metrics_equal_a_single_process_evaluate(shards, reference, tmp_path):
     run_files = sorted(p.relative_to(reference).as_posix() for p in reference.rglob("*") if p.is_file())
     assert run_files == ["checkpoints/best.pt", "checkpoints/last.pt", "config.json", "metrics.csv"]  # rank 0 only
@@ -82,6 +83,7 @@ def test_uneven_ddp_run_completes_and_its_metrics_equal_a_single_process_evaluat
     assert row["val_loss"] == pytest.approx(single["loss"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_both_and_resume_under_torchrun_matches(shards, reference, tmp_path):
     out = tmp_path / "stopped"
     # rank 1 signals itself after step 1 of epoch 2 (0-based "1:1:1"); rank 0 must stop with it
@@ -100,6 +102,7 @@ def test_sigterm_on_one_rank_stops_both_and_resume_under_torchrun_matches(shards
     assert_same_run(out, reference)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_equal_the_single_node_run(shards, reference, tmp_path):
     """torchrun's multi-node flags (--nnodes 2 --node-rank 0/1 --master-addr), one rank per
     "node", both on 127.0.0.1: the same 2 ranks, so the same weights as the single-node run."""

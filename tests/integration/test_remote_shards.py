@@ -71,6 +71,7 @@ def flip_byte(path: Path, offset: int | None = None) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_train_from_http_and_resume_from_the_url_equal_the_local_run(http, local_run, tmp_path):
     """Epoch 1 from the URL by the console script with one loader worker (which opens its own
     HTTP session), epoch 2 by --resume, which takes the URL from config.json: the same rows and
@@ -86,6 +87,7 @@ def test_train_from_http_and_resume_from_the_url_equal_the_local_run(http, local
     assert_same_run(out, local_run)
 
 
+@pytest.mark.slow
 def test_train_from_s3_zarr_with_endpoint_and_cache_equals_the_local_run(s3, local_run, tmp_path):
     """s3:// through --storage-option endpoint_url (credentials from AWS_* variables), Zarr this
     time: the same slices, so the same run as the local WebDataset one."""
@@ -103,6 +105,7 @@ def test_train_from_s3_zarr_with_endpoint_and_cache_equals_the_local_run(s3, loc
     assert (out / "report" / "slices.png").is_file()
 
 
+@pytest.mark.slow
 def test_evaluate_both_formats_from_http_and_s3_equals_local(site, http, s3, local_run, tmp_path):
     checkpoint = local_run / "checkpoints" / "best.pt"
     base, _ = http
@@ -123,6 +126,7 @@ def test_evaluate_both_formats_from_http_and_s3_equals_local(site, http, s3, loc
         assert value == reference, key
 
 
+@pytest.mark.slow
 def test_verify_and_inspect_urls(site, http, s3, capsys, monkeypatch):
     base, _ = http
     for fmt in FORMATS:
@@ -140,6 +144,7 @@ def test_verify_and_inspect_urls(site, http, s3, capsys, monkeypatch):
     assert f"content digest {digest}" in shown and "5 patients" in shown
 
 
+@pytest.mark.slow
 def test_a_corrupt_served_shard_is_refused_naming_it(site, tmp_path, capsys):
     """One byte flipped in one served file of each format: `etl verify URL` fails naming it,
     `train evaluate` refuses it (also into an empty cache), and `train run` with a loader
@@ -207,6 +212,7 @@ def test_cache_dir_serves_the_second_run_and_refetches_a_tampered_copy(http, loc
     assert hashlib.sha256(copy.read_bytes()).hexdigest() == copy.name
 
 
+@pytest.mark.slow
 def test_a_plain_static_server_without_range_is_enough(site, local_run, tmp_path, capsys):
     """Python's http.server answers no Range requests; our reader fetches each listed file with
     one plain GET (tars streamed, Zarr files whole), so both formats verify and evaluate."""

@@ -180,6 +180,7 @@ def http_root(tmp_path):
         yield url
 
 
+@pytest.mark.slow
 def test_range_server_answers_ranges(http_root, tmp_path):
     import urllib.request
     (tmp_path / "x.bin").write_bytes(bytes(range(100)))
@@ -188,6 +189,7 @@ def test_range_server_answers_ranges(http_root, tmp_path):
         assert response.status == 206 and response.read() == bytes(range(10, 20))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_http_reads_the_same_records_as_the_path(tmp_path, http_root, fmt):
     root = make_shards(tmp_path, fmt, patients={"p1": 3, "p2": 4})
@@ -204,6 +206,7 @@ def test_http_reads_the_same_records_as_the_path(tmp_path, http_root, fmt):
         ShardStore(f"{http_root}/missing")
 
 
+@pytest.mark.slow
 def test_s3_reads_the_same_records_as_the_path(tmp_path):
     moto_server = pytest.importorskip("moto.server")
     boto3 = pytest.importorskip("boto3")

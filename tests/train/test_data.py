@@ -198,6 +198,7 @@ def test_iter_patients_gives_whole_patients_in_manifest_order(tmp_path):
     assert shares == [["a", "c"], ["b"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
 def test_http_with_loader_workers_gives_the_local_samples(tmp_path, fmt):
     patients = {"a": 3, "b": 2, "c": 4}

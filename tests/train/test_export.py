@@ -85,6 +85,7 @@ def torch_model(checkpoint: Path):
 # ---------------------------------------------------------------- the three formats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["unet", "attention_unet"])
 def test_onnx_matches_torch_at_other_batch_and_spatial_sizes(exported, name):
     checkpoint, paths = exported[name]
@@ -124,6 +125,7 @@ def test_onnx_graph_opset_dynamic_dims_and_metadata(exported):
     assert beside["source"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_every_registered_model_exports_to_a_graph_the_onnx_check_passes(tmp_path, manifest, name):
     """`train.onnx_check.OPERATORS` and its size bounds hold for what `train export` writes, with
@@ -159,6 +161,7 @@ def test_safetensors_round_trip_equals_state_dict(exported):
     rebuilt.load_state_dict(loaded)
 
 
+@pytest.mark.slow
 def test_exported_program_runs(exported):
     checkpoint, paths = exported["attention_unet"]
     model, _ = torch_model(checkpoint)
@@ -250,6 +253,7 @@ def test_onnx_without_metadata_reads_the_json_beside_it(tmp_path, exported):
 # ---------------------------------------------------------------- errors: one line, nothing written
 
 
+@pytest.mark.slow
 def test_missing_extra_is_one_line_naming_it(tmp_path, exported, src, monkeypatch, capsys):
     checkpoint, paths = exported["unet"]
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript -> ImportError
@@ -268,6 +272,7 @@ def test_missing_extra_is_one_line_naming_it(tmp_path, exported, src, monkeypatc
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["model.json", "model.pt2"]
 
 
+@pytest.mark.slow
 def test_bad_options_and_failures_leave_nothing(tmp_path, exported, monkeypatch, capsys):
     checkpoint, _ = exported["unet"]
     code, _, err = run_cli(["export", "--checkpoint", checkpoint, "--out", tmp_path / "o", "--opset", "16"], capsys)
@@ -295,6 +300,7 @@ def test_evaluate_refuses_an_onnx_model(exported):
         inference.load_model(paths["onnx"], "cpu")
 
 
+@pytest.mark.slow
 def test_checkpoint_loaded_weights_only(tmp_path, exported, monkeypatch):
     """export reads the checkpoint with torch.load(weights_only=True) and nothing else."""
     checkpoint, _ = exported["unet"]

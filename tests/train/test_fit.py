@@ -112,6 +112,7 @@ def test_resume_after_a_signal_equals_the_uninterrupted_run(shards, tmp_path):
         assert ra[:-1] == rb[:-1]  # every column but `seconds`
 
 
+@pytest.mark.slow
 def test_budget_stop_in_the_middle_of_an_epoch_resumes_exactly(shards, tmp_path):
     """A budget that ends inside epoch 2 leaves a mid-epoch checkpoint; resuming it finishes with
     the weights of a run never stopped (plateau schedule: a budget would re-plan a cosine one)."""
@@ -268,6 +269,7 @@ def test_resume_with_nothing_left_and_manifest_checks(shards, tmp_path):
     assert isinstance(ShardStore(shards).manifest, Manifest)
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_on_gloo_match_a_single_process_evaluation(shards, tmp_path):
     """torchrun, 2 CPU ranks: only rank 0 writes; the all-reduced validation counts equal a
     single-process evaluation of the same weights."""

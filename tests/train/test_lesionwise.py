@@ -234,6 +234,7 @@ def test_sparse_matching_finds_the_dense_optimum():
         assert dice[sparse].sum() == pytest.approx(dice[dense].sum(), abs=1e-9)
 
 
+@pytest.mark.slow
 def test_speckled_prediction_agrees_with_panoptica(evaluator, monkeypatch):
     """A poor model's speckled prediction (864 one-voxel lesions) against a few solid lesions: every
     number equals the package's, the HD95 too although many speckles tie for each lesion (the dense
@@ -270,6 +271,7 @@ def test_speckled_prediction_agrees_with_panoptica(evaluator, monkeypatch):
     assert matched > 300  # hundreds of pairs went through the sparse solve
 
 
+@pytest.mark.slow
 def test_speckled_prediction_memory_stays_bounded():
     """16,384 one-voxel lesions on each side (64x64x32): the package's dense cost matrix alone would
     take 2 GiB; matched sparsely the whole evaluation stays under 16 MiB, with the exact counts."""

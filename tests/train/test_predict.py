@@ -64,6 +64,7 @@ DOWNSAMPLED = {"WT": 0.85, "TC": 0.0, "ET": 0.0}
 shard voxels). That is the ceiling of any model trained at this size, not a predict error."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,target,size,floor", [
     ("brats2020", "classes", 96, EXACT),   # 2x the native 48: resizing there and back is exact
     ("brats2023", "regions", 96, EXACT),

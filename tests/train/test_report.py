@@ -51,6 +51,7 @@ def assert_png(path):
     assert np.ptp(image[..., :3]) > 0  # not a blank canvas
 
 
+@pytest.mark.slow
 def test_train_run_writes_the_report(run_dir):
     folder = run_dir / "report"
     for name in (*CURVES, "slices.png"):
@@ -74,6 +75,7 @@ def test_slices_are_best_median_worst(run_dir):
         assert s.channel == "flair"
 
 
+@pytest.mark.slow
 def test_cli_rewrites_the_report(run_dir, capsys):
     (run_dir / "report" / "lr.png").unlink()
     code, _, err = run_cli(["report", run_dir], capsys)
@@ -128,6 +130,7 @@ def _heading_text(markdown: str) -> str:
     return "".join(child.content for child in inline.children)
 
 
+@pytest.mark.slow
 def test_a_budget_stop_is_reported_as_the_fractional_epoch_it_is(tmp_path):
     """metrics.csv rows 1..4 then 4.301 (a time-budget stop inside epoch 5): not "5 epoch(s)"."""
     run = _metrics_only_run(tmp_path / "stopped", [1, 2, 3, 4, 4.301])
@@ -140,6 +143,7 @@ def test_a_budget_stop_is_reported_as_the_fractional_epoch_it_is(tmp_path):
     assert "3 epoch(s) trained." in text and "| 3 | last" in text and "time budget" not in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["run_*bold* <img src=x onerror=alert(1)>",
                                   "a [link](x.html) `code` #1 &amp; ~~s~~ \\*", "v2-20250101"])
 def test_the_heading_shows_the_folder_name_literally(tmp_path, name):

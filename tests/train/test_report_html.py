@@ -86,6 +86,7 @@ def fmt(value: float, digits: int = 3) -> str:
     return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
 
+@pytest.mark.slow
 def test_epoch_table_holds_metrics_csv(run_dir):
     page = parse(run_dir / "report" / "report.html")
     with open(run_dir / "metrics.csv", newline="") as handle:
@@ -119,6 +120,7 @@ def test_patient_table_is_the_summary_behind_the_slices(run_dir):
         assert cells[1:] == [fmt(summary["summary"][k]["dice"][stat]) for k in header[1:]]
 
 
+@pytest.mark.slow
 def test_pictures_are_inlined_and_nothing_is_external(run_dir):
     folder = run_dir / "report"
     page = parse(folder / "report.html")

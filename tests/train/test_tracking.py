@@ -93,6 +93,7 @@ def tensorboard_run(shards, tmp_path_factory) -> Path:
     return train(shards, tmp_path_factory.mktemp("tb") / "run", tracking.make_tracker("tensorboard", images_every=2))
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_equal_metrics_csv(tensorboard_run, plain_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -113,6 +114,7 @@ def test_tensorboard_scalars_equal_metrics_csv(tensorboard_run, plain_run):
         assert all(same(a[c], b[c], 0) for c in columns if c != "seconds")
 
 
+@pytest.mark.slow
 def test_tensorboard_overlay_pictures_every_n_epochs_and_the_last(tensorboard_run):
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -178,6 +180,7 @@ def mlflow_run(shards, tmp_path_factory):
         yield run, uri
 
 
+@pytest.mark.slow
 def test_mlflow_run_params_metrics_and_images(mlflow_run, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -324,6 +327,7 @@ def mlflow_bounds(monkeypatch):
 SECRET = "s3cret-Pw"
 
 
+@pytest.mark.slow
 def test_a_stalled_call_is_abandoned_at_the_bound_with_one_warning_and_training_completes(shards, tmp_path,
                                                                                          monkeypatch):
     pytest.importorskip("tensorboard")
@@ -353,6 +357,7 @@ def test_a_stalled_call_is_abandoned_at_the_bound_with_one_warning_and_training_
     assert len(csv_rows(run)[1]) == EPOCHS
 
 
+@pytest.mark.slow
 def test_a_server_that_stalls_after_the_set_up_costs_one_warning_and_never_prints_the_password(
         shards, tmp_path, server, mlflow_bounds):
     pytest.importorskip("mlflow")
@@ -368,6 +373,7 @@ def test_a_server_that_stalls_after_the_set_up_costs_one_warning_and_never_print
     assert SECRET not in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["stalls", "closed port"])
 def test_a_store_that_does_not_answer_the_probe_is_one_line_within_the_bound(kind, shards, tmp_path, server,
                                                                              mlflow_bounds, capsys):
