@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from etl.cli import app as etl_main
-from tests.helpers.train_runs import assert_same_run, metrics_without_seconds
+from tests.helpers.train_runs import assert_same_run
 from train.cli import app as train_main
 
 from .servers import BIN, learnable_shards, run_cli, run_process, s3_endpoint, serve_http
