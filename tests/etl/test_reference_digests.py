@@ -49,7 +49,7 @@ def differences(name: str, got: dict, want: dict, recorded: dict, installed: dic
                    if installed[lib] != recorded[lib]]
         cause = (f"installed {', '.join(changed)}: if only the library changed, check the values and record anew "
                  f"(tests/etl/reference_builds.py)" if changed else
-                 f"{', '.join(libraries)} are the recorded versions, so the code changed it")
+                 f"its libraries ({', '.join(libraries)}) are at the recorded versions, so the code changed it")
         lines.append(f"{name}: {path or 'the manifest content'} {what}; {cause}")
     return lines
 
@@ -80,7 +80,7 @@ def test_a_difference_names_the_library_version_that_changed_or_blames_the_code(
     (chunk_line,) = [line for line in lines if chunk in line]
     assert f"numcodecs 9.9.9 (recorded {recorded['numcodecs']})" in chunk_line and "torch 9.9.9" in chunk_line
     (plan_line,) = [line for line in lines if "plan.json" in line]
-    assert "h5py are the recorded versions, so the code changed it" in plan_line and "torch" not in plan_line
+    assert "(h5py) are at the recorded versions, so the code changed it" in plan_line and "torch" not in plan_line
     same = differences("kaggle-zarr-2-per-shard", got, want, recorded, dict(recorded))
     assert all("so the code changed it" in line for line in same)
     assert differences("kaggle-zarr-2-per-shard", want, want, recorded, newer) == []  # the control
