@@ -144,7 +144,7 @@ class ShardDataset(IterableDataset):
             manifest order, no buffer, no cut.
         shuffle_buffer: slices held per loader worker to shuffle them.
         seed: seeds every random choice together with the epoch, rank and worker.
-        cache_dir: fetch each file once into this folder (keyed by sha256, re-verified on use).
+        cache_dir: fetch each file once into this folder (keyed by sha256, verified before use).
         policy: `"fail"` raises on a bad shard; `"skip"` skips and counts it.
         oversample_tumour: emit slices with any tumour label this many times per epoch.
         rank, world_size: this process's place in DDP (default: torch.distributed's, or 0 of 1).
@@ -543,9 +543,10 @@ class ShardLoader(DataLoader):
                 raise ValueError(f"ShardLoader takes no {name}: the dataset orders and packs its slices")
         batches = dataset.batches(batch_size, drop_last)
         batches.released = torch.zeros((max(1, kwargs.get("num_workers", 0)), RING), dtype=torch.int64).share_memory_()
-        batches.float_in_process, batches.pin_memory = True, bool(pin_memory)
+        batches.float_in_process, batches.pin_memory = True, bool(pin_memory) and torch.accelerator.is_available()
         super().__init__(batches, batch_size=None, **kwargs)
-        self.shards, self.pin_output = dataset, bool(pin_memory)
+        # As DataLoader does, pin only where an accelerator is there to pin for.
+        self.shards, self.pin_output = dataset, bool(pin_memory) and torch.accelerator.is_available()
         self.held: dict[tuple[int, int], tuple] = {}  # (worker, slot) -> its last batch, so its mapping stays open
         self.shard_batch_size, self.shard_drop_last = int(batch_size), bool(drop_last)
         table = expand(np.arange(4, dtype=np.uint8), dataset.target)  # (3, 4): channel k is set by label l
