@@ -603,6 +603,8 @@ class _Converting:
         return len(self._batches)
 
     def __getattr__(self, name: str):
+        if name == "_batches":  # not set yet (a copy being built): never recurse
+            raise AttributeError(name)
         return getattr(self._batches, name)
 
 
