@@ -13,7 +13,9 @@ is kept. The figure that matters is loaded / quiet of the same configuration: wh
 process beside training costs it.
 
 A setting is `NAME=VAR=VALUE[,VAR=VALUE]`: environment variables of the child (`threads=N` sets
-torch's intra-op threads instead). The default settings are what `train run` does now (`default`).
+torch's intra-op threads instead). The first row, `spin`, is OpenMP's own default (what a plain
+PyTorch loop gets: waiting threads spin); `train` itself sets OMP_WAIT_POLICY=PASSIVE
+(`train.cli.SHARED_CPU_ENV`), which `--setting "passive=OMP_WAIT_POLICY=PASSIVE"` measures.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ def child(model_name: str, seconds: float, threads: int | None) -> dict:
         from train.losses import build_loss
         from train.models import build_model
 
-        config = resolve({"shards": "-", "out": "-", "variant": model_name}, device_kind="cpu")
+        variant, _, fp32 = model_name.partition("-")  # v2-fp32: the recipe with --no-amp
+        config = resolve({"shards": "-", "out": "-", "variant": variant, **({"amp": False} if fp32 else {})},
+                         device_kind="cpu")
         channels, batch = len(config.channels), config.batch_size
         model = engine.prepare_model(build_model(config.model, channels, 3, **config.model_kwargs), device)
         loss_fn = build_loss(config.loss)
@@ -96,7 +100,7 @@ def parse_setting(text: str) -> tuple[str, dict[str, str]]:
 def measure(model: str, env: dict[str, str], load: int, seconds: float) -> float:
     busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(load)]
     try:
-        child_env = dict(os.environ)
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
         threads = env.get("threads")
         child_env.update({k: v for k, v in env.items() if k != "threads"})
         argv = [sys.executable, __file__, "--child", model, "--seconds", str(seconds)]
@@ -114,7 +118,7 @@ def measure(model: str, env: dict[str, str], load: int, seconds: float) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", help="v1, v2 or peer (default: v2 and peer)")
+    parser.add_argument("--model", action="append", help="v1, v2, v2-fp32 (--no-amp) or peer (default: v2 and peer)")
     parser.add_argument("--setting", action="append", default=[], help="NAME=VAR=VALUE[,VAR=VALUE]")
     parser.add_argument("--load", type=int, default=1, help="busy processes beside the loaded rows")
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -127,7 +131,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.seconds, args.threads)))
         return
     models = args.model or ["v2", "peer"]
-    settings = [("default", {})] + [parse_setting(s) for s in args.setting]
+    settings = [("spin", {})] + [parse_setting(s) for s in args.setting]
     configs = [(m, name, env, load) for m in models for name, env in settings for load in (0, args.load)]
     results: dict[tuple, list[float]] = {}
     load_before = common.load()
@@ -141,7 +145,7 @@ def main() -> None:
         for name, env in settings:
             quiet = statistics.median(results[(model, name, 0)])
             loaded = statistics.median(results[(model, name, args.load)])
-            rows.append([model, name, ", ".join(f"{k}={v}" for k, v in env.items()) or "as `train run`",
+            rows.append([model, name, ", ".join(f"{k}={v}" for k, v in env.items()) or "OpenMP's default",
                          f"{quiet:.2f}", f"{loaded:.2f}", f"{loaded / quiet:.2f}"])
     header = ["model", "setting", "environment", "steps/s quiet", f"steps/s beside {args.load} busy", "loaded / quiet"]
     text = "\n".join([
