@@ -127,7 +127,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
     steps: int = 0  # optimiser steps so far: the learning-rate schedule's clock
-    schedule_steps: int = 0  # the schedule's length: epochs x steps per epoch, or planned to the budget
+    schedule_steps: int = 0  # the step schedule's length: epochs x steps per epoch (a budget's clock may end it first)
     epoch_step: int = 0  # steps already taken in epoch `epoch` + 1 (a mid-epoch checkpoint)
     epoch_loss: tuple[float, float] = (0.0, 0.0)  # (sum, slices) of that partial epoch's training loss
     augmenter_state: Any = None  # that partial epoch's augmentation generator state
