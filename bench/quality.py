@@ -24,7 +24,9 @@ What it does, in one run:
    `--load 0,1` trains every contender once per load level: quiet, then beside one busy process
    (a plain Python loop at normal priority, as ../shared/tools/with-load starts, for the whole of
    that contender's training and nothing else), as on a laptop or a shared server; rows are named
-   `NAME@loadN`.
+   `NAME@loadN`. `--throttle NAME=SECONDS` runs contender NAME at a tenth of its speed for its first
+   SECONDS (stopped 0.9 s of every second with SIGSTOP/SIGCONT, its loader worker too): a slow
+   start for real, which the time budget's schedule must not let ruin the run.
 3. Every contender's best checkpoint (best validation mean Dice) is scored by `train evaluate
    --src` on the validation patients: Dice and HD95 per class (NEC/NET, ED, ET) and per BraTS
    region (WT, TC, ET) on the native grid, each the mean over patients; also the per-class Dice on
@@ -48,8 +50,10 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +77,7 @@ class Contender:
     options: list[str] | None  # None: the MONAI peer
     peer_seed: int = 0  # the peer's seed (`NAME=monai --seed N`)
     load: int = 0  # busy processes beside its training
+    throttle: float = 0.0  # seconds at the start run at a tenth of the speed
     run_dir: Path = Path()
     wall: float = 0.0
     cpu: float = 0.0
@@ -180,7 +185,10 @@ def train_contenders(contenders: list[Contender], shards: Path, work: Path, args
             log = open(log_path(c), "w")  # beside the run folder: train run wants it for itself
             busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(c.load)]
             proc = subprocess.Popen(contender_argv(c, shards, args), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    cwd=common.REPO, preexec_fn=(lambda p=pin: os.sched_setaffinity(0, p)) if pin else None)
+                                    cwd=common.REPO, preexec_fn=(lambda p=pin: os.sched_setaffinity(0, p)) if pin else None,
+                                    start_new_session=c.throttle > 0)
+            if c.throttle > 0:
+                threading.Thread(target=throttle, args=(proc, c.throttle), daemon=True).start()
             running.append((c, proc, time.perf_counter(), log, busy))
         for c, proc, started, log, busy in running:
             _, status, usage = os.wait4(proc.pid, 0)
@@ -196,6 +204,19 @@ def train_contenders(contenders: list[Contender], shards: Path, work: Path, args
                 tail = log_path(c).read_text()[-3000:]
                 sys.exit(f"{c.name} failed (exit {proc.returncode}): {' '.join(contender_argv(c, shards, args))}\n{tail}")
             read_curve(c)
+
+
+def throttle(proc: subprocess.Popen, seconds: float) -> None:
+    """Run `proc`'s process group 0.1 s of every second for its first `seconds`."""
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGSTOP)
+            time.sleep(0.9)
+            os.killpg(proc.pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
 
 
 def log_path(c: Contender) -> Path:
@@ -407,7 +428,7 @@ def render(contenders: list[Contender], check: dict | None, args: argparse.Names
                      *(fmt(v) for v in regions), fmt(sum(regions) / 3),
                      "/".join(fmt(v, 2) for v in c.scores.get("nec_precision_recall", (None, None))),
                      "/".join(fmt(h[k], 1) for k in ("WT", "TC", "ET")), "/".join(fmt(g[k], 2) for k in CLASSES),
-                     str(c.load), c.load_after])
+                     str(c.load) + (f"; first {c.throttle:g} s at 1/10 speed" if c.throttle else ""), c.load_after])
     lines.append(common.table(header, rows))
     peers = {}  # the first peer at each load level; score variants of the peer have options
     for c in contenders:
@@ -465,6 +486,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", default="default", help="etl synth --profile: default (the data the recipe "
                         "was tuned on) or shifted (a second data set with more variety)")
+    parser.add_argument("--throttle", action="append", default=[], help="NAME=SECONDS: contender NAME at a tenth "
+                        "of its speed for its first SECONDS (a slow start)")
     parser.add_argument("--load", default="0", help="busy processes beside each contender's training; a list "
                         "(0,1) trains every contender once per level")
     parser.add_argument("--contender", action="append", default=None,
@@ -498,6 +521,16 @@ def main() -> None:
     args.label = args.label or args.mode
     contenders = [parse_contender(t) for t in (args.contender or ["v1", "v2", PEER])]
     contenders = with_loads(contenders, parse_loads(args.load))
+    for text in args.throttle:
+        name, _, seconds = text.partition("=")
+        chosen = [c for c in contenders if c.name == name]
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = -1.0
+        if not chosen or not value > 0:
+            sys.exit(f"--throttle: expected NAME=SECONDS naming a contender, got {text!r}")
+        chosen[0].throttle = value
     for text in args.score_variant or []:
         parse_score_variant(text, contenders)
     info = common.machine()
