@@ -272,7 +272,7 @@ def score(c: Contender, shards: Path, source: Path | None, work: Path, extra: li
     results = evaluate.main(checkpoint=[c.run_dir / "checkpoints" / "best.pt", *extra], shards=str(shards), split="val",
                             src=source, json_path=work / "eval" / f"{c.name}.json", device="cpu",
                             batch_size=32, workers=0, console=Console(quiet=True), tta=tta,
-                            min_et_voxels=min_et_voxels)
+                            min_et_voxels=min_et_voxels, overwrite=True)  # the harness's own file
     keys = (*CLASSES, "WT", "TC")
     grid = results["shard_grid"]["summary"]
     native = (results.get("native_grid") or {}).get("summary")
