@@ -369,17 +369,3 @@ def parse(data: bytes, name: str = MANIFEST_NAME) -> Manifest:
     except SpecError as exc:
         raise SpecError(exc.problem, name) from None
     return Manifest(content, provenance)
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    """A JSON object whose keys are unique: with a repeated key, json keeps the last silently."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"key {_short(repeated)} appears twice in one object")
-    return obj
