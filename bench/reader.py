@@ -267,7 +267,7 @@ def run(args) -> None:
                 print(f"  repeat {r + 1} {kind:10s} slices/s per pass: {rates}; peak RSS {common.mib(out['peak_rss'])}; "
                       f"load {loads[-1]}", flush=True)
         info["load_at_end"] = common.load()
-        info["shared"] = True
+        info["shared"] = args.shared
         report(args, info, data, pairs, config, same, sizes, results, loads)
     finally:
         if not args.keep and not args.workdir:
@@ -393,6 +393,7 @@ def main() -> None:
     parser.add_argument("--patients", type=int, help="synthetic patients (default 4 = 620 .h5 files; 16 with --peers)")
     parser.add_argument("--workdir", help="keep data here (reused by a later run); default a temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic data and shards")
+    parser.add_argument("--shared", action="store_true", help="say in the table that other work shared the machine")
     parser.add_argument("--write", action="store_true", help="replace the reader section of bench/BENCHMARKS.md")
     parser.add_argument("--shape", default="240,240,155", help="synthetic volume shape H,W,D (default BraTS's)")
     parser.add_argument("--size", type=int, default=128, help="shard slice size (default 128)")
