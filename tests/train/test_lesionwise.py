@@ -172,6 +172,13 @@ def test_hand_built_case_agrees_with_the_official_pipeline(evaluator, tmp_path):
             assert agree(ours[region][name], as_number(theirs)), (region, name, ours[region][name], theirs)
 
 
+def panoptica_quietly(evaluator, pred: np.ndarray, truth: np.ndarray, spacing) -> dict:
+    """The official evaluator's results for one case, without its prints and warnings."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return evaluator.evaluate(pred, truth, voxelspacing=spacing, verbose=False)
+
+
 def random_labels(rng: np.random.Generator, shape, blobs: int) -> np.ndarray:
     labels = np.zeros(shape, np.uint8)
     for _ in range(blobs):
@@ -191,9 +198,7 @@ def test_random_label_maps_agree_with_panoptica(evaluator):
             pred = np.where(rng.random(shape) < 0.9, truth, pred).astype(np.uint8)
         spacing = (1.0, 1.5, 2.0) if case % 3 else (1.0, 1.0, 1.0)
         ours = lesionwise_scores(pred, truth, spacing)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            theirs = evaluator.evaluate(pred, truth, voxelspacing=spacing, verbose=False)
+        theirs = panoptica_quietly(evaluator, pred, truth, spacing)
         for region, key in REGIONS.items():
             result = theirs[key].to_dict(True)
             for name, other in (("dice", "sq_dsc"), ("hd95", "sq_hd95"), ("tp", "tp"), ("fp", "fp"), ("fn", "fn"),
@@ -249,9 +254,7 @@ def test_speckled_prediction_agrees_with_panoptica(evaluator, monkeypatch):
 
     def compare(pred, truth, names) -> int:
         ours = lesionwise_scores(pred, truth, spacing)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            theirs = evaluator.evaluate(pred, truth, voxelspacing=spacing, verbose=False)
+        theirs = panoptica_quietly(evaluator, pred, truth, spacing)
         for region, key in REGIONS.items():
             result = theirs[key].to_dict(True)
             for name, other in names:
