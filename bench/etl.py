@@ -96,13 +96,13 @@ def plain_loop(src: Path, out: Path, size: int) -> float:
 
 
 def _warm() -> str:
+    import nibabel  # noqa: F401
     import torch  # noqa: F401
 
     import etl.build  # noqa: F401
     import etl.sources  # noqa: F401
     import etl.writers.webdataset  # noqa: F401
     import etl.writers.zarr  # noqa: F401
-    import nibabel  # noqa: F401
     import shards_spec.preprocess  # noqa: F401
 
     return "ok"

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine, machine_lines, load, self_memory, single_thread_env, table, write_section  # noqa: E402
+from _common import REPO, load, machine, machine_lines, self_memory, single_thread_env, table, write_section  # noqa: E402
 
 CASES = {"48x48x24": (48, 48, 24), "64x64x32": (64, 64, 32)}
 TRUTHS = ("same speckle", "speckle moved 1 voxel")

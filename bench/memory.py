@@ -65,9 +65,8 @@ def baseline_child(config_path: str) -> None:
 
     torch.set_num_threads(1)
     from train import fit  # noqa: F401  (what `train run` imports)
-    from train.data import ShardDataset  # noqa: F401
-    from train.losses import build_loss
     from train.models import build_model
+    from train.recipe.losses import build_loss
 
     model = build_model("unet", in_channels=2, out_channels=3, base=config["base"], depth=config["depth"], batch_norm=True)
     after_model = common.self_memory()["VmRSS"]

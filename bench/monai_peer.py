@@ -8,7 +8,7 @@ What a MONAI user writes in a few lines (the network and loss of issue 11's tabl
          num_res_units=0), sigmoid DiceLoss, Adam 1e-3, batch 16, all four channels, --target classes,
     fed by `train.data.ShardDataset` (shuffled, seed 0) through a DataLoader with one worker.
 
-Every pass over the training split it validates exactly as `train run` does (`train.engine.validate`,
+Every pass over the training split it validates exactly as `train run` does (`train.training.engine.validate`,
 TP/FP/FN summed over the validation slices), keeps the best weights by that mean Dice, and stops
 at the budget (checked after every step, then one last validation) or, with `--patience`, when the
 score has not improved for that many validations. Its checkpoints are in our format with the model
@@ -48,7 +48,8 @@ def register() -> None:
     """Make `train evaluate` know the peer: its model and loss by their registered names."""
     from monai.losses import DiceLoss
 
-    from train import losses, models
+    from train import models
+    from train.recipe import losses
 
     if MODEL_NAME not in models.MODELS:
         models.register_model(MODEL_NAME, build_monai_unet)
@@ -57,10 +58,10 @@ def register() -> None:
 
 
 def payload(model, manifest, epoch: int, best: float, history: list[dict]) -> dict:
-    """A checkpoint `train.inference.load_model` reads (the keys `train predict` needs)."""
+    """A checkpoint `train.apply.inference.load_model` reads (the keys `train predict` needs)."""
     import torch
 
-    from train import checkpoint as ckpt
+    from train.runfiles import checkpoint as ckpt
 
     return {
         "format": ckpt.FORMAT, "epoch": epoch, "state": ckpt.RunState.FINISHED.value, "variant": "monai-peer",
@@ -78,10 +79,10 @@ def train(shards: str, out: Path, budget: float, patience: int | None, cap_epoch
     from monai.losses import DiceLoss
 
     from shards_spec.read import ShardStore
-    from train import checkpoint as ckpt
-    from train import engine
     from train.data import ShardDataset
-    from train.distributed import Dist
+    from train.runfiles import checkpoint as ckpt
+    from train.runtime.distributed import Dist
+    from train.training import engine
 
     out.mkdir(parents=True, exist_ok=True)
     store = ShardStore(shards)

@@ -240,7 +240,7 @@ def read_curve(c: Contender) -> None:
         c.curve.append((elapsed, float(r["mean_dice"])))
     last = c.run_dir / "checkpoints" / "last.pt"
     if last.exists():
-        from train import checkpoint as ckpt
+        from train.runfiles import checkpoint as ckpt
 
         c.steps = ckpt.load(last).get("steps")
 
@@ -250,8 +250,8 @@ def read_curve(c: Contender) -> None:
 
 def model_cost(c: Contender, size: int) -> None:
     """Parameters and forward + backward GFLOP of one slice (`common.gflop_per_slice`)."""
-    from train import checkpoint as ckpt
     from train.models import build_model, count_parameters
+    from train.runfiles import checkpoint as ckpt
 
     payload = ckpt.load(c.run_dir / "checkpoints" / "best.pt")
     spec = payload["model"]
@@ -267,7 +267,7 @@ def score(c: Contender, shards: Path, source: Path | None, work: Path, extra: li
     `extra` checkpoints make an ensemble; `tta` and `min_et_voxels` are evaluate's options."""
     from rich.console import Console
 
-    from train import evaluate
+    from train.apply import evaluate
 
     results = evaluate.main(checkpoint=[c.run_dir / "checkpoints" / "best.pt", *extra], shards=str(shards), split="val",
                             src=source, json_path=work / "eval" / f"{c.name}.json", device="cpu",
@@ -333,7 +333,7 @@ def starvation_child(shards: str, options: list[str], steps: int) -> dict:
 
     from train import fit
     from train.cli import overrides_from_argv
-    from train.trainer import Hooks, Setup, Trainer
+    from train.training.trainer import Hooks, Setup, Trainer
 
     overrides = overrides_from_argv(["--shards", shards, "--out", "/tmp/unused-starvation-run", *options,
                                      "--device", "cpu"])

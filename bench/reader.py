@@ -121,7 +121,6 @@ def child(kind: str, config_path: str) -> None:
     torch.set_num_threads(config["threads"])
     import h5py  # noqa: F401  (imported up front in every child, so import cost is never timed)
     import zarr  # noqa: F401
-
     from torch.utils.data import default_collate
 
     from train.data import ShardDataset

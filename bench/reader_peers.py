@@ -209,8 +209,8 @@ def make_reader(name: str, folder: Path, workers: int):
     loader_args = {"batch_size": BATCH, "num_workers": workers, "persistent_workers": workers > 0,
                    "prefetch_factor": 2 if workers else None, "worker_init_fn": _worker_init}
     if name in OURS:
-        from train import engine
         from train.data import ShardDataset
+        from train.training import engine
 
         dataset = ShardDataset(folder, "train", shuffle=True, seed=0, batch_size=BATCH)
         if name == "ours-wds-dl":
@@ -257,7 +257,7 @@ def child(name: str, workers: int, config_path: str) -> None:
 
     import torch
 
-    from train import engine
+    from train.training import engine
 
     config = json.loads(Path(config_path).read_text())
     torch.set_num_threads(1)

@@ -47,15 +47,15 @@ def child(model_name: str, seconds: float, threads: int | None) -> dict:
     device = torch.device("cpu")
     if model_name == "peer":
         from bench.monai_peer import build_monai_unet
-        from train.losses import build_loss
+        from train.recipe.losses import build_loss
 
         model, loss_fn, channels, batch, amp, augmenter = build_monai_unet(4), build_loss("dice"), 4, 16, None, None
     else:
-        from train import engine
-        from train.augment import AUGMENTATIONS, Augmenter
-        from train.config import resolve
-        from train.losses import build_loss
+        from train.config.options import resolve
         from train.models import build_model
+        from train.recipe.augment import AUGMENTATIONS, Augmenter
+        from train.recipe.losses import build_loss
+        from train.training import engine
 
         variant, _, fp32 = model_name.partition("-")  # v2-fp32: the recipe with --no-amp
         config = resolve({"shards": "-", "out": "-", "variant": variant, **({"amp": False} if fp32 else {})},

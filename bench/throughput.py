@@ -3,7 +3,7 @@
     python bench/throughput.py                      # this machine's device (CUDA if torch sees one, else CPU)
     python bench/throughput.py --device cpu --threads 2 --write
 
-For each variant (v1, v2) with the sizes `train run` picks on this device (`train.config.DEVICE_DEFAULTS`),
+For each variant (v1, v2) with the sizes `train run` picks on this device (`train.config.options.DEVICE_DEFAULTS`),
 and for the MONAI peer of bench/quality.py: forward + backward GFLOP of one 128² slice (torch's FLOP
 counter), then training steps per second (Adam, the variant's loss, autocast as `train run` uses it:
 fp16 on CUDA) on random batches held on the device, after warm-up steps; slices/s and the achieved
@@ -63,11 +63,11 @@ def main() -> None:
     import torch
 
     from bench.monai_peer import build_monai_unet
-    from train.config import DEVICE_DEFAULTS, resolve
-    from train.engine import autocast_dtype, prepare_model
-    from train.messages import autocast_name
-    from train.losses import build_loss
+    from train.config.options import resolve
     from train.models import build_model, count_parameters
+    from train.recipe.losses import build_loss
+    from train.training.engine import autocast_dtype, prepare_model
+    from train.training.messages import autocast_name
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
@@ -91,7 +91,7 @@ def main() -> None:
                 amp = torch.float16
         else:
             config = resolve({"shards": "-", "out": "-", "variant": variant}, device_kind=kind)
-            channels = len(config.channels) * (2 * getattr(config, "context", 0) + 1)
+            channels = config.in_channels
             model = prepare_model(build_model(config.model, channels, 3, **config.model_kwargs), device)  # as `train run`
             loss, batch = build_loss(config.loss), config.batch_size
             amp = autocast_dtype(config.amp, config.amp_dtype, device)

@@ -19,8 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from etl.writers import webdataset as wds_writer
-from etl.writers import zarr as zarr_writer
+from etl.writers import webdataset as wds_writer, zarr as zarr_writer
 from shards_spec.labels import CHANNELS, LABEL_NAMES, class_voxels
 from shards_spec.manifest import MANIFEST_NAME, SPEC_VERSION, to_bytes, validate_content
 from shards_spec.preprocess import Slices

@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import fit, rundir
-from .predict import Predictor, resolve_checkpoint
+from . import fit
+from .apply import evaluate as evaluation
+from .apply.inference import load_model as load
+from .apply.predict import Predictor, resolve_checkpoint
+from .runfiles import rundir
 
 __all__ = ["Predictor", "TrainResult", "evaluate", "load_model", "resume", "train"]
 
@@ -61,7 +64,7 @@ def train(shards: str | Path | None, out: str | Path | None = None, variant: str
     runs/<variant>-<timestamp>; `force` replaces a run already there.
 
     `storage_options` go to fsspec for a shard URL (not saved with the run); `callbacks` are
-    trainer callbacks (`train.tracking`); `console=True` prints the command's progress and
+    trainer callbacks (`train.reporting.tracking`); `console=True` prints the command's progress and
     summaries on stderr."""
     given = {"shards": None if shards is None else str(shards), "out": None if out is None else str(out),
              "variant": variant, **options}
@@ -107,7 +110,6 @@ def evaluate(checkpoint: str | Path | Sequence[str | Path], shards: str | Path, 
     `overwrite`, `device`, `batch_size`, `workers`, `cache_dir`, `storage_options`, `lesion_wise`,
     `tta`, `min_et_voxels`. Warnings are in the result's "warnings" (and its grids'); `console=True`
     prints the command's tables (stdout) and warnings (stderr)."""
-    from . import evaluate as evaluation
 
     given = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     return evaluation.main(checkpoint=[resolve_checkpoint(p) for p in given], shards=str(shards), split=split,
@@ -118,7 +120,6 @@ def load_model(run_or_checkpoint: str | Path, device: str = "cpu") -> Any:
     """The model of a checkpoint (a run folder means its best.pt) with its weights, a
     `torch.nn.Module` in eval mode on `device`; channels, target and preprocessing are in the
     checkpoint (`Predictor` applies them to whole volumes)."""
-    from .inference import load_model as load
 
     return load(resolve_checkpoint(run_or_checkpoint), device).model
 

@@ -1,8 +1,8 @@
 """`train`: run, evaluate, predict, report (typer; heavy imports happen inside the commands).
 
 The commands are thin: they parse the options and call the Python API (`train.api.train` or
-`resume`, `train.api.evaluate`) or `train.predict.main(...)` (which predicts through
-`train.api.Predictor`) and `train.report.main(run_dir)` with keyword arguments, so each
+`resume`, `train.api.evaluate`) or `train.apply.predict.main(...)` (which predicts through
+`train.api.Predictor`) and `train.reporting.report.main(run_dir)` with keyword arguments, so each
 command's module holds all of its logic.
 """
 
@@ -18,7 +18,7 @@ import typer
 from shards_spec.cli import make_app
 from shards_spec.errors import ToolError, run_cli
 
-from .tracking import TIMEOUT_ENV, TIMEOUT_LIMITS
+from .runtime.bounded import TIMEOUT_ENV, TIMEOUT_LIMITS
 
 app = make_app(
     "train",
@@ -143,8 +143,8 @@ def run_command(
 def _run_options(params: dict) -> dict:
     """The `Config` options of a `train run`: those of `--config FILE` (if given), overridden by
     those given on the command line (the others are None)."""
-    from .config import FIELDS
-    from .config_file import read_options
+    from .config.file import read_options
+    from .config.options import FIELDS
 
     given = {name: value for name, value in params.items() if name in FIELDS and value is not None}
     from_file = read_options(params["config"]) if params.get("config") is not None else {}
@@ -153,7 +153,7 @@ def _run_options(params: dict) -> dict:
 
 def _tracking_callbacks(logger: str, tracking_uri: str | None, images_every: int) -> list:
     """The trainer callbacks of `--logger`: its tracker (none for plain metrics.csv)."""
-    from .tracking import make_tracker
+    from .reporting.tracking import make_tracker
 
     tracker = make_tracker(logger, tracking_uri, images_every)
     return [] if tracker is None else [tracker]
@@ -228,7 +228,7 @@ def predict_command(
       train predict --checkpoint fold0.pt --checkpoint fold1.pt --tta \\
           --input patients/ --out segs/ --device cuda:1
     """
-    from . import predict
+    from .apply import predict
 
     predict.main(checkpoint=list(checkpoint), inputs=list(input), out=out, device=device, batch_size=batch_size,
                  probabilities=probabilities, tta=tta, min_et_voxels=min_et_voxels, overwrite=overwrite)
@@ -245,7 +245,7 @@ def report_command(
     Example:
       train report runs/v1
     """
-    from . import report
+    from .reporting import report
 
     report.main(run_dir, storage_options=_storage_options(storage_option))
 
@@ -273,7 +273,7 @@ def export_command(
       train export --checkpoint runs/v1/checkpoints/best.pt --out exp/
       train predict --checkpoint exp/model.onnx --input P001/ --out seg.nii.gz
     """
-    from . import export
+    from .runfiles import export
 
     export.main(checkpoint=checkpoint, out=out, formats=list(format or export.FORMATS), name=name, opset=opset,
                 overwrite=overwrite)

@@ -1,4 +1,4 @@
-"""`train run`: set up a run, then hand it to the `Trainer` (train/trainer.py holds the loop).
+"""`train run`: set up a run, then hand it to the `Trainer` (train/training/trainer.py holds the loop).
 
     train run --shards shards/ --variant v1 --out runs/v1 --epochs 50 --time-budget 11h30m
     train run --out runs/v1 --resume --epochs 80          # continue, also past the first --epochs
@@ -28,11 +28,22 @@ from typing import Any
 
 from shards_spec.errors import ToolError
 
-from . import checkpoint as ckpt
-from . import devices, distributed, rundir
-from .config import PRESETS, ConfigError, Config, check_against_manifest, differences, option_name, resolve, train_splits_of
-from .rundir import default_out, metric_columns
-from .trainer import Hooks, Result, Setup, Trainer
+from .config.options import (
+    PRESETS,
+    Config,
+    ConfigError,
+    check_against_manifest,
+    differences,
+    option_name,
+    resolve,
+    train_splits_of,
+)
+from .data import ShardDataset
+from .reporting.report import ReportCallback
+from .runfiles import checkpoint as ckpt, rundir
+from .runfiles.rundir import default_out, metric_columns
+from .runtime import devices, distributed
+from .training.trainer import Hooks, Result, Setup, Trainer
 
 ARCHITECTURE = ("variant", "model", "channels", "base", "depth", "batch_norm", "stem", "deep_supervision", "context")
 """Options a resumed run cannot change even with --force: the weights would not fit (or, for
@@ -50,6 +61,8 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
     hooks = hooks or Hooks()
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config, preset, restored = resolve_run(overrides, resume, force)
+    if config.report:
+        hooks = dataclasses.replace(hooks, callbacks=[*hooks.callbacks, ReportCallback(storage_options)])
     dist, device = start_processes(config)
     config = dataclasses.replace(config, out=distributed.broadcast_object(dist, config.out))
     lock = claim_out(config, resume, force, dist)
@@ -119,7 +132,7 @@ def resumable_checkpoint(run_dir: Path) -> Path:
 
 
 def check_sizes(config: Config) -> None:
-    """The options that size memory and processes within `train.checkpoint.LIMITS`, the same
+    """The options that size memory and processes within `train.runfiles.checkpoint.LIMITS`, the same
     bounds a resumed checkpoint is held to."""
     problem = ckpt.size_problem(config.to_dict())
     if problem is not None:
@@ -187,7 +200,7 @@ def check_out(run_dir: Path, resume: bool, force: bool) -> None:
 
 
 def start_processes(config: Config) -> tuple[distributed.Dist, Any]:
-    """Join torchrun's process group if any; the device this rank trains on (`train.devices`:
+    """Join torchrun's process group if any; the device this rank trains on (`train.runtime.devices`:
     under torchrun, cuda and auto mean GPU LOCAL_RANK)."""
     launched = distributed.from_env()
     device = devices.resolve(config.device, launched.local_rank if launched.enabled else None)
@@ -220,7 +233,6 @@ def open_data(config: Config, restored: dict | None, resume: bool, force: bool, 
 def open_dataset(config: Config, store: Any, splits: list[str], *, training: bool, dist: distributed.Dist) -> Any:
     """A `ShardDataset` over `splits`: shuffled and cut to equal batch counts per rank for
     training; in order, whole, split by rank for validation (counts are all-reduced after)."""
-    from .data import ShardDataset
 
     try:
         return ShardDataset(

@@ -18,7 +18,6 @@ import pytest
 from tests.helpers.etl_recipe import expected_slice, read_source
 from tests.helpers.etl_runs import SHAPE, SIZE, build, error_line, find_one, run_etl, shard_bytes, snapshot, synth
 
-
 # ---------------------------------------------------------------------------------------------
 # reading shards back with the plain libraries
 

@@ -15,7 +15,6 @@ import zarr
 
 from etl.cli import app
 from tests.cli_help import check_help_page, check_toggles, complete, examples, parse_example, render_help, toggles
-
 from tests.helpers.etl_runs import build, run_etl
 
 GROUP = typer.main.get_command(app)

@@ -267,7 +267,7 @@ def test_predict_writes_labels_back_in_the_dataset_json_values(msd_src, tmp_path
     """The oracle of tests/helpers/predict.py on MSD input: predictions in the source's own
     values (the release's, and a permuted dataset.json's), 3D in the 4D image's geometry."""
     from tests.helpers.predict import make_shards, manifest_of, oracle_checkpoint
-    from train import predict
+    from train.apply import predict
     from train.metrics import patient_scores
 
     for name, src, ours_to_source in (("release", msd_src, {0: 0, 1: 2, 2: 1, 3: 3}),

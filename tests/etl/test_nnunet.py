@@ -23,7 +23,6 @@ import pytest
 
 from etl.synth import synthesize
 from etl.synth.anatomy import draw_patient, render
-
 from tests.helpers.etl_runs import NullCapsys, run_etl
 
 SHAPE = (48, 48, 24)

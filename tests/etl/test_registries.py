@@ -27,7 +27,6 @@ from etl.writers.files import file_entry, write_atomic
 from shards_spec import formats
 from shards_spec.codec import build_record
 from shards_spec.read import ShardStore
-
 from tests.helpers.etl_recipe import expected_slice
 from tests.helpers.etl_runs import SIZE, run_etl
 

@@ -11,8 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from etl.synth import LAYOUTS, synthesize
-from etl.synth import anatomy, layouts
+from etl.synth import LAYOUTS, anatomy, layouts, synthesize
 from etl.synth.anatomy import MODALITIES, draw_patient, render
 from etl.synth.tissue import CSF, WM
 

@@ -7,11 +7,12 @@ import json
 
 import numpy as np
 import pytest
+
 from etl.cli import app
-from shards_spec.errors import run_cli
 from etl.synth import synthesize
 from etl.synth.anatomy import draw_patient, render
 from etl.synth.profiles import PROFILES
+from shards_spec.errors import run_cli
 
 PATIENTS = 200
 

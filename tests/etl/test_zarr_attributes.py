@@ -21,7 +21,6 @@ import pytest
 
 from etl.synth import synthesize
 from shards_spec.read import ShardStore
-
 from tests.helpers.etl_runs import NullCapsys, run_etl
 
 SHAPE = (48, 48, 24)

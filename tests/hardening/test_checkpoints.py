@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import TRAIN_ARGS
 from .helpers import MARKER_ENV, Payload, assert_one_line, pickle_payload, run_cli_inprocess, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +60,7 @@ def test_no_unsafe_deserialisation_in_the_code():
                     flag = keywords["allow_pickle"]
                     if not (isinstance(flag, ast.Constant) and flag.value is False):
                         unsafe.append((where, node.lineno, name))
-    assert torch_loads == [("train/checkpoint.py", True)], torch_loads
+    assert torch_loads == [("train/runfiles/checkpoint.py", True)], torch_loads
     assert unsafe == [], unsafe
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import re
-import shutil
 from pathlib import Path
 
 import h5py
@@ -27,7 +25,14 @@ import numpy as np
 import pytest
 
 from .conftest import BUILD_ARGS
-from .helpers import RSS_MARGIN_MB, assert_one_line, error_lines, run_cli_inprocess, run_measured, run_subprocess, snapshot
+from .helpers import (
+    RSS_MARGIN_MB,
+    assert_one_line,
+    error_lines,
+    run_cli_inprocess,
+    run_measured,
+    run_subprocess,
+)
 
 MICCAI = "MICCAI_BraTS2020_TrainingData"
 PATIENTS = ["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003"]

@@ -47,7 +47,7 @@ def state(*roots: Path) -> list:
 @pytest.fixture
 def nothing_loaded(monkeypatch):
     """Any model load fails the test: the refusals below come before any work."""
-    from train import inference
+    from train.apply import inference
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the outputs were checked")

@@ -52,7 +52,7 @@ def _quiet():
 @pytest.fixture
 def run(trained, tmp_path) -> Path:
     """A private copy of the trained run with a report already written (the control)."""
-    from train import report
+    from train.reporting import report
 
     target = tmp_path / "run"
     shutil.copytree(trained, target)
@@ -73,7 +73,7 @@ def test_train_report_on_a_full_disk_is_one_line_and_keeps_the_previous_report(r
 
 TRY_WRITE = """
 import sys
-from train import report
+from train.reporting import report
 line = report.try_write(sys.argv[1], device="cpu")
 print("returned:", line)
 """
@@ -94,7 +94,7 @@ def test_end_of_training_report_on_a_full_disk_is_a_warning_not_a_failure(run):
 
 @pytest.mark.slow
 def test_end_of_training_report_survives_a_plotting_failure(run, monkeypatch):
-    from train import report
+    from train.reporting import report
 
     assert report.try_write(run, device="cpu", console=_quiet()) is None  # control: written
     before = snapshot(run / "report")

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from .conftest import BUILD_ARGS
-from .helpers import BIN, assert_one_line, run_cli_inprocess, run_subprocess
+from .helpers import assert_one_line, run_cli_inprocess, run_subprocess
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:

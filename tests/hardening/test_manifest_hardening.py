@@ -14,7 +14,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st

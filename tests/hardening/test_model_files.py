@@ -48,7 +48,7 @@ def _quiet():
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory) -> Path:
     """The trained run's best.pt exported as ONNX (with model.json beside it)."""
-    from train import export
+    from train.runfiles import export
 
     out = tmp_path_factory.mktemp("exported")
     export.main(checkpoint=trained / "checkpoints" / "best.pt", out=out, formats=["onnx"], console=_quiet())
@@ -205,7 +205,7 @@ CRAFTED = {
 @pytest.mark.parametrize("craft", sorted(CRAFTED))
 def test_crafted_onnx_is_refused_in_one_line_before_onnxruntime(exported, patient, tmp_path, capsys,
                                                                 no_onnxruntime_session, craft):
-    from train import onnx_check
+    from train.runfiles import onnx_check
 
     good = tmp_path / "good.onnx"
     onnx.save(onnx.load(str(exported)), str(good))

@@ -12,7 +12,6 @@ process against that of a good run.
 from __future__ import annotations
 
 import copy
-
 import os
 import shutil
 from pathlib import Path
@@ -173,7 +172,7 @@ def test_a_second_train_run_into_the_same_folder_is_refused_while_the_first_runs
     on its own file descriptor, as another process has): refused in one line, and the first run
     ends with its own files only."""
     from train import fit
-    from train.trainer import Hooks
+    from train.training.trainer import Hooks
 
     shards, out, seen = built_shards["webdataset"], tmp_path / "run", []
 
@@ -188,7 +187,7 @@ def test_a_second_train_run_into_the_same_folder_is_refused_while_the_first_runs
     line = assert_one_line(code, err, str(out), "being written by another train run", f"pid {os.getpid()}")
     assert code == 2 and "--force" not in line
     assert first.exit_code == 0 and first.epochs_done == 1
-    from train.rundir import read_metrics
+    from train.runfiles.rundir import read_metrics
 
     assert [row["epoch"] for row in read_metrics(out / "metrics.csv")[1]] == [1.0]  # one writer's rows
     assert not (out / ".brats-shards.lock").exists()  # released on exit
@@ -253,7 +252,7 @@ def test_a_folder_holding_only_a_dead_runs_lock_file_is_empty(built_shards, tmp_
 
 @pytest.mark.slow
 def test_force_over_a_run_replaces_only_the_runs_own_files(trained, built_shards, tmp_path, capsys):
-    from train import rundir
+    from train.runfiles import rundir
 
     out = tmp_path / "run"
     shutil.copytree(trained, out)
@@ -630,7 +629,7 @@ def test_an_exported_onnx_model_is_held_to_the_same_limits(trained, pristine_src
 
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from train.export import METADATA_KEY
+    from train.runfiles.export import METADATA_KEY
 
     code, _, err = run_cli_inprocess("train", ["export", "--checkpoint", trained / "checkpoints" / "best.pt",
                                                "--out", tmp_path / "exp", "--format", "onnx"], capsys)

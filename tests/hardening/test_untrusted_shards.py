@@ -21,10 +21,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .helpers import (
-    MARKER_ENV, assert_one_line, error_lines, load_manifest, pickle_payload, reseal, run_cli_inprocess, save_manifest,
-)
 from tests.shard_fixtures import serve_range_http
+
+from .helpers import (
+    MARKER_ENV,
+    assert_one_line,
+    error_lines,
+    load_manifest,
+    pickle_payload,
+    reseal,
+    run_cli_inprocess,
+    save_manifest,
+)
 
 P1_TAR = "train/train-000000.tar"
 

@@ -1,7 +1,7 @@
 """Options and files a user hands over (issue 20, items 1 and 5), tried as an attacker would.
 
 - class 1: every numeric `train run` option, from the command line or a `--config` file, is an
-  integer or a finite number within its range (`train.config.NUMBERS`), refused in one line
+  integer or a finite number within its range (`train.config.options.NUMBERS`), refused in one line
   otherwise: a seed of 2**64 was a torch traceback, `weight-decay = nan` an Adam traceback and
   `lr = inf` a run that trained to NaN and exited 0;
 - class 5: every JSON or TOML file a user hands over (a `--config`, nnU-Net's `splits_final.json`,
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from shards_spec.checked_io import MAX_DEPTH
-from train.config import FIELDS, NUMBERS, ConfigError, resolve
+from train.config.options import FIELDS, NUMBERS, ConfigError, resolve
 
 from .conftest import BUILD_ARGS, SHAPE, TRAIN_ARGS
 from .helpers import assert_one_line, run_cli_inprocess
@@ -64,7 +64,7 @@ def test_every_numeric_option_has_a_range_that_refuses_what_torch_cannot_take():
             assert str(info.value).startswith(f"--{name.replace('_', '-')}: must be"), (name, value, info.value)
         for value in (bounds.low, bounds.high):
             closed = not (bounds.open_low if value == bounds.low else bounds.open_high)
-            if closed and value < 2**40:  # the sized options' int64 end is left to train.checkpoint.LIMITS
+            if closed and value < 2**40:  # the sized options' int64 end is left to train.runfiles.checkpoint.LIMITS
                 assert getattr(resolve({**REQUIRED, name: value}), name) == value, name
 
 

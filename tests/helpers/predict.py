@@ -26,9 +26,9 @@ from etl.synth import synthesize
 from shards_spec.labels import encode_labels, expand
 from shards_spec.manifest import parse
 from shards_spec.preprocess import preprocess_volume
-from train import checkpoint as ckpt
 from train import models
 from train.cli import main as cli_main
+from train.runfiles import checkpoint as ckpt
 
 SHAPE = (48, 48, 24)
 
@@ -52,7 +52,7 @@ def manifest_of(shards: Path):
 
 def save_checkpoint(path: Path, model: nn.Module, name: str, kwargs: dict, channels, target: str, manifest,
                     **config) -> Path:
-    """A checkpoint as `train run` writes one (train.trainer.Trainer.payload's keys), for a given model."""
+    """A checkpoint as `train run` writes one (train.training.trainer.Trainer.payload's keys), for a given model."""
     payload = {
         "format": ckpt.FORMAT, "epoch": 1, "state": "finished", "variant": "v1",
         "model": {"name": name, "kwargs": kwargs, "in_channels": len(channels), "out_channels": 3},

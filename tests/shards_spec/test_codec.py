@@ -7,8 +7,17 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from shards_spec.codec import (
-    IMAGE_DTYPE, MASK_DTYPE, decode_json, decode_npy, decode_record, encode_json, encode_npy,
-    encode_record, iter_tar_records, member_limits, write_tar,
+    IMAGE_DTYPE,
+    MASK_DTYPE,
+    decode_json,
+    decode_npy,
+    decode_record,
+    encode_json,
+    encode_npy,
+    encode_record,
+    iter_tar_records,
+    member_limits,
+    write_tar,
 )
 from shards_spec.errors import SpecError
 from shards_spec.preprocess import Slices

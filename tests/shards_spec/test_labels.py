@@ -3,7 +3,13 @@ import pytest
 
 from shards_spec.errors import SourceError
 from shards_spec.labels import (
-    class_voxels, decode_labels, encode_labels, encode_onehot, expand, to_classes, to_regions,
+    class_voxels,
+    decode_labels,
+    encode_labels,
+    encode_onehot,
+    expand,
+    to_classes,
+    to_regions,
 )
 
 

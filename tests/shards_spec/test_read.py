@@ -247,6 +247,7 @@ class _CountingSha256:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_an_unchanged_local_file_is_hashed_once_per_store_and_a_changed_one_again(tmp_path, monkeypatch, fmt):
     import os
+
     import shards_spec.read as read_module
 
     root = make_shards(tmp_path, fmt, patients={"p1": 3, "p2": 2})
@@ -314,8 +315,9 @@ def test_values_are_scanned_until_a_shard_passed_once_and_bad_values_fail_every_
     image = record.image.copy()
     image[1, 0, 2, 2] = np.nan
     if fmt == "webdataset":
-        from shards_spec.codec import encode_npy, iter_tar_records, member_limits, write_tar
         import io
+
+        from shards_spec.codec import encode_npy, iter_tar_records, member_limits, write_tar
 
         with open(bad / shard["path"], "rb") as handle:
             members = dict(iter_tar_records(handle, max_bytes=member_limits(3, 4, 16)))["p1"]

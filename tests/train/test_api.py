@@ -17,7 +17,8 @@ import torch
 
 from etl import api as etl_api
 from shards_spec.errors import ToolError
-from train import api, checkpoint as ckpt, cli
+from train import api, cli
+from train.runfiles import checkpoint as ckpt
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from train.augment import AugConfig, Augmenter, AugParams, Intensity, apply, sample_params
+from train.recipe.augment import AugConfig, Augmenter, AugParams, Intensity, apply, sample_params
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,8 @@ import signal
 
 import pytest
 
-from train.budget import Budget, StopRequested, StopSignal, format_duration, parse_duration, projection_line
+from train.config.durations import format_duration, parse_duration
+from train.training.budget import Budget, StopRequested, StopSignal, projection_line
 
 
 @pytest.mark.parametrize("text,seconds", [
@@ -45,7 +46,7 @@ def test_pace_stops_while_the_final_validation_still_fits():
     """Simulated on a fake clock: steps of 2 s, a 30 s validation after every 50 steps; where the
     pace refuses the next step, the budget stop's validation and checkpoint still fit, and it did
     not give up more than a step and a validation early."""
-    from train.budget import SAFETY_SECONDS, Pace
+    from train.training.budget import SAFETY_SECONDS, Pace
 
     clock = FakeClock()
     budget = Budget(1000.0, clock=clock)
@@ -66,7 +67,7 @@ def test_pace_stops_while_the_final_validation_still_fits():
 def test_pace_estimates_a_validation_before_measuring_one():
     """A forward pass is about a third of a training step, so 40 validation slices at 2 s per step
     of 4 take ~40 / 4 x 2 / 3 s; the estimate must not be below that, and a measured one counts."""
-    from train.budget import SAFETY_SECONDS, Pace
+    from train.training.budget import SAFETY_SECONDS, Pace
 
     pace = Pace(batch_size=4, val_slices=40)
     pace.steps, pace.train_seconds = 10, 20.0
@@ -77,7 +78,7 @@ def test_pace_estimates_a_validation_before_measuring_one():
 def test_the_recent_pace_forgets_slow_first_steps_and_a_pause():
     """Decisions read the recent pace: the first step (cold caches) is never in it, and slow
     steps drop out once newer steps fill its window."""
-    from train.budget import Pace
+    from train.training.budget import Pace
 
     pace = Pace(batch_size=4, val_slices=40)
     pace.record(60.0)  # the first step of the process

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from shards_spec.errors import ToolError
-from train import checkpoint as ckpt
-from train.augment import Augmenter
 from train.models import build_model
+from train.recipe.augment import Augmenter
+from train.runfiles import checkpoint as ckpt
 
 torch.set_num_threads(1)
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
-import train
 from train import cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,11 +94,10 @@ def test_run_passes_options_and_exit_code(monkeypatch, capsys):
                  "device": "auto", "probabilities": False}),
 ])
 def test_commands_call_their_modules(monkeypatch, capsys, argv, name, expected):
+    from train.apply import evaluate, predict
+
     seen = {}
-    fake = types.ModuleType(f"train.{name}")
-    fake.main = lambda **kw: seen.update(kw)
-    monkeypatch.setitem(sys.modules, f"train.{name}", fake)
-    monkeypatch.setattr(train, name, fake, raising=False)
+    monkeypatch.setattr({"evaluate": evaluate, "predict": predict}[name], "main", lambda **kw: seen.update(kw))
     code, _, _ = invoke(argv, capsys)
     assert code == 0
     for key, value in expected.items():
@@ -108,10 +105,9 @@ def test_commands_call_their_modules(monkeypatch, capsys, argv, name, expected):
 
 
 def test_report_command_calls_report_main(monkeypatch, capsys, tmp_path):
+    from train.reporting import report
+
     seen = []
-    fake = types.ModuleType("train.report")
-    fake.main = lambda run_dir, storage_options=None: seen.append(run_dir)
-    monkeypatch.setitem(sys.modules, "train.report", fake)
-    monkeypatch.setattr(train, "report", fake, raising=False)
+    monkeypatch.setattr(report, "main", lambda run_dir, storage_options=None: seen.append(run_dir))
     code, _, _ = invoke(["report", str(tmp_path)], capsys)
     assert code == 0 and seen == [tmp_path]

@@ -18,9 +18,11 @@ import torch
 import typer.main
 
 from tests.cli_help import check_help_page, check_toggles, complete, examples, parse_example, render_help, squeezed
-from train import cli, devices, fit, inference
-from train.config import FIELDS, PRESETS, config_record, resolve
-from train.rundir import write_config
+from train import cli, fit
+from train.apply import inference
+from train.config.options import FIELDS, PRESETS, config_record, resolve
+from train.runfiles.rundir import write_config
+from train.runtime import devices
 
 GROUP = typer.main.get_command(cli.app)
 COMMANDS = list(GROUP.commands)  # type: ignore[attr-defined]

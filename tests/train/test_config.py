@@ -1,4 +1,4 @@
-"""Presets, overrides, resume resolution and option-naming errors of `train.config`."""
+"""Presets, overrides, resume resolution and option-naming errors of `train.config.options`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from train.config import (
-    ConfigError,
+from train.config.options import (
     PRESETS,
+    ConfigError,
     check_against_manifest,
     config_record,
     differences,

@@ -10,8 +10,8 @@ import torch
 from shards_spec.read import ShardStore
 from tests.helpers.train_runs import options, quiet
 from train import fit
+from train.apply.inference import context_window
 from train.data import ShardDataset, stack_context, stack_volume
-from train.inference import context_window
 
 torch.set_num_threads(1)
 
@@ -54,7 +54,7 @@ def test_a_volume_window_stacks_as_the_whole_volume_does():
 
 
 def test_the_dataset_yields_stacked_images_and_a_run_trains_and_evaluates(shards, tmp_path):  # noqa: F811
-    from train import evaluate
+    from train.apply import evaluate
 
     store = ShardStore(shards)
     plain = list(ShardDataset(store, "val", channels=["t1ce", "flair"], shuffle=False))

@@ -167,7 +167,7 @@ def test_policy_fail_names_the_bad_shard_and_skip_counts_it(tmp_path, caplog):
     with pytest.raises(SpecError, match=bad["path"]):
         list(ShardDataset(root, "train", policy="fail"))
     ds = ShardDataset(root, "train", policy="skip", shuffle_buffer=4)
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="train.data.dataset"):
         codes = _codes(ds)
     assert sorted(codes) == sorted(c for c in _all_codes({"a": 3, "b": 5, "c": 4}) if not 64 <= c < 128)
     assert ds.skipped == {"shards": 1, "slices": 5}
@@ -282,9 +282,9 @@ def test_len_is_the_slices_of_this_rank_per_epoch(uneven):
 
 
 def test_a_worker_reuses_a_shared_batch_only_once_the_main_process_released_it(uneven):
-    from train.data import RING
+    from train.data.loader import RING, ShardBatches
 
-    batches = ShardDataset(uneven, "train").batches(4)
+    batches = ShardBatches(ShardDataset(uneven, "train"), 4)
     batches.released = torch.zeros((2, RING), dtype=torch.int64)
     shapes = ((4, 4, 16, 16), (4, 16, 16))
     first = [batches._slot(1, *shapes) for _ in range(RING)]

@@ -1,12 +1,12 @@
-"""The device choices `train.engine` makes for a run: the autocast dtype and the model's memory format."""
+"""The device choices `train.training.engine` makes for a run: the autocast dtype and the model's memory format."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from train import engine
 from train.models import build_model
+from train.training import engine
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

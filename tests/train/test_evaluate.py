@@ -22,10 +22,6 @@ import torch
 
 from etl.sources import scan_source
 from shards_spec.labels import encode_labels
-from train import evaluate, fit, predict
-from train import metrics
-from train.metrics import PATIENT_KEYS
-
 from tests.helpers.predict import (
     make_shards,
     make_source,
@@ -34,6 +30,9 @@ from tests.helpers.predict import (
     run_cli,
     unet_checkpoint,
 )
+from train import fit, metrics
+from train.apply import evaluate, predict
+from train.metrics import PATIENT_KEYS
 
 torch.set_num_threads(1)
 

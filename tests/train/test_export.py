@@ -8,7 +8,7 @@
 - `train predict --checkpoint model.onnx` gives the torch path's segmentation (label flips only
   at voxels whose probability lies within 1e-4 of a decision boundary);
 - every registered model, with the options that change its graph, exports to a graph that
-  `train.onnx_check` passes (only its operators); onnxruntime always gets the checked batch;
+  `train.runfiles.onnx_check` passes (only its operators); onnxruntime always gets the checked batch;
 - a missing extra, a bad opset, a failed format: one line, exit 2, nothing written.
 """
 
@@ -23,8 +23,6 @@ import numpy as np
 import pytest
 import torch
 
-from train import export, inference, models, predict
-
 from tests.helpers.predict import (
     make_shards,
     make_source,
@@ -34,6 +32,9 @@ from tests.helpers.predict import (
     save_checkpoint,
     unet_checkpoint,
 )
+from train import models
+from train.apply import inference, predict
+from train.runfiles import checkpoint as ckpt, export
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -128,10 +129,10 @@ def test_onnx_graph_opset_dynamic_dims_and_metadata(exported):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_every_registered_model_exports_to_a_graph_the_onnx_check_passes(tmp_path, manifest, name):
-    """`train.onnx_check.OPERATORS` and its size bounds hold for what `train export` writes, with
+    """`train.runfiles.onnx_check.OPERATORS` and its size bounds hold for what `train export` writes, with
     the options that change the graph (stem 2, deep supervision, no batch norm); a new model or
     exporter that writes other operators fails here, not in a user's `predict`."""
-    from train import onnx_check
+    from train.runfiles import onnx_check
 
     kwargs = {"base": 4, "depth": 2, "batch_norm": False, "stem": 2, "deep_supervision": True}
     model = models.build_model(name, in_channels=2, **kwargs).eval()
@@ -209,7 +210,7 @@ def test_onnx_predict_needs_no_torch_model(tmp_path, exported, src, monkeypatch)
     def refuse(*args, **kwargs):
         raise AssertionError("the ONNX path built the torch model")
 
-    monkeypatch.setattr(inference, "model_from_payload", refuse)
+    monkeypatch.setattr(ckpt, "build_model_of", refuse)
     monkeypatch.setattr(torch.nn.Module, "load_state_dict", refuse)
     loaded = inference.load_model(paths["onnx"], "cpu", onnx=True)
     assert isinstance(loaded.model, inference.OnnxModel)

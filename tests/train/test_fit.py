@@ -17,9 +17,9 @@ import torch
 from shards_spec.manifest import Manifest
 from shards_spec.read import ShardStore
 from tests.helpers.train_runs import SIZE, build, options, quiet
-from train import checkpoint as ckpt
 from train import fit
-from train.config import ConfigError
+from train.config.options import ConfigError
+from train.runfiles import checkpoint as ckpt
 
 torch.set_num_threads(1)
 
@@ -277,10 +277,11 @@ def test_ddp_two_ranks_on_gloo_match_a_single_process_evaluation(shards, tmp_pat
     import sys
     from pathlib import Path
 
-    from train import distributed, engine
-    from train.config import resolve
-    from train.losses import build_loss
+    from train.config.options import resolve
     from train.models import build_model
+    from train.recipe.losses import build_loss
+    from train.runtime import distributed
+    from train.training import engine
 
     script = Path(sys.executable).parent / "train"
     if not script.exists():
@@ -318,7 +319,7 @@ def test_a_report_that_cannot_be_written_never_fails_a_finished_training(shards,
     """The end-of-run report on a full disk: the training stands (exit 0, checkpoints), one warning."""
     import errno
 
-    from train import report
+    from train.reporting import report
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "report" / "report.html"))

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from train import inference
-from train.inference import InferenceOptions, LoadedModel, predict_slices
-from train.postprocess import relabel_small_et, scaled_threshold
+from train.apply import inference
+from train.apply.inference import InferenceOptions, LoadedModel, predict_slices
+from train.apply.postprocess import relabel_small_et, scaled_threshold
 
 torch.set_num_threads(1)
 

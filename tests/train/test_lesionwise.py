@@ -11,8 +11,8 @@ anisotropic spacing.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -311,9 +311,8 @@ def test_evaluate_lesion_wise_end_to_end(tmp_path, capsys):
     from rich.console import Console
 
     from etl.sources import load_patient, scan_source
-    from train import evaluate, predict
-
     from tests.helpers.predict import make_shards, make_source, manifest_of, read_labels, run_cli, unet_checkpoint
+    from train.apply import evaluate, predict
 
     src = make_source(tmp_path / "src", "brats2020", patients=3)
     shards = make_shards(src, tmp_path / "shards", size=32)

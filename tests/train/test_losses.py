@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.losses import DiceCELoss, DiceLoss
 
-from train.losses import build_loss, dice_bce_loss, dice_loss
+from train.recipe.losses import build_loss, dice_bce_loss, dice_loss
 
 torch.set_num_threads(1)
 

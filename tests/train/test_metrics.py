@@ -8,18 +8,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from monai.metrics import DiceMetric, compute_hausdorff_distance
 from scipy import ndimage
 
 from train import metrics
-from train.metrics import distance
 from train.metrics import (
     BRATS_MAX_HD95,
-    binary_scores,
     PATIENT_KEYS,
+    binary_scores,
     confusion_counts,
+    distance,
     hd95,
     labels_to_classes,
     labels_to_regions,

@@ -136,7 +136,7 @@ def test_stem_halves_every_level_and_adds_exactly_its_two_layers(cls):
 
 
 def test_deep_supervision_adds_outputs_in_training_only_and_weights_their_losses():
-    from train.losses import deep_supervision_loss
+    from train.recipe.losses import deep_supervision_loss
 
     model = AttentionUNet(4, 3, base=4, depth=3, deep_supervision=True)
     x = torch.randn(2, 4, 32, 32)

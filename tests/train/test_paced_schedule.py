@@ -16,8 +16,8 @@ from rich.console import Console
 from tests import shard_fixtures
 from tests.shard_fixtures import learnable_slices
 from train import fit
-from train.recipe import MIN_LR_FRACTION, budget_progress
-from train.trainer import Trainer
+from train.recipe.schedules import MIN_LR_FRACTION, budget_progress
+from train.training.trainer import Trainer
 
 torch.set_num_threads(1)
 

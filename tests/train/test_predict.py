@@ -1,4 +1,4 @@
-"""`train predict` and `train.inference`: geometry, label conventions, the ETL -> predict round trip
+"""`train predict` and `train.apply.inference`: geometry, label conventions, the ETL -> predict round trip
 with an oracle model (tests/helpers/predict.py), input forms, one-line errors.
 
 Fed through a real checkpoint file, the Oracle makes `predict` reproduce the original segmentation
@@ -29,9 +29,9 @@ from tests.helpers.predict import (
     run_cli,
     unet_checkpoint,
 )
-from train import checkpoint as ckpt
-from train import inference, predict
+from train.apply import inference, predict
 from train.metrics import patient_scores
+from train.runfiles import checkpoint as ckpt
 
 torch.set_num_threads(1)
 

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from tests.helpers.train_runs import options, quiet
-from train import fit, losses, models
+from train import fit, models
 from train.metrics import COUNT_METRICS, ratio, register_count_metric
-from train.trainer import Trainer
+from train.recipe import losses
+from train.training.trainer import Trainer
 
 torch.set_num_threads(1)
 
@@ -90,7 +91,7 @@ def test_a_trainer_subclass_overrides_one_step(shards, tmp_path):  # noqa: F811
 
 
 def test_unknown_names_are_refused_naming_the_choices(shards, tmp_path):  # noqa: F811
-    from train.config import ConfigError
+    from train.config.options import ConfigError
 
     with pytest.raises(ConfigError, match=r"--model: must be one of \['attention_unet', 'unet'\]"):
         fit.run(options(shards, tmp_path / "x", model="nope"), hooks=quiet())

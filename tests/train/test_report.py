@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from train import fit, report
-
 from tests.helpers.predict import make_shards, make_source, manifest_of, run_cli
+from train import fit
+from train.reporting import report
 
 torch.set_num_threads(1)
 
@@ -31,7 +31,7 @@ def quiet_console():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """`train run` with its report on (the trainer calls train.report.main at the end): 5 patients,
+    """`train run` with its report on (the trainer calls train.reporting.report.main at the end): 5 patients,
     3 of them in val, so the slice picture has a best, a median and a worst patient."""
     root = tmp_path_factory.mktemp("report")
     src = make_source(root / "src", "brats2020", patients=5)

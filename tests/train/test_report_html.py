@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from train import fit, report
-
 from tests.helpers.predict import make_shards, make_source
+from train import fit
+from train.reporting import report
 
 torch.set_num_threads(1)
 

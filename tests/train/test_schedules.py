@@ -1,7 +1,7 @@
 """Every `--schedule` sets the documented rates in a tiny `train run` (cosine: test_fit.py).
 
 The rate of every optimiser step is read with torch's global optimiser pre-hook, and the expected
-rates are computed here from the documented rules, not with `train.recipe`: `poly` is nnU-Net's
+rates are computed here from the documented rules, not with `train.recipe.schedules`: `poly` is nnU-Net's
 lr x (1 - t)^0.9 after a linear warm-up, `plateau` is ReduceLROnPlateau on the validation mean
 Dice (mode max, relative threshold 1e-4, no cooldown), with no warm-up.
 """

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from train import fit, tracking
-from train.trainer import Hooks
-
 from tests.helpers.predict import make_shards, make_source, run_cli
+from train import fit
+from train.reporting import tracking
+from train.training.trainer import Hooks
 
 torch.set_num_threads(1)
 

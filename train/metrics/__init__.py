@@ -15,8 +15,7 @@ Runtime dependencies: numpy and torch only.
 
 from __future__ import annotations
 
-from shards_spec.labels import to_classes as labels_to_classes
-from shards_spec.labels import to_regions as labels_to_regions
+from shards_spec.labels import to_classes as labels_to_classes, to_regions as labels_to_regions
 
 from .counts import (
     BRATS,
@@ -33,9 +32,9 @@ from .counts import (
     scores_from_counts,
     scores_of,
 )
-from .label_rule import expand_labels, probs_to_labels
-from .patient import binary_scores, patient_scores, summarize, summarize_patients
 from .distance import BRATS_MAX_HD95, hd95, surface
+from .label_rule import THRESHOLD, expand_labels, probs_to_labels
+from .patient import binary_scores, patient_scores, summarize, summarize_patients
 
 __all__ = [
     "BRATS",
@@ -44,6 +43,7 @@ __all__ = [
     "CountMetric",
     "EMPTY_RULES",
     "PATIENT_KEYS",
+    "THRESHOLD",
     "UNDEFINED",
     "binary_scores",
     "confusion_counts",

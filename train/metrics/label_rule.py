@@ -23,8 +23,11 @@ from shards_spec.labels import TARGETS
 
 Array = np.ndarray | torch.Tensor
 
+THRESHOLD = 0.5
+"""A channel is on where its sigmoid probability exceeds this (validation, evaluate, predict, export)."""
 
-def probs_to_labels(probs: Array, target: str, threshold: float = 0.5, channel_axis: int = 0) -> Array:
+
+def probs_to_labels(probs: Array, target: str, threshold: float = THRESHOLD, channel_axis: int = 0) -> Array:
     """Three sigmoid channels -> uint8 label map 0..3 (0 bg, 1 NEC/NET, 2 ED, 3 ET).
 
     Nested regions, innermost first (see the module doc): ET where p(ET) > t, else NEC/NET where
@@ -60,4 +63,4 @@ def expand_labels(labels: torch.Tensor, target: str) -> torch.Tensor:
     return torch.stack(channels, dim=-3)
 
 
-__all__ = ["expand_labels", "probs_to_labels"]
+__all__ = ["THRESHOLD", "expand_labels", "probs_to_labels"]

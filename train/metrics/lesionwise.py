@@ -55,6 +55,7 @@ import numpy as np
 from shards_spec.labels import REGION_NAMES, to_regions
 
 from .distance import _nearest_distances, surface
+from .patient import summarize
 
 LESION_MAX_HD95 = 373.0
 """HD95 (mm) the BraTS evaluation package puts where panoptica gives inf (no lesion matched)."""
@@ -229,7 +230,6 @@ def pair_hd95(truth: np.ndarray, pred: np.ndarray, spacing: Sequence[float]) -> 
 
 def summarize_lesionwise(per_patient: list[dict[str, dict[str, float]]]) -> dict:
     """Patients' `lesionwise_scores` averaged (mean, median, std, ignoring NaN) and lesions summed."""
-    from .patient import summarize
 
     regions = list(per_patient[0]) if per_patient else list(REGION_NAMES)
     return {

@@ -17,7 +17,7 @@ A volume goes through the very recipe the ETL cut the shards with, then back, in
    the nested regions, innermost first: ET, else NEC/NET where TC, else ED where WT; for
    `classes` the regions' probabilities are sums of the classes') and zero everything outside the
    native brain mask;
-6. optionally, the BraTS post-processing (`train.postprocess`): a patient whose predicted ET is
+6. optionally, the BraTS post-processing (`train.apply.postprocess`): a patient whose predicted ET is
    smaller than `min_et_voxels` gets it relabelled NEC/NET.
 
 Two options change step 3 (`InferenceOptions`; both measured in docs/quality.md): `tta`
@@ -27,7 +27,7 @@ preprocessing, such as the folds of `--val-split foldK`) averages its members' p
 
 An ONNX file from `train export` can stand in for the checkpoint in `predict` (`load_model(...,
 onnx=True)`): step 1 then checks the file against the config stored in it and the limits
-(`train.onnx_check`: a file from someone else may ask onnxruntime for any amount of memory),
+(`train.runfiles.onnx_check`: a file from someone else may ask onnxruntime for any amount of memory),
 reads the same settings from that config and runs the network with onnxruntime (`OnnxModel`,
 always `batch_size` images per call, the batch the check was made for); steps 2, 4 and 5 are
 unchanged.
@@ -50,10 +50,16 @@ from shards_spec.errors import ToolError
 from shards_spec.labels import CHANNELS, CLASS_NAMES, REGION_NAMES, TARGETS
 from shards_spec.preprocess import NORMS, preprocess_volume, resize_back
 
-from . import checkpoint as ckpt
-from .config import MAX_CONTEXT
+from ..config.options import MAX_CONTEXT, stacked_channels
+from ..data import stack_volume
+from ..metrics import THRESHOLD, probs_to_labels
+from ..runfiles import checkpoint as ckpt
+from ..runfiles.export import ExportError
+from ..runfiles.onnx_check import load_checked
+from ..runtime.devices import check as check_device, resolve
+from ..runtime.extras import require
+from .postprocess import relabel_small_et
 
-THRESHOLD = 0.5
 """Probability above which a channel (or a region's summed class probabilities) counts as present."""
 
 
@@ -98,7 +104,7 @@ class LoadedModel:
 
     @property
     def in_channels(self) -> int:
-        return len(self.channels) * (2 * self.context + 1)
+        return stacked_channels(len(self.channels), self.context)
 
     @property
     def channel_names(self) -> tuple[str, ...]:
@@ -116,9 +122,8 @@ class VolumePrediction:
 
 
 def resolve_device(device: str) -> Any:
-    """The torch device of `--device` (auto, cpu, cuda, cuda:N, mps: `train.devices.resolve`);
+    """The torch device of `--device` (auto, cpu, cuda, cuda:N, mps: `train.runtime.devices.resolve`);
     one clear line when it is misspelt or not on this machine."""
-    from .devices import resolve
 
     return resolve(device)
 
@@ -135,25 +140,9 @@ def load_model(path: str | Path, device: str = "auto", *, onnx: bool = False, ba
     payload = ckpt.load(path)
     loaded = _describe(payload, path)
     torch_device = resolve_device(device)
-    loaded.model, loaded.device = model_from_payload(payload, path).to(torch_device), torch_device
+    loaded.model, loaded.device = ckpt.build_model_of(payload, path).to(torch_device), torch_device
     loaded.members = [loaded.model]
     return loaded
-
-
-def model_from_payload(payload: dict, where: object) -> Any:
-    """The checkpoint's model with its weights, in eval mode on the CPU (`predict`, `evaluate`, `export`)."""
-    from .models import build_model
-
-    spec = payload["model"]
-    try:
-        model = build_model(str(spec["name"]), in_channels=int(spec.get("in_channels", len(payload["channels"]))),
-                            out_channels=int(spec.get("out_channels", 3)), **dict(spec.get("kwargs") or {}))
-        model.load_state_dict(payload["model_state"])
-    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InferenceError(f"checkpoint weights do not fit its model {spec.get('name')!r} ({reason[:160]})",
-                             where) from None
-    return model.eval()
 
 
 ENSEMBLE_KEYS = ("channels", "target", "size", "norm", "context")
@@ -204,7 +193,7 @@ def _describe(payload: dict, path: Path) -> LoadedModel:
     if not isinstance(context, int) or isinstance(context, bool) or not 0 <= context <= MAX_CONTEXT:
         raise InferenceError(f"checkpoint context {context!r} is not 0..{MAX_CONTEXT} neighbours", path)
     in_channels = int(spec.get("in_channels", len(channels)))
-    if in_channels != len(channels) * (2 * context + 1):
+    if in_channels != stacked_channels(len(channels), context):
         raise InferenceError(f"checkpoint model takes {in_channels} input channels but lists {len(channels)} "
                              f"channel names ({','.join(channels)}) with {context} neighbour(s) each side", path)
     size, norm = preprocessing.get("size"), preprocessing.get("norm")
@@ -229,7 +218,7 @@ class OnnxModel:
     """A checked ONNX model run by onnxruntime: images (B, C, H, W) -> sigmoid probabilities, as
     `apply_model` gives for the torch model; no torch model is built. Every call to onnxruntime
     gets exactly `batch` images (a shorter batch is padded with zeros), the input its sizes were
-    checked for (`train.onnx_check`)."""
+    checked for (`train.runfiles.onnx_check`)."""
 
     def __init__(self, session: Any, batch: int) -> None:
         self.session = session
@@ -253,13 +242,9 @@ class OnnxModel:
 
 def load_onnx(path: Path, device: str = "auto", batch_size: int = 32) -> LoadedModel:
     """An `.onnx` file from `train export`, checked against the config stored in it (or beside it)
-    and the limits before onnxruntime sees it (`train.onnx_check`), run `batch_size` images per call."""
+    and the limits before onnxruntime sees it (`train.runfiles.onnx_check`), run `batch_size` images per call."""
     import torch
 
-    from .devices import check as check_device
-    from .export import ExportError
-    from .extras import require
-    from .onnx_check import load_checked
 
     ort = require("onnxruntime", "export", "an ONNX model")
     if batch_size < 1:
@@ -337,7 +322,6 @@ def context_window(image: np.ndarray, start: int, stop: int, context: int) -> np
     `context` neighbours on each side stacked after it (zeros beyond the volume), as training saw them."""
     if context == 0:
         return image[start:stop]
-    from .data import stack_volume
 
     low, high = max(0, start - context), min(len(image), stop + context)
     stacked = stack_volume(image[low:high], range(low, high), context)
@@ -357,7 +341,6 @@ def predict_volume(loaded: LoadedModel, volume: np.ndarray, brain: np.ndarray, *
                    probabilities: bool = False, threshold: float = THRESHOLD) -> VolumePrediction:
     """Predict one patient: `volume` float32 (C, H, W, D) in `loaded.channels` order, `brain`
     bool (H, W, D), both as the source reader returns them (see the module docstring)."""
-    from .metrics import probs_to_labels
 
     volume = np.asarray(volume)
     brain = np.asarray(brain, dtype=bool)
@@ -381,7 +364,6 @@ def predict_volume(loaded: LoadedModel, volume: np.ndarray, brain: np.ndarray, *
             probs_out[..., start:stop] = np.moveaxis(native, 0, -1)
     labels[~brain] = 0
     if loaded.options.min_et_voxels:
-        from .postprocess import relabel_small_et
 
         labels = relabel_small_et(labels, loaded.options.min_et_voxels)
     if probs_out is not None:
@@ -402,7 +384,6 @@ __all__ = [
     "load_ensemble",
     "load_model",
     "load_onnx",
-    "model_from_payload",
     "predict_slices",
     "predict_volume",
     "resolve_device",

@@ -5,7 +5,7 @@
 
 Three levels, top to bottom, from the fastest to the headline:
 
-1. **slice level, dataset counts** (exactly the trainer's validation: `train.engine.validate`, the
+1. **slice level, dataset counts** (exactly the trainer's validation: `train.training.engine.validate`, the
    same dataset, loss and autocast as the run): TP/FP/FN of each output channel of the label
    map the label rule gives (`train.metrics.probs_to_labels`, as `predict` decides labels) summed
    over every slice of the split on the shard grid, then one Dice,
@@ -20,7 +20,7 @@ Three levels, top to bottom, from the fastest to the headline:
    std); the same counts summed over patients are given too.
 3. **patient level on the native grid** (`--src`, the headline, comparable with published BraTS
    results): each patient of the split predicted from its source volumes exactly as `train
-   predict` does (`train.inference.predict_volume`) and scored against its original
+   predict` does (`train.apply.inference.predict_volume`) and scored against its original
    segmentation with `train.metrics.patient_scores` (Dice, precision, recall, HD95 in mm as
    MONAI computes it; BraTS 2020: both empty -> Dice 1 / HD95 0, exactly one empty -> Dice 0 /
    HD95 373.13); the empty cases are counted per class/region and reported. Averaged over
@@ -63,11 +63,28 @@ from shards_spec.errors import ToolError
 from shards_spec.fileio import write_atomic
 from shards_spec.progress import Progress
 
-from . import checkpoint as ckpt
+from ..data import ShardDataset, iter_patients, stack_volume
+from ..metrics import (
+    BRATS,
+    BRATS_MAX_HD95,
+    COUNT_METRICS,
+    PATIENT_KEYS,
+    THRESHOLD,
+    UNDEFINED,
+    label_masks,
+    patient_counts,
+    patient_scores,
+    probs_to_labels,
+    scores_of,
+    summarize_patients,
+)
+from ..metrics.lesionwise import LESION_MAX_HD95, LESION_METRICS, lesionwise_scores, summarize_lesionwise
+from ..recipe.losses import build_loss
+from ..runfiles import checkpoint as ckpt
+from ..runtime.distributed import Dist
+from ..training import engine
 from . import inference
-from .metrics import (BRATS, BRATS_MAX_HD95, COUNT_METRICS, PATIENT_KEYS, UNDEFINED, label_masks, patient_counts,
-                      scores_of, summarize_patients)
-from .metrics.lesionwise import LESION_MAX_HD95, LESION_METRICS, lesionwise_scores, summarize_lesionwise
+from .postprocess import relabel_small_et, scaled_threshold
 
 
 def count_metric_names() -> tuple[str, ...]:
@@ -141,7 +158,7 @@ def main(checkpoint: Path | Sequence[Path], shards: str, split: str = "val", src
         "split": split,
         "manifest_digest": {"checkpoint": loaded.manifest_digest, "shards": manifest.digest,
                             "match": loaded.manifest_digest == manifest.digest},
-        "threshold": inference.THRESHOLD,
+        "threshold": THRESHOLD,
         "inference": {"tta": tta, "min_et_voxels": min_et_voxels, "models": len(paths),
                       "applies_to": "shard_grid and native_grid (slice_level is the first checkpoint's validation)"},
         "warnings": warnings,
@@ -176,7 +193,7 @@ def _warn(console: Any, line: str) -> None:
 
 def check_options(batch_size: int, workers: int, lesion_wise: bool, src: Path | None, min_et_voxels: int) -> None:
     """The option values, before anything is read: sizes within `train run`'s limits
-    (`train.checkpoint.size_problem`: `--workers` at most `BRATS_SHARDS_MAX_WORKERS` loader
+    (`train.runfiles.checkpoint.size_problem`: `--workers` at most `BRATS_SHARDS_MAX_WORKERS` loader
     processes), the rest in range."""
     problem = ckpt.size_problem({"batch_size": batch_size, "workers": workers})
     if problem is not None:
@@ -297,11 +314,7 @@ def check_shards(loaded: inference.LoadedModel, manifest: Any, shards: str) -> l
 
 
 def slice_level(loaded: inference.LoadedModel, store: Any, split: str, batch_size: int, workers: int) -> dict:
-    """The trainer's validation (`train.engine.validate`) on `split`, as the run logged it."""
-    from . import engine
-    from .data import ShardDataset
-    from .distributed import Dist
-    from .losses import build_loss
+    """The trainer's validation (`train.training.engine.validate`) on `split`, as the run logged it."""
 
     dataset = ShardDataset(store, split=split, channels=loaded.channels, target=loaded.target, shuffle=False,
                            context=loaded.context)
@@ -336,13 +349,12 @@ def slice_level(loaded: inference.LoadedModel, store: Any, split: str, batch_siz
 
 @contextlib.contextmanager
 def started_workers(loader: Any, workers: int) -> Iterator[Any]:
-    """`train.engine.batches(loader)`, with loader workers that cannot all be started (a process
+    """`train.training.engine.batches(loader)`, with loader workers that cannot all be started (a process
     or file limit: `fork` fails with EAGAIN or EMFILE) one line. The workers already started are
     killed: they ignore SIGTERM (`engine.loader_worker_init`), so left alive they would hold the
     process's exit forever."""
     import multiprocessing
 
-    from . import engine
 
     before = set(multiprocessing.active_children())
     with contextlib.ExitStack() as stack:
@@ -393,16 +405,13 @@ def shard_grid_patients(loaded: inference.LoadedModel, store: Any, split: str, b
     """Each patient of `split` predicted on the shard grid and counted against its mask; the
     one loop behind `evaluate`'s shard-grid level and the report's slice pictures. `channels`
     selects what the patient's image holds (default: the model's inputs, in its order)."""
-    from .data import iter_patients, stack_volume
-    from .metrics import probs_to_labels
-    from .postprocess import relabel_small_et, scaled_threshold
 
     wanted = channels or loaded.channels
     index = [wanted.index(c) for c in loaded.channels]
     for patient in iter_patients(store, split, wanted):
         images = stack_volume(patient.image[:, index], patient.slice_index, loaded.context)
         probs = inference.predict_slices(loaded, images, batch_size)
-        pred = probs_to_labels(probs, loaded.target, threshold=inference.THRESHOLD, channel_axis=1)
+        pred = probs_to_labels(probs, loaded.target, threshold=THRESHOLD, channel_axis=1)
         pred[np.all(patient.image == 0, axis=1)] = 0  # background as the shards store it
         if loaded.options.min_et_voxels:
             threshold = scaled_threshold(loaded.options.min_et_voxels, patient.info.get("source_shape"), loaded.size)
@@ -442,7 +451,6 @@ def native_grid(loaded: inference.LoadedModel, manifest: Any, split: str, src: P
     `scan`: `src` already scanned (`scan_src`); warnings go to `warn_console` (default `console`)."""
     from etl.sources import SOURCES, load_patient
 
-    from .metrics import patient_scores
 
     warn_console = warn_console or console
     source = manifest.content.get("source") or {}

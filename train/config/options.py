@@ -38,10 +38,20 @@ from shards_spec.checked_io import cut, shown
 from shards_spec.errors import ToolError
 from shards_spec.labels import CHANNELS, TARGETS
 
-from .budget import parse_duration
+from ..models import MODELS
+from ..recipe.augment import AUGMENTATIONS
+from ..recipe.losses import LOSSES
+from ..runtime.devices import DeviceError, check
+from .durations import parse_duration
 
 MAX_CONTEXT = 3
 """`--context`: at most this many neighbouring slices on each side as 2.5D input."""
+
+
+def stacked_channels(channels: int, context: int) -> int:
+    """The model's input channels with 2.5D input: each channel of the slice and of its `context`
+    neighbours on each side (`train.data.slices.stack_context` stacks them in this number)."""
+    return channels * (2 * context + 1)
 
 INT64_MAX = 2**63 - 1
 """Integers reach torch and numpy as int64 (the seed: `torch.manual_seed`, `torch.Generator`)."""
@@ -77,7 +87,7 @@ class Range:
 
 NUMBERS: dict[str, Range] = {
     "epochs": Range(1, MAX_EPOCHS),
-    "batch_size": Range(1, INT64_MAX),  # the upper bounds of these five: train.checkpoint.LIMITS (fit.check_sizes)
+    "batch_size": Range(1, INT64_MAX),  # the upper bounds of these five: train.runfiles.checkpoint.LIMITS (fit.check_sizes)
     "base": Range(1, INT64_MAX),
     "depth": Range(1, INT64_MAX),
     "shuffle_buffer": Range(1, INT64_MAX),
@@ -97,6 +107,10 @@ NUMBERS: dict[str, Range] = {
 missing): the one place a number from the command line, a --config file or a saved run is checked."""
 
 SCHEDULES = ("cosine", "poly", "plateau")
+POLICIES = ("fail", "skip")
+"""`--on-bad-shard`: stop at the first bad shard, or leave bad shards out and count them."""
+AMP_DTYPES = ("auto", "float16", "bfloat16")
+"""`--amp-dtype`: auto is fp16 on CUDA, bf16 on a CPU that computes it natively (`engine.autocast_dtype`)."""
 HEAD_BIASES = ("prior", "zero")
 
 DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -186,7 +200,7 @@ class Config:
     @property
     def in_channels(self) -> int:
         """The model's input channels: each channel of the slice and of its 2K neighbours (2.5D)."""
-        return len(self.channels) * (2 * self.context + 1)
+        return stacked_channels(len(self.channels), self.context)
 
     @property
     def time_budget_seconds(self) -> float | None:
@@ -280,9 +294,8 @@ def number_problem(name: str, value: Any) -> str | None:
 
 
 def _check_device(device: object) -> None:
-    """`--device` spelling (auto, cpu, cuda, cuda:N, mps; `train.devices`): whether it is there is
+    """`--device` spelling (auto, cpu, cuda, cuda:N, mps; `train.runtime.devices`): whether it is there is
     asked when the run starts."""
-    from .devices import DeviceError, check
 
     try:
         check(device)
@@ -292,11 +305,6 @@ def _check_device(device: object) -> None:
 
 def validate(config: Config) -> None:
     """Check every field; raise `ConfigError` naming the first bad option."""
-    from .augment import AUGMENTATIONS
-    from .data import POLICIES
-    from .engine import AMP_DTYPES
-    from .losses import LOSSES
-    from .models import MODELS
 
     _choice(config, "variant", sorted(PRESETS))
     _choice(config, "model", sorted(MODELS))

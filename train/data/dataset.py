@@ -72,58 +72,27 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from shards_spec.codec import IMAGE_DTYPE, MASK_DTYPE
 from shards_spec.errors import SpecError
-from shards_spec.labels import TARGETS, check_channels, expand
+from shards_spec.labels import TARGETS, expand
 from shards_spec.read import ShardStore
 
-from .config import MAX_CONTEXT
+from ..config.options import MAX_CONTEXT, POLICIES, stacked_channels
+from .selection import channel_index, resolve_dist, split_names
+from .slices import stack_context
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("fail", "skip")
 SKIP_ROWS = 1 + 64
 """Rows of the shared skip counter: this process, then one per loader worker (ids beyond 63 share
 rows, where simultaneous skips could be lost from the count)."""
-
-
-def _resolve_dist(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is None or world_size is None:
-        import torch.distributed as td
-
-        if td.is_available() and td.is_initialized():
-            rank = td.get_rank() if rank is None else rank
-            world_size = td.get_world_size() if world_size is None else world_size
-    rank, world_size = int(rank or 0), int(world_size or 1)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size) and world_size >= 1, got rank={rank}, world_size={world_size}")
-    return rank, world_size
-
-
-def _splits(split: str | list[str]) -> list[str]:
-    splits = [split] if isinstance(split, str) else list(split)
-    if not splits or len(set(splits)) != len(splits):
-        raise ValueError(f"split must be a split name or a list of distinct names, got {split!r}")
-    return splits
-
-
-def _channel_index(store: ShardStore, channels: list[str] | None) -> list[int]:
-    available = store.manifest.channels
-    if channels is None:
-        return list(range(len(available)))
-    names = check_channels(channels)
-    missing = [c for c in names if c not in available]
-    if missing:
-        raise SpecError(f"channel(s) {missing} are not in this dataset; it has {available}", store.location("manifest.json"))
-    return [available.index(c) for c in names]
 
 
 class ShardDataset(IterableDataset):
@@ -186,13 +155,13 @@ class ShardDataset(IterableDataset):
             shards, cache_dir=cache_dir, storage_options=storage_options
         )
         manifest = self.store.manifest
-        self.splits = _splits(split)
+        self.splits = split_names(split)
         self.shards: list[dict] = [s for name in self.splits for s in manifest.shards_of(name)]
-        self.channel_index = _channel_index(self.store, channels)
+        self.channel_index = channel_index(self.store, channels)
         self.channels = [manifest.channels[i] for i in self.channel_index]
         self.target, self.shuffle, self.shuffle_buffer = target, bool(shuffle), int(shuffle_buffer)
         self.seed, self.policy, self.oversample_tumour = int(seed), policy, int(oversample_tumour)
-        self.rank, self.world_size = _resolve_dist(rank, world_size)
+        self.rank, self.world_size = resolve_dist(rank, world_size)
         self.batch_size = batch_size
         self.cut = self.shuffle and self.world_size > 1
         if self.cut and len(self.shards) < self.world_size:
@@ -303,7 +272,7 @@ class ShardDataset(IterableDataset):
         """
         b = batch_size or self.batch_size or 1
         hw = self.store.manifest.size ** 2
-        c, c_all = len(self.channel_index) * (2 * self.context + 1), len(self.store.manifest.channels)
+        c, c_all = stacked_channels(len(self.channel_index), self.context), len(self.store.manifest.channels)
         patients = self.store.manifest.content["patients"]
         largest = max((sum(patients[p]["slices"] for p in s["patients"]) for s in self.shards), default=0)
         buffered = c * hw * IMAGE_DTYPE.itemsize + hw * MASK_DTYPE.itemsize
@@ -336,8 +305,8 @@ class ShardDataset(IterableDataset):
         `buffers(image_shape, labels_shape)` -> (image, labels, *extra) gives the tensors to pack
         each full-size batch into (a last, shorter batch is their first rows; a float32 image is
         converted while packed), and what else to yield with it; by default new tensors."""
-        buffers = buffers or (lambda image_shape, labels_shape: (_empty_batch(image_shape, torch.float16),
-                                                                  _empty_batch(labels_shape, torch.uint8)))
+        buffers = buffers or (lambda image_shape, labels_shape: (empty_batch(image_shape, torch.float16),
+                                                                  empty_batch(labels_shape, torch.uint8)))
         slices = self._worker_slices(worker, num_workers, epoch)
         while True:
             items = list(itertools.islice(slices, batch_size))
@@ -450,228 +419,10 @@ class ShardDataset(IterableDataset):
             torch.from_numpy(expand(mask, self.target).astype(np.float32)),
         )
 
-    def batches(self, batch_size: int, drop_last: bool = False) -> "ShardBatches":
-        """This dataset as whole float16 batches (`iter_batches`), for `ShardLoader`."""
-        return ShardBatches(self, batch_size, drop_last)
-
-
-def _empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor, in shared memory inside a loader worker (as `default_collate`
     allocates its batches there): sending it to the main process then copies nothing."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
     storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
     return torch.empty(0, dtype=dtype).new(storage).view(shape)
-
-
-RING = 4
-"""Shared-memory batches a loader worker of `ShardLoader` packs in turn: more than the loader's
-prefetch (2 per worker) plus the batch being converted, so a released one is normally free."""
-
-
-class ShardBatches(IterableDataset):
-    """A `ShardDataset`'s slices as float16 image / uint8 label map batches (`iter_batches`); each
-    loader worker packs its own slices, as a DataLoader with `batch_size` would.
-
-    With `released` (set by `ShardLoader`: int64 (workers, RING) in shared memory), a worker packs
-    into a ring of RING shared-memory batches instead of new ones: a new shared-memory batch costs
-    its file, mapping and a page fault per 4 KiB on both sides (1.3 ms for 2.3 MB, measured here;
-    a reused one 0.2 ms). Each batch travels with (worker, slot, generation); the main process
-    writes the generation into `released[worker, slot]` once it has converted the batch, and a
-    worker reuses a slot only when its last batch there is released, else packs a new one: a batch
-    is never written while the main process may still read it."""
-
-    def __init__(self, dataset: ShardDataset, batch_size: int, drop_last: bool = False) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.dataset, self.batch_size, self.drop_last = dataset, int(batch_size), bool(drop_last)
-        self.released: torch.Tensor | None = None
-        self.float_in_process = False  # ShardLoader: without workers, pack the image as float32 at once
-        self.pin_memory = False
-        self._ring: list[list | None] = []  # this process's slots: [image, labels, generation sent]
-        self._sent = 0
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 0)
-        if info is None and self.float_in_process:  # nothing travels: one cast while packing, not a second pass
-            buffers = (lambda image_shape, labels_shape: (
-                torch.empty(image_shape, dtype=torch.float32, pin_memory=self.pin_memory),
-                torch.empty(labels_shape, dtype=torch.uint8)))
-        else:
-            buffers = None if info is None or self.released is None else (lambda i, l: self._slot(worker, i, l))
-        return self.dataset.iter_batches(self.batch_size, worker, num_workers, self.drop_last, buffers=buffers)
-
-    def _slot(self, worker: int, image_shape: tuple, labels_shape: tuple) -> tuple:
-        if not self._ring:  # a new worker process: no release written before it is its own
-            self._ring = [None] * RING
-            self.released[worker].zero_()
-        self._sent += 1
-        slot = self._sent % RING
-        held = self._ring[slot]
-        if held is None or int(self.released[worker, slot]) != held[2] or tuple(held[0].shape) != image_shape:
-            held = [_empty_batch(image_shape, torch.float16), _empty_batch(labels_shape, torch.uint8), 0]
-            self._ring[slot] = held
-        held[2] = self._sent
-        return held[0], held[1], (worker, slot, self._sent)
-
-
-class ShardLoader(DataLoader):
-    """A DataLoader over a `ShardDataset` that gives the batches `DataLoader(dataset, batch_size,
-    num_workers=...)` gives (same slices, same order, same values: image float32 (B, C, H, W), mask
-    float32 (B, 3, H, W)), faster: the workers pack float16 images and uint8 label maps into
-    shared memory and this process converts them. A float32 batch of 16 slices at 128 x 128 with
-    four channels is 7.3 MB; it travels as 2.3 MB, and the per-slice conversions and the collate's
-    `torch.stack` become one operation per batch. `train run` and `train evaluate` use it.
-
-        loader = ShardLoader(ds, batch_size=32, num_workers=2)
-        for image, mask in loader:   # as with DataLoader
-
-    Takes DataLoader's keyword arguments, except `sampler`, `batch_sampler` and `collate_fn`
-    (the dataset orders and packs its slices); `len(loader)` is the exact number of batches of the
-    current epoch (`ShardDataset.batches_per_epoch`). With `pin_memory` the float32 batches are
-    allocated in pinned memory.
-    """
-
-    def __init__(self, dataset: ShardDataset, batch_size: int = 1, *, drop_last: bool = False,
-                 pin_memory: bool = False, **kwargs) -> None:
-        if not isinstance(dataset, ShardDataset):
-            raise TypeError(f"ShardLoader reads a ShardDataset, got {type(dataset).__name__}")
-        for name in ("sampler", "batch_sampler", "collate_fn"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"ShardLoader takes no {name}: the dataset orders and packs its slices")
-        batches = dataset.batches(batch_size, drop_last)
-        batches.released = torch.zeros((max(1, kwargs.get("num_workers", 0)), RING), dtype=torch.int64).share_memory_()
-        batches.float_in_process, batches.pin_memory = True, bool(pin_memory) and torch.accelerator.is_available()
-        super().__init__(batches, batch_size=None, **kwargs)
-        # As DataLoader does, pin only where an accelerator is there to pin for.
-        self.shards, self.pin_output = dataset, bool(pin_memory) and torch.accelerator.is_available()
-        self.held: dict[tuple[int, int], tuple] = {}  # (worker, slot) -> its last batch, so its mapping stays open
-        self.shard_batch_size, self.shard_drop_last = int(batch_size), bool(drop_last)
-        table = expand(np.arange(4, dtype=np.uint8), dataset.target)  # (3, 4): channel k is set by label l
-        self.channel_labels = [np.flatnonzero(row).tolist() for row in table]
-
-    def __len__(self) -> int:
-        return self.shards.batches_per_epoch(self.shard_batch_size, self.num_workers, self.shard_drop_last)
-
-    def __iter__(self) -> "_Converting":
-        return _Converting(super().__iter__(), self.receive)
-
-    def receive(self, image: torch.Tensor, labels: torch.Tensor, ticket: tuple | None = None) -> tuple:
-        """A batch from `ShardBatches` -> `convert`ed; a ring slot's batch is released once it is."""
-        out = self.convert(image, labels)
-        if ticket is not None:
-            worker, slot, generation = (int(v) for v in ticket)
-            self.held[(worker, slot)] = (image, labels)  # the next batch in this slot maps no new pages
-            self.dataset.released[worker, slot] = generation
-        return out
-
-    def convert(self, image: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(float16 image, uint8 label map) batch -> (float32 image, float32 mask (B, 3, H, W)):
-        the conversion `ShardDataset` makes per slice, made once per batch."""
-        out = image
-        if image.dtype != torch.float32:  # packed as float32 already without workers
-            out = torch.empty(image.shape, dtype=torch.float32, pin_memory=self.pin_output)
-            out.copy_(image)
-        mask = torch.empty((labels.shape[0], len(self.channel_labels), *labels.shape[1:]), dtype=torch.float32,
-                           pin_memory=self.pin_output)
-        for k, values in enumerate(self.channel_labels):
-            if not values:
-                mask[:, k].zero_()
-                continue
-            torch.eq(labels, values[0], out=mask[:, k])
-            for value in values[1:]:  # a pixel has one label: the sum of indicators is their union
-                mask[:, k] += labels == value
-        return out, mask
-
-
-class _Converting:
-    """A DataLoader iterator whose batches pass through `convert`; everything else (its length,
-    `_shutdown_workers` for `engine.batches`) is the wrapped iterator's."""
-
-    def __init__(self, batches, convert) -> None:
-        self._batches, self._convert = batches, convert
-
-    def __iter__(self) -> "_Converting":
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._convert(*next(self._batches))
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def __getattr__(self, name: str):
-        if name == "_batches":  # not set yet (a copy being built): never recurse
-            raise AttributeError(name)
-        return getattr(self._batches, name)
-
-
-def stack_context(image: np.ndarray, slice_index: Sequence[int], positions: dict[int, int], s: int,
-                  channels: Sequence[int], context: int) -> np.ndarray:
-    """Slice `s`'s `channels` (C, H, W), then with `context` K > 0 the same channels of the slices
-    at source index z - 1, z + 1, ..., z - K, z + K (z = `slice_index[s]`), nearest first: (2K + 1) C
-    channels. A neighbour that is not stored is zeros: the ETL drops slices without brain, so a
-    missing neighbour is background, as it is in a whole volume at `predict` time."""
-    centre = image[s].take(channels, axis=0)  # a copy, as fancy indexing, 25 % faster
-    if context == 0:
-        return centre
-    out = np.zeros(((2 * context + 1) * len(channels), *image.shape[2:]), dtype=image.dtype)
-    out[: len(channels)] = centre
-    z = int(slice_index[s])
-    for k, offset in enumerate(o for d in range(1, context + 1) for o in (-d, d)):
-        j = positions.get(z + offset)
-        if j is not None:
-            out[(k + 1) * len(channels):(k + 2) * len(channels)] = image[j].take(channels, axis=0)
-    return out
-
-
-def stack_volume(image: np.ndarray, slice_index: Sequence[int], context: int) -> np.ndarray:
-    """`stack_context` of every slice of a patient (S, C, H, W) -> (S, (2K + 1) C, H, W)."""
-    if context == 0:
-        return image
-    positions = {int(z): j for j, z in enumerate(slice_index)}
-    channels = list(range(image.shape[1]))
-    return np.stack([stack_context(image, slice_index, positions, s, channels, context) for s in range(len(image))])
-
-
-@dataclass
-class PatientSlices:
-    """One patient's decoded slices, for patient-level (3D) evaluation."""
-
-    patient: str
-    image: np.ndarray  # float16 (S, C, H, W), the selected channels in the requested order
-    mask: np.ndarray  # uint8 (S, H, W) label map 0..3
-    slice_index: list[int]  # index of each slice along the source volume's third axis
-    info: dict  # the manifest's patient entry: source_shape, spacing, affine, ...
-
-
-def iter_patients(
-    shards: str | Path | ShardStore,
-    split: str | list[str],
-    channels: list[str] | None = None,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    cache_dir: str | Path | None = None,
-    storage_options: dict | None = None,
-) -> Iterator[PatientSlices]:
-    """Whole patients of the split(s) in manifest order (this rank's share: shard i % world_size).
-
-    Every record is checked as `ShardDataset` checks it; a bad shard raises `SpecError`.
-    """
-    store = shards if isinstance(shards, ShardStore) else ShardStore(shards, cache_dir=cache_dir, storage_options=storage_options)
-    index = _channel_index(store, channels)
-    _resolve_dist(rank, world_size)
-    shard_list = [s for name in _splits(split) for s in store.manifest.shards_of(name)]
-    patients = store.manifest.content["patients"]
-    for shard in shard_list[rank::world_size]:
-        for record in list(store.records(shard)):
-            yield PatientSlices(
-                patient=record.patient,
-                image=np.ascontiguousarray(record.image[:, index]),
-                mask=record.mask,
-                slice_index=record.slice_index,
-                info=patients[record.patient],
-            )

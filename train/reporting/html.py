@@ -16,7 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .metrics import PATIENT_KEYS
+from ..metrics import PATIENT_KEYS
+from .tables import epoch_table, epochs_trained
 
 CAPTIONS = {
     "loss.png": "Loss: train (mean over the steps' slices) and validation (mean over slices) per epoch",
@@ -38,7 +39,6 @@ figure { margin: 1.5em 0; } img { max-width: 100%; } figcaption { color: #555; f
 def render_html(run_dir: Path, rows: list[dict], names: list[str], pictures: dict[str, bytes],
                 slices_note: str | None, patient_summary: dict | None) -> str:
     """The page; `pictures` maps a report PNG's name to its bytes, in the order to show them."""
-    from .report import epoch_table, epochs_trained
 
     columns, body = epoch_table(rows, names)
     parts = [f"<h1>Run report: {_e(run_dir.name)}</h1>",

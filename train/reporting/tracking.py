@@ -4,7 +4,7 @@ lab already watches; `metrics.csv` stays the default and the source of truth.
     train run --shards shards/ --variant v1 --out runs/v1 --logger tensorboard     # then: tensorboard --logdir runs
     train run --shards shards/ --variant v1 --out runs/v1 --logger mlflow --tracking-uri http://mlflow.lab:5000
 
-A tracker is a `train.trainer.Callback`: the Trainer calls it on rank 0 only, at the start
+A tracker is a `train.training.trainer.Callback`: the Trainer calls it on rank 0 only, at the start
 (`on_fit_start`), after every epoch's checkpoint and CSV row (`on_epoch_end`) and at the end
 (`on_fit_end`). It logs
 
@@ -47,25 +47,27 @@ import json
 import math
 import os
 import re
-import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import unquote, urlsplit
 
 from shards_spec import limits
 from shards_spec.errors import ToolError
 
+from ..data import iter_patients
+from ..metrics import probs_to_labels
+from ..runfiles.rundir import TENSORBOARD_DIR
+from ..runtime.bounded import TIMEOUT_ENV, TIMEOUT_LIMITS, bounded
+from ..runtime.extras import require
+from .pictures import DISPLAY_CHANNELS, ShownSlice, plot_slices
+
 if TYPE_CHECKING:
     import numpy as np  # imported where used: `train --help` reads TIMEOUT_LIMITS from here
 
 LOGGERS = ("csv", "tensorboard", "mlflow")
-TENSORBOARD_DIR = "tensorboard"
 DEFAULT_EXPERIMENT = "brats-shards"
 OVERLAY_TAG = "val_overlay"
 OVERLAY_SLICES = 3
-TIMEOUT_LIMITS = {"TRACKING_TIMEOUT": 10}
-"""Seconds one tracker call may take (`BRATS_SHARDS_TRACKING_TIMEOUT`; module docstring)."""
-TIMEOUT_ENV = limits.ENV_PREFIX + "TRACKING_TIMEOUT"
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
 
 
@@ -79,29 +81,6 @@ def call_timeout() -> float:
     if not value > 0:
         raise TrackingError(f"environment variable {TIMEOUT_ENV} must be a number of seconds > 0, got {value:g}")
     return value
-
-
-def bounded(call: Callable[..., Any], *args: Any, timeout: float) -> Any:
-    """`call(*args)` on a daemon thread, waited for at most `timeout` seconds: its result, its
-    exception, or `TimeoutError`. A call that does not return is abandoned (a daemon thread never
-    holds the process at exit); the caller never calls that backend again."""
-    outcome: dict[str, Any] = {}
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            outcome["value"] = call(*args)
-        except BaseException as exc:  # handed to the waiting thread, which decides
-            outcome["error"] = exc
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name="tracker-call", daemon=True).start()
-    if not done.wait(timeout):
-        raise TimeoutError(f"no answer within {timeout:g} s, the bound {TIMEOUT_ENV} sets")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
 
 
 def redact(text: str, uri: str | None = None) -> str:
@@ -131,7 +110,6 @@ def reason_of(exc: BaseException, uri: str | None = None) -> str:
 
 def make_tracker(logger: str, tracking_uri: str | None = None, images_every: int = 5) -> "Tracker | None":
     """The tracker for `--logger` (None for csv), after checking that its extra is installed."""
-    from .extras import require
 
     if logger not in LOGGERS:
         raise TrackingError(f"--logger: must be one of {list(LOGGERS)}, got {logger!r}")
@@ -359,7 +337,6 @@ def overlay_slices(trainer: Any) -> list[dict]:
     training stream or any random generator)."""
     import numpy as np
 
-    from .data import iter_patients
 
     config = trainer.config
     picked = []
@@ -374,7 +351,7 @@ def overlay_slices(trainer: Any) -> list[dict]:
 
 
 def overlay_picture(trainer: Any, slices: list[dict], epoch: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3): the slices with truth and prediction contours (`train.report`'s drawing)."""
+    """RGB uint8 (H, W, 3): the slices with truth and prediction contours (`train.reporting.report`'s drawing)."""
     import matplotlib
     import numpy as np
 
@@ -382,8 +359,6 @@ def overlay_picture(trainer: Any, slices: list[dict], epoch: int) -> np.ndarray:
     import matplotlib.pyplot as plt
     import torch
 
-    from .metrics import probs_to_labels
-    from .report import DISPLAY_CHANNELS, ShownSlice, plot_slices
 
     model, channels = trainer.model, list(trainer.config.channels)
     was_training = model.training

@@ -24,7 +24,7 @@ from typing import Any
 
 from shards_spec.checked_io import read_json, read_toml, shown
 
-from .config import FIELDS, ConfigError, number_problem
+from .options import FIELDS, ConfigError, number_problem
 
 _WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
           "tuple[str, ...]": "a list of names", "None": "null"}

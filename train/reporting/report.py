@@ -20,7 +20,7 @@ What it writes (matplotlib, Agg backend, so it runs without a display):
                 the shards cannot be read;
 - `report.md`   the pictures, the final and best epochs' metrics table, and the patient-level
                 numbers behind the slice choice, each with the average it is;
-- `report.html` the same as one self-contained page (`train.report_html`: pictures inlined as
+- `report.html` the same as one self-contained page (`train.reporting.html`: pictures inlined as
                 base64 PNG), to open in a browser or send on.
 
 Slices are shown as stored (first array axis to the right, second axis up); no reorientation.
@@ -35,12 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
-import math
 import os
 import re
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,31 +46,17 @@ import numpy as np
 from shards_spec.errors import ToolError
 from shards_spec.fileio import atomic_path, refusal
 
-from .metrics import PATIENT_KEYS, summarize_patients
-from .rundir import read_config, read_metrics
+from ..apply import inference
+from ..apply.evaluate import shard_grid_patients
+from ..metrics import PATIENT_KEYS, summarize_patients
+from ..runfiles.rundir import read_config, read_metrics
+from .html import render_html
+from .pictures import DISPLAY_CHANNELS, ShownSlice, plot_slices, png_bytes
+from .tables import epoch_table, epochs_trained, number_text
 
 REPORT_DIR = "report"
-CLASS_COLOURS = {1: ("NEC/NET", "#e41a1c"), 2: ("ED", "#4daf4a"), 3: ("ET", "#ffd92f")}
-DISPLAY_CHANNELS = ("flair", "t1ce")
-"""The background image of the slice pictures: the first of these the shards hold."""
-
-
 class ReportError(ToolError):
     """A run folder without what a report needs (metrics.csv)."""
-
-
-@dataclass
-class ShownSlice:
-    """One patient's slice chosen for the picture."""
-
-    role: str  # best / median / worst
-    patient: str
-    dice: float  # mean patient Dice over NEC/NET, ED, ET (shard grid)
-    slice_index: int  # index along the source volume's third axis
-    image: np.ndarray  # (H, W) display channel
-    truth: np.ndarray  # (H, W) label map 0..3
-    pred: np.ndarray  # (H, W) label map 0..3
-    channel: str
 
 
 def main(run_dir: Path | str, device: str = "auto", batch_size: int = 32, console: Any = None,
@@ -88,7 +71,6 @@ def main(run_dir: Path | str, device: str = "auto", batch_size: int = 32, consol
     matplotlib.use("Agg")  # no display needed; must precede pyplot's import
     from rich.console import Console
 
-    from .report_html import render_html  # the same report as one self-contained page
 
     console = console or Console(stderr=True, soft_wrap=True)
     run_dir = Path(run_dir)
@@ -131,6 +113,19 @@ def try_write(run_dir: Path | str, device: str = "auto", batch_size: int = 32, c
 
         Console(stderr=True, soft_wrap=True).print(line, markup=False, highlight=False)  # a warning: stderr
         return line
+
+
+class ReportCallback:
+    """`train run --report` (on by default): the report written when a run has trained to its end,
+    as a trainer callback like the trackers (rank 0 only). A report that fails is a warning
+    (`try_write`): a finished training never fails on its report."""
+
+    def __init__(self, storage_options: dict | None = None) -> None:
+        self.storage_options = storage_options
+
+    def on_fit_end(self, trainer: Any, result: Any) -> None:
+        if result.trained and result.history:
+            try_write(result.run_dir, console=trainer.console, storage_options=self.storage_options)
 
 
 def write_files(out: Path, files: dict[str, bytes | str]) -> None:
@@ -221,8 +216,6 @@ def choose_slices(run_dir: Path, device: str, batch_size: int, console: Any,
     """Predict the validation patients on the shard grid with best.pt; pick best, median, worst."""
     from shards_spec.read import ShardStore
 
-    from . import inference
-    from .evaluate import shard_grid_patients
 
     config = read_config(run_dir)
     shards, split = config.get("shards"), config.get("val_split", "val")
@@ -282,67 +275,7 @@ def network_failure(exc: BaseException) -> str | None:
     return None
 
 
-def plot_slices(shown: list[ShownSlice]) -> Any:
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    cmap = plt.get_cmap("gray").with_extremes(bad="black")
-    fig, axes = plt.subplots(len(shown), 2, figsize=(8, 4 * len(shown)), squeeze=False)
-    for row, item in zip(axes, shown):
-        background = np.ma.masked_equal(item.image.T, 0.0)  # outside the brain (stored as exactly 0)
-        brain = item.image[item.image != 0]
-        low, high = (np.percentile(brain, (1, 99)) if brain.size else (0.0, 1.0))
-        for ax, labels, what in zip(row, (item.truth, item.pred), ("ground truth", "prediction")):
-            ax.imshow(background, cmap=cmap, origin="lower", interpolation="nearest", vmin=low, vmax=high)
-            for value, (_, colour) in CLASS_COLOURS.items():
-                mask = (labels == value).astype(float)
-                if mask.any():
-                    ax.contour(mask.T, levels=[0.5], colors=[colour], linewidths=1.2, origin="lower")
-            ax.set_title(f"{item.role}: {item.patient}, slice {item.slice_index}\n{what} "
-                         f"(patient Dice {item.dice:.3f})", fontsize=9)
-            ax.set_axis_off()
-    handles = [Line2D([0], [0], color=colour, lw=2, label=name) for name, colour in CLASS_COLOURS.values()]
-    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
-    fig.suptitle(f"Validation slices ({shown[0].channel}), best / median / worst patient by mean class Dice")
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    return fig
-
-
 # ---------------------------------------------------------------- output
-
-
-def epoch_table(rows: list[dict], names: list[str]) -> tuple[list[str], list[tuple[str, str, list[str]]]]:
-    """The last and best epochs' per-class numbers, for report.md and report.html alike:
-    (column titles, [(epoch, "last" / "best" / "last, best", formatted cells)])."""
-    best = max(rows, key=lambda r: -math.inf if math.isnan(r["mean_dice"]) else r["mean_dice"])
-    last = rows[-1]
-    columns = ["train loss", "val loss", "mean Dice", *(f"Dice {n}" for n in names),
-               *(f"precision {n}" for n in names), *(f"recall {n}" for n in names)]
-    body = []
-    for label, row in (("last", last), ("best", best)) if best is not last else (("last, best", last),):
-        cells = [_md(row["train_loss"], 4), _md(row["val_loss"], 4), _md(row["mean_dice"])]
-        for prefix in ("dice", "prec", "recall"):
-            cells += [_md(row.get(f"{prefix}_{n}", math.nan)) for n in names]
-        body.append((epoch_text(row["epoch"]), label, cells))
-    return columns, body
-
-
-def epoch_text(epoch: float) -> str:
-    """An epoch as metrics.csv counts it: "5", or "4.301" for a time-budget stop inside epoch 5."""
-    return str(int(epoch)) if float(epoch).is_integer() else f"{epoch:g}"
-
-
-def epochs_trained(rows: list[dict]) -> str:
-    """What the report's heading says of the run's length: the last row's epoch, and how the
-    fractional rows (time-budget stops inside an epoch) came about."""
-    last = rows[-1]["epoch"]
-    text = f"{epoch_text(last)} epoch(s) trained"
-    if math.isfinite(last) and not float(last).is_integer():
-        text += f" (stopped by the time budget inside epoch {math.floor(last) + 1})"
-    resumed = sum(1 for r in rows[:-1] if math.isfinite(r["epoch"]) and not float(r["epoch"]).is_integer())
-    if resumed:
-        text += f"; {resumed} row(s) below the last are time-budget stops inside an epoch that was resumed"
-    return text
 
 
 def md_text(text: object) -> str:
@@ -372,9 +305,9 @@ def render_markdown(run_dir: Path, rows: list[dict], names: list[str], pictures:
                   "the shard grid (labels by the checkpoint's rule; prediction and truth both empty: Dice 1), "
                   "averaged over patients:", "",
                   "| | " + " | ".join(PATIENT_KEYS) + " |", "|---|" + "---:|" * len(PATIENT_KEYS),
-                  "| Dice mean | " + " | ".join(_md(summary[k]["dice"]["mean"]) for k in PATIENT_KEYS) + " |",
-                  "| Dice median | " + " | ".join(_md(summary[k]["dice"]["median"]) for k in PATIENT_KEYS) + " |",
-                  "| Dice std | " + " | ".join(_md(summary[k]["dice"]["std"]) for k in PATIENT_KEYS) + " |",
+                  "| Dice mean | " + " | ".join(number_text(summary[k]["dice"]["mean"]) for k in PATIENT_KEYS) + " |",
+                  "| Dice median | " + " | ".join(number_text(summary[k]["dice"]["median"]) for k in PATIENT_KEYS) + " |",
+                  "| Dice std | " + " | ".join(number_text(summary[k]["dice"]["std"]) for k in PATIENT_KEYS) + " |",
                   "", "Best, median and worst patient by mean class Dice, each on its slice with the most tumour: "
                   "ground truth left, prediction right.", "", "![validation slices](slices.png)", ""]
     else:
@@ -384,21 +317,5 @@ def render_markdown(run_dir: Path, rows: list[dict], names: list[str], pictures:
     return "\n".join(lines)
 
 
-def _md(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def png_bytes(figure: Any) -> bytes:
-    """A figure as PNG bytes; the figure is closed."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    try:
-        figure.savefig(buffer, format="png", dpi=100)
-    finally:
-        plt.close(figure)
-    return buffer.getvalue()
-
-
-__all__ = ["ReportError", "epochs_trained", "main", "md_text", "read_metrics", "render_markdown", "try_write",
+__all__ = ["ReportCallback", "ReportError", "epochs_trained", "main", "md_text", "read_metrics", "render_markdown", "try_write",
            "write_files"]

@@ -35,6 +35,11 @@ from shards_spec.errors import ToolError
 from shards_spec.fileio import write_atomic
 from shards_spec.labels import CLASS_NAMES, REGION_NAMES
 
+from ..metrics import COUNT_METRICS
+
+TENSORBOARD_DIR = "tensorboard"
+"""`--logger tensorboard` writes its event files here, in the run folder."""
+
 CONFIG = "config.json"
 METRICS = "metrics.csv"
 CHECKPOINTS = "checkpoints"
@@ -59,7 +64,6 @@ def metric_columns(target: str) -> list[str]:
     """metrics.csv header: fixed order; see the module doc. Every run has the seed's per-class
     columns (NEC/NET, ED, ET, from the label map); a regions run adds WT and TC after them (its ET
     region is the ET class). `mean_dice` is the mean over the target's channels."""
-    from .metrics import COUNT_METRICS
 
     per_class = [f"{m.column}_{name}" for m in COUNT_METRICS.values() for name in CLASS_NAMES]
     regions = [f"{m.column}_{name}" for m in COUNT_METRICS.values() for name in REGION_NAMES if name not in CLASS_NAMES]
@@ -124,7 +128,6 @@ def own_files(run_dir: Path | str) -> list[Path]:
     """The files of a run that exist in `run_dir` (module docstring): what `--force` replaces."""
     from shards_spec.fileio import TMP_SUFFIX
 
-    from .tracking import TENSORBOARD_DIR
 
     run_dir = Path(run_dir)
     checkpoints = run_dir / CHECKPOINTS

@@ -23,7 +23,7 @@ Writes into OUT (each file only for the formats asked for; `--name` changes "mod
   `manifest_digest` (the shards the model was trained on), `epoch`, `variant`, `config` (the
   run's resolved options), `source` (checkpoint name and sha256), `versions`.
 
-The checkpoint is read with `torch.load(weights_only=True)` (`train.checkpoint.load`). Before
+The checkpoint is read with `torch.load(weights_only=True)` (`train.runfiles.checkpoint.load`). Before
 it is read, every output is checked as `train predict` checks its own: one that is the checkpoint
 (the same file on disk, through links too) is refused always, one that exists already (a run's
 `config.json` with `--name config`, a `model.json` beside an earlier export) unless `overwrite`,
@@ -32,7 +32,7 @@ us through a temporary name (`shards_spec.fileio.atomic_path`); all are renamed 
 when all were written, so a refused write (a full disk) is one line naming that output, and leaves
 the previous files and no temporary behind. ONNX and safetensors need the optional extra
 `[export]` (onnx, onnxruntime, onnxscript, safetensors); an ONNX model from someone else is
-checked before it runs by `train.onnx_check`.
+checked before it runs by `train.runfiles.onnx_check`.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ from shards_spec.checked_io import refuse_broken_link
 from shards_spec.errors import ToolError
 from shards_spec.fileio import atomic_path, name_max, refusal, sha256_file
 
+from ..metrics import THRESHOLD
+from ..runtime.extras import require
 from . import checkpoint as ckpt
 
 FORMAT = "brats-export/1"
@@ -80,7 +82,6 @@ def main(checkpoint: Path, out: Path, formats: Sequence[str] = FORMATS, name: st
     paths["json"] = out / f"{name}.json"
     check_outputs(paths, Path(checkpoint), overwrite)
     if {"onnx", "safetensors"} & set(formats):
-        from .extras import require
 
         for module in ("onnx", "onnxscript", "safetensors"):
             require(module, EXTRA, "train export")
@@ -194,8 +195,6 @@ def export_config(payload: dict, checkpoint: Path) -> dict:
 
     from shards_spec.labels import CLASS_NAMES, REGION_NAMES
 
-    from . import inference
-
     spec = dict(payload["model"])
     target = str(payload["target"])
     best = payload.get("best_mean_dice")
@@ -213,7 +212,7 @@ def export_config(payload: dict, checkpoint: Path) -> dict:
                   "spatial_multiple": 2**depth},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 3, "H", "W"], "activation": "sigmoid",
                    "channel_names": list(CLASS_NAMES if target == "classes" else REGION_NAMES),
-                   "threshold": inference.THRESHOLD},
+                   "threshold": THRESHOLD},
         "preprocessing": dict(payload.get("preprocessing") or {}),
         "labels": dict(payload.get("labels") or {}),
         "manifest_digest": str(payload["manifest_digest"]),
@@ -230,10 +229,8 @@ def export_config(payload: dict, checkpoint: Path) -> dict:
 
 
 def build_torch_model(payload: dict, where: object) -> Any:
-    """The checkpoint's model with its weights, in eval mode on the CPU (`inference.model_from_payload`)."""
-    from .inference import model_from_payload
-
-    return model_from_payload(payload, where)
+    """The checkpoint's model with its weights, in eval mode on the CPU (`checkpoint.build_model_of`)."""
+    return ckpt.build_model_of(payload, where)
 
 
 def example_and_dims(config: dict) -> tuple[tuple, dict]:

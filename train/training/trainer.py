@@ -15,7 +15,7 @@ one step by subclassing and overriding it, never by copying the loop:
 
 The steps that build things (`build_model`, `build_loss`, `build_optimizer`, `build_scheduler`,
 `build_augmenter`) are overridable the same way; a model or loss registered by name
-(`train.models.register_model`, `train.losses.register_loss`) needs no subclass at all.
+(`train.models.register_model`, `train.recipe.losses.register_loss`) needs no subclass at all.
 
 Reproducibility: the weights are seeded before the model is built (every rank alike); the data
 order depends only on (seed, epoch) through the dataset; augmentation draws from a generator
@@ -55,9 +55,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from . import checkpoint as ckpt
-from . import distributed, engine, faults, messages, rundir
-from .recipe import budget_progress, class_priors, decay_rate, init_head_bias, schedule_rate, warmup_rate
+from ..config.options import config_record
+from ..metrics import COUNT_METRICS
+from ..models import build_model, count_parameters
+from ..recipe.augment import AUGMENTATIONS, Augmenter
+from ..recipe.losses import build_loss, deep_supervision_loss
+from ..recipe.priors import class_priors, init_head_bias
+from ..recipe.schedules import budget_progress, decay_rate, schedule_rate, warmup_rate
+from ..runfiles import checkpoint as ckpt, rundir
+from ..runtime import distributed, faults
+from . import engine, messages
 from .budget import Budget, Pace, StopRequested, StopSignal, format_duration
 
 PROJECTION_STEPS = 5
@@ -88,20 +95,23 @@ class Hooks:
 
 @dataclass
 class Result:
-    """How a run ended: `exit_code` 0 for a completed or budget-stopped run, 128 + signal."""
+    """How a run ended: `exit_code` 0 for a completed or budget-stopped run, 128 + signal.
+    `trained`: this call trained to its end (its epochs, the time budget or early stopping), so
+    its checkpoints are final (what the end-of-run report waits for)."""
 
     run_dir: Path
     epochs_done: int
     exit_code: int
     message: str
     history: list[dict] = field(default_factory=list)
+    trained: bool = False
 
 
 @dataclass
 class Setup:
     """Everything `train.fit.run` resolved before training: what to train, on what, where."""
 
-    config: Any  # train.config.Config
+    config: Any  # train.config.options.Config
     preset: str
     overrides: dict
     manifest: Any
@@ -187,13 +197,11 @@ class Trainer:
     # ------------------------------------------------------------ building (override to change)
 
     def build_model(self) -> Any:
-        from .models import build_model
 
         return build_model(self.config.model, in_channels=self.config.in_channels, out_channels=3,
                            **self.config.model_kwargs)
 
     def build_loss(self) -> Callable:
-        from .losses import build_loss
 
         return build_loss(self.config.loss)
 
@@ -228,7 +236,6 @@ class Trainer:
 
     def build_augmenter(self, epoch: int) -> Any:
         """This epoch's augmenter (None: no augmentation), seeded from (seed, epoch, rank)."""
-        from .augment import AUGMENTATIONS, Augmenter
 
         ranges = AUGMENTATIONS[self.config.augment]
         if ranges is None:
@@ -298,7 +305,6 @@ class Trainer:
 
     def begin(self) -> Result | None:
         """Write config.json and metrics.csv (rank 0), print what will run; a Result if nothing will."""
-        from .config import config_record
 
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -397,7 +403,6 @@ class Trainer:
     def compute_loss(self, logits: Any, mask: Any) -> Any:
         """The configured loss; over every output of a deeply supervised model (a tuple)."""
         if isinstance(logits, tuple):
-            from .losses import deep_supervision_loss
 
             return deep_supervision_loss(self.loss_fn, logits, mask)
         return self.loss_fn(logits, mask)
@@ -474,7 +479,6 @@ class Trainer:
     def metrics_row(self, epoch: float, train_loss: float, validation: engine.Validation, lr: float,
                     seconds: float) -> dict:
         """One metrics.csv row (`rundir.metric_columns`); `epoch` counts the epochs trained (1-based)."""
-        from .metrics import COUNT_METRICS
 
         row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "val_loss": validation.loss,
                                "mean_dice": validation.mean_dice()}
@@ -496,7 +500,7 @@ class Trainer:
             ckpt.save(payload, rundir.checkpoint_path(self.run_dir, rundir.BEST))
 
     def payload(self) -> dict[str, Any]:
-        """The checkpoint (`train.checkpoint` lists its keys)."""
+        """The checkpoint (`train.runfiles.checkpoint` lists its keys)."""
         import torch
 
         config, manifest, state = self.config, self.setup.manifest, self.state
@@ -535,17 +539,14 @@ class Trainer:
     # ------------------------------------------------------------ endings and messages
 
     def finish(self, outcome: str | None, announce: bool = False) -> Result:
-        """A completed (or budget-stopped) run: message, report, callbacks, process group down."""
+        """A completed (or budget-stopped) run: message, callbacks (the report is one:
+        `train.reporting.report.ReportCallback`), process group down."""
         done = self.state.epoch
         best = rundir.checkpoint_path(self.run_dir, rundir.BEST)
         message = outcome or (f"finished {done} epoch(s); best mean Dice {self.state.best:.4f} at epoch "
                                f"{self.state.best_epoch} -> {best}")
         self.console.print(message)
-        if self.dist.is_main and self.config.report and self.state.history and not announce:
-            from . import report
-
-            report.try_write(self.run_dir, console=self.console, storage_options=self.setup.storage_options)
-        return self.close(Result(self.run_dir, done, 0, message, self.state.history))
+        return self.close(Result(self.run_dir, done, 0, message, self.state.history, trained=not announce))
 
     def diverged(self, epoch: int, train_loss: float) -> Result:
         """The training loss is not finite: nothing of this epoch is validated or saved (a NaN model
@@ -580,7 +581,6 @@ class Trainer:
         return list(self.hooks.callbacks) if self.dist.is_main else []
 
     def print_plan(self) -> None:
-        from .models import count_parameters
 
         setup = self.setup
         for line in messages.plan_lines(self.config, count_parameters(self.model), self.device, self.amp_dtype,

@@ -53,7 +53,6 @@ run counters and history, and the saved configuration's sizes (`size_problem`).
 from __future__ import annotations
 
 import enum
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,8 @@ import numpy as np
 
 from shards_spec.errors import ToolError
 
-from .config import MAX_CONTEXT
+from ..config.options import MAX_CONTEXT
+from ..models import MODELS, build_model
 
 FORMAT = "brats-train-checkpoint/1"
 LAST = "last.pt"
@@ -432,7 +432,6 @@ def meta_model(spec: dict[str, Any], path: str | Path) -> Any:
     """The model `spec` describes, built on torch's `meta` device: shapes without memory."""
     import torch
 
-    from .models import MODELS, build_model
 
     if spec["name"] not in MODELS:
         raise CheckpointError(f"its model {spec['name']!r} is not one of the registered {sorted(MODELS)}", path)
@@ -468,6 +467,21 @@ def check_weights(payload: dict[str, Any], path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------- what --resume restores
+
+
+def build_model_of(payload: dict, where: object) -> Any:
+    """The checkpoint's model with its weights, in eval mode on the CPU (`predict`, `evaluate`, `export`):
+    call it after `load`, whose checks make building it cost what the file holds."""
+    spec = payload["model"]
+    try:
+        model = build_model(str(spec["name"]), in_channels=int(spec.get("in_channels", len(payload["channels"]))),
+                            out_channels=int(spec.get("out_channels", 3)), **dict(spec.get("kwargs") or {}))
+        model.load_state_dict(payload["model_state"])
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint weights do not fit its model {spec.get('name')!r} ({reason[:160]})",
+                             where) from None
+    return model.eval()
 
 
 def check_resumable(payload: dict[str, Any], path: str | Path) -> None:

@@ -16,7 +16,7 @@
   a patient that fails is reported and the others are still written (exit code 2 at the end).
 
 Each patient: read as the ETL reads it (`etl.sources.load_patient`, no reorientation), then
-`train.inference.predict_volume` (the shards' preprocessing from the checkpoint, every slice,
+`train.apply.inference.predict_volume` (the shards' preprocessing from the checkpoint, every slice,
 probabilities resized back, labels by the checkpoint's target, zero outside the brain). The
 output is uint8 with the first modality file's shape, affine, qform/sform and header geometry,
 `scl_slope`/`scl_inter` reset to 1/0 (labels stored as they are), and labels in the input's
@@ -28,7 +28,7 @@ under onnxruntime (the optional extra `[export]`), without building the torch mo
 channels, target and preprocessing stored in the ONNX file's metadata (or in `model.json`
 beside it); the segmentation is the checkpoint's, up to float rounding near the 0.5 threshold.
 Such a file may come from anyone, so it is first checked against that config and the limits
-(`train.onnx_check`, for `--batch-size` slices per call, the batch onnxruntime then always gets).
+(`train.runfiles.onnx_check`, for `--batch-size` slices per call, the batch onnxruntime then always gets).
 
 `--probabilities` also writes `<out>_probabilities.nii.gz` beside each segmentation: float32,
 4D (H, W, D, 3), volumes p(NEC/NET), p(ED), p(ET) for a `classes` checkpoint or p(WT), p(TC),
@@ -63,6 +63,7 @@ from shards_spec.errors import ToolError
 from shards_spec.labels import CHANNELS, Convention, decode_labels
 from shards_spec.preprocess import brain_mask
 
+from ..runfiles import rundir
 from . import inference
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -366,7 +367,6 @@ def check_options(batch_size: int, min_et_voxels: int) -> None:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint path as given, or for a run folder its best checkpoint (checkpoints/best.pt)."""
-    from . import rundir
 
     path = Path(path)
     if not path.is_dir():

@@ -1,5 +1,5 @@
 """What training and evaluation share: the autocast choice, loaders and their batches, and the
-validation pass. `train.trainer` and `train.evaluate` both import this module, never each other.
+validation pass. `train.training.trainer` and `train.apply.evaluate` both import this module, never each other.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import distributed
+from ..data import ShardLoader
+from ..metrics import THRESHOLD, UNDEFINED, confusion_counts, expand_labels, probs_to_labels, scores_from_counts
+from ..runtime import distributed
 from .budget import StopRequested, StopSignal
-
-AMP_DTYPES = ("auto", "float16", "bfloat16")
 
 
 def mix_seed(*parts: int) -> int:
@@ -93,7 +93,6 @@ def make_loader(dataset: Any, batch_size: int, workers: int, device: Any, seed: 
     reaches persistent workers through the dataset's shared-memory epoch (`set_epoch`)."""
     import torch
 
-    from .data import ShardLoader
 
     generator = torch.Generator().manual_seed(seed)
     return ShardLoader(
@@ -152,7 +151,6 @@ class Validation:
     def scores(self, classes: bool = False) -> dict[str, np.ndarray]:
         """Every registered count score per channel of the target (or, `classes`, per class NEC/NET,
         ED, ET), dataset-level (empty channel -> NaN)."""
-        from .metrics import UNDEFINED, scores_from_counts
 
         counts = self.class_counts if classes and self.class_counts is not None else self.counts
         return scores_from_counts(counts[0], counts[1], counts[2], empty=UNDEFINED)
@@ -176,7 +174,6 @@ def validate(model: Any, loader: Any, loss_fn: Any, device: Any, amp_dtype: Any,
     value would depend on how slices fall into batches (batch size, loader workers, ranks)."""
     import torch
 
-    from .metrics import confusion_counts, expand_labels, probs_to_labels
 
     model.eval()
     counts = torch.zeros(3, 3, dtype=torch.int64, device=device)
@@ -225,14 +222,12 @@ def predicted_labels(logits: Any, image: Any, target: str) -> Any:
     """(B, H, W) uint8: the label map the label rule gives, 0 on background."""
     import torch
 
-    from .metrics import probs_to_labels
-    from .inference import THRESHOLD
 
     labels = probs_to_labels(torch.sigmoid(logits.float()), target, threshold=THRESHOLD, channel_axis=1)
     return torch.where((image != 0).any(dim=1), labels, torch.zeros_like(labels))
 
 
-__all__ = ["AMP_DTYPES", "Validation", "autocast", "autocast_dtype", "batches", "close_loader", "cpu_has_native_bf16",
+__all__ = ["Validation", "autocast", "autocast_dtype", "batches", "close_loader", "cpu_has_native_bf16",
            "loader_worker_init", "make_loader", "mix_seed", "predicted_labels",
            "prepare_model", "slice_losses",
            "sum_dtype", "validate"]

@@ -11,7 +11,7 @@ carries and with the limits first, in this order, and refused in one line naming
 2. the config (`model_config`, `check_config`): the JSON `train export` stores in the metadata
    under `brats_shards` (at most `MAX_CONFIG_BYTES`), else the `<stem>.json` beside the file, read
    bounded (`shards_spec.checked_io.read_json`); every field `predict` uses has its type, and the
-   model description is within the checkpoint limits (`train.checkpoint.check_description`);
+   model description is within the checkpoint limits (`train.runfiles.checkpoint.check_description`);
 3. the frame (`check_frame`): the default ONNX domain only, opset 17 up to what the installed onnx
    knows, no functions, sparse or external tensors, no training info; one input `image` float32
    (batch, C, H, W) with C the config's input channels and batch, H, W symbolic, as `train export`
@@ -43,6 +43,7 @@ from shards_spec.labels import TARGETS
 from shards_spec.limits import ENV_PREFIX
 from shards_spec.preprocess import NORMS
 
+from ..runtime.extras import require
 from . import checkpoint as ckpt
 from .export import EXTRA, FORMAT, INPUT_NAME, METADATA_KEY, MIN_OPSET, OUTPUT_NAME, ExportError
 
@@ -86,7 +87,6 @@ def load_checked(path: str | Path, batch: int) -> CheckedModel:
 
 def read_model(path: Path) -> tuple[bytes, Any]:
     """Step 1: the bytes of a regular file within `MAX_CHECKPOINT_MB`, parsed as an ONNX model."""
-    from .extras import require
 
     onnx = require("onnx", EXTRA, "an ONNX model")
     limit = ckpt.limit("MAX_CHECKPOINT_MB")

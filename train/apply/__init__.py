@@ -1,0 +1,1 @@
+"""Applying a trained model: inference, post-processing, `train predict` and `train evaluate`."""

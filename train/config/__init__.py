@@ -1,0 +1,1 @@
+"""The run configuration: `Config`, its options, presets and checks, and `--config` files."""

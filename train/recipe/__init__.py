@@ -1,0 +1,1 @@
+"""What a run trains with besides the network: losses, augmentations, learning-rate schedules, the output bias."""

@@ -1,0 +1,1 @@
+"""What a run shows: the end-of-run report and the experiment trackers."""
