@@ -44,7 +44,7 @@ MAX_TAR_HEADER_BYTES = 64 << 10
 
 def get(name: str, defaults: dict[str, float] = DEFAULTS) -> float:
     """The limit `name` (a key of `defaults`: the reader's `DEFAULTS`, or another stage's table
-    such as `train.checkpoint.LIMITS`), from `BRATS_SHARDS_<name>` when that is set."""
+    such as `train.runfiles.checkpoint.LIMITS`), from `BRATS_SHARDS_<name>` when that is set."""
     variable = ENV_PREFIX + name
     text = os.environ.get(variable)
     if text is None or not text.strip():
