@@ -53,7 +53,7 @@ def child(model_name: str, seconds: float, threads: int | None) -> dict:
     else:
         from train.config.options import resolve
         from train.models import build_model
-        from train.recipe.augment import AUGMENTATIONS, Augmenter
+        from train.recipe.augment import AUGMENTATIONS
         from train.recipe.losses import build_loss
         from train.training import engine
 
@@ -64,8 +64,7 @@ def child(model_name: str, seconds: float, threads: int | None) -> dict:
         model = engine.prepare_model(build_model(config.model, channels, 3, **config.model_kwargs), device)
         loss_fn = build_loss(config.loss)
         amp = engine.autocast_dtype(config.amp, config.amp_dtype, device)
-        ranges = AUGMENTATIONS[config.augment]
-        augmenter = Augmenter(generator_seed=0, config=ranges) if ranges is not None else None
+        augmenter = AUGMENTATIONS[config.augment](0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(batch, channels, 128, 128)
     y = (torch.rand(batch, 3, 128, 128) > 0.9).float()

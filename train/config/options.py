@@ -41,6 +41,7 @@ from shards_spec.labels import CHANNELS, TARGETS
 from ..models import MODELS
 from ..recipe.augment import AUGMENTATIONS
 from ..recipe.losses import LOSSES
+from ..recipe.schedules import SCHEDULES
 from ..runtime.devices import DeviceError, check
 from .durations import parse_duration
 
@@ -106,7 +107,6 @@ NUMBERS: dict[str, Range] = {
 """Every int and float option of `Config` and the values it may take (a test checks that none is
 missing): the one place a number from the command line, a --config file or a saved run is checked."""
 
-SCHEDULES = ("cosine", "poly", "plateau")
 POLICIES = ("fail", "skip")
 """`--on-bad-shard`: stop at the first bad shard, or leave bad shards out and count them."""
 AMP_DTYPES = ("auto", "float16", "bfloat16")
@@ -314,7 +314,7 @@ def validate(config: Config) -> None:
     _choice(config, "target", TARGETS)
     _choice(config, "amp_dtype", AMP_DTYPES)
     _choice(config, "on_bad_shard", POLICIES)
-    _choice(config, "schedule", SCHEDULES)
+    _choice(config, "schedule", list(SCHEDULES))
     _choice(config, "head_bias", HEAD_BIASES)
     for name in NUMBERS:
         problem = number_problem(name, getattr(config, name))

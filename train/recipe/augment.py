@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -181,8 +182,6 @@ def apply(image: Tensor, mask: Tensor, params: AugParams) -> tuple[Tensor, Tenso
     return image, (warped if mask.ndim == 4 else warped[:, 0])
 
 
-AUGMENTATIONS: dict[str, AugConfig | None] = {"none": None, "light": AugConfig()}
-"""`--augment NAME` -> the ranges drawn from (None: no augmentation)."""
 
 
 class Augmenter:
@@ -210,3 +209,28 @@ class Augmenter:
 
     def set_state(self, state: Tensor) -> None:
         self.generator.set_state(state)
+
+
+AUGMENTATIONS: dict[str, Callable[[int], Any]] = {}
+"""`--augment NAME` -> `make(seed)`: the epoch's augmenter, or None for no augmentation. An
+augmenter is called on each training batch, `augmenter(image, mask) -> (image, mask)` on the
+batch's device, and draws its randomness from a seeded `torch.Generator` whose state it gives and
+takes back (`state()` -> uint8 tensor, `set_state(tensor)`): the checkpoint stores it, so
+`--resume` continues the random stream exactly (`Augmenter` is one)."""
+
+
+def register_augmentation(name: str, make: Callable[[int], Any]) -> Callable[[int], Any]:
+    """Register `make(seed) -> augmenter | None` as `--augment NAME` (see `AUGMENTATIONS`)."""
+    if name in AUGMENTATIONS:
+        raise ValueError(f"an augmentation named {name!r} is registered already")
+    AUGMENTATIONS[name] = make
+    return make
+
+
+def light(seed: int) -> Augmenter:
+    """v2's augmentation: the ranges of `AugConfig()` (module docstring)."""
+    return Augmenter(generator_seed=seed, config=AugConfig())
+
+
+register_augmentation("none", lambda seed: None)
+register_augmentation("light", light)

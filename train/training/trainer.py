@@ -58,10 +58,10 @@ from typing import Any, Callable, Protocol
 from ..config.options import config_record
 from ..metrics import COUNT_METRICS
 from ..models import build_model, count_parameters
-from ..recipe.augment import AUGMENTATIONS, Augmenter
+from ..recipe.augment import AUGMENTATIONS
 from ..recipe.losses import build_loss, deep_supervision_loss
 from ..recipe.priors import class_priors, init_head_bias
-from ..recipe.schedules import budget_progress, decay_rate, schedule_rate, warmup_rate
+from ..recipe.schedules import SCHEDULES, budget_progress, decay_rate, schedule_rate, warmup_rate
 from ..runfiles import checkpoint as ckpt, rundir
 from ..runtime import distributed, faults
 from . import engine, messages
@@ -211,13 +211,10 @@ class Trainer:
         return torch.optim.Adam(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def build_scheduler(self) -> Any:
-        """ReduceLROnPlateau for `--schedule plateau`; None for the per-step schedules (`learning_rate`)."""
-        import torch
-
-        if self.config.schedule != "plateau":
-            return None
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=self.config.plateau_factor,
-                                                          patience=self.config.plateau_patience)
+        """The scheduler of a per-validation `--schedule` (plateau's ReduceLROnPlateau); None for a
+        per-step one, whose rate `learning_rate` sets (`train.recipe.schedules.SCHEDULES`)."""
+        make = SCHEDULES[self.config.schedule].per_validation
+        return None if make is None else make(self.optimizer, self.config)
 
     def learning_rate(self, step: int) -> float:
         """The rate of global step `step` (0-based) for `--schedule cosine` or `poly`; under a time
@@ -237,10 +234,7 @@ class Trainer:
     def build_augmenter(self, epoch: int) -> Any:
         """This epoch's augmenter (None: no augmentation), seeded from (seed, epoch, rank)."""
 
-        ranges = AUGMENTATIONS[self.config.augment]
-        if ranges is None:
-            return None
-        return Augmenter(generator_seed=engine.mix_seed(self.config.seed, epoch, self.dist.rank, 2), config=ranges)
+        return AUGMENTATIONS[self.config.augment](engine.mix_seed(self.config.seed, epoch, self.dist.rank, 2))
 
     def make_loader(self, dataset: Any, stream: int) -> Any:
         seed = engine.mix_seed(self.config.seed, 0, self.dist.rank, stream)
@@ -265,7 +259,7 @@ class Trainer:
         if self.setup.force:  # forced new hyper-parameters win over the restored ones
             for group in self.optimizer.param_groups:
                 group["lr"], group["weight_decay"] = self.config.lr, self.config.weight_decay
-            if self.scheduler is not None:
+            if self.config.schedule == "plateau" and self.scheduler is not None:
                 self.scheduler.factor, self.scheduler.patience = self.config.plateau_factor, self.config.plateau_patience
         ckpt.set_rng_state(restored["rng"])
         loss = restored.get("epoch_loss") or (0.0, 0.0)
