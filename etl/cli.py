@@ -333,7 +333,6 @@ def inspect(
       etl inspect https://lab.example.org/brats-shards/
     """
     from rich.console import Console
-    from rich.table import Table
 
     from shards_spec.cli import print_table
     from shards_spec.read import parse_storage_options
@@ -345,43 +344,71 @@ def inspect(
     console.print(f"[bold]{info['root']}[/bold]  {info['spec_version']}, {info['format']}, channels "
                   f"{','.join(info['channels'])}, size {info['preprocessing']['size']}, norm "
                   f"{info['preprocessing']['norm']}", highlight=False)
-    table = Table(title="splits", title_justify="left")
-    for column in ("split", "patients", "shards", "slices", "tumour", "size", "bytes/slice"):
+    print_table(console, _splits_table(info["splits"]))
+    print_table(console, _balance_table(info["splits"]))
+    for line in _inspect_lines(info):
+        console.print(line, highlight=False)
+
+
+def _split_columns_table(title: str, columns: tuple[str, ...]):
+    """A rich table titled `title` whose first column (the split) is left-aligned, the figures right; cells never wrap."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
         table.add_column(column, justify="left" if column == "split" else "right", no_wrap=True)
-    for name, split in info["splits"].items():
+    return table
+
+
+def _splits_table(splits: dict):
+    """`etl inspect`'s first table: patients, shards, slices and bytes of each split."""
+    table = _split_columns_table("splits", ("split", "patients", "shards", "slices", "tumour", "size", "bytes/slice"))
+    for name, split in splits.items():
         per_slice = split["bytes"] / split["slices"] if split["slices"] else 0
         table.add_row(name, str(split["patients"]), str(split["shards"]), str(split["slices"]),
                       str(split["tumour_slices"]), _size(split["bytes"]), _size(per_slice))
-    print_table(console, table)
-    balance = Table(title="class balance (% of voxels on the shard grid | % of tumour voxels)", title_justify="left")
-    for column in ("split", "background", "NEC/NET", "ED", "ET", "| NEC/NET", "ED", "ET"):
-        balance.add_column(column, justify="left" if column == "split" else "right", no_wrap=True)
-    for name, split in info["splits"].items():
-        balance.add_row(name, *(f"{100 * v:.2f}" for v in split["voxel_fraction"].values()),
-                        *(f"{100 * v:.1f}" for v in split["tumour_fraction"].values()))
-    print_table(console, balance)
-    split = info["split"]
+    return table
+
+
+def _balance_table(splits: dict):
+    """`etl inspect`'s class balance: % of the voxels, then % of the tumour voxels, per class and split."""
+    table = _split_columns_table("class balance (% of voxels on the shard grid | % of tumour voxels)",
+                                 ("split", "background", "NEC/NET", "ED", "ET", "| NEC/NET", "ED", "ET"))
+    for name, split in splits.items():
+        table.add_row(name, *(f"{100 * v:.2f}" for v in split["voxel_fraction"].values()),
+                      *(f"{100 * v:.1f}" for v in split["tumour_fraction"].values()))
+    return table
+
+
+def _inspect_lines(info: dict) -> list[str]:
+    """`etl inspect`'s lines under the tables: split rule, preprocessing, source, totals, skipped
+    patients and warnings (when any), provenance, content digest."""
+    pre = info["preprocessing"]
+    lines = [_split_line(info["split"]),
+             "preprocessing: " + ", ".join(f"{k}={pre[k]}" for k in sorted(pre)),
+             f"source: {info['source']}",
+             (f"total: {info['patients']} patients, {info['shards']} shards, {info['slices']} slices, "
+              f"{_size(info['bytes'])}, {_size(info['bytes_per_slice'])} per slice")]
+    if info["skipped"]:
+        lines.append("skipped: " + "; ".join(f"{s['patient']} ({s['problem']})" for s in info["skipped"]))
+    if info["warnings"]:
+        lines.append(f"{info['warnings']} per-patient warning(s) in the manifest")
+    prov = info["provenance"]
+    versions = prov.get("versions") or {}
+    source = prov.get("source") or {}
+    lines.append(f"provenance: created {prov.get('created')}, command {prov.get('command')!r}, source "
+                 f"{source.get('path')} ({source.get('layout')}), "
+                 + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    lines.append(f"content digest {info['digest']}")
+    return lines
+
+
+def _split_line(split: dict) -> str:
+    """How the patients were split: ratios, folds, or an nnU-Net splits file (named with its digest)."""
     how = f"folds {split.get('folds')}" if split.get("method") == "folds" else f"ratios {split.get('ratios')}"
     if split.get("method") == "file":
         how = f"{split.get('file')} (sha256 {str(split.get('sha256'))[:12]}...)"
-    console.print(f"split: {split.get('method')}, {how}, seed {split.get('seed')}, stratify {split.get('stratify')}",
-                  highlight=False)
-    pre = info["preprocessing"]
-    console.print("preprocessing: " + ", ".join(f"{k}={pre[k]}" for k in sorted(pre)), highlight=False)
-    console.print(f"source: {info['source']}", highlight=False)
-    console.print(f"total: {info['patients']} patients, {info['shards']} shards, {info['slices']} slices, "
-                  f"{_size(info['bytes'])}, {_size(info['bytes_per_slice'])} per slice", highlight=False)
-    if info["skipped"]:
-        console.print("skipped: " + "; ".join(f"{s['patient']} ({s['problem']})" for s in info["skipped"]),
-                      highlight=False)
-    if info["warnings"]:
-        console.print(f"{info['warnings']} per-patient warning(s) in the manifest", highlight=False)
-    prov = info["provenance"]
-    versions = prov.get("versions") or {}
-    console.print(f"provenance: created {prov.get('created')}, command {prov.get('command')!r}, source "
-                  f"{(prov.get('source') or {}).get('path')} ({(prov.get('source') or {}).get('layout')}), "
-                  + ", ".join(f"{k} {v}" for k, v in versions.items() if v), highlight=False)
-    console.print(f"content digest {info['digest']}", highlight=False)
+    return f"split: {split.get('method')}, {how}, seed {split.get('seed')}, stratify {split.get('stratify')}"
 
 
 def main() -> None:

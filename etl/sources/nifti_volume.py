@@ -170,15 +170,42 @@ def load_nifti_patient(
     The brain mask is computed from every modality the patient has, not only the requested
     channels, so a two-channel model sees the same mask as the four-channel shards were cut with.
     """
+    _require_files(ref, channels, require_labels)
+    order = list(channels) + [m for m in CHANNELS if m in ref.files and m not in channels]
+    images = [load_header(ref.files[m]) for m in order]
+    shape = _common_shape(ref, order, images, max_patient_bytes)
+    stack = _read_stack(ref, order, images, shape)
+    brain = brain_mask(stack)
+    first = images[0]
+    affine = np.asarray(first.affine, dtype=np.float64)
+    spacing = tuple(float(z) for z in first.header.get_zooms()[:3])
+    warnings = _volume_warnings(order, images, shape, spacing, affine, brain)
+    labels = read_labels(ref.files["seg"], convention, shape) if "seg" in ref.files else None
+    dtypes = sorted({str(img.get_data_dtype()) for img in images})
+    return PatientVolume(
+        volume=stack[: len(channels)],
+        brain=brain,
+        labels=labels,
+        affine=affine,
+        spacing=spacing,  # type: ignore[arg-type]
+        shape=shape,
+        warnings=warnings,
+        source_dtype=",".join(dtypes),
+    )
+
+
+def _require_files(ref: PatientRef, channels: list[str], require_labels: bool) -> None:
+    """Refuse a patient without one of `channels` or, when `require_labels`, its segmentation."""
     for ch in channels:
         if ch not in ref.files:
             raise SourceError(f"patient {ref.id} has no {ch} image", ref.meta.get("folder"))
     if require_labels and "seg" not in ref.files:
         raise SourceError(f"patient {ref.id} has no segmentation", ref.meta.get("folder"))
 
-    extra = [m for m in CHANNELS if m in ref.files and m not in channels]
-    order = list(channels) + extra
-    images = [load_header(ref.files[m]) for m in order]
+
+def _common_shape(ref: PatientRef, order: list[str], images: list, max_patient_bytes: int) -> tuple[int, int, int]:
+    """The 3D shape every image of `order` has (refused when one is not 3D, differs from the first,
+    or the patient's volume exceeds `max_patient_bytes`)."""
     shapes = []
     for m, img in zip(order, images):
         shape = spatial_shape(img.shape, ref.files[m])
@@ -192,18 +219,25 @@ def load_nifti_patient(
     too_big = patient_size_problem(shape, ref.files[order[0]], max_patient_bytes)
     if too_big:
         raise too_big
+    return shape
 
-    # Each channel Fortran-ordered, as NIfTI stores it: reading is then one straight copy (a C-order
-    # target costs a transpose per channel), and an axial slice [..., d] is contiguous.
+
+def _read_stack(ref: PatientRef, order: list[str], images: list, shape: tuple[int, int, int]) -> np.ndarray:
+    """float32 (C, *shape), one channel per image of `order`.
+
+    Each channel is Fortran-ordered, as NIfTI stores it: reading is then one straight copy (a C-order
+    target costs a transpose per channel), and an axial slice [..., d] is contiguous.
+    """
     stack = np.empty((len(order), *shape[::-1]), dtype=np.float32).transpose(0, 3, 2, 1)
     for i, (m, img) in enumerate(zip(order, images)):
         _read_into(stack[i], img, ref.files[m])
-    brain = brain_mask(stack)
-    volume = stack[: len(channels)]
+    return stack
 
-    first = images[0]
-    affine = np.asarray(first.affine, dtype=np.float64)
-    spacing = tuple(float(z) for z in first.header.get_zooms()[:3])
+
+def _volume_warnings(order: list[str], images: list, shape: tuple[int, int, int], spacing: tuple[float, ...],
+                     affine: np.ndarray, brain: np.ndarray) -> list[str]:
+    """A grid unlike BraTS's, an image whose affine differs from the first's (the first's is used),
+    a brain mask that does not look skull-stripped."""
     warnings = geometry_warnings(shape, spacing)
     for m, img in zip(order[1:], images[1:]):
         if not np.allclose(img.affine, affine, atol=AFFINE_TOLERANCE):
@@ -211,21 +245,7 @@ def load_nifti_patient(
     strip = skull_strip_warning(brain)
     if strip:
         warnings.append(strip)
-
-    labels = None
-    if "seg" in ref.files:
-        labels = read_labels(ref.files["seg"], convention, shape)
-    dtypes = sorted({str(img.get_data_dtype()) for img in images})
-    return PatientVolume(
-        volume=volume,
-        brain=brain,
-        labels=labels,
-        affine=affine,
-        spacing=spacing,  # type: ignore[arg-type]
-        shape=shape,
-        warnings=warnings,
-        source_dtype=",".join(dtypes),
-    )
+    return warnings
 
 
 def read_labels(path: str, convention: Convention, shape: tuple[int, int, int]) -> np.ndarray:

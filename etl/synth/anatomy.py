@@ -181,54 +181,104 @@ class Rendered:
 
 
 def render(params: PatientParams, shape: tuple[int, int, int]) -> Rendered:
-    """Render ``params`` on a grid of ``shape`` covering the 240x240x155 mm template."""
+    """Render ``params`` on a grid of ``shape`` covering the 240x240x155 mm template.
+
+    The steps draw from one generator seeded by ``params.field_seed``, in this order (the order
+    is part of the output): the brain's surface field, the tissue fields, each lesion's fields.
+    Each modality then draws its bias field and noise from its own ``bias_seed``.
+    """
     rng = np.random.default_rng(params.field_seed)
     spacing = tuple(r / n for r, n in zip(REF_SHAPE, shape))
-    vox = max(spacing)
     coords = [(np.arange(n, dtype=np.float64) + 0.5) * sp for n, sp in zip(shape, spacing)]
+    crop, brain, f_low, depth = _brain(params, rng, coords, spacing, shape)
+    tissue, tex_a, tex_b = _tissue_classes(params, rng, brain, f_low, depth, coords, crop, spacing, shape)
+    del f_low, depth  # only the tissue classes read them: free the memory before the images
+    seg = np.zeros(_box_shape(crop), dtype=np.uint8)
+    edema_maps = [
+        paint_lesion(lesion, rng, tissue, seg, brain, coords, crop, spacing, shape) for lesion in params.lesions
+    ]
+    outside = ~brain
+    images = {
+        name: _modality_image(params.modalities[name], tissue, tex_a, tex_b, edema_maps, outside, crop, spacing, shape)
+        for name in MODALITIES
+    }
+    return Rendered(images=images, seg=_paste(seg, crop, shape, np.uint8), brain=_paste(brain, crop, shape, bool),
+                    tissue=_paste(tissue, crop, shape, np.uint8))
+
+
+def _box_shape(box: tuple[slice, ...]) -> tuple[int, ...]:
+    return tuple(s.stop - s.start for s in box)
+
+
+def _paste(part: np.ndarray, crop: tuple[slice, ...], shape: tuple[int, int, int], dtype) -> np.ndarray:
+    """``part`` (computed on ``crop``) in a zero grid of ``shape``, cast to ``dtype``."""
+    full = np.zeros(shape, dtype=dtype)
+    full[crop] = part
+    return full
+
+
+def _brain(params, rng, coords, spacing, shape):
+    """Step 1: the brain mask and the depth below its surface; returns (crop, brain, f_low, depth).
+
+    The ellipsoid (narrower at the front, flatter underneath, its surface perturbed by the smooth
+    field ``f_low``) is computed on a loose box around it (the boundary noise is clipped so the
+    brain cannot leave it); ``crop`` is the brain's bounding box with one voxel of margin (about
+    half the voxels of the field of view), on which everything else is computed and which is
+    pasted into zeros at the end. ``depth`` is in mm below the surface (radially), < 0 outside.
+    """
     c = np.asarray(params.brain_centre)
     a = np.asarray(params.brain_axes)
-    a_mean = float(a.mean())
-
-    # 1. Brain mask and depth below its surface, on a loose box around the ellipsoid (the
-    #    boundary noise is clipped so the brain cannot leave it).
     loose = box_around(c - 1.22 * a, c + 1.22 * a, spacing, shape)
-    lshape = tuple(s.stop - s.start for s in loose)
     x, y, z = open_grid(coords, loose)
     dx, dy, dz = x - c[0], y - c[1], z - c[2]
-    f_low = np.clip(smooth_field(rng, lshape, 30.0, spacing), -3.0, 3.0)
+    f_low = np.clip(smooth_field(rng, _box_shape(loose), 30.0, spacing), -3.0, 3.0)
     ax0 = a[0] * (1.0 - params.taper * (dy / a[1]))  # narrower at the front (low axis-1 index)
     ax2 = np.where(dz < 0, 0.85 * a[2], a[2]).astype(np.float32)  # flatter underneath
     r = np.sqrt((dx / ax0) ** 2 + (dy / a[1]) ** 2 + (dz / ax2) ** 2)
     r *= 1.0 + params.boundary_roughness * f_low
     brain = r < 1.0
-    # Everything else is computed on the brain's bounding box (one voxel of margin), then
-    # pasted into zeros: about half the voxels of the field of view.
     tight = tight_box(brain, margin=1)
     crop = tuple(slice(lo.start + t.start, lo.start + t.stop) for lo, t in zip(loose, tight))
-    cshape = tuple(s.stop - s.start for s in crop)
-    brain = np.ascontiguousarray(brain[tight])
-    f_low = np.ascontiguousarray(f_low[tight])
-    depth = (1.0 - r[tight]) * np.float32(a_mean)  # mm below the surface (radially), < 0 outside
-    del r, x, y, z, dx, dy, dz, ax0, ax2
+    depth = (1.0 - r[tight]) * np.float32(float(a.mean()))
+    return crop, np.ascontiguousarray(brain[tight]), np.ascontiguousarray(f_low[tight]), depth
 
-    # 2. Tissue classes.
+
+def _tissue_classes(params, rng, brain, f_low, depth, coords, crop, spacing, shape):
+    """Step 2: the tissue class of every voxel of the crop; returns (tissue, tex_a, tex_b), the
+    last two the texture fields the intensities share. White matter first, then each structure
+    painted over it: cortex and sulci, the fissure, the central structures, vessels, WMH."""
+    cshape = _box_shape(crop)
     fold = smooth_field(rng, cshape, params.fold_corr_mm, spacing)
     tex_a = smooth_field(rng, cshape, 4.0, spacing)
     tex_b = smooth_field(rng, cshape, 12.0, spacing)
+    vox = max(spacing)
     cortex = max(params.cortex_mm, 0.9 * vox)
+    tissue = brain.astype(np.uint8)  # WM == 1
+    _cortex_and_sulci(params, tissue, brain, depth, fold, cortex, vox)
+    _fissure(params, tissue, brain, depth, coords, crop, spacing, cortex)
+    _central_structures(params, tissue, brain, f_low, fold, coords, crop, spacing)
+    _vessels(tissue, brain, tex_a, tex_b)
+    _white_matter_hyperintensities(params, tissue, fold, coords, crop, spacing, shape)
+    return tissue, tex_a, tex_b
+
+
+def _cortex_and_sulci(params, tissue, brain, depth, fold, cortex, vox):
+    """Grey matter: a cortical ribbon plus gyri folded by ``fold``, with sulcal CSF between them."""
     gyral = max(params.gyral_depth_mm, 2.0 * vox)
     afold = np.abs(fold)
-    tissue = brain.astype(np.uint8)  # WM == 1
     gm = (depth < cortex) | ((afold < 0.7) & (depth < gyral + cortex))
     np.putmask(tissue, gm & brain, GM)
     np.putmask(tissue, (afold < params.sulcal_width) & (depth < gyral) & brain, CSF)
-    del gm, afold
-    _fissure(params, tissue, brain, depth, coords, crop, spacing, cortex)
-    _central_structures(params, tissue, brain, f_low, fold, coords, crop, spacing)
+
+
+def _vessels(tissue, brain, tex_a, tex_b):
+    """Small cortical vessels: thin tubes where both texture fields cross zero, outside CSF."""
     vessels = (np.abs(tex_a) < 0.035) & (np.abs(tex_b) < 0.08) & brain & (tissue != CSF)
     np.putmask(tissue, vessels, VESSEL)
-    del vessels
+
+
+def _white_matter_hyperintensities(params, tissue, fold, coords, crop, spacing, shape):
+    """Unlabelled WMH: small blobs, roughened by ``fold``, painted over white matter only."""
     for centre, radius in params.wmh:
         box = inner_box(crop, box_around(np.asarray(centre) - 2 * radius, np.asarray(centre) + 2 * radius, spacing, shape))
         bx, by, bz = open_grid(coords, outer_box(crop, box))
@@ -236,67 +286,74 @@ def render(params: PatientParams, shape: tuple[int, int, int]) -> Rendered:
         t = tissue[box]
         t[(e < 1.0) & (t == WM)] = WMH
 
-    # 3. Tumour.
-    seg = np.zeros(cshape, dtype=np.uint8)
-    edema_maps = [
-        paint_lesion(lesion, rng, tissue, seg, brain, coords, crop, spacing, shape) for lesion in params.lesions
-    ]
-    del depth, fold
 
-    # 4. Intensities, modality by modality.
-    outside = ~brain
-    images = {}
-    for name in MODALITIES:
-        m = params.modalities[name]
-        mrng = np.random.default_rng(m.bias_seed)
-        lut = (np.asarray(m.contrast, dtype=np.float64) ** m.gamma).astype(np.float32)
-        amp = np.asarray(m.texture, dtype=np.float32)
-        tex = tex_a * np.float32(math.cos(m.texture_angle))
-        tex += tex_b * np.float32(math.sin(m.texture_angle))
-        img = amp[tissue]
-        img *= tex
-        img += 1.0
-        img *= lut[tissue]
-        edema_value = np.float32(m.edema**m.gamma)
-        for box, weight in edema_maps:
-            target = edema_value * (1.0 + np.float32(m.edema_texture) * tex[box])
-            target -= img[box]
-            target *= weight
-            img[box] += target
-        del tex
-        img = blur3(img, m.blur)
-        # Smooth multiplicative bias field (receive-coil sensitivity), separable, with the
-        # global scale folded in.
-        p0, p1, p2 = (cosine_profile(mrng, n)[s] for n, s in zip(shape, crop))
-        cross = np.float32(mrng.normal(0.0, 0.5))
-        bias_xy = np.exp(np.float32(m.bias) * (p0[:, None] + p1[None, :] + cross * p0[:, None] * p1[None, :]))
-        bias_xy *= np.float32(m.scale)
-        img *= bias_xy[:, :, None]
-        img *= np.exp(np.float32(m.bias) * p2)[None, None, :]
-        noise = mrng.standard_normal(cshape, dtype=np.float32)
-        noise *= np.float32(m.noise * m.scale)
-        img += noise
-        del noise
-        np.abs(img, out=img)  # magnitude image: Rician-like where the signal is low
-        factor = int(round(m.thick_mm / spacing[2])) if m.thick_mm else 0
-        if factor >= 2:
-            img = thick_slices(img, factor, axis=2)
-        img += np.float32(m.offset * m.scale)
-        np.clip(img, 1.0, 32000.0, out=img)
-        np.rint(img, out=img)
-        np.putmask(img, outside, 0.0)
-        full = np.zeros(shape, dtype=np.int16)
-        full[crop] = img
-        images[name] = full
-        del img
+def _modality_image(m: ModalityParams, tissue, tex_a, tex_b, edema_maps, outside, crop, spacing, shape) -> np.ndarray:
+    """Step 4, one modality: the int16 image of the full grid, 0 outside the brain. Its bias
+    field and noise come from its own generator (``m.bias_seed``), the bias field first."""
+    mrng = np.random.default_rng(m.bias_seed)
+    img = _tissue_signal(m, tissue, tex_a, tex_b, edema_maps)
+    img = blur3(img, m.blur)
+    _apply_bias_field(img, m, mrng, crop, shape)
+    _add_magnitude_noise(img, m, mrng)
+    img = _scanner_output(img, m, outside, spacing)
+    return _paste(img, crop, shape, np.int16)
 
-    seg_full = np.zeros(shape, dtype=np.uint8)
-    seg_full[crop] = seg
-    brain_full = np.zeros(shape, dtype=bool)
-    brain_full[crop] = brain
-    tissue_full = np.zeros(shape, dtype=np.uint8)
-    tissue_full[crop] = tissue
-    return Rendered(images=images, seg=seg_full, brain=brain_full, tissue=tissue_full)
+
+def _tissue_signal(m: ModalityParams, tissue, tex_a, tex_b, edema_maps) -> np.ndarray:
+    """float32 signal of the crop: the class contrast (with the modality's gamma) textured by the
+    mix of the shared fields, then each lesion's edema blended in (``_blend_edema``)."""
+    lut = (np.asarray(m.contrast, dtype=np.float64) ** m.gamma).astype(np.float32)
+    amp = np.asarray(m.texture, dtype=np.float32)
+    tex = tex_a * np.float32(math.cos(m.texture_angle))
+    tex += tex_b * np.float32(math.sin(m.texture_angle))
+    img = amp[tissue]
+    img *= tex
+    img += 1.0
+    img *= lut[tissue]
+    _blend_edema(img, m, tex, edema_maps)
+    return img
+
+
+def _blend_edema(img, m: ModalityParams, tex, edema_maps) -> None:
+    """Pull ``img`` towards the textured edema signal by each lesion's blend weight (in place)."""
+    edema_value = np.float32(m.edema**m.gamma)
+    for box, weight in edema_maps:
+        target = edema_value * (1.0 + np.float32(m.edema_texture) * tex[box])
+        target -= img[box]
+        target *= weight
+        img[box] += target
+
+
+def _apply_bias_field(img, m: ModalityParams, mrng, crop, shape) -> None:
+    """Smooth multiplicative bias field (receive-coil sensitivity), separable, with the global
+    scale folded in (in place)."""
+    p0, p1, p2 = (cosine_profile(mrng, n)[s] for n, s in zip(shape, crop))
+    cross = np.float32(mrng.normal(0.0, 0.5))
+    bias_xy = np.exp(np.float32(m.bias) * (p0[:, None] + p1[None, :] + cross * p0[:, None] * p1[None, :]))
+    bias_xy *= np.float32(m.scale)
+    img *= bias_xy[:, :, None]
+    img *= np.exp(np.float32(m.bias) * p2)[None, None, :]
+
+
+def _add_magnitude_noise(img, m: ModalityParams, mrng) -> None:
+    """Gaussian noise, then the magnitude: Rician-like where the signal is low (in place)."""
+    noise = mrng.standard_normal(img.shape, dtype=np.float32)
+    noise *= np.float32(m.noise * m.scale)
+    img += noise
+    np.abs(img, out=img)
+
+
+def _scanner_output(img, m: ModalityParams, outside, spacing) -> np.ndarray:
+    """Optional thick-slice acquisition, the scanner's offset, rounded to whole units in
+    1..32000, and exactly 0 outside the brain."""
+    factor = int(round(m.thick_mm / spacing[2])) if m.thick_mm else 0
+    if factor >= 2:
+        img = thick_slices(img, factor, axis=2)
+    img += np.float32(m.offset * m.scale)
+    np.clip(img, 1.0, 32000.0, out=img)
+    np.rint(img, out=img)
+    np.putmask(img, outside, 0.0)
+    return img
 
 
 def _fissure(params, tissue, brain, depth, coords, crop, spacing, cortex):

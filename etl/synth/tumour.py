@@ -94,19 +94,13 @@ def paint_lesion(lesion, rng, tissue, seg, brain, coords, crop, spacing, shape):
     Fields, all in the lesion's rotated frame: ``e_field`` (< 1 inside the edema envelope) and
     ``c_field`` (< 1 inside the tumour core), each a normalised ellipsoidal radius plus smooth
     noise.  Labels nest by construction: the core is inside a margin-widened envelope, the
-    enhancing rim surrounds the necrotic centre.
+    enhancing rim surrounds the necrotic centre.  ``rng`` gives the three noise fields, in the
+    order envelope, core, interior.
     """
-    centre = np.asarray(lesion.centre)
-    R = lesion.radius
-    axes = np.asarray(lesion.axes)
     clip = 1.6
-    reach = (1.12 + clip * lesion.roughness) * R * axes.max() + 2.0 * max(spacing)
-    box = inner_box(crop, box_around(centre - reach, centre + reach, spacing, shape))
+    box, q = _lesion_frame(lesion, clip, coords, crop, spacing, shape)
     bshape = tuple(s.stop - s.start for s in box)
-    gx, gy, gz = open_grid(coords, outer_box(crop, box))
-    rot = np.asarray(lesion.rotation, dtype=np.float32)
-    d = (gx - centre[0], gy - centre[1], gz - centre[2])
-    q = [rot[0, i] * d[0] + rot[1, i] * d[1] + rot[2, i] * d[2] for i in range(3)]  # R^T d
+    R = lesion.radius
     n_env = np.clip(smooth_field(rng, bshape, 0.35 * R, spacing), -clip, clip)
     n_core = np.clip(smooth_field(rng, bshape, 0.25 * R, spacing), -clip, clip)
     n_in = smooth_field(rng, bshape, 0.2 * R, spacing)
@@ -114,44 +108,84 @@ def paint_lesion(lesion, rng, tissue, seg, brain, coords, crop, spacing, shape):
     s = seg[box]
     inside = brain[box]
 
-    e_field = np.sqrt(sum((qi / np.float32(R * ai)) ** 2 for qi, ai in zip(q, axes)))
-    e_field += np.float32(lesion.roughness) * n_env
-    e_field -= np.float32(0.12) * (t == WM)  # vasogenic edema spreads along white matter ...
-    e_field += np.float32(0.3) * ((t == GM) | (t == DGM))  # ... and mostly spares grey matter
-    rc = R * lesion.core_ratio
-    off = lesion.core_offset
-    c_field = np.sqrt(sum(((qi - oi) / np.float32(rc * ai)) ** 2 for qi, oi, ai in zip(q, off, axes)))
-    c_field += np.float32(0.8 * lesion.roughness) * n_core
-
+    e_field = _envelope_field(lesion, q, n_env, t)
+    c_field = _core_field(lesion, q, n_core)
     fluid = (t == CSF) | (t == CHOROID)
     core = (c_field < 1.0) & inside
-    margin = max(2.0, max(spacing)) / (rc * axes.min())  # edema at least ~2 mm around the core
+    rc = R * lesion.core_ratio
+    margin = max(2.0, max(spacing)) / (rc * np.asarray(lesion.axes).min())  # edema at least ~2 mm around the core
     envelope = (c_field < 1.0 + margin) & inside
     edema = (((e_field < 1.0) & ~fluid) | envelope) & inside
-    inner = c_field + np.float32(0.15) * n_in
+    necrosis, solid, et = _core_parts(lesion, core, c_field + np.float32(0.15) * n_in, n_in)
+    _label(s, t, edema, necrosis, solid, et)
+    return box, _edema_weight(e_field, envelope, core | fluid | ~inside)
+
+
+def _lesion_frame(lesion, clip, coords, crop, spacing, shape):
+    """The crop-relative box the lesion can reach (its envelope widened by the largest shape
+    noise, ``clip``) and the box's coordinates in the lesion's rotated frame, R^T (x - centre)."""
+    centre = np.asarray(lesion.centre)
+    axes = np.asarray(lesion.axes)
+    reach = (1.12 + clip * lesion.roughness) * lesion.radius * axes.max() + 2.0 * max(spacing)
+    box = inner_box(crop, box_around(centre - reach, centre + reach, spacing, shape))
+    gx, gy, gz = open_grid(coords, outer_box(crop, box))
+    rot = np.asarray(lesion.rotation, dtype=np.float32)
+    d = (gx - centre[0], gy - centre[1], gz - centre[2])
+    return box, [rot[0, i] * d[0] + rot[1, i] * d[1] + rot[2, i] * d[2] for i in range(3)]
+
+
+def _envelope_field(lesion, q, n_env, t):
+    """< 1 inside the edema envelope: vasogenic edema spreads along white matter and mostly
+    spares grey matter (``t``, the tissue before the lesion is painted)."""
+    R = lesion.radius
+    e_field = np.sqrt(sum((qi / np.float32(R * ai)) ** 2 for qi, ai in zip(q, lesion.axes)))
+    e_field += np.float32(lesion.roughness) * n_env
+    e_field -= np.float32(0.12) * (t == WM)
+    e_field += np.float32(0.3) * ((t == GM) | (t == DGM))
+    return e_field
+
+
+def _core_field(lesion, q, n_core):
+    """< 1 inside the tumour core, centred at ``core_offset`` in the lesion's frame."""
+    rc = lesion.radius * lesion.core_ratio
+    off = lesion.core_offset
+    c_field = np.sqrt(sum(((qi - oi) / np.float32(rc * ai)) ** 2 for qi, oi, ai in zip(q, off, lesion.axes)))
+    c_field += np.float32(0.8 * lesion.roughness) * n_core
+    return c_field
+
+
+def _core_parts(lesion, core, inner, n_in):
+    """(necrosis, solid, et) masks of the core: an enhancing rim with non-enhancing patches
+    around a necrotic centre, or solid non-enhancing tumour around an optional fluid cyst."""
     if lesion.enhancing:
         necrosis = core & (inner < lesion.necrosis_ratio)
         rim = core & ~necrosis
         thr = _normal_quantile(1.0 - lesion.rim_patchiness) if lesion.rim_patchiness > 0 else np.inf
         solid = rim & (n_in > thr)  # non-enhancing patches of the rim (label NCR/NET)
-        et = rim & ~solid
-    else:
-        et = np.zeros_like(core)
-        necrosis = core & (inner < lesion.cyst_ratio)  # a fluid cyst, if any
-        solid = core & ~necrosis
+        return necrosis, solid, rim & ~solid
+    necrosis = core & (inner < lesion.cyst_ratio)  # a fluid cyst, if any
+    return necrosis, core & ~necrosis, np.zeros_like(core)
 
+
+def _label(s, t, edema, necrosis, solid, et):
+    """Write the BraTS labels into ``s`` (edema only where nothing is labelled yet) and the
+    tumour tissue classes into ``t``."""
     s[edema & (s == 0)] = 2
     s[necrosis | solid] = 1
     s[et] = 4
     t[necrosis] = NECROSIS
     t[solid] = SOLID
     t[et] = ET
-    # Edema appearance: strongest near the core, fading towards the labelled border
-    # (e_field = 1) and continuing faintly just beyond it, where annotators stopped.
+
+
+def _edema_weight(e_field, envelope, excluded):
+    """Edema appearance: strongest near the core, fading towards the labelled border
+    (e_field = 1) and continuing faintly just beyond it, where annotators stopped; 0 on
+    ``excluded`` (core, fluid, outside the brain)."""
     weight = np.clip((np.float32(1.12) - e_field) / np.float32(0.4), 0.0, 1.0)
     np.maximum(weight, np.float32(0.55) * envelope, out=weight)
-    weight[core | fluid | ~inside] = 0.0
-    return box, weight
+    weight[excluded] = 0.0
+    return weight
 
 
 def _normal_quantile(p: float) -> float:
