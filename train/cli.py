@@ -8,16 +8,18 @@ command's module holds all of its logic.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 
 from shards_spec.cli import make_app
 from shards_spec.errors import ToolError, run_cli
 
+from .config.schema import DEVICE_HELP, FIELDS, default_text, kinds, option_name
 from .runtime.bounded import TIMEOUT_ENV, TIMEOUT_LIMITS
 
 app = make_app(
@@ -61,8 +63,6 @@ STORAGE_OPTION_HELP = ("fsspec option for a shard URL, KEY=VALUE (repeatable; VA
 RUN_STORAGE_OPTION_HELP = STORAGE_OPTION_HELP + " Not saved with the run: give it again on --resume."
 TRACKING_BOUND_HELP = (f"Each tracker call may take {TIMEOUT_LIMITS['TRACKING_TIMEOUT']:g} s ({TIMEOUT_ENV}); a "
                        "failure or a stall is one warning and training goes on (before the start: one line).")
-DEVICE_HELP = ("auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda (GPU 0; under torchrun each "
-               "rank's GPU LOCAL_RANK), cuda:N (GPU N) or mps (Apple silicon).")
 CONFIG_HELP = ("Options from a TOML file (epochs = 80, batch-size = 16, channels = [\"t1ce\", \"flair\"]) "
                "or a run's config.json (all but its out); options given here override the file's.")
 
@@ -80,58 +80,59 @@ def _default(text: str, shown: object) -> str:
     return f"{text}  [default: {shown}]"
 
 
-@app.command("run", help=RUN_HELP, no_args_is_help=True)
-def run_command(
-    shards: Optional[str] = typer.Option(None, help="Shard folder or URL (holding manifest.json); required for a new run."),
-    variant: Optional[str] = typer.Option(None, help="Preset: v1 or v2; required for a new run."),
-    out: Optional[str] = typer.Option(None, help=_default("Run folder.", "runs/<variant>-<timestamp>")),
+def _run_flags(
     config: Optional[Path] = typer.Option(None, "--config", metavar="<file>", help=CONFIG_HELP),
     resume: bool = typer.Option(False, "--resume/--no-resume", show_default=False, help=_default("Continue OUT from checkpoints/last.pt, exactly.", "off")),
     force: bool = typer.Option(False, "--force/--no-force", show_default=False, help=_default("Overwrite an existing run; on --resume accept other shards or options.", "off")),
-    epochs: Optional[int] = typer.Option(None, help=_default("Epochs in total (also when resuming), at most 100000.", 50)),
-    time_budget: Optional[str] = typer.Option(None, help="Wall-clock limit: 12h, 90m, 600s, 1h30m; holds within one step plus the final validation, and leaves a checkpoint that --resume continues."),
-    early_stop: Optional[int] = typer.Option(None, help="Stop when the validation mean Dice has not improved for N validations.  [default: off]"),
-    batch_size: Optional[int] = typer.Option(None, help=_default("Slices per batch (per rank under torchrun).", "16 on CPU, 32 on CUDA")),
-    lr: Optional[float] = typer.Option(None, help=_default("Adam learning rate, in (0, 1].", 0.001)),
-    weight_decay: Optional[float] = typer.Option(None, help=_default("Adam weight decay, in [0, 1].", 0)),
-    schedule: Optional[str] = typer.Option(None, help=_default("Learning rate: cosine (warm-up then cosine decay per step), poly (nnU-Net's) or plateau (ReduceLROnPlateau on validation Dice).", "cosine")),
-    warmup: Optional[int] = typer.Option(None, help=_default("Linear warm-up steps of cosine/poly (at most a tenth of the schedule).", 100)),
-    plateau_factor: Optional[float] = typer.Option(None, help=_default("--schedule plateau: factor the rate is cut by.", 0.5)),
-    plateau_patience: Optional[int] = typer.Option(None, help=_default("--schedule plateau: epochs without gain before a cut.", 5)),
-    seed: Optional[int] = typer.Option(None, help=_default("Seed of weights, data order and augmentation, 0 to 2^63-1.", 0)),
-    val_split: Optional[str] = typer.Option(None, help=_default("val (train on 'train') or foldK (train on the other folds).", "val")),
-    target: Optional[str] = typer.Option(None, help=_default("classes (NEC/NET, ED, ET) or regions (WT, TC, ET).", "regions")),
-    channels: Optional[str] = typer.Option(None, help=_default("Input channels, e.g. t1ce,flair.", "the preset's")),
-    context: Optional[int] = typer.Option(None, help=_default("2.5D input: each slice with its N neighbours on each side as extra channels (0..3). Off by default: measured without a gain (docs/quality.md).", 0)),
-    oversample_tumour: Optional[int] = typer.Option(None, help=_default("Repeat slices with tumour N times per epoch (1 to 100).", 2)),
-    augment: Optional[str] = typer.Option(None, help=_default("Augmentation: none or light.", "the preset's")),
-    shuffle_buffer: Optional[int] = typer.Option(None, help=_default("Slices in the streaming shuffle buffer (host memory).", 2000)),
-    workers: Optional[int] = typer.Option(None, help=_default("DataLoader worker processes.", "1 on CPU, 2 on CUDA")),
-    model: Optional[str] = typer.Option(None, help=_default("unet or attention_unet.", "the preset's")),
-    loss: Optional[str] = typer.Option(None, help=_default("dice or dice_bce.", "the preset's")),
-    base: Optional[int] = typer.Option(None, help=_default("Channels of the first U-Net level.", 32)),
-    depth: Optional[int] = typer.Option(None, help=_default("Down-sampling levels.", 4)),
-    stem: Optional[int] = typer.Option(None, help=_default("1: none; 2: a stride-2 first convolution, every level at half resolution (~4x fewer FLOPs).", "2 on CPU, 1 on CUDA")),
-    batch_norm: Optional[bool] = typer.Option(None, "--batch-norm/--no-batch-norm", help=_default("Batch norm after every convolution.", "on")),
-    deep_supervision: Optional[bool] = typer.Option(None, "--deep-supervision/--no-deep-supervision", help=_default("Also train outputs at 1/2 and 1/4 resolution (nnU-Net's deep supervision). Off by default: measured without a gain (docs/quality.md).", "off")),
-    head_bias: Optional[str] = typer.Option(None, help=_default("prior: start each output at its class frequency; zero: PyTorch's default.", "prior")),
-    device: Optional[str] = typer.Option(None, help=_default(DEVICE_HELP, "auto")),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=_default("Mixed precision: fp16 autocast + GradScaler on CUDA; bf16 autocast on a CPU that computes bf16 natively (AMX, AVX512-BF16), about twice the steps (docs/quality.md). --no-amp: float32.", "on")),
-    amp_dtype: Optional[str] = typer.Option(None, help=_default("auto (fp16 on CUDA; bf16 on a CPU with native bf16, AMX or AVX512-BF16, else off), float16 or bfloat16.", "auto")),
-    cache_dir: Optional[str] = typer.Option(None, help="Keep fetched shard files here (remote shards), re-verified by sha256 on every use."),
     storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", metavar="<key=value>", help=RUN_STORAGE_OPTION_HELP),
-    on_bad_shard: Optional[str] = typer.Option(None, help=_default("fail: stop at the first bad shard; skip: leave bad shards out, count them and print the count after each epoch.", "fail")),
-    report: Optional[bool] = typer.Option(None, "--report/--no-report", help=_default("Write the report at the end.", "on")),
     logger: str = typer.Option("csv", help="Also log to tensorboard (RUN/tensorboard/) or mlflow (--tracking-uri); csv: metrics.csv only. Not saved with the run. " + TRACKING_BOUND_HELP),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default)."),
     log_images_every: int = typer.Option(5, help="With --logger: a validation overlay picture every N epochs and after the last (0: none)."),
 ) -> None:
+    """The options of `train run` that are not `Config` fields (how to run, not what: not saved
+    with the run, or read before the configuration is)."""
+
+
+FLAGS_AFTER = {"config": "out", "resume": "out", "force": "out", "storage_option": "cache_dir"}
+"""Where `--help` shows a `_run_flags` option: after this `Config` option (the others come last)."""
+CLI_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "tuple[str, ...]": str}
+"""The command-line type of a `Config` annotation (`--channels t1ce,flair` is one string)."""
+
+
+def _config_option(name: str) -> inspect.Parameter:
+    """The `train run` option of `Config` field `name`, from its declaration (`train.config.schema`):
+    None unless given, so that --config and --resume can fill it; on/off for a bool."""
+    field = FIELDS[name]
+    kind = CLI_TYPES[kinds(name)[0]]
+    shown = default_text(name)
+    text = field.metadata["help"] if shown is None else _default(field.metadata["help"], shown)
+    spelling = option_name(name)
+    declared = [f"{spelling}/--no-{spelling[2:]}"] if kind is bool else []
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[Optional[kind], typer.Option(*declared, help=text)])
+
+
+def _run_parameters() -> list[inspect.Parameter]:
+    """`train run`'s options in `--help` order: `Config`'s, in field order, with `_run_flags`' among them."""
+    flags = inspect.signature(_run_flags, eval_str=True).parameters
+    ordered = []
+    for name in FIELDS:
+        ordered.append(_config_option(name))
+        ordered += [flag.replace(kind=inspect.Parameter.KEYWORD_ONLY) for flag_name, flag in flags.items()
+                    if FLAGS_AFTER.get(flag_name) == name]
+    ordered += [flag.replace(kind=inspect.Parameter.KEYWORD_ONLY) for flag_name, flag in flags.items()
+                if flag_name not in FLAGS_AFTER]
+    return ordered
+
+
+def run_command(**params: Any) -> None:
+    """`train run`: its signature (the options) is made below from `Config`'s declarations and `_run_flags`."""
     from . import api
 
-    overrides = _run_options(locals())
-    common = dict(force=force, storage_options=_storage_options(storage_option), console=True,
-                  callbacks=_tracking_callbacks(logger, tracking_uri, log_images_every))
-    if resume:
+    overrides = _run_options(params)
+    common = dict(force=params["force"], storage_options=_storage_options(params["storage_option"]), console=True,
+                  callbacks=_tracking_callbacks(params["logger"], params["tracking_uri"], params["log_images_every"]))
+    if params["resume"]:
         result = api.resume(overrides.pop("out", None), **common, **overrides)
     else:
         result = api.train(overrides.pop("shards", None), overrides.pop("out", None), overrides.pop("variant", None),
@@ -140,11 +141,16 @@ def run_command(
         raise typer.Exit(result.exit_code)
 
 
+_RUN_PARAMETERS = _run_parameters()
+run_command.__signature__ = inspect.Signature(_RUN_PARAMETERS)  # type: ignore[attr-defined]
+run_command.__annotations__ = {p.name: p.annotation for p in _RUN_PARAMETERS}  # typer reads the types here
+app.command("run", help=RUN_HELP, no_args_is_help=True)(run_command)
+
+
 def _run_options(params: dict) -> dict:
     """The `Config` options of a `train run`: those of `--config FILE` (if given), overridden by
     those given on the command line (the others are None)."""
     from .config.file import read_options
-    from .config.options import FIELDS
 
     given = {name: value for name, value in params.items() if name in FIELDS and value is not None}
     from_file = read_options(params["config"]) if params.get("config") is not None else {}

@@ -16,13 +16,15 @@ The set-up, in order, and why in that order:
    `--force`); every rank learns the outcome, so they stop together.
 3. Data: the manifest first (it decides which folds exist, and its content digest identifies
    the data), then two streaming `ShardDataset`s.
-4. The `Trainer` builds the model, loss, optimiser and scheduler, restores last.pt when
-   resuming, and runs the epochs.
+4. The `Trainer` (or the subclass `--trainer package.module:ClassName` names, imported once the
+   configuration is resolved) builds the model, loss, optimiser and scheduler, restores last.pt
+   when resuming, and runs the epochs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +53,21 @@ the variant, the run would claim a preset its model does not follow)."""
 
 
 def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False, hooks: Hooks | None = None,
-        storage_options: dict | None = None, trainer_class: type[Trainer] = Trainer) -> Result:
+        storage_options: dict | None = None, trainer_class: type[Trainer] | None = None) -> Result:
     """Train as configured; see the module docstring for the steps. Raises `ToolError` on bad
     input (one line in the CLI); returns a `Result` for every planned ending.
 
     `storage_options` go to fsspec for a shard URL (credentials, `endpoint_url`); they are not
     saved with the run (they may hold secrets), so a `--resume` needs them again.
-    `trainer_class` is a `Trainer` subclass that overrides some of its steps."""
+    `trainer_class` is a `Trainer` subclass that overrides some of its steps (from Python; the
+    option `trainer` names one to import, as `--trainer` does)."""
     hooks = hooks or Hooks()
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config, preset, restored = resolve_run(overrides, resume, force)
+    if config.trainer is not None:
+        if trainer_class is not None:
+            raise ConfigError("--trainer: give the Trainer subclass either as --trainer or as trainer_class, not both")
+        trainer_class = import_trainer(config.trainer)
     if config.report:
         hooks = dataclasses.replace(hooks, callbacks=[*hooks.callbacks, ReportCallback(storage_options)])
     dist, device = start_processes(config)
@@ -75,7 +82,7 @@ def run(overrides: dict[str, Any], *, resume: bool = False, force: bool = False,
         setup = Setup(config=config, preset=preset, overrides=overrides, manifest=manifest, train_ds=train_ds,
                       val_ds=val_ds, train_splits=train_splits, dist=dist, device=device, console=console,
                       hooks=hooks, restored=restored, force=force, storage_options=storage_options)
-        return trainer_class(setup).fit()
+        return (trainer_class or Trainer)(setup).fit()
     finally:
         if lock is not None:
             lock.release()
@@ -98,6 +105,9 @@ def resolve_run(overrides: dict[str, Any], resume: bool, force: bool) -> tuple[C
     saved = dict(restored["config"])
     saved["out"] = overrides["out"]
     config = resolve(overrides, saved)
+    if config.trainer is not None and "trainer" not in overrides:
+        raise ConfigError(f"--trainer: {config.out} was trained with --trainer {config.trainer}; give it again to "
+                          "continue (a class named by a checkpoint is never imported)")
     check_sizes(config)
     changed = differences(restored["config"], config)
     blocked = [c for c in changed if c.split()[0] in {option_name(a) for a in ARCHITECTURE}]
@@ -111,6 +121,27 @@ def resolve_run(overrides: dict[str, Any], resume: bool, force: bool) -> tuple[C
         raise ConfigError(f"--epochs: {config.out} has already trained {restored['epoch']} epochs, "
                           f"more than --epochs {config.epochs}")
     return config, restored["variant"], restored
+
+
+def import_trainer(name: str) -> type[Trainer]:
+    """The class `--trainer package.module:ClassName` names (spelling checked by the configuration),
+    imported: the user's code, named by the user on the command line or in a `--config` file, never
+    read from a checkpoint (`resolve_run`). One line when the module or the class is missing or the
+    class is no `Trainer`; an error raised by the module's own code is left as its traceback."""
+    module_name, _, class_name = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise ConfigError(f"--trainer: there is no module {module_name} to import (is it installed, or its "
+                              "folder on PYTHONPATH?)") from None
+        raise ConfigError(f"--trainer: importing {module_name} failed: {exc}") from exc
+    found = getattr(module, class_name, None)
+    if found is None:
+        raise ConfigError(f"--trainer: module {module_name} has no {class_name}")
+    if not (isinstance(found, type) and issubclass(found, Trainer)):
+        raise ConfigError(f"--trainer: {name} is not a subclass of train.training.trainer.Trainer")
+    return found
 
 
 def resumable_checkpoint(run_dir: Path) -> Path:

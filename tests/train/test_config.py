@@ -95,7 +95,7 @@ def test_resume_takes_the_saved_config_and_reports_differences():
     assert (resumed.variant, resumed.lr, resumed.epochs, resumed.workers) == ("v2", 0.01, 9, 0)
     assert differences(saved, resumed) == []  # where and how long may change
     changed = differences(saved, resolve({"lr": 0.1, "augment": "none"}, saved))
-    assert [c.split()[0] for c in changed] == ["--augment", "--lr"]
+    assert [c.split()[0] for c in changed] == ["--lr", "--augment"]  # in the options' order (train run --help)
     assert differences(saved, resolve({"shards": "https://elsewhere/shards"}, saved)) == []
 
 

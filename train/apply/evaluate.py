@@ -62,6 +62,7 @@ import numpy as np
 
 from shards_spec.progress import Progress
 
+from ..config.options import check_option
 from ..data import ShardDataset, iter_patients, stack_volume
 from ..metrics import (
     BRATS,
@@ -117,7 +118,7 @@ def main(checkpoint: Path | Sequence[Path], shards: str, split: str = "val", src
 
     warn_console = console or Console(stderr=True, soft_wrap=True)
     console = console or Console(soft_wrap=True)
-    check_options(batch_size, workers, lesion_wise, src, min_et_voxels)
+    check_options(batch_size, workers, lesion_wise, src, min_et_voxels, device)
     paths = inference.checkpoint_paths(checkpoint)
     outputs = output_paths(json_path, csv_path)
     store = ShardStore(shards, cache_dir=cache_dir, storage_options=storage_options)
@@ -178,10 +179,13 @@ def _results_head(paths: Sequence[Path], loaded: inference.LoadedModel, shards: 
 # ---------------------------------------------------------------- checks of the options
 
 
-def check_options(batch_size: int, workers: int, lesion_wise: bool, src: Path | None, min_et_voxels: int) -> None:
-    """The option values, before anything is read: sizes within `train run`'s limits
-    (`train.runfiles.checkpoint.size_problem`: `--workers` at most `BRATS_SHARDS_MAX_WORKERS` loader
-    processes), the rest in range."""
+def check_options(batch_size: int, workers: int, lesion_wise: bool, src: Path | None, min_et_voxels: int,
+                  device: str = "auto") -> None:
+    """The option values, before anything is read: those `train run` shares checked as it checks
+    them (`check_option`), within its limits (`train.runfiles.checkpoint.size_problem`: `--workers`
+    at most `BRATS_SHARDS_MAX_WORKERS` loader processes), the rest in range."""
+    for name, value in (("device", device), ("batch_size", batch_size), ("workers", workers)):
+        check_option(name, value)
     problem = ckpt.size_problem({"batch_size": batch_size, "workers": workers})
     if problem is not None:
         raise EvaluateError(f"--{problem[0].replace('_', '-')}: {problem[1]}")

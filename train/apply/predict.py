@@ -63,6 +63,7 @@ from shards_spec.errors import ToolError
 from shards_spec.labels import CHANNELS, Convention, decode_labels
 from shards_spec.preprocess import brain_mask
 
+from ..config.options import check_option
 from ..runfiles import rundir
 from . import inference
 
@@ -102,7 +103,7 @@ def main(checkpoint: Path | Sequence[Path], inputs: Sequence[Path | str], out: P
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
-    check_options(batch_size, min_et_voxels)
+    check_options(batch_size, min_et_voxels, device)
     paths = [resolve_checkpoint(p) for p in inference.checkpoint_paths(checkpoint)]
     jobs, batch, skipped = plan_jobs(inputs, Path(out))
     check_outputs(jobs, inputs, paths, probabilities, overwrite, Path(out))
@@ -288,7 +289,7 @@ class Predictor:
 
     def __init__(self, checkpoint: str | Path | Sequence[str | Path], *, device: str = "auto",
                  batch_size: int = 32, tta: bool = False, min_et_voxels: int = 0) -> None:
-        check_options(batch_size, min_et_voxels)
+        check_options(batch_size, min_et_voxels, device)
         paths = [resolve_checkpoint(p) for p in inference.checkpoint_paths(checkpoint)]
         options = inference.InferenceOptions(tta=tta, min_et_voxels=min_et_voxels)
         self.batch_size = batch_size
@@ -358,9 +359,10 @@ class Predictor:
                                         probabilities=probabilities)
 
 
-def check_options(batch_size: int, min_et_voxels: int) -> None:
-    if batch_size < 1:
-        raise PredictError(f"--batch-size: must be >= 1, got {batch_size}")
+def check_options(batch_size: int, min_et_voxels: int, device: str = "auto") -> None:
+    """The option values, before anything is read: those `train run` shares checked as it checks them."""
+    check_option("device", device)
+    check_option("batch_size", batch_size)
     if min_et_voxels < 0:
         raise PredictError(f"--min-et-voxels: must be >= 0, got {min_et_voxels}")
 

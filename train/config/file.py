@@ -13,8 +13,10 @@ A run's own `config.json` is read too: its `config` block, less `out` (the folde
 which a new run must not write into; give `--out`), so `--config runs/a/config.json --seed 1`
 repeats run a with another seed. Options given on the command line override the file's; the
 file's override the preset (or, with `--resume`, the run's saved options, with the same rules as
-flags). An unknown key, a value of the wrong type or out of its range (`config.NUMBERS`), a key
-given twice, or a file nested deeper than any options file is one line naming the file and the key.
+flags). An unknown key, a value of the wrong type or out of its range (both from the option's
+declaration, `train.config.schema`), a key given twice, or a file nested deeper than any options
+file is one line naming the file and the key; the other checks (choices, spellings) are the
+configuration's, after the command line's options are applied, as for flags.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from shards_spec.checked_io import read_json, read_toml, shown
 
-from .options import FIELDS, ConfigError, number_problem
+from .schema import FIELDS, ConfigError, kinds, number_problem
 
 _WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
           "tuple[str, ...]": "a list of names", "None": "null"}
@@ -44,7 +46,7 @@ def read_options(path: str | Path) -> dict[str, Any]:
         name = str(key).replace("-", "_")
         if name not in FIELDS:
             raise ConfigError(f"unknown key {shown(key)} (not an option of train run; see train run --help)", path)
-        options[name] = _typed(path, key, value, str(FIELDS[name].type))
+        options[name] = _typed(path, key, value, kinds(name))
         problem = number_problem(name, options[name])
         if problem is not None:
             raise ConfigError(f"{key}: {problem}", path)
@@ -66,9 +68,9 @@ def _load(path: Path) -> dict[str, Any]:
     return table
 
 
-def _typed(path: Path, key: str, value: Any, annotation: str) -> Any:
-    """`value` if it has the field's type (an integer for a float field becomes a float)."""
-    kinds = [part.strip() for part in annotation.split("|")]
+def _typed(path: Path, key: str, value: Any, kinds: list[str]) -> Any:
+    """`value` if it has the field's type, `kinds` as its annotation spells them (an integer for a
+    float field becomes a float)."""
     plain_int = isinstance(value, int) and not isinstance(value, bool)
     if value is None and "None" in kinds:
         return None
