@@ -173,8 +173,7 @@ def check_sizes(config: Config) -> None:
 def check_same_model(config: Config, restored: dict, path: Path) -> None:
     """The model the Trainer will build from the configuration is the one the checkpoint's
     weights were checked against (`ckpt.load`), so restoring them cannot fail."""
-    expected = {"name": config.model, "kwargs": config.model_kwargs, "in_channels": config.in_channels,
-                "out_channels": ckpt.OUT_CHANNELS}
+    expected = ckpt.model_spec(config)
     spec = restored["model"]
     described = {key: spec.get(key, expected[key] if key == "out_channels" else None) for key in expected}
     if described != expected:

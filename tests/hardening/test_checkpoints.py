@@ -60,7 +60,7 @@ def test_no_unsafe_deserialisation_in_the_code():
                     flag = keywords["allow_pickle"]
                     if not (isinstance(flag, ast.Constant) and flag.value is False):
                         unsafe.append((where, node.lineno, name))
-    assert torch_loads == [("train/runfiles/checkpoint.py", True)], torch_loads
+    assert torch_loads == [("train/runfiles/checkpoint/files.py", True)], torch_loads
     assert unsafe == [], unsafe
 
 

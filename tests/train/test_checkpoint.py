@@ -1,17 +1,24 @@
-"""Checkpoint files: weights_only round trip of every RNG, atomic writes, clear refusals."""
+"""Checkpoint files: weights_only round trip of every RNG, atomic writes, clear refusals; one set of
+rules and one description for a checkpoint and its exported config; a checkpoint written before the
+format moved into its package (issue 21) still loads and resumes to the same payload."""
 
 from __future__ import annotations
 
+import math
 import random
+import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from shards_spec.errors import ToolError
+from train.config.options import resolve
 from train.models import build_model
 from train.recipe.augment import Augmenter
-from train.runfiles import checkpoint as ckpt
+from train.runfiles import checkpoint as ckpt, export
 
 torch.set_num_threads(1)
 
@@ -25,8 +32,8 @@ def minimal(**extra):
     and shapes are checked against the model the checkpoint describes."""
     payload = {"format": ckpt.FORMAT, "epoch": 1, "state": "running",
                "model": {"name": "unet", "kwargs": TINY, "in_channels": 1, "out_channels": 3},
-               "model_state": TINY_STATE, "channels": ["flair"],
-               "target": "classes", "manifest_digest": "0" * 64, "config": {"lr": 0.001}}
+               "model_state": TINY_STATE, "channels": ["flair"], "target": "classes",
+               "preprocessing": {"size": 16, "norm": "slice"}, "manifest_digest": "0" * 64, "config": {"lr": 0.001}}
     payload.update(extra)
     return payload
 
@@ -112,6 +119,93 @@ def test_missing_file(tmp_path):
 
 def test_run_state_values():
     assert [s.value for s in ckpt.RunState] == ["running", "finished"]
+
+
+# ---------------------------------------------------------------- one description, one set of rules
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"channels": ["flair", "flair"]}, "distinct modality names"),
+    ({"channels": ["dwi"]}, "distinct modality names"),
+    ({"target": "labels"}, "its target 'labels' is not one of ['classes', 'regions']"),
+    ({"config": {"context": 9}}, "its context 9 is not 0..3 neighbours"),
+    ({"config": {"context": 1}}, "its model takes 1 input channels but lists 1 channel names (flair) with 1 neighbour"),
+    ({"channels": ["t1", "flair"]}, "its model takes 1 input channels but lists 2 channel names"),
+    ({"preprocessing": None}, "its preprocessing None is not a dict with a size and a norm"),
+    ({"preprocessing": {"norm": "slice"}}, "its preprocessing size None is not a positive integer"),
+    ({"preprocessing": {"size": 16, "norm": "zscore"}}, "its preprocessing norm 'zscore' is not one of"),
+    ({"preprocessing": {"size": 15, "norm": "slice"}}, "not a multiple of 2"),
+])
+def test_what_a_model_is_built_from_is_checked_once_for_load_and_for_an_exported_config(tmp_path, change, words):
+    """`check_description` is the one set of rules: `load` refuses the file, and the same config
+    as `train export` writes it (read back by `predict` for an ONNX model) is refused alike."""
+    path = ckpt.save(minimal(**change), tmp_path / "bad.pt")
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load(path)
+    assert str(info.value).startswith(f"{path}: ") and words in str(info.value)
+    good = ckpt.save(minimal(), tmp_path / "good.pt")
+    config = {**export.export_config(ckpt.load(good), good), **change}
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(words)):
+        ckpt.check_description(config, "model.json")
+
+
+def test_a_checkpoint_and_its_exported_config_describe_the_same_model(tmp_path):
+    path = ckpt.save(minimal(best_mean_dice=-math.inf, variant="v1"), tmp_path / "a.pt")
+    payload = ckpt.load(path)
+    described = ckpt.describe(payload)
+    assert (described.channels, described.target, described.size, described.norm, described.context,
+            described.in_channels, described.best_mean_dice, described.spatial_multiple) == \
+        (["flair"], "classes", 16, "slice", 0, 1, None, 2)
+    config = export.export_config(payload, path)
+    assert ckpt.describe(config) == described
+    assert {k: config[k] for k in described.record()} == described.record()
+
+
+OLD = Path(__file__).parent / "data" / "last-v1-issue21.pt"
+"""last.pt of a 2-epoch v1 run (base 2, depth 1, stem 2, 16x16 shards, CPU) written by the code
+before the checkpoint format moved into its package (issue 21): it must keep loading and resuming."""
+
+
+def _same(a, b, where=""):
+    """Paths where two plain checkpoint values differ (tensors by value, NaN equal to NaN)."""
+    if isinstance(a, torch.Tensor):
+        return [] if isinstance(b, torch.Tensor) and torch.equal(a, b) else [where]
+    if isinstance(a, dict):
+        return ([] if set(a) == set(b) else [f"{where} keys"]) + \
+            [d for k in a if k in b for d in _same(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, (list, tuple)):
+        return [f"{where} length"] if len(a) != len(b) else \
+            [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{where}[{i}]")]
+    return [] if a == b or all(isinstance(v, float) and math.isnan(v) for v in (a, b)) else [where]
+
+
+def test_a_checkpoint_written_before_the_move_loads_and_resumes_to_the_same_payload():
+    old = ckpt.load(OLD)
+    ckpt.check_resumable(old, OLD)
+    described = ckpt.describe(old)
+    assert (described.channels, described.target, described.size, described.context, described.epoch,
+            described.variant, described.model["kwargs"]) == \
+        (["t1ce", "flair"], "regions", 16, 0, 2, "v1", {"base": 2, "depth": 1, "batch_norm": True, "stem": 2})
+    assert ckpt.build_model_of(old, OLD).state_dict().keys() == old["model_state"].keys()
+
+    config = resolve({"out": old["config"]["out"]}, old["config"])
+    model = build_model(config.model, in_channels=config.in_channels, out_channels=3, **config.model_kwargs)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = ckpt.rng_state()
+    try:
+        state = ckpt.restore(old, OLD, model=model, optimizer=optimizer, scheduler=None, scaler=scaler)
+        state.schedule_steps = old["schedule_steps"]  # the Trainer's: epochs x steps per epoch
+        manifest = SimpleNamespace(content={"preprocessing": old["preprocessing"], "labels": old["labels"]},
+                                   digest=old["manifest_digest"])
+        again = ckpt.payload(config=config, variant=old["variant"], manifest=manifest, model=model,
+                             optimizer=optimizer, scheduler=None, scaler=scaler, augmenter=None, state=state)
+    finally:
+        ckpt.set_rng_state(before)
+    assert list(again) == list(old)
+    assert set(old["config"]) <= set(again["config"])  # options added since keep their defaults
+    differ = [d for d in _same(old, again) if not d.startswith(("/versions", "/rng/cuda", "/config keys"))]
+    assert differ == []
 
 
 class _Evil:

@@ -208,8 +208,8 @@ def test_checkpoint_whose_channels_do_not_fit_its_model(tmp_path, shards2020):
     payload = torch.load(path, weights_only=True)
     payload["channels"] = ["t1", "t1ce", "flair"]
     ckpt.save(payload, path)
-    with pytest.raises(inference.InferenceError, match="2 input channels"):
-        inference.load_model(path, "cpu")
+    with pytest.raises(ckpt.CheckpointError, match="its model takes 2 input channels but lists 3 channel names"):
+        inference.load_model(path, "cpu")  # refused by the checkpoint's own rules (`check_description`)
 
 
 def test_written_header_resets_scaling(tmp_path, src2020, random_ckpt):

@@ -2,9 +2,10 @@
 
 A volume goes through the very recipe the ETL cut the shards with, then back, in this order:
 
-1. load the model and what it was trained on from the checkpoint (`load_model`): architecture,
-   channels (by name), target (classes or regions), and the manifest's preprocessing (`size`,
-   `norm`); nothing else is needed, nothing is guessed;
+1. load the model and what it was trained on from the checkpoint (`load_model`, from
+   `train.runfiles.checkpoint.describe`): architecture, channels (by name), target (classes or
+   regions), and the manifest's preprocessing (`size`, `norm`); nothing else is needed, nothing
+   is guessed;
 2. preprocess the patient with `shards_spec.preprocess.preprocess_volume` and those settings,
    keeping every axial slice (`keep_empty=True`), so each native slice gets a prediction; the
    brain mask is the source reader's (any modality non-zero), exactly as the ETL used it;
@@ -39,7 +40,6 @@ against the original segmentation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,10 +47,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from shards_spec.errors import ToolError
-from shards_spec.labels import CHANNELS, CLASS_NAMES, REGION_NAMES, TARGETS
-from shards_spec.preprocess import NORMS, preprocess_volume, resize_back
+from shards_spec.labels import CHANNELS, CLASS_NAMES, REGION_NAMES
+from shards_spec.preprocess import preprocess_volume, resize_back
 
-from ..config.options import MAX_CONTEXT, stacked_channels
+from ..config.options import stacked_channels
 from ..data import stack_volume
 from ..metrics import THRESHOLD, probs_to_labels
 from ..runfiles import checkpoint as ckpt
@@ -102,6 +102,15 @@ class LoadedModel:
     options: InferenceOptions = InferenceOptions()
     context: int = 0  # 2.5D: neighbours on each side stacked after the slice's own channels
 
+    @classmethod
+    def described(cls, description: ckpt.ModelDescription, path: Path) -> LoadedModel:
+        """What a checkpoint or an exported config describes (`checkpoint.describe`), its model not yet built."""
+        d = description
+        return cls(model=None, device=None, path=path, channels=list(d.channels), target=d.target, size=d.size,
+                   norm=d.norm, preprocessing=dict(d.preprocessing), manifest_digest=d.manifest_digest, epoch=d.epoch,
+                   variant=d.variant, config=dict(d.config), best_mean_dice=d.best_mean_dice,
+                   warnings=list(d.warnings), context=d.context)
+
     @property
     def in_channels(self) -> int:
         return stacked_channels(len(self.channels), self.context)
@@ -138,7 +147,7 @@ def load_model(path: str | Path, device: str = "auto", *, onnx: bool = False, ba
             raise InferenceError("an ONNX model is accepted by `train predict` only; give the .pt checkpoint", path)
         return load_onnx(path, device, batch_size)
     payload = ckpt.load(path)
-    loaded = _describe(payload, path)
+    loaded = LoadedModel.described(ckpt.describe(payload), path)
     torch_device = resolve_device(device)
     loaded.model, loaded.device = ckpt.build_model_of(payload, path).to(torch_device), torch_device
     loaded.members = [loaded.model]
@@ -176,44 +185,6 @@ def load_ensemble(paths: Sequence[str | Path], device: str = "auto", *, onnx: bo
     return first
 
 
-def _describe(payload: dict, path: Path) -> LoadedModel:
-    """A `LoadedModel` without its model, from a checkpoint or an exported config (same keys),
-    after checking channels, target, model description and preprocessing."""
-    spec = payload["model"]
-    channels = [str(c) for c in payload["channels"]]
-    target = str(payload["target"])
-    preprocessing = dict(payload.get("preprocessing") or {})
-    if not channels or any(c not in CHANNELS for c in channels) or len(set(channels)) != len(channels):
-        raise InferenceError(f"checkpoint channels {channels} are not distinct names from {list(CHANNELS)}", path)
-    if target not in TARGETS:
-        raise InferenceError(f"checkpoint target {target!r} is not one of {list(TARGETS)}", path)
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise InferenceError("checkpoint holds no model description ('model': {name, kwargs})", path)
-    context = (payload.get("config") or {}).get("context", 0)
-    if not isinstance(context, int) or isinstance(context, bool) or not 0 <= context <= MAX_CONTEXT:
-        raise InferenceError(f"checkpoint context {context!r} is not 0..{MAX_CONTEXT} neighbours", path)
-    in_channels = int(spec.get("in_channels", len(channels)))
-    if in_channels != stacked_channels(len(channels), context):
-        raise InferenceError(f"checkpoint model takes {in_channels} input channels but lists {len(channels)} "
-                             f"channel names ({','.join(channels)}) with {context} neighbour(s) each side", path)
-    size, norm = preprocessing.get("size"), preprocessing.get("norm")
-    if not isinstance(size, int) or size < 1 or norm not in NORMS:
-        raise InferenceError(f"checkpoint preprocessing lacks a valid size and norm (got size={size!r}, "
-                             f"norm={norm!r})", path)
-    warnings = []
-    if "kaggle" in str(preprocessing.get("brain_mask", "")).lower():
-        warnings.append("the checkpoint was trained on shards of the Kaggle 2D export, whose brain mask is "
-                        "detected from a possibly non-zero background; NIfTI inputs use 'any modality non-zero'")
-    best = payload.get("best_mean_dice")
-    return LoadedModel(
-        model=None, device=None, path=path, channels=channels, target=target, size=int(size),
-        norm=str(norm), preprocessing=preprocessing, manifest_digest=str(payload["manifest_digest"]),
-        epoch=int(payload["epoch"]), variant=payload.get("variant"), config=dict(payload["config"]),
-        best_mean_dice=None if best is None or (isinstance(best, float) and math.isinf(best)) else float(best),
-        warnings=warnings, context=context,
-    )
-
-
 class OnnxModel:
     """A checked ONNX model run by onnxruntime: images (B, C, H, W) -> sigmoid probabilities, as
     `apply_model` gives for the torch model; no torch model is built. Every call to onnxruntime
@@ -249,8 +220,8 @@ def load_onnx(path: Path, device: str = "auto", batch_size: int = 32) -> LoadedM
     ort = require("onnxruntime", "export", "an ONNX model")
     if batch_size < 1:
         raise InferenceError(f"--batch-size: must be >= 1, got {batch_size}")
-    checked = load_checked(path, batch_size)
-    loaded = _describe(checked.config, path)
+    checked = load_checked(path, batch_size)  # its config passed `checkpoint.check_description`
+    loaded = LoadedModel.described(ckpt.describe(checked.config), path)
     check_device(device)
     if device == "mps":
         raise InferenceError("--device: mps runs torch checkpoints; onnxruntime runs on cpu or cuda")

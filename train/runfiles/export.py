@@ -41,7 +41,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import warnings
 from pathlib import Path
@@ -190,36 +189,19 @@ def _write_all(outputs: dict[str, tuple[Path, Callable[[], bytes]]], overwrite: 
 
 
 def export_config(payload: dict, checkpoint: Path) -> dict:
-    """What a consumer of the exported model needs to preprocess its input and read its output."""
+    """What a consumer of the exported model needs to preprocess its input and read its output:
+    the checkpoint's description (`checkpoint.describe`, the keys `predict` reads back from an
+    ONNX model), its input and output, and where it came from."""
     import torch
 
-    from shards_spec.labels import CLASS_NAMES, REGION_NAMES
-
-    spec = dict(payload["model"])
-    target = str(payload["target"])
-    best = payload.get("best_mean_dice")
-    kwargs = dict(spec.get("kwargs") or {})
-    depth = int(kwargs.get("depth", 4)) + (int(kwargs.get("stem", 1)) == 2)  # a stride-2 stem halves once more
-    in_channels = int(spec.get("in_channels", len(payload["channels"])))  # with 2.5D: (2K + 1) x channels
+    described = ckpt.describe(payload)
     return {
         "format": FORMAT,
-        "model": {"name": str(spec["name"]), "kwargs": dict(spec.get("kwargs") or {}),
-                  "in_channels": in_channels,
-                  "out_channels": int(spec.get("out_channels", 3))},
-        "channels": [str(c) for c in payload["channels"]],
-        "target": target,
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", in_channels, "H", "W"],
-                  "spatial_multiple": 2**depth},
+        **described.record(),
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", described.in_channels, "H", "W"],
+                  "spatial_multiple": described.spatial_multiple},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 3, "H", "W"], "activation": "sigmoid",
-                   "channel_names": list(CLASS_NAMES if target == "classes" else REGION_NAMES),
-                   "threshold": THRESHOLD},
-        "preprocessing": dict(payload.get("preprocessing") or {}),
-        "labels": dict(payload.get("labels") or {}),
-        "manifest_digest": str(payload["manifest_digest"]),
-        "epoch": int(payload["epoch"]),
-        "variant": payload.get("variant"),
-        "best_mean_dice": None if best is None or not math.isfinite(float(best)) else float(best),
-        "config": dict(payload["config"]),
+                   "channel_names": list(described.channel_names), "threshold": THRESHOLD},
         "source": {"checkpoint": checkpoint.name, "sha256": sha256_file(checkpoint)[1]},
         "versions": {"torch": str(torch.__version__)},
     }

@@ -11,7 +11,8 @@ carries and with the limits first, in this order, and refused in one line naming
 2. the config (`model_config`, `check_config`): the JSON `train export` stores in the metadata
    under `brats_shards` (at most `MAX_CONFIG_BYTES`), else the `<stem>.json` beside the file, read
    bounded (`shards_spec.checked_io.read_json`); every field `predict` uses has its type, and the
-   model description is within the checkpoint limits (`train.runfiles.checkpoint.check_description`);
+   description passes a checkpoint's rules (`train.runfiles.checkpoint.check_description`: channels,
+   target, context, preprocessing, the model within the limits), so `checkpoint.describe` reads it;
 3. the frame (`check_frame`): the default ONNX domain only, opset 17 up to what the installed onnx
    knows, no functions, sparse or external tensors, no training info; one input `image` float32
    (batch, C, H, W) with C the config's input channels and batch, H, W symbolic, as `train export`

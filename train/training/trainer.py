@@ -63,6 +63,7 @@ from ..recipe.losses import build_loss, deep_supervision_loss
 from ..recipe.priors import class_priors, init_head_bias
 from ..recipe.schedules import SCHEDULES, budget_progress, decay_rate, schedule_rate, warmup_rate
 from ..runfiles import checkpoint as ckpt, rundir
+from ..runfiles.checkpoint import TrainState
 from ..runtime import distributed, faults
 from . import engine, messages
 from .budget import Budget, Pace, StopRequested, StopSignal, format_duration
@@ -125,24 +126,6 @@ class Setup:
     restored: dict | None = None
     force: bool = False
     storage_options: dict | None = None
-
-
-@dataclass
-class TrainState:
-    """What `--resume` restores besides the weights and optimiser: where the run stands."""
-
-    epoch: int = 0  # completed epochs
-    best: float = -math.inf
-    best_epoch: float = 0  # fractional for a validation in the middle of an epoch (a budget stop)
-    history: list[dict] = field(default_factory=list)
-    epoch_seconds: list[float] = field(default_factory=list)
-    steps: int = 0  # optimiser steps so far: the learning-rate schedule's clock
-    schedule_steps: int = 0  # the step schedule's length: epochs x steps per epoch (a budget's clock may end it first)
-    epoch_step: int = 0  # steps already taken in epoch `epoch` + 1 (a mid-epoch checkpoint)
-    epoch_loss: tuple[float, float] = (0.0, 0.0)  # (sum, slices) of that partial epoch's training loss
-    augmenter_state: Any = None  # that partial epoch's augmentation generator state
-    stale: int = 0  # validations since the best one
-    val_seconds: float = 0.0  # the longest validation measured
 
 
 class BudgetReached(Exception):
@@ -242,33 +225,15 @@ class Trainer:
                                   persistent=True)
 
     def restore(self, restored: dict) -> None:
-        """Weights, optimiser, scheduler, scaler, RNG states and run state from last.pt (whose
-        structure `checkpoint.check_resumable` checked; what still does not fit, e.g. an optimiser
-        a subclass builds differently, is one line too)."""
-        try:
-            self.model.load_state_dict(restored["model_state"])
-            self.optimizer.load_state_dict(restored["optimizer"])
-            if self.scheduler is not None and restored.get("scheduler"):
-                self.scheduler.load_state_dict(restored["scheduler"])
-            if restored.get("scaler"):
-                self.scaler.load_state_dict(restored["scaler"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            raise ckpt.CheckpointError(f"cannot be resumed by this trainer ({reason})",
-                                       rundir.checkpoint_path(self.run_dir, rundir.LAST)) from None
+        """Weights, optimiser, scheduler, scaler, RNG states and run state from last.pt, which
+        `checkpoint.check_resumable` checked (`checkpoint.restore`); then a `--force`d option wins."""
+        self.state = ckpt.restore(restored, rundir.checkpoint_path(self.run_dir, rundir.LAST), model=self.model,
+                                  optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
         if self.setup.force:  # forced new hyper-parameters win over the restored ones
             for group in self.optimizer.param_groups:
                 group["lr"], group["weight_decay"] = self.config.lr, self.config.weight_decay
             if self.config.schedule == "plateau" and self.scheduler is not None:
                 self.scheduler.factor, self.scheduler.patience = self.config.plateau_factor, self.config.plateau_patience
-        ckpt.set_rng_state(restored["rng"])
-        loss = restored.get("epoch_loss") or (0.0, 0.0)
-        self.state = TrainState(
-            epoch=restored["epoch"], best=restored["best_mean_dice"], best_epoch=restored["best_epoch"],
-            history=list(restored["history"]), epoch_seconds=list(restored["epoch_seconds"]),
-            steps=int(restored.get("steps", 0)), epoch_step=int(restored.get("epoch_step", 0)),
-            epoch_loss=(float(loss[0]), float(loss[1])), augmenter_state=(restored.get("rng") or {}).get("augmenter"),
-            stale=int(restored.get("stale", 0)), val_seconds=float(restored.get("val_seconds", 0.0)))
 
     # ------------------------------------------------------------ the loop
 
@@ -494,41 +459,10 @@ class Trainer:
             ckpt.save(payload, rundir.checkpoint_path(self.run_dir, rundir.BEST))
 
     def payload(self) -> dict[str, Any]:
-        """The checkpoint (`train.runfiles.checkpoint` lists its keys)."""
-        import torch
-
-        config, manifest, state = self.config, self.setup.manifest, self.state
-        finished = state.epoch == config.epochs
-        return {
-            "format": ckpt.FORMAT,
-            "epoch": state.epoch,
-            "state": (ckpt.RunState.FINISHED if finished else ckpt.RunState.RUNNING).value,
-            "variant": self.setup.preset,
-            "model": {"name": config.model, "kwargs": config.model_kwargs, "in_channels": config.in_channels,
-                      "out_channels": 3},
-            "model_state": self.model.state_dict(),
-            "channels": list(config.channels),
-            "target": config.target,
-            "preprocessing": dict(manifest.content["preprocessing"]),
-            "labels": dict(manifest.content["labels"]),
-            "manifest_digest": manifest.digest,
-            "config": config.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
-            "scaler": self.scaler.state_dict(),
-            "rng": ckpt.rng_state(self.augmenter),
-            "best_mean_dice": float(state.best),
-            "best_epoch": state.best_epoch,
-            "steps": int(state.steps),
-            "schedule_steps": int(state.schedule_steps),
-            "epoch_step": int(state.epoch_step),
-            "epoch_loss": [float(v) for v in state.epoch_loss],
-            "stale": int(state.stale),
-            "val_seconds": float(state.val_seconds),
-            "history": [dict(r) for r in state.history],
-            "epoch_seconds": [float(s) for s in state.epoch_seconds],
-            "versions": {"torch": str(torch.__version__)},
-        }
+        """The checkpoint of this run as it stands (`train.runfiles.checkpoint.payload` lists its keys)."""
+        return ckpt.payload(config=self.config, variant=self.setup.preset, manifest=self.setup.manifest,
+                            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                            augmenter=self.augmenter, state=self.state)
 
     # ------------------------------------------------------------ endings and messages
 
