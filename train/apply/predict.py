@@ -47,15 +47,19 @@ resolved (compared as the same file on disk, so also a hard link, or another spe
 case-insensitive file system) is refused, and so is an output that exists already unless
 `--overwrite` is given; with a folder of patients `--overwrite` replaces each patient's file
 (and `_probabilities` file) and nothing else in the folder.
+
+The inputs and outputs are planned and checked in `train.apply.predict_jobs`, the NIfTI files
+made and written in `train.apply.predict_nifti`; this module loads the checkpoint (`Predictor`)
+and runs each patient through it.
 """
 
 from __future__ import annotations
 
 import os
-import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,23 +70,16 @@ from shards_spec.preprocess import brain_mask
 from ..config.options import check_option
 from ..runfiles import rundir
 from . import inference
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-MODALITY_2023 = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}
-_BARE_TAIL = re.compile(r"[_-](t1ce|t1|t2|flair|t1n|t1c|t2w|t2f|seg)\.nii(\.gz)?$", re.IGNORECASE)
-
-
-class PredictError(ToolError):
-    """Bad `--input` / `--out` combination or an input that cannot be predicted."""
-
-
-@dataclass
-class Job:
-    """One patient to predict: its reference, where the segmentation goes, its label convention."""
-
-    ref: Any  # etl.sources.PatientRef
-    out: Path
-    convention: Convention  # etl.sources.label_convention: a release's, or the values an MSD dataset.json names
+from .predict_jobs import (
+    Job,
+    PredictError,
+    check_outputs,
+    holds_nifti,
+    patient_of,
+    plan_jobs,
+    probabilities_path,
+)
+from .predict_nifti import label_image, probability_image, write_atomic
 
 
 @dataclass
@@ -133,143 +130,6 @@ def main(checkpoint: Path | Sequence[Path], inputs: Sequence[Path | str], out: P
     return written
 
 
-# ---------------------------------------------------------------- inputs
-
-
-def plan_jobs(inputs: Sequence[Path | str], out: Path) -> tuple[list[Job], bool, list[str]]:
-    """The patients to predict and their output paths; whether `inputs` is a folder of patients;
-    the patients a scan of such a folder left out, one line each."""
-    from etl.sources import label_convention, scan_source
-
-    items = [str(i) for i in inputs]
-    if not items:
-        raise PredictError("--input: give a patient folder, a folder of patients, or the modality files")
-    folder = Path(items[0])
-    if len(items) == 1 and "=" not in items[0] and folder.is_dir() and not _holds_nifti(folder):
-        scan = scan_source(folder, require_labels=False)
-        if scan.layout not in ("brats2020", "brats2021", "brats2023", "msd"):
-            raise PredictError(f"holds {scan.layout} data; predict reads NIfTI patients", folder)
-        skipped = [str(problem) for problem in scan.problems]
-        if not scan.patients:
-            first = f" ({skipped[0]})" if skipped else ""
-            raise PredictError(f"holds no patient that can be read{first}", folder)
-        if out.suffix in (".nii", ".gz"):
-            raise PredictError("--input is a folder of patients, so --out must be a folder, not a NIfTI file", out)
-        jobs = [Job(ref, out / f"{ref.id}.nii.gz", label_convention(ref)) for ref in scan.patients]
-        return jobs, True, skipped
-    ref, convention = patient_of(items)
-    return [Job(ref, _single_out(out, ref.id), convention)], False, []
-
-
-def patient_of(items: Sequence[str]) -> tuple[Any, Convention]:
-    """One patient and its label convention: its folder alone, or its modality files (`NAME=PATH`,
-    or paths whose names end in their modality)."""
-    from etl.sources import label_convention, patient_from_files, patient_from_folder
-
-    if len(items) == 1 and "=" not in items[0] and Path(items[0]).is_dir():
-        ref = patient_from_folder(items[0])
-        return ref, label_convention(ref)
-    files: dict[str, str] = {}
-    for item in items:
-        key, path = _modality_item(item)
-        if key in files:
-            raise PredictError(f"--input: {key} is given twice ({files[key]} and {path})")
-        files[key] = path
-    files.pop("seg", None)  # predict never needs the segmentation
-    ref = patient_from_files(files)
-    convention = label_convention(ref)
-    if files and all(k.lower() in MODALITY_2023 for k in files):
-        convention = "brats2023"
-    return ref, convention
-
-
-def _outputs(job: Job, probabilities: bool) -> list[Path]:
-    return [job.out, *([_probabilities_path(job.out)] if probabilities else [])]
-
-
-def _identity(path: str | Path) -> tuple[int, int] | None:
-    """(device, inode) of the file `path` reaches (links followed, `..` and case as the file
-    system resolves them); None when nothing is there."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
-
-
-def check_outputs(jobs: list[Job], inputs: Sequence[Path | str], checkpoints: Sequence[Path], probabilities: bool,
-                  overwrite: bool, out: Path) -> None:
-    """Refuse an output that is an input (always) or that exists already (unless `overwrite`),
-    in one line, before anything is loaded."""
-    protected: dict[tuple[int, int], str] = {}
-    given = [str(i).split("=", 1)[1] if "=" in str(i) and not Path(str(i)).exists() else str(i) for i in inputs]
-    for path in [*given, *map(str, checkpoints), *(f for job in jobs for f in job.ref.files.values())]:
-        identity = _identity(path)
-        if identity is not None and Path(path).is_file():
-            protected.setdefault(identity, str(path))
-    existing = []
-    for job in jobs:
-        for path in _outputs(job, probabilities):
-            identity = _identity(path)
-            if identity in protected:
-                raise PredictError(f"is the input {protected[identity]}: predict never writes over its inputs; "
-                                   "give another --out", path)
-            if os.path.isdir(path):
-                raise PredictError("is a folder; the segmentation is written as a file of that name", path)
-            if os.path.lexists(path) and not overwrite:
-                existing.append(path)
-    if len(existing) == 1:
-        raise PredictError("exists already; pass --overwrite to replace it", existing[0])
-    if existing:
-        shown = ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
-        raise PredictError(f"holds {len(existing)} of the outputs already ({shown}); pass --overwrite to replace "
-                           "those files (nothing else in the folder is touched)", out)
-
-
-def _holds_nifti(folder: Path) -> bool:
-    try:
-        return any(p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES) for p in folder.iterdir())
-    except OSError as exc:
-        raise PredictError(f"cannot be listed ({exc.strerror or exc})", folder) from None
-
-
-def _modality_item(item: str) -> tuple[str, str]:
-    """`NAME=PATH`, or a bare PATH whose file name ends in the modality."""
-    if "=" in item and not Path(item).exists():
-        key, path = item.split("=", 1)
-        key = key.strip().lower()
-        if key not in (*CHANNELS, *MODALITY_2023, "seg"):
-            raise PredictError(f"--input {item}: unknown modality {key!r}; use NAME=PATH with NAME one of "
-                               f"{', '.join((*CHANNELS, *MODALITY_2023))}")
-        _must_exist(Path(path))
-        return key, path
-    path = Path(item)
-    _must_exist(path)
-    if path.is_dir():
-        raise PredictError("--input: a folder must be given alone (a patient folder or a folder of patients)", path)
-    match = _BARE_TAIL.search(path.name)
-    if match is None:
-        raise PredictError("--input: cannot tell the modality from the file name; give it as NAME=PATH "
-                           "(e.g. --input t1ce=PATH)", path)
-    return match.group(1).lower(), str(path)
-
-
-def _must_exist(path: Path) -> None:
-    """An input path that is not there is said so (not read as a file name to guess from)."""
-    if os.path.lexists(path) and not path.exists():
-        raise PredictError(f"--input: is a link to {os.readlink(path)}, which does not exist", path)
-    if not path.exists():
-        raise PredictError("--input: does not exist", path)
-
-
-def _single_out(out: Path, patient: str) -> Path:
-    if out.is_dir():
-        return out / f"{patient}.nii.gz"
-    if not out.name.lower().endswith(NIFTI_SUFFIXES):
-        raise PredictError("--out must end in .nii.gz or .nii (or be an existing folder)", out)
-    return out
-
-
 # ---------------------------------------------------------------- one patient
 
 
@@ -317,7 +177,7 @@ class Predictor:
     def _label_map(self, patient: Any, channels: Sequence[str], labels: Convention | None) -> np.ndarray:
         if isinstance(patient, (str, os.PathLike, Mapping)):
             items = [f"{k}={v}" for k, v in patient.items()] if isinstance(patient, Mapping) else [str(patient)]
-            if not isinstance(patient, Mapping) and Path(patient).is_dir() and not _holds_nifti(Path(patient)):
+            if not isinstance(patient, Mapping) and Path(patient).is_dir() and not holds_nifti(Path(patient)):
                 raise PredictError("holds no NIfTI image: give one patient's folder (a list of them for several)",
                                    patient)
             ref, convention = patient_of(items)
@@ -394,10 +254,10 @@ def predict_patient(predictor: Predictor, job: Job, probabilities: bool, console
     labels = decode_labels(prediction.labels, job.convention)
     reference = ref.files[loaded.channels[0]]
     seg_path = job.out
-    prob_path = _probabilities_path(seg_path) if probabilities else None
-    outputs = [(seg_path, _label_image(labels, reference, loaded))]
+    prob_path = probabilities_path(seg_path) if probabilities else None
+    outputs = [(seg_path, label_image(labels, reference, loaded))]
     if prob_path is not None:
-        outputs.append((prob_path, _probability_image(prediction.probabilities, reference, prediction.channel_names)))
+        outputs.append((prob_path, probability_image(prediction.probabilities, reference, prediction.channel_names)))
     write_atomic(outputs, overwrite=overwrite)
     values, counts = np.unique(labels, return_counts=True)
     return Written(ref.id, seg_path, prob_path, {int(v): int(c) for v, c in zip(values, counts)}, warnings)
@@ -420,86 +280,5 @@ def _predict_many(predictor: Predictor, jobs: list[Job], probabilities: bool, co
     return written, failures
 
 
-def _probabilities_path(seg_path: Path) -> Path:
-    name = seg_path.name
-    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
-    return seg_path.with_name(f"{stem}_probabilities.nii.gz")
-
-
-# ---------------------------------------------------------------- NIfTI output
-
-
-def _reference_header(reference: str) -> Any:
-    import nibabel as nib
-
-    return nib.load(reference)
-
-
-def _label_image(labels: np.ndarray, reference: str, loaded: inference.LoadedModel) -> Any:
-    """uint8 label image with the reference's affine, qform/sform and header geometry."""
-    ref = _reference_header(reference)
-    header = ref.header.copy()
-    header.set_data_dtype(np.uint8)
-    img = type(ref)(np.asarray(labels, dtype=np.uint8), ref.affine, header)
-    img.header.set_slope_inter(1.0, 0.0)  # labels are stored as they are, never rescaled
-    img.header["cal_min"], img.header["cal_max"] = 0, int(labels.max()) if labels.size else 0
-    img.header["descrip"] = f"brats-shards prediction ({loaded.target}, epoch {loaded.epoch})"[:79].encode()
-    _copy_codes(ref, img)
-    return img
-
-
-def _probability_image(probs: np.ndarray, reference: str, names: Sequence[str]) -> Any:
-    """float32 4D (H, W, D, 3) probabilities with the reference's geometry."""
-    ref = _reference_header(reference)
-    header = ref.header.copy()
-    header.set_data_dtype(np.float32)
-    data = np.ascontiguousarray(np.moveaxis(np.asarray(probs, dtype=np.float32), 0, -1))
-    img = type(ref)(data, ref.affine, header)
-    img.header.set_slope_inter(1.0, 0.0)
-    img.header["cal_min"], img.header["cal_max"] = 0.0, 1.0
-    img.header["descrip"] = ("p(" + "),p(".join(names) + ")")[:79].encode()
-    zooms = tuple(ref.header.get_zooms()[:3]) + (1.0,)
-    img.header.set_zooms(zooms)
-    _copy_codes(ref, img)
-    return img
-
-
-def _copy_codes(ref: Any, img: Any) -> None:
-    """Keep the reference's qform and sform with their codes (nibabel resets codes of a new image)."""
-    qform, qcode = ref.header.get_qform(coded=True)
-    sform, scode = ref.header.get_sform(coded=True)
-    if qform is not None:
-        img.header.set_qform(qform, int(qcode))
-    else:
-        img.header.set_qform(ref.affine, 0)
-    if sform is not None:
-        img.header.set_sform(sform, int(scode))
-    else:
-        img.header.set_sform(ref.affine, 0)
-
-
-def write_atomic(outputs: list[tuple[Path, Any]], overwrite: bool = False) -> None:
-    """Write every image under a temporary name in its folder (`shards_spec.fileio.atomic_path`),
-    then rename them all into place; an output that exists by then is replaced only with
-    `overwrite` (checked again here: another process may have written it since the start)."""
-    import contextlib
-
-    import nibabel as nib
-
-    from shards_spec.fileio import atomic_path
-
-    try:
-        with contextlib.ExitStack() as stack:
-            for path, img in outputs:
-                suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-                nib.save(img, str(stack.enter_context(atomic_path(path, suffix=suffix))))
-            taken = [path for path, _ in outputs if os.path.lexists(path)]
-            if taken and not overwrite:
-                raise PredictError("was written by someone else while predicting; pass --overwrite to replace it",
-                                   taken[0])
-    except OSError as exc:
-        raise PredictError(f"cannot write the output ({exc.strerror or exc})", exc.filename or outputs[0][0]) from None
-
-
-__all__ = ["Job", "PredictError", "Predictor", "Written", "main", "patient_of", "plan_jobs", "predict_patient",
-           "resolve_checkpoint", "write_atomic"]
+__all__ = ["Job", "PredictError", "Predictor", "Written", "check_outputs", "main", "patient_of", "plan_jobs",
+           "predict_patient", "resolve_checkpoint", "write_atomic"]
