@@ -12,6 +12,7 @@ one step by subclassing and overriding it, never by copying the loop:
             return my_focal_loss(logits, mask)
 
     train.fit.run({"shards": "shards/", "variant": "v2", "out": "runs/focal"}, trainer_class=FocalTrainer)
+    # or, from the command line: train run ... --trainer mypackage.losses:FocalTrainer
 
 The steps that build things (`build_model`, `build_loss`, `build_optimizer`, `build_scheduler`,
 `build_augmenter`) are overridable the same way; a model or loss registered by name
@@ -22,38 +23,24 @@ order depends only on (seed, epoch) through the dataset; augmentation draws from
 re-seeded from (seed, epoch, rank) at every epoch start. So an epoch is the same whether it
 follows the previous one directly or a `--resume`.
 
-Learning rate: `--schedule cosine` (default) warms up linearly over `--warmup` steps, then decays
-by a cosine to 1 % of `--lr` at the end of the schedule, `epochs x steps per epoch` steps; with
-`--time-budget` the decay is a function of the budget's elapsed fraction (`recipe.budget_progress`,
-or of the steps when the epochs asked for end first), so that it ends when the budget does however
-the speed varies (a slow first minute, other work on the machine, a pause): a run cut by its budget
-ends annealed, not at its peak rate, and never spends its budget at the floor rate. The ranks agree
-on the clock (the largest elapsed time) in the all-reduce that already agrees on stopping, so they
-all set the same rate. `poly` is nnU-Net's (1 - t)^0.9;
-`plateau` the seed's ReduceLROnPlateau on the validation score. The learning rate is set before
-every step from the global step count, which the checkpoint keeps.
+Learning rate: set before every step from the global step count, which the checkpoint keeps:
+the registered `--schedule` (`train.recipe.schedules`: a warm-up over `--warmup` steps, then the
+decay), whose progress under `--time-budget` is also the budget's elapsed fraction
+(`budget_progress`), so a run ends annealed however its speed varied. The ranks agree on the
+clock in the all-reduce that already agrees on stopping.
 
-Two ways to stop early, on purpose different:
-
-- `--time-budget` holds within one training step plus the final validation, whatever the epoch
-  length: before every step the loop checks that the step, a validation and a checkpoint still
-  fit; when they do not, it validates, writes a checkpoint in the middle of the epoch (its row in
-  metrics.csv has a fractional epoch) and ends with exit code 0. `--resume` continues that epoch
-  exactly: the data stream is deterministic, so the steps already taken are skipped, and the
-  augmentation generator, learning-rate step and loss sums are restored.
-- A stop request (SIGINT/SIGTERM, or a hook) ends the epoch at the next step; nothing of the
-  partial epoch is written and the exit code is 128 + the signal.
-
+Two ways to stop early, on purpose different (`train.training.budget`): `--time-budget`
+validates and writes a checkpoint in the middle of the epoch, which `--resume` continues exactly
+(exit code 0); a stop request (SIGINT/SIGTERM, or a hook) loses the partial epoch (exit 128 + the
+signal).
 `--early-stop N` ends the run when the validation score has not improved for N validations.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from ..config.options import config_record
 from ..metrics import COUNT_METRICS
@@ -67,65 +54,12 @@ from ..runfiles.checkpoint import TrainState
 from ..runtime import distributed, faults
 from . import engine, messages
 from .budget import Budget, Pace, StopRequested, StopSignal, format_duration
+from .setup import Callback, Hooks, Result, Setup
 
 PROJECTION_STEPS = 5
 """Steps timed before the speed and the projected run time are printed."""
 STOP_BUDGET, STOP_SIGNAL = 1, 2
 """Levels of `check_stop`, agreed across ranks by their maximum: a signal outranks the budget."""
-
-
-class Callback(Protocol):
-    """Something told about the run as it goes (experiment trackers); every method optional."""
-
-    def on_fit_start(self, trainer: "Trainer") -> None: ...
-    def on_epoch_end(self, trainer: "Trainer", row: dict) -> None: ...
-    def on_fit_end(self, trainer: "Trainer", result: "Result") -> None: ...
-
-
-@dataclass
-class Hooks:
-    """Injection points for tests and embedding: the clock the budget and timings read, a call
-    after every training step (`after_step(epoch, step, stop)`, e.g. to deliver a signal), where
-    the progress bar and summaries go, and callbacks told about every epoch (rank 0 only)."""
-
-    clock: Callable[[], float] = time.monotonic
-    after_step: Callable[[int, int, StopSignal], None] | None = None
-    console: Any = None
-    callbacks: list = field(default_factory=list)
-
-
-@dataclass
-class Result:
-    """How a run ended: `exit_code` 0 for a completed or budget-stopped run, 128 + signal.
-    `trained`: this call trained to its end (its epochs, the time budget or early stopping), so
-    its checkpoints are final (what the end-of-run report waits for)."""
-
-    run_dir: Path
-    epochs_done: int
-    exit_code: int
-    message: str
-    history: list[dict] = field(default_factory=list)
-    trained: bool = False
-
-
-@dataclass
-class Setup:
-    """Everything `train.fit.run` resolved before training: what to train, on what, where."""
-
-    config: Any  # train.config.options.Config
-    preset: str
-    overrides: dict
-    manifest: Any
-    train_ds: Any
-    val_ds: Any
-    train_splits: list[str]
-    dist: distributed.Dist
-    device: Any
-    console: Any
-    hooks: Hooks
-    restored: dict | None = None
-    force: bool = False
-    storage_options: dict | None = None
 
 
 class BudgetReached(Exception):
