@@ -112,7 +112,7 @@ def test_the_defaults_shown_by_train_run_are_those_a_new_run_takes():
     and on CUDA (sizes differ) and for both presets (the preset's choices differ)."""
     base = {"shards": "s", "out": "o"}
     resolved = {(kind, variant): resolve({**base, "variant": variant}, device_kind=kind).to_dict()
-                for kind in ("cpu", "cuda") for variant in PRESETS}
+                for kind in ("cpu", "cpu-fp32", "cuda") for variant in PRESETS}
     checked = 0
     for param in GROUP.commands["run"].params:  # type: ignore[attr-defined]
         if param.name not in FIELDS or param.name in ("shards", "out", "variant"):
@@ -130,8 +130,10 @@ def test_the_defaults_shown_by_train_run_are_those_a_new_run_takes():
         elif len({json.dumps(values[("cpu", v)]) for v in PRESETS}) > 1:
             assert shown == "the preset's", (param.name, shown)
         else:
-            cpu, cuda = values[("cpu", "v1")], values[("cuda", "v1")]
-            assert shown == f"{cpu} on CPU, {cuda} on CUDA", (param.name, shown)
+            cpu, fp32, cuda = values[("cpu", "v1")], values[("cpu-fp32", "v1")], values[("cuda", "v1")]
+            expected = (f"{cpu} on CPU, {cuda} on CUDA" if cpu == fp32 else
+                        f"{cpu} on a CPU with native bf16, {fp32} on other CPUs, {cuda} on CUDA")
+            assert shown == expected, (param.name, shown)
         checked += 1
     assert checked >= len(FIELDS) - 3
 
@@ -296,9 +298,23 @@ def test_cuda_n_beyond_the_gpus_is_one_line(two_gpus, capsys, tmp_path):
     assert one_error_line(err) == "error: --device: cuda:2, but torch sees 2 CUDA device(s): cuda:0, cuda:1"
 
 
-def test_device_defaults_follow_the_device_kind(two_gpus):
+@pytest.mark.parametrize("bf16,cpu_kind", [(True, "cpu"), (False, "cpu-fp32")])
+def test_device_defaults_follow_the_device_kind(two_gpus, monkeypatch, bf16, cpu_kind):
+    """A CPU's sizes depend on whether it computes bf16 natively (it then trains in bf16): the
+    probe is torch's, replaced here so the test means the same on any machine."""
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: bf16)
     assert [devices.defaults_kind(d) for d in ("cuda:1", "cuda", "auto", "cpu", "mps")] == \
-        ["cuda", "cuda", "cuda", "cpu", "cpu"]
+        ["cuda", "cuda", "cuda", cpu_kind, cpu_kind]
+
+
+def test_auto_without_a_gpu_takes_the_cpus_sizes(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.defaults_kind("auto") == "cpu-fp32"
+    config = resolve({"variant": "v2", "shards": "s", "out": "o"}, device_kind=devices.defaults_kind("auto"))
+    assert (config.base, config.stem, config.batch_size) == (16, 2, 16)  # half the width, the same stem and batch
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert resolve({"variant": "v2", "shards": "s", "out": "o"}, device_kind=devices.defaults_kind("auto")).base == 32
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -108,7 +108,8 @@ def resolve(overrides: dict[str, Any], saved: dict[str, Any] | None = None, devi
 
     `overrides` holds only the options the user gave (None values are ignored), keyed by field
     name. Unknown keys are refused, naming the option. A new run takes the sizes of
-    `DEVICE_DEFAULTS[device_kind]` ("cpu" or "cuda") between the common defaults and the preset.
+    `DEVICE_DEFAULTS[device_kind]` ("cpu", "cpu-fp32" or "cuda": `devices.defaults_kind`) between
+    the common defaults and the preset.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
     for key in given:

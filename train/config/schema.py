@@ -102,6 +102,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": {"base": 32, "stem": 2, "batch_size": 16, "workers": 1},
+    "cpu-fp32": {"base": 16, "stem": 2, "batch_size": 16, "workers": 1},
     "cuda": {"base": 32, "stem": 1, "batch_size": 32, "workers": 2},
 }
 """Sizes that fit the device, under the preset and the options given. On a CUDA GPU (a T4) the
@@ -109,7 +110,11 @@ seed's U-Net (base 32, every level at full resolution, batch 32, fp16 autocast).
 width with a stride-2 first convolution (`--stem 2`: 4.96 instead of 18.5 GFLOP per 128² slice)
 and batch 16, which reached the best validation patients' Dice in a fixed number of CPU minutes
 of everything `bench/quality.py` tried (docs/quality.md); with bf16 autocast where the CPU computes bf16
-natively (`engine.autocast_dtype`), which is not a size and so not in this table."""
+natively (`engine.autocast_dtype`), which is not a size and so not in this table. A CPU without native
+bf16 ("cpu-fp32", `devices.defaults_kind`) trains in float32, at half the steps: there half the width
+(1.25 instead of 4.96 GFLOP a slice) made 2.4x the steps in 5 minutes and scored higher than the full
+width and than the MONAI peer on the second data set, quiet (docs/quality.md, section `quality-shifted-b16`)."""
+DEVICE_WORDS = {"cpu": "a CPU with native bf16", "cpu-fp32": "other CPUs", "cuda": "CUDA"}
 
 DEVICE_HELP = ("auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda (GPU 0; under torchrun each "
                "rank's GPU LOCAL_RANK), cuda:N (GPU N) or mps (Apple silicon).")
@@ -297,6 +302,16 @@ def kinds(name: str) -> list[str]:
     return [part.strip() for part in str(FIELDS[name].type).split("|")]
 
 
+def device_default_text(name: str) -> str:
+    """A size's default per device kind: "16 on CPU, 32 on CUDA" when both kinds of CPU agree."""
+    values = {kind: sizes[name] for kind, sizes in DEVICE_DEFAULTS.items()}
+    if len(set(values.values())) == 1:
+        return str(values["cpu"])
+    if values["cpu"] == values["cpu-fp32"]:
+        return f"{values['cpu']} on CPU, {values['cuda']} on CUDA"
+    return ", ".join(f"{value} on {DEVICE_WORDS[kind]}" for kind, value in values.items())
+
+
 def default_text(name: str) -> str | None:
     """The `[default: ...]` of option `name` in `train run --help`, or None to show none (a
     required option, or one that is off unless given)."""
@@ -306,8 +321,7 @@ def default_text(name: str) -> str | None:
     if any(name in preset for preset in PRESETS.values()):
         return "the preset's"
     if name in DEVICE_DEFAULTS["cpu"]:
-        cpu, cuda = DEVICE_DEFAULTS["cpu"][name], DEVICE_DEFAULTS["cuda"][name]
-        return str(cpu) if cpu == cuda else f"{cpu} on CPU, {cuda} on CUDA"
+        return device_default_text(name)
     value = field.default
     if value is dataclasses.MISSING or value is None:
         return None

@@ -14,22 +14,13 @@ import numpy as np
 from ..data import ShardLoader
 from ..metrics import THRESHOLD, UNDEFINED, confusion_counts, expand_labels, probs_to_labels, scores_from_counts
 from ..runtime import distributed
+from ..runtime.devices import cpu_has_native_bf16
 from .budget import StopRequested, StopSignal
 
 
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, epoch, rank, stream), independent of call history."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AMX tiles or AVX512-BF16, e.g. Intel Sapphire
-    Rapids, AMD Zen 4): there bf16 autocast about doubles training steps (2301 against 1170 in 10
-    minutes, bench/BENCHMARKS.md `quality-bf16`); elsewhere oneDNN emulates bf16, slower than float32."""
-    import torch
-
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def autocast_dtype(amp: bool, amp_dtype: str, device: Any) -> Any:
