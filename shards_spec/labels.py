@@ -23,6 +23,12 @@ CLASS_NAMES: tuple[str, ...] = ("NEC/NET", "ED", "ET")
 REGION_NAMES: tuple[str, ...] = ("WT", "TC", "ET")
 TARGETS: tuple[str, ...] = ("classes", "regions")
 
+
+def target_names(target: str) -> tuple[str, ...]:
+    """The names of a target's three channels (`expand`'s order): NEC/NET, ED, ET or WT, TC, ET."""
+    return CLASS_NAMES if target == "classes" else REGION_NAMES
+
+
 # Source label value -> shard label value, per source convention.
 CONVENTIONS: dict[str, dict[int, int]] = {
     "brats2020": {0: 0, 1: 1, 2: 2, 4: 3},  # also BraTS 2021: ET is 4, there is no 3

@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from shards_spec.errors import ToolError
-from shards_spec.labels import CHANNELS, CLASS_NAMES, REGION_NAMES
+from shards_spec.labels import CHANNELS, target_names
 from shards_spec.preprocess import preprocess_volume, resize_back
 
 from ..config.options import stacked_channels
@@ -118,7 +118,7 @@ class LoadedModel:
     @property
     def channel_names(self) -> tuple[str, ...]:
         """Names of the three output channels."""
-        return CLASS_NAMES if self.target == "classes" else REGION_NAMES
+        return target_names(self.target)
 
 
 @dataclass

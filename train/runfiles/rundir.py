@@ -56,10 +56,6 @@ class RunDirError(ToolError):
     """A run folder's file that cannot be read as this tool wrote it."""
 
 
-def channel_names(target: str) -> tuple[str, ...]:
-    return CLASS_NAMES if target == "classes" else REGION_NAMES
-
-
 def metric_columns(target: str) -> list[str]:
     """metrics.csv header: fixed order; see the module doc. Every run has the seed's per-class
     columns (NEC/NET, ED, ET, from the label map); a regions run adds WT and TC after them (its ET
@@ -210,6 +206,6 @@ def read_metrics(path: Path) -> tuple[list[str], list[dict[str, float]]]:
 
 
 __all__ = ["BEST", "CHECKPOINTS", "CONFIG", "LAST", "METRICS", "REPORT", "REPORT_FILES", "RunDirError",
-           "append_metrics_row", "channel_names", "checkpoint_path", "default_out", "entries", "is_run",
+           "append_metrics_row", "checkpoint_path", "default_out", "entries", "is_run",
            "metric_columns", "metrics_text", "own_files", "read_config", "read_metrics", "remove_own_files",
            "write_config", "write_metrics"]

@@ -42,6 +42,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from shards_spec.labels import CLASS_NAMES, target_names
+
 from ..config.options import config_record
 from ..metrics import COUNT_METRICS
 from ..models import build_model, count_parameters
@@ -77,7 +79,7 @@ class Trainer:
         self.console, self.hooks = setup.console, setup.hooks
         self.run_dir = Path(self.config.out)
         self.columns = rundir.metric_columns(self.config.target)
-        self.channel_names = rundir.channel_names(self.config.target)
+        self.channel_names = target_names(self.config.target)
         torch.manual_seed(self.config.seed)  # before the model: every rank starts from the same weights
         np.random.seed(self.config.seed % 2**32)
         self.model = engine.prepare_model(self.build_model(), self.device)
@@ -378,7 +380,7 @@ class Trainer:
         regions = self.config.target == "regions"  # the seed's per-class columns, then a regions run's WT, TC, ET
         for classes in (True, False) if regions else (False,):
             scores = validation.scores(classes=classes)
-            names = rundir.CLASS_NAMES if classes else self.channel_names
+            names = CLASS_NAMES if classes else self.channel_names
             for metric in COUNT_METRICS.values():
                 for name, value in zip(names, scores[metric.name]):
                     row[f"{metric.column}_{name}"] = float(value)

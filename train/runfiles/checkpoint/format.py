@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shards_spec.errors import ToolError
-from shards_spec.labels import CLASS_NAMES, REGION_NAMES
+from shards_spec.labels import target_names
 
 from ...config.options import stacked_channels
 from ...models import MODELS, build_model
@@ -97,7 +97,7 @@ class ModelDescription:
     @property
     def channel_names(self) -> tuple[str, ...]:
         """Names of the three output channels."""
-        return CLASS_NAMES if self.target == "classes" else REGION_NAMES
+        return target_names(self.target)
 
     @property
     def spatial_multiple(self) -> int:
