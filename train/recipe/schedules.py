@@ -74,11 +74,6 @@ register_schedule("poly", poly)
 register_schedule("plateau", per_validation=plateau)
 
 
-def is_per_step(schedule: str) -> bool:
-    """Whether `schedule` sets the rate every step (the Trainer's `learning_rate`)."""
-    return SCHEDULES[schedule].decay is not None
-
-
 def decay_rate(schedule: str, lr: float, t: float) -> float:
     """The rate after the warm-up, `t` in [0, 1] the fraction of the decay done (clipped)."""
     decay = SCHEDULES[schedule].decay
@@ -110,5 +105,5 @@ def budget_progress(elapsed: float, usable: float, before: float = 0.0) -> float
     return min(max((before + elapsed) / max(before + usable, 1e-9), 0.0), 1.0)
 
 
-__all__ = ["MIN_LR_FRACTION", "SCHEDULES", "Schedule", "budget_progress", "cosine", "decay_rate", "is_per_step",
+__all__ = ["MIN_LR_FRACTION", "SCHEDULES", "Schedule", "budget_progress", "cosine", "decay_rate",
            "plateau", "poly", "register_schedule", "schedule_rate", "warmup_rate"]
