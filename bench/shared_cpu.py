@@ -4,9 +4,10 @@
     python bench/shared_cpu.py --setting "passive=OMP_WAIT_POLICY=PASSIVE" --setting "1 thread=threads=1" --write
 
 Each (model, setting, load) runs in a fresh process (OpenMP reads its environment once, at start):
-the training step `train run` takes on this CPU (v2: the attention U-Net with its CPU sizes, bf16
-autocast where the CPU has it, channels-last, the light augmentation in the main process; the peer:
-bench/quality.py's MONAI U-Net, float32) on random batches held in memory, for `--seconds` after
+the training step `train run` takes on this CPU (v2: the attention U-Net with the sizes a new run takes
+here, `devices.defaults_kind`; bf16 autocast where the CPU has it, `v2-bf16` forces it, `v2-fp32` turns it
+off; channels-last, the light augmentation in the main process; the peer: bench/quality.py's MONAI U-Net,
+float32) on random batches held in memory, for `--seconds` after
 warm-up steps. `--load N` busy processes (plain Python loops, as ../shared/tools/with-load starts)
 run beside the loaded rows only. Rounds interleave the configurations; the median of `--rounds`
 is kept. The figure that matters is loaded / quiet of the same configuration: what one busy
@@ -55,11 +56,12 @@ def child(model_name: str, seconds: float, threads: int | None) -> dict:
         from train.models import build_model
         from train.recipe.augment import AUGMENTATIONS
         from train.recipe.losses import build_loss
+        from train.runtime.devices import defaults_kind
         from train.training import engine
 
-        variant, _, fp32 = model_name.partition("-")  # v2-fp32: the recipe with --no-amp
-        config = resolve({"shards": "-", "out": "-", "variant": variant, **({"amp": False} if fp32 else {})},
-                         device_kind="cpu")
+        variant, _, precision = model_name.partition("-")  # v2-fp32: --no-amp; v2-bf16: --amp-dtype bfloat16
+        forced = {"fp32": {"amp": False}, "bf16": {"amp_dtype": "bfloat16"}}.get(precision, {})
+        config = resolve({"shards": "-", "out": "-", "variant": variant, **forced}, device_kind=defaults_kind("cpu"))
         channels, batch = len(config.channels), config.batch_size
         model = engine.prepare_model(build_model(config.model, channels, 3, **config.model_kwargs), device)
         loss_fn = build_loss(config.loss)
@@ -117,12 +119,14 @@ def measure(model: str, env: dict[str, str], load: int, seconds: float) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", help="v1, v2, v2-fp32 (--no-amp) or peer (default: v2 and peer)")
+    parser.add_argument("--model", action="append", help="v1, v2, v2-fp32 (--no-amp), v2-bf16 (bf16 autocast, "
+                        "even without native bf16) or peer (default: v2 and peer)")
     parser.add_argument("--setting", action="append", default=[], help="NAME=VAR=VALUE[,VAR=VALUE]")
     parser.add_argument("--load", type=int, default=1, help="busy processes beside the loaded rows")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--label", default=None, help="names the BENCHMARKS.md section (shared-cpu-LABEL)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,7 +152,7 @@ def main() -> None:
                          f"{quiet:.2f}", f"{loaded:.2f}", f"{loaded / quiet:.2f}"])
     header = ["model", "setting", "environment", "steps/s quiet", f"steps/s beside {args.load} busy", "loaded / quiet"]
     text = "\n".join([
-        "## Training speed on a shared CPU", "",
+        "## Training speed on a shared CPU" + (f" ({args.label})" if args.label else ""), "",
         f"Command: `python bench/shared_cpu.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d')}); "
         f"{common.cpu_model()}, {os.cpu_count()} cores; the training step on random 128² batches in memory, "
         f"{args.seconds:g} s per measurement, median of {args.rounds} interleaved rounds; load average before "
@@ -156,7 +160,7 @@ def main() -> None:
         common.table(header, rows), ""])
     print(text)
     if args.write:
-        common.write_section("shared-cpu", text)
+        common.write_section("shared-cpu" + (f"-{args.label}" if args.label else ""), text)
 
 
 if __name__ == "__main__":
