@@ -14,7 +14,9 @@ is kept. The figure that matters is loaded / quiet of the same configuration: wh
 process beside training costs it.
 
 A setting is `NAME=VAR=VALUE[,VAR=VALUE]`: environment variables of the child (`threads=N` sets
-torch's intra-op threads instead). The first row, `spin`, is OpenMP's own default (what a plain
+torch's intra-op threads instead; `threads=follow` lets `train.runtime.cpu_share.ThreadGovernor`
+set them, as `train run --threads follow` and a budgeted CPU run do, and measures after its first
+decision). The first row, `spin`, is OpenMP's own default (what a plain
 PyTorch loop gets: waiting threads spin); `train` itself sets OMP_WAIT_POLICY=PASSIVE
 (`train.cli.SHARED_CPU_ENV`), which `--setting "passive=OMP_WAIT_POLICY=PASSIVE"` measures.
 """
@@ -39,12 +41,16 @@ from bench import _common as common  # noqa: E402
 BUSY = "while True: pass"
 
 
-def child(model_name: str, seconds: float, threads: int | None) -> dict:
-    """Steps/s of one model's training step (run in a fresh process)."""
+def child(model_name: str, seconds: float, threads: str | None) -> dict:
+    """Steps/s of one model's training step (run in a fresh process); `threads` "follow": as
+    `train run --threads follow` sets them, measured after its first decision."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    from train.runtime.cpu_share import INTERVAL_S, ThreadGovernor
+
+    governor = ThreadGovernor(torch.get_num_threads()) if threads == "follow" else None
+    if threads and threads != "follow":
+        torch.set_num_threads(int(threads))
     device = torch.device("cpu")
     if model_name == "peer":
         from bench.monai_peer import build_monai_unet
@@ -81,11 +87,18 @@ def child(model_name: str, seconds: float, threads: int | None) -> dict:
         loss.backward()
         optimizer.step()
 
-    for _ in range(3):
+    warm = time.perf_counter()
+    for n in range(10**9):  # 3 steps; with a governor, until its first decision is made
         step()
+        if governor is not None:
+            governor.poll()
+        if n >= 2 and (governor is None or time.perf_counter() - warm > INTERVAL_S + 0.5):
+            break
     steps, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         step()
+        if governor is not None:
+            governor.poll()
         steps += 1
     return {"steps_per_s": steps / (time.perf_counter() - started), "threads": torch.get_num_threads()}
 
@@ -128,7 +141,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--label", default=None, help="names the BENCHMARKS.md section (shared-cpu-LABEL)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.seconds, args.threads)))

@@ -74,8 +74,8 @@ REGISTRIES: dict[str, Any] = {
 """The names a registry-backed option may take (`option(registry=...)`), read when a value is
 checked, so that a name registered by then is accepted."""
 
-RESUME_MAY_CHANGE = frozenset({"epochs", "time_budget", "workers", "device", "cache_dir", "shards", "out", "report",
-                               "on_bad_shard", "early_stop"})
+RESUME_MAY_CHANGE = frozenset({"epochs", "time_budget", "workers", "threads", "device", "cache_dir", "shards", "out",
+                               "report", "on_bad_shard", "early_stop"})
 """Options a resumed run may change without `--force`: where and how long, not what is trained.
 `shards` is the location only; the data themselves are compared by manifest digest."""
 

@@ -34,6 +34,7 @@ from shards_spec.checked_io import cut, shown
 from shards_spec.errors import ToolError
 from shards_spec.labels import CHANNELS, TARGETS
 
+from ..runtime.cpu_share import threads_problem
 from ..runtime.devices import DeviceError, check
 from .durations import parse_duration
 
@@ -232,6 +233,10 @@ class Config:
     shuffle_buffer: int = option(2000, "Slices in the streaming shuffle buffer (host memory).",
                                  range=Range(1, INT64_MAX))
     workers: int = option(2, "DataLoader worker processes.", range=Range(0, INT64_MAX))
+    threads: str = option(
+        "auto", "Intra-op CPU threads: follow (as many as the cores other processes leave free, checked every 5 s), "
+                "N (fixed) or auto (follow under --time-budget on the CPU, else torch's count; OMP_NUM_THREADS "
+                "pins it). A run that follows does not repeat bit for bit.", check=threads_problem)
     model: str = option(help="unet or attention_unet.", registry="models")
     loss: str = option(help="dice or dice_bce.", registry="losses")
     base: int = option(32, "Channels of the first U-Net level.", range=Range(1, INT64_MAX))

@@ -16,7 +16,7 @@ def autocast_name(amp_dtype: Any) -> str:
 
 
 def plan_lines(config: Any, parameters: int, device: Any, amp_dtype: Any, dist: Any, train_splits: list[str],
-               train_slices: int, val_slices: int, done_epochs: int, run_dir: Path) -> list[str]:
+               train_slices: int, val_slices: int, done_epochs: int, run_dir: Path, threads: str = "") -> list[str]:
     """What will run, first of all where: without --out the run folder is a new runs/<variant>-<time>."""
     amp = autocast_name(amp_dtype)
     per_rank = " per rank" if dist.enabled else ""
@@ -27,7 +27,7 @@ def plan_lines(config: Any, parameters: int, device: Any, amp_dtype: Any, dist: 
         + f", loss {config.loss}, augmentation {config.augment}, target {config.target}, device {device}, "
         f"autocast {amp}, ranks {dist.world_size}",
         f"sizes: base {config.base}, depth {config.depth}, stem {config.stem}, batch {config.batch_size}, "
-        f"{config.workers} loader worker(s); schedule {config.schedule}, lr {config.lr:g}, "
+        f"{config.workers} loader worker(s){threads}; schedule {config.schedule}, lr {config.lr:g}, "
         f"tumour slices x{config.oversample_tumour}",
         f"train on {'+'.join(train_splits)} ({train_slices} slices{per_rank}), validate on {config.val_split} "
         f"({val_slices} slices{per_rank}); epochs {done_epochs + 1}..{config.epochs}",

@@ -53,7 +53,7 @@ from ..recipe.priors import class_priors, init_head_bias
 from ..recipe.schedules import SCHEDULES, budget_progress, decay_rate, schedule_rate, warmup_rate
 from ..runfiles import checkpoint as ckpt, rundir
 from ..runfiles.checkpoint import TrainState
-from ..runtime import distributed, faults
+from ..runtime import cpu_share, distributed, faults
 from . import engine, messages
 from .budget import Budget, Pace, StopRequested, StopSignal, format_duration
 from .setup import Callback, Hooks, Result, Setup
@@ -101,6 +101,8 @@ class Trainer:
         self.train_loader = self.make_loader(setup.train_ds, stream=0)
         self.val_loader = self.make_loader(setup.val_ds, stream=1)
         self.budget = Budget(self.config.time_budget_seconds, clock=self.hooks.clock)
+        self.threads_before = torch.get_num_threads()
+        self.governor = self.plan_threads()
         self.after_step = self.hooks.after_step or faults.sigterm_hook(self.dist.rank)
         self.pace = Pace(self.config.batch_size, setup.val_ds.num_slices)  # this process's measured speed
         self.steps_per_epoch = max(1, setup.train_ds.batches_per_epoch(self.config.batch_size, self.config.workers))
@@ -112,6 +114,16 @@ class Trainer:
         self.projected = False
         self.skipped_before = self._skip_counts()
         self.stop = StopSignal()
+
+    def plan_threads(self) -> cpu_share.ThreadGovernor | None:
+        """`--threads`: pin the count, or follow what other work leaves of the CPU (`train.runtime.cpu_share`)."""
+        import torch
+
+        threads, follow = cpu_share.plan(self.config.threads, device_type=self.device.type,
+                                         budgeted=self.budget.limit is not None, distributed=self.dist.enabled)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return cpu_share.ThreadGovernor(torch.get_num_threads()) if follow else None
 
     # ------------------------------------------------------------ building (override to change)
 
@@ -326,6 +338,9 @@ class Trainer:
             self.after_step(epoch, step, self.stop)
         now = self.hooks.clock()
         self.pace.record(now - last)
+        if self.governor is not None and (threads := self.governor.poll()) is not None:
+            self.console.print(f"CPU shared: {threads} intra-op thread(s) now, for the cores other processes "
+                               f"leave free (of {self.governor.ceiling})")
         if not self.projected and self.pace.steps == PROJECTION_STEPS:
             self.print_projection(epoch)
         return now
@@ -439,6 +454,9 @@ class Trainer:
         for callback in self.callbacks():
             _call(callback, "on_fit_end", self, result)
         distributed.shutdown(self.dist)
+        import torch
+
+        torch.set_num_threads(self.threads_before)  # an in-process caller (a notebook) gets its count back
         return result
 
     def callbacks(self) -> list:
@@ -449,8 +467,18 @@ class Trainer:
         setup = self.setup
         for line in messages.plan_lines(self.config, count_parameters(self.model), self.device, self.amp_dtype,
                                         self.dist, setup.train_splits, setup.train_ds.num_slices,
-                                        setup.val_ds.num_slices, self.state.epoch, self.run_dir):
+                                        setup.val_ds.num_slices, self.state.epoch, self.run_dir,
+                                        self.threads_text()):
             self.console.print(line)
+
+    def threads_text(self) -> str:
+        """The sizes line's intra-op threads on the CPU (`--threads`)."""
+        if self.device.type != "cpu":
+            return ""
+        import torch
+
+        follows = " following the load (--threads)" if self.governor is not None else ""
+        return f", {torch.get_num_threads()} intra-op thread(s){follows}"
 
     def print_projection(self, epoch: int) -> None:
         self.projected = True
