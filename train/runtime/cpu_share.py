@@ -4,8 +4,10 @@ leaves of the CPU.
 On a CPU that other processes share, two intra-op threads on two cores lose to one: a parallel
 region ends only when its slowest thread does, and a busy process beside the run takes a core
 from one of them for whole time slices. Measured on this project's 2-core Xeon beside one busy
-process (bench/BENCHMARKS.md, section `shared-cpu-threads`): v2 in float32 made 2.5 steps/s with
-two threads and 3.5 with one; in bf16, 0.7 and 1.0. Quiet, two threads are faster (4.0 and 3.4).
+process (bench/BENCHMARKS.md, section `shared-cpu-threads`): v2 in float32 made 2.65 steps/s with
+two threads and 3.40 with threads that follow the load (one, there); in bf16, 0.75 and 1.07. Quiet,
+two threads are faster (4.1 against 3.4 steps/s with one, `bench/shared_cpu.py --setting
+"one=OMP_WAIT_POLICY=PASSIVE,threads=1"`).
 
 So `ThreadGovernor` measures, every few seconds, the CPU time that processes other than this run
 (and its loader workers) used on the cores this process may run on, and sets torch's intra-op
@@ -20,6 +22,7 @@ OMP_NUM_THREADS does not pin the count; `--threads follow` always follows; `--th
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -131,10 +134,7 @@ class ThreadGovernor:
 
             set_threads = torch.set_num_threads
         self.ceiling, self.threads = max(1, ceiling), max(1, ceiling)
-        if read is None:
-            foreign = children()
-            read = lambda: read_usage(foreign=foreign)  # noqa: E731
-        self.read = read
+        self.read = read if read is not None else functools.partial(read_usage, foreign=children())
         self.clock, self.set_threads, self.interval = clock, set_threads, interval
         self.last = (self.clock(), self.read())
 
