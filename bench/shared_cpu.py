@@ -2,6 +2,7 @@
 
     python bench/shared_cpu.py                                  # v2's CPU recipe and the MONAI peer, 0 and 1 busy process
     python bench/shared_cpu.py --setting "passive=OMP_WAIT_POLICY=PASSIVE" --setting "1 thread=threads=1" --write
+    python bench/shared_cpu.py --model v2 --setting "follow=OMP_WAIT_POLICY=PASSIVE,threads=follow" --duty 0.5  # a part-time neighbour
 
 Each (model, setting, load) runs in a fresh process (OpenMP reads its environment once, at start):
 the training step `train run` takes on this CPU (v2: the attention U-Net with the sizes a new run takes
@@ -39,6 +40,13 @@ sys.path.insert(0, str(BENCH.parent))
 from bench import _common as common  # noqa: E402
 
 BUSY = "while True: pass"
+PART_BUSY = ("import time\nwhile True:\n    end = time.monotonic() + {busy}\n    while time.monotonic() < end: pass\n"
+             "    time.sleep({idle})")
+"""A neighbour busy `--duty` of the time in 100 ms cycles (a browser, an editor's indexer)."""
+
+
+def busy_code(duty: float) -> str:
+    return BUSY if duty >= 1 else PART_BUSY.format(busy=0.1 * duty, idle=0.1 * (1 - duty))
 
 
 def child(model_name: str, seconds: float, threads: str | None) -> dict:
@@ -111,8 +119,8 @@ def parse_setting(text: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
-def measure(model: str, env: dict[str, str], load: int, seconds: float) -> float:
-    busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(load)]
+def measure(model: str, env: dict[str, str], load: int, seconds: float, duty: float = 1.0) -> float:
+    busy = [subprocess.Popen([sys.executable, "-c", busy_code(duty)]) for _ in range(load)]
     try:
         child_env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
         threads = env.get("threads")
@@ -136,6 +144,8 @@ def main() -> None:
                         "even without native bf16) or peer (default: v2 and peer)")
     parser.add_argument("--setting", action="append", default=[], help="NAME=VAR=VALUE[,VAR=VALUE]")
     parser.add_argument("--load", type=int, default=1, help="busy processes beside the loaded rows")
+    parser.add_argument("--duty", type=float, default=1.0, help="the fraction of the time each busy process "
+                        "computes, in 100 ms cycles (default 1: always)")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", action="store_true")
@@ -153,7 +163,7 @@ def main() -> None:
     load_before = common.load()
     for round_ in range(args.rounds):
         for model, name, env, load in configs:
-            rate = measure(model, env, load, args.seconds)
+            rate = measure(model, env, load, args.seconds, args.duty)
             results.setdefault((model, name, load), []).append(rate)
             print(f"round {round_ + 1}: {model:5s} {name:12s} load {load}: {rate:.2f} steps/s", flush=True)
     rows = []
@@ -163,7 +173,8 @@ def main() -> None:
             loaded = statistics.median(results[(model, name, args.load)])
             rows.append([model, name, ", ".join(f"{k}={v}" for k, v in env.items()) or "OpenMP's default",
                          f"{quiet:.2f}", f"{loaded:.2f}", f"{loaded / quiet:.2f}"])
-    header = ["model", "setting", "environment", "steps/s quiet", f"steps/s beside {args.load} busy", "loaded / quiet"]
+    beside = f"{args.load} busy" + (f" {args.duty:.0%} of the time" if args.duty < 1 else "")
+    header = ["model", "setting", "environment", "steps/s quiet", f"steps/s beside {beside}", "loaded / quiet"]
     text = "\n".join([
         "## Training speed on a shared CPU" + (f" ({args.label})" if args.label else ""), "",
         f"Command: `python bench/shared_cpu.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d')}); "
