@@ -94,19 +94,17 @@ def child(model_name: str, seconds: float, threads: str | None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-
-    warm = time.perf_counter()
-    for n in range(10**9):  # 3 steps; with a governor, until its first decision is made
-        step()
         if governor is not None:
             governor.poll()
-        if n >= 2 and (governor is None or time.perf_counter() - warm > INTERVAL_S + 0.5):
-            break
+
+    warm_up = INTERVAL_S + 0.5 if governor is not None else 0.0  # until the governor's first decision
+    steps, started = 0, time.perf_counter()
+    while steps < 3 or time.perf_counter() - started < warm_up:
+        step()
+        steps += 1
     steps, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         step()
-        if governor is not None:
-            governor.poll()
         steps += 1
     return {"steps_per_s": steps / (time.perf_counter() - started), "threads": torch.get_num_threads()}
 

@@ -34,7 +34,7 @@ from shards_spec.checked_io import cut, shown
 from shards_spec.errors import ToolError
 from shards_spec.labels import CHANNELS, TARGETS
 
-from ..runtime.cpu_share import threads_problem
+from ..runtime.cpu_share import INTERVAL_S, threads_problem
 from ..runtime.devices import DeviceError, check
 from .durations import parse_duration
 
@@ -234,7 +234,8 @@ class Config:
                                  range=Range(1, INT64_MAX))
     workers: int = option(2, "DataLoader worker processes.", range=Range(0, INT64_MAX))
     threads: str = option(
-        "auto", "Intra-op CPU threads: follow (as many as the cores other processes leave free, checked every 5 s), "
+        "auto", "Intra-op CPU threads: follow (as many as the cores other processes leave free, checked every "
+                f"{INTERVAL_S:g} s), "
                 "N (fixed) or auto (follow under --time-budget on the CPU, else torch's count; OMP_NUM_THREADS "
                 "pins it). A run that follows does not repeat bit for bit.", check=threads_problem)
     model: str = option(help="unet or attention_unet.", registry="models")

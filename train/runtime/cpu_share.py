@@ -54,11 +54,7 @@ class Usage:
     cores: int
 
 
-def _ticks_per_second() -> float:
-    return float(os.sysconf("SC_CLK_TCK"))
-
-
-def _process_seconds(pid: int | str, ticks: float, proc: str = "/proc") -> tuple[int, float]:
+def _process_seconds(pid: int | str, ticks: float, proc: str) -> tuple[int, float]:
     """(parent pid, user + system CPU seconds) of one process, from /proc/PID/stat."""
     with open(f"{proc}/{pid}/stat", "rb") as handle:
         text = handle.read().decode("ascii", "replace")
@@ -66,21 +62,26 @@ def _process_seconds(pid: int | str, ticks: float, proc: str = "/proc") -> tuple
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks
 
 
+def _child_seconds(proc: str, ticks: float) -> dict[int, float]:
+    """CPU seconds of each of this process's children now, by pid (raises OSError without /proc)."""
+    me, found = os.getpid(), {}
+    for entry in os.listdir(proc):
+        if entry.isdigit() and int(entry) != me:
+            try:
+                parent, seconds = _process_seconds(entry, ticks, proc)
+            except (OSError, ValueError, IndexError):
+                continue  # ended meanwhile, or unreadable
+            if parent == me:
+                found[int(entry)] = seconds
+    return found
+
+
 def children(proc: str = "/proc") -> frozenset[int]:
     """The pids of this process's children now (empty where /proc cannot tell)."""
-    me, found = os.getpid(), set()
     try:
-        entries = os.listdir(proc)
+        return frozenset(_child_seconds(proc, 1.0))
     except OSError:
         return frozenset()
-    for entry in entries:
-        if entry.isdigit():
-            try:
-                if _process_seconds(entry, 1.0, proc)[0] == me:
-                    found.add(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    return frozenset(found)
 
 
 def read_usage(proc: str = "/proc", foreign: frozenset[int] = frozenset()) -> Usage | None:
@@ -88,7 +89,7 @@ def read_usage(proc: str = "/proc", foreign: frozenset[int] = frozenset()) -> Us
     is this process and its children (loader workers) except the `foreign` ones, children that
     were there before the run (a harness's busy process is other work)."""
     try:
-        ticks = _ticks_per_second()
+        ticks = float(os.sysconf("SC_CLK_TCK"))
         allowed = {f"cpu{n}" for n in os.sched_getaffinity(0)}
         busy = 0.0
         with open(f"{proc}/stat", "rb") as handle:
@@ -98,16 +99,8 @@ def read_usage(proc: str = "/proc", foreign: frozenset[int] = frozenset()) -> Us
                     # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
                     numbers = [int(v) for v in values[:8]] + [0] * max(0, 8 - len(values))
                     busy += (sum(numbers) - numbers[3] - numbers[4]) / ticks
-        me = os.getpid()
-        ours = _process_seconds(me, ticks, proc)[1]
-        for entry in os.listdir(proc):
-            if entry.isdigit() and int(entry) != me and int(entry) not in foreign:
-                try:
-                    parent, seconds = _process_seconds(entry, ticks, proc)
-                except (OSError, ValueError, IndexError):
-                    continue  # ended meanwhile, or unreadable
-                if parent == me:
-                    ours += seconds  # a loader worker
+        ours = _process_seconds(os.getpid(), ticks, proc)[1]
+        ours += sum(seconds for pid, seconds in _child_seconds(proc, ticks).items() if pid not in foreign)
         return Usage(busy=busy, ours=ours, cores=len(allowed))
     except (OSError, ValueError, AttributeError):
         return None
