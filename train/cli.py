@@ -21,6 +21,7 @@ from shards_spec.errors import ToolError, run_cli
 
 from .config.schema import DEVICE_HELP, FIELDS, default_text, kinds, option_name
 from .runtime.bounded import TIMEOUT_ENV, TIMEOUT_LIMITS
+from .runtime.distributed import end_rank, from_env
 
 app = make_app(
     "train",
@@ -311,9 +312,26 @@ def share_the_cpu() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: `ToolError` becomes one line and exit code 2."""
+    """Console-script entry point: `ToolError` becomes one line and exit code 2. A torchrun rank
+    leaves through `distributed.end_rank` (a finished DDP run could otherwise abort at exit)."""
     share_the_cpu()
-    run_cli(app, argv)
+    if not from_env().enabled:
+        run_cli(app, argv)
+        return
+    try:
+        run_cli(app, argv)
+        code = 0
+    except SystemExit as stop:
+        code = exit_code(stop)
+    end_rank(code)
+
+
+def exit_code(stop: SystemExit) -> int:
+    """The process exit code `sys.exit(stop.code)` would give (None is 0; a message prints and is 1)."""
+    if stop.code is None or isinstance(stop.code, int):
+        return stop.code or 0
+    print(stop.code, file=sys.stderr)
+    return 1
 
 
 __all__ = ["app", "main", "ToolError"]

@@ -315,6 +315,26 @@ def test_ddp_two_ranks_on_gloo_match_a_single_process_evaluation(shards, tmp_pat
     assert row["val_loss"] == pytest.approx(single.loss, rel=1e-4)  # float sums in another order
 
 
+@pytest.mark.parametrize("argv, code, words", [
+    (["--help"], 0, "Train, evaluate and apply"),  # stdout still buffered at exit comes out
+    (["run", "--shards", "s", "--out", "o", "--variant", "v1", "--threads", "banana"], 2, "error: --threads"),
+])
+def test_a_torchrun_rank_leaves_with_its_exit_code_its_output_and_its_exit_handlers(tmp_path, argv, code, words):
+    """A rank ends through `distributed.end_rank` (os._exit, skipping the C++ teardown that aborted one
+    finished DDP run in ~100): what a normal exit gives still comes out, exit code included."""
+    import subprocess
+    import sys
+
+    program = "import atexit; atexit.register(print, 'exit handler ran'); from train.cli import main; main()"
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    done = subprocess.run([sys.executable, "-c", program, *argv], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == code, done.stderr
+    assert words in done.stdout + done.stderr
+    assert done.stdout.rstrip().endswith("exit handler ran")
+    assert "Traceback" not in done.stderr
+
+
 def test_a_report_that_cannot_be_written_never_fails_a_finished_training(shards, tmp_path, capsys):
     """The end-of-run report on a full disk: the training stands (exit 0, checkpoints), one warning."""
     import errno

@@ -16,11 +16,14 @@ CPU, nccl on CUDA) and pins each rank to GPU LOCAL_RANK. What the loop relies on
   (`all_reduce_sum`): metrics equal a single-process evaluation of the saved checkpoint;
 - a stop (signal on any rank, time budget) is agreed with `agree` (all-reduce MAX of a flag);
 - only rank 0 writes files and prints (`Dist.is_main`).
+- every rank meets at a barrier before the group is destroyed, and a rank leaves through
+  `end_rank` (train.cli), which skips the C++ teardown that can abort a finished run.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,10 +68,33 @@ def init(device_type: str) -> Dist:
 
 
 def shutdown(dist: Dist) -> None:
+    """Every rank reaches the end (rank 0 has written its checkpoints), then the group is destroyed."""
     import torch.distributed as td
 
     if dist.enabled and td.is_initialized():
+        td.barrier()
         td.destroy_process_group()
+
+
+def end_rank(code: int) -> None:
+    """Leave a torchrun rank with exit code `code`, skipping the C++ teardown at process exit.
+
+    DDP keeps the gloo process group alive after `destroy_process_group` (its three threads still run,
+    measured with torch 2.13), so they are torn down among C++'s static destructors; about once in
+    a hundred runs that aborts the rank ("terminate called without an active exception", SIGABRT)
+    after the training finished and torchrun reports it failed. Python's own exit work (atexit
+    handlers, buffered output) runs first; only the C++ teardown is skipped."""
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to say
+            pass
+    os._exit(code)
 
 
 def all_reduce_sum(dist: Dist, tensor: Any) -> Any:
