@@ -282,6 +282,8 @@ def score(c: Contender, shards: Path, source: Path | None, work: Path, extra: li
         "native_hd95": {k: native[k]["hd95"]["mean"] for k in keys} if native else None,
         "nec_precision_recall": tuple((native or grid)["NEC/NET"][m]["mean"] for m in ("precision", "recall")),
         "patients": results["shard_grid"]["patients"],
+        "per_patient": {row["patient"]: {k: row["scores"][k]["dice"] for k in CLASSES}
+                        for row in (results.get("native_grid") or results["shard_grid"])["per_patient"]},
     }
 
 
@@ -445,7 +447,9 @@ def render(contenders: list[Contender], check: dict | None, args: argparse.Names
             gaps = [ours_d[k] - peer_d[k] for k in CLASSES]
             region_gap = sum(ours_d[k] - peer_d[k] for k in ("WT", "TC", "ET")) / 3
             lines.append(f"- {c.name} − {peer.name}: mean class Dice {sum(gaps) / 3:+.3f} (NEC/NET {gaps[0]:+.3f}, ED "
-                         f"{gaps[1]:+.3f}, ET {gaps[2]:+.3f}); mean region Dice {region_gap:+.3f}")
+                         f"{gaps[1]:+.3f}, ET {gaps[2]:+.3f}); mean region Dice {region_gap:+.3f}"
+                         + patient_spread(c, peer))
+    lines += per_patient_lines(contenders)
     if check is not None:
         lines += ["", f"Loader check ({contenders[0].name}'s recipe, batch {check['batch_size']}, {check['workers']} "
                       f"loader worker(s), {check['steps']} steps): {check['fed']:.2f} steps/s fed from the shards, "
@@ -457,6 +461,38 @@ def render(contenders: list[Contender], check: dict | None, args: argparse.Names
     if png is not None:
         lines += ["", f"![curves]({png.name})"]
     return "\n".join(lines) + "\n"
+
+
+def patient_means(c: Contender) -> dict[str, float]:
+    """Each validation patient's mean class Dice (empty for scores from before per-patient figures)."""
+    return {name: sum(dice.values()) / len(dice) for name, dice in (c.scores.get("per_patient") or {}).items()}
+
+
+def patient_spread(c: Contender, peer: Contender) -> str:
+    """The per-patient differences behind a mean difference: with 3 to 5 validation patients one
+    patient can decide it (a patient without ET scores ET 1 or 0 on a single stray voxel)."""
+    ours, theirs = patient_means(c), patient_means(peer)
+    gaps = [ours[name] - theirs[name] for name in ours if name in theirs]
+    if not gaps:
+        return ""
+    ahead = sum(gap > 0 for gap in gaps)
+    return f"; per patient {min(gaps):+.3f} .. {max(gaps):+.3f}, ahead in {ahead} of {len(gaps)}"
+
+
+def per_patient_lines(contenders: list[Contender]) -> list[str]:
+    """Mean class Dice per validation patient and contender (NEC/NET Dice beside it)."""
+    names = sorted({name for c in contenders for name in (c.scores.get("per_patient") or {})})
+    if not names:
+        return []
+    rows = []
+    for name in names:
+        row = [name]
+        for c in contenders:
+            dice = (c.scores.get("per_patient") or {}).get(name)
+            row.append("–" if dice is None else f"{sum(dice.values()) / len(dice):.3f} ({dice['NEC/NET']:.2f})")
+        rows.append(row)
+    return ["", "Per validation patient, mean class Dice (NEC/NET Dice):", "",
+            common.table(["patient", *(c.name for c in contenders)], rows)]
 
 
 def plot(contenders: list[Contender], path: Path) -> None:

@@ -27,7 +27,8 @@ def test_the_harness_trains_ours_and_the_peer_scores_both_and_writes_its_section
     text = markdown.read_text()
     assert "kept" in text  # other sections untouched
     section = text.split("<!-- bench:quality-tiny -->")[1].split("<!-- /bench:quality-tiny -->")[0]
-    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    main_table, patient_table = section.split("Per validation patient, mean class Dice")
+    rows = [line for line in main_table.splitlines() if line.startswith("| ")]
     names = ["ours@load1", "monai@load1", "ours@load1 tta"]
     assert [r.split("|")[1].strip() for r in rows[1:]] == names
     busy = rows[0].split("|").index(" busy ")
@@ -44,6 +45,19 @@ def test_the_harness_trains_ours_and_the_peer_scores_both_and_writes_its_section
         assert set(r["scores"]["native_dice"]) == {"NEC/NET", "ED", "ET", "WT", "TC"}
         assert all(0.0 <= v <= 1.0 for v in r["scores"]["native_dice"].values())
         assert r["gflop"] > 0 and r["params"] > 0
+        per_patient = r["scores"]["per_patient"]  # the mean over patients is the table's mean per class
+        assert len(per_patient) == r["scores"]["patients"]
+        for name in ("NEC/NET", "ED", "ET"):
+            mean = sum(p[name] for p in per_patient.values()) / len(per_patient)
+            assert mean == pytest.approx(r["scores"]["native_dice"][name], abs=1e-9)
+    patient_rows = [line.split("|")[1:-1] for line in patient_table.splitlines() if line.startswith("| ")]
+    assert [c.strip() for c in patient_rows[0]] == ["patient", *names]
+    assert sorted(row[0].strip() for row in patient_rows[1:]) == sorted(results[0]["scores"]["per_patient"])
+    for row in patient_rows[1:]:
+        for result, cell in zip(results, row[1:]):
+            dice = result["scores"]["per_patient"][row[0].strip()]
+            assert cell.strip() == f"{sum(dice.values()) / 3:.3f} ({dice['NEC/NET']:.2f})"
+    assert "ahead in " in section.split("ours@load1 − monai@load1: mean class Dice")[1].splitlines()[0]
 
 
 def test_a_peer_contender_with_another_seed_trains_the_peer_with_that_seed():
