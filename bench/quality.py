@@ -432,14 +432,15 @@ def render(contenders: list[Contender], check: dict | None, args: argparse.Names
                      "/".join(fmt(h[k], 1) for k in ("WT", "TC", "ET")), "/".join(fmt(g[k], 2) for k in CLASSES),
                      str(c.load) + (f"; first {c.throttle:g} s at 1/10 speed" if c.throttle else ""), c.load_after])
     lines.append(common.table(header, rows))
-    peers = {}  # the first peer at each load level; score variants of the peer have options
+    peers = {}  # the first peer at each load level and seed; score variants of the peer have options
     for c in contenders:
         if c.options is None:
-            peers.setdefault(c.load, c)
+            peers.setdefault((c.load, c.peer_seed), c)
+            peers.setdefault((c.load, None), c)
     if peers:
         lines.append("")
         for c in contenders:
-            peer = peers.get(c.load)
+            peer = peers.get((c.load, seed_of(c))) or peers.get((c.load, None))
             if peer is None or c is peer:
                 continue
             ours_d = c.scores["native_dice"] or c.scores["grid_dice"]
@@ -461,6 +462,15 @@ def render(contenders: list[Contender], check: dict | None, args: argparse.Names
     if png is not None:
         lines += ["", f"![curves]({png.name})"]
     return "\n".join(lines) + "\n"
+
+
+def seed_of(c: Contender) -> int:
+    """The seed a contender trains with: the peer's `--seed N`, ours from its options (train's default 0),
+    so that `v2-s1` is compared with `monai-s1`, not with the peer of another seed."""
+    if c.options is None:
+        return c.peer_seed
+    words = c.options
+    return int(words[words.index("--seed") + 1]) if "--seed" in words[:-1] else 0
 
 
 def patient_means(c: Contender) -> dict[str, float]:

@@ -79,6 +79,33 @@ def test_a_peer_contender_with_another_seed_trains_the_peer_with_that_seed():
             quality.parse_contender(wrong)
 
 
+def test_each_of_ours_is_compared_with_the_peer_of_its_own_seed_and_per_patient():
+    sys.path.insert(0, str(ROOT))
+    from bench import quality
+
+    def contender(text, per_patient):
+        c = quality.parse_contender(text)
+        dice = {name: {k: v for k, v in zip(quality.CLASSES, values)} for name, values in per_patient.items()}
+        mean = {k: sum(d[k] for d in dice.values()) / len(dice) for k in quality.CLASSES}
+        c.scores = {"grid_dice": {**mean, "WT": 0.5, "TC": 0.5}, "native_dice": None, "native_hd95": None,
+                    "per_patient": dice, "patients": len(dice)}
+        return c
+
+    ours = contender("v2-s1=--variant v2 --seed 1", {"a": (0.7, 0.7, 0.7), "b": (0.3, 0.3, 0.3)})
+    peer0 = contender("monai", {"a": (0.9, 0.9, 0.9), "b": (0.9, 0.9, 0.9)})
+    peer1 = contender("m1=monai --seed 1", {"a": (0.5, 0.5, 0.5), "b": (0.4, 0.4, 0.4)})
+    assert [quality.seed_of(c) for c in (ours, peer0, peer1)] == [1, 0, 1]
+    args = argparse.Namespace(mode="budget", budget=60.0, label="t", patients=2, shape="8,8,8", size=8, seed=0,
+                              profile="default", parallel=False, cores_per_run=1)
+    info = dict(nproc=2, cpu="x", ram_gib=1, python="3", numpy="2", torch="2", load_at_start="0", load_at_end="0")
+    text = quality.render([ours, peer0, peer1], None, args, info, None, None)
+    line = next(l for l in text.splitlines() if l.startswith("- v2-s1 − "))
+    # the peer of seed 1 (0.45 on average; the seed-0 peer's 0.9 would give -0.400): ours 0.5, a +0.2, b -0.1
+    assert line.startswith("- v2-s1 − m1: mean class Dice +0.050") and "per patient -0.100 .. +0.200, ahead in 1 of 2" in line
+    rows = text.split("Per validation patient")[1].splitlines()
+    assert "| a       | 0.700 (0.70) | 0.900 (0.90) | 0.500 (0.50) |" in rows
+
+
 def test_load_levels_train_every_contender_once_per_level():
     sys.path.insert(0, str(ROOT))
     from bench import quality
