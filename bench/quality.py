@@ -494,12 +494,13 @@ def per_patient_lines(contenders: list[Contender]) -> list[str]:
     names = sorted({name for c in contenders for name in (c.scores.get("per_patient") or {})})
     if not names:
         return []
+    means = [patient_means(c) for c in contenders]
     rows = []
     for name in names:
         row = [name]
-        for c in contenders:
+        for c, mean in zip(contenders, means):
             dice = (c.scores.get("per_patient") or {}).get(name)
-            row.append("–" if dice is None else f"{sum(dice.values()) / len(dice):.3f} ({dice['NEC/NET']:.2f})")
+            row.append("–" if dice is None else f"{mean[name]:.3f} ({dice['NEC/NET']:.2f})")
         rows.append(row)
     return ["", "Per validation patient, mean class Dice (NEC/NET Dice):", "",
             common.table(["patient", *(c.name for c in contenders)], rows)]

@@ -327,6 +327,7 @@ def test_a_torchrun_rank_leaves_with_its_exit_code_its_output_and_its_exit_handl
 
     program = "import atexit; atexit.register(print, 'exit handler ran'); from train.cli import main; main()"
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    env.pop("PYTHONUNBUFFERED", None)  # output to a pipe stays buffered until exit, as under torchrun
     done = subprocess.run([sys.executable, "-c", program, *argv], capture_output=True, text=True, timeout=120,
                           env=env, cwd=tmp_path)
     assert done.returncode == code, done.stderr

@@ -85,10 +85,8 @@ def end_rank(code: int) -> None:
     after the training finished and torchrun reports it failed. Python's own exit work (atexit
     handlers, buffered output) runs first; only the C++ teardown is skipped."""
     import atexit
-    import logging
 
-    atexit._run_exitfuncs()
-    logging.shutdown()
+    atexit._run_exitfuncs()  # logging's shutdown among them
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
